@@ -1,0 +1,33 @@
+"""splinelens: exact spline views of piecewise-affine PyTorch networks.
+
+Balestriero & Baraniuk, "A Spline Theory of Deep Networks" (ICML 2018): a network built from
+max-affine spline operators is, for each input x, the affine map f(x) = A[x] x + B[x].
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+>>> x = torch.randn(5, 4)
+>>> sl.verify(net, x).ok
+True
+"""
+
+from .affine import AffineMap
+from .codes import LayerCodes, PartitionCodes
+from .distance import nearest_neighbors, partition_distance
+from .errors import UnsupportedOperationError
+from .view import SplineView, Verification, affine_map, partition_codes, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AffineMap",
+    "LayerCodes",
+    "PartitionCodes",
+    "SplineView",
+    "UnsupportedOperationError",
+    "Verification",
+    "affine_map",
+    "nearest_neighbors",
+    "partition_codes",
+    "partition_distance",
+    "verify",
+]

@@ -1,0 +1,211 @@
+"""The MASO nonlinearities: how each one picks its affine piece, and how to freeze that choice.
+
+Every nonlinear operator the capture accepts is a max-affine spline operator (Sec. 3): per unit it
+selects one of a few affine pieces. For each, this module gives
+
+* ``forward(args) -> (value, state)``: the real output and the piece chosen per unit;
+* ``frozen(args, state)``: the same piece applied to other activations (affine in them), so the
+  network with every state frozen is the linear network of x's region (Sec. 4);
+* ``code(state) -> int tensor``: the partition code of each unit (Sec. 7, eq. (14));
+* ``pieces``: the number of affine pieces per unit.
+
+>>> op = Sign("relu")
+>>> value, state = op.forward((torch.tensor([-1.0, 2.0]),))
+>>> op.frozen((torch.tensor([5.0, 5.0]),), state)
+tensor([0., 5.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Sign:
+    """ReLU, leaky ReLU, PReLU, abs and one-sided clamps: unit state = (pre-activation > t)."""
+
+    kind: str
+    neg_slope: float | None = 0.0  # slope of the piece below t (PReLU: its weight argument)
+    threshold: float = 0.0
+    pieces: int = 2
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        state = args[0] > self.threshold
+        return self.frozen(args, state), state
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        z, t = args[0], self.threshold
+        if self.kind in ("relu", "clamp_min"):
+            return torch.where(state, z, float(t))
+        if self.kind == "clamp_max":  # state True: above the cap, the constant piece
+            return torch.where(state, t, z)
+        slope = args[1] if self.kind == "prelu" else self.neg_slope
+        if isinstance(slope, Tensor) and slope.numel() > 1 and z.dim() >= 2:
+            slope = slope.view(1, -1, *([1] * (z.dim() - 2)))  # PReLU: one slope per channel
+        return torch.where(state, z, z * slope)
+
+    def code(self, state: Tensor) -> Tensor:
+        return state.to(torch.uint8)
+
+
+@dataclass
+class Clip:
+    """Hardtanh / ReLU6 / two-sided clamp: three states, 0 below lo, 1 in between, 2 above hi."""
+
+    kind: str
+    lo: float
+    hi: float
+    pieces: int = 3
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        z = args[0]
+        state = torch.ones_like(z, dtype=torch.uint8)
+        state[z <= self.lo] = 0
+        state[z >= self.hi] = 2
+        return self.frozen(args, state), state
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        z = args[0]
+        return torch.where(state == 1, z, torch.where(state == 0, self.lo, self.hi).to(z.dtype))
+
+    def code(self, state: Tensor) -> Tensor:
+        return state
+
+
+@dataclass
+class Pairwise:
+    """Elementwise max / min of two activations (or an activation and a constant)."""
+
+    kind: str  # "maximum" or "minimum"
+    pieces: int = 2
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        a, b = torch.broadcast_tensors(args[0], args[1])
+        state = a >= b if self.kind == "maximum" else a <= b  # True: the first argument wins
+        return torch.where(state, a, b), state
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        return torch.where(state, args[0], args[1])
+
+    def code(self, state: Tensor) -> Tensor:
+        return state.to(torch.uint8)
+
+
+@dataclass
+class Reduce:
+    """Max / min over dimensions (channel max, maxout): the state is the winner's flat position."""
+
+    kind: str
+    dims: tuple[int, ...]
+    keepdim: bool
+    largest: bool
+    pieces: int
+
+    def _flat(self, z: Tensor) -> Tensor:
+        dims = [d % z.dim() for d in self.dims]
+        moved = z.movedim(dims, list(range(z.dim() - len(dims), z.dim())))
+        return moved.flatten(z.dim() - len(dims))  # (..., prod(reduced dims))
+
+    def _shape(self, out: Tensor, z: Tensor) -> Tensor:
+        if not self.keepdim:
+            return out
+        for d in sorted(d % z.dim() for d in self.dims):
+            out = out.unsqueeze(d)
+        return out
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        flat = self._flat(args[0])
+        value, idx = flat.max(-1) if self.largest else flat.min(-1)
+        return self._shape(value, args[0]), idx
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        out = self._flat(args[0]).gather(-1, state.unsqueeze(-1)).squeeze(-1)
+        return self._shape(out, args[0])
+
+    def code(self, state: Tensor) -> Tensor:
+        return state
+
+
+@dataclass
+class Pool:
+    """Max-pooling, fixed or adaptive windows: the state is the flat input index of the argmax."""
+
+    kind: str
+    nd: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    ceil_mode: bool = False
+    output_size: tuple[int, ...] = ()  # adaptive pooling only
+    pieces: int = 0
+    in_spatial: tuple[int, ...] = ()
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        z = args[0]
+        if self.output_size:
+            fn = getattr(F, f"adaptive_max_pool{self.nd}d")
+            return fn(z, self.output_size, return_indices=True)
+        fn = getattr(F, f"max_pool{self.nd}d")
+        return fn(
+            z,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            ceil_mode=self.ceil_mode,
+            return_indices=True,
+        )
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        z = args[0].flatten(-self.nd)  # (N, C, prod(spatial))
+        return z.gather(-1, state.flatten(-self.nd)).view(state.shape)
+
+    def code(self, state: Tensor) -> Tensor:
+        """Position of the argmax inside its window (row-major in window coordinates)."""
+        out_sp = state.shape[-self.nd :]
+        coords = _unravel(state, self.in_spatial)
+        pos = torch.zeros_like(state)
+        for i, (c, o) in enumerate(zip(coords, out_sp)):
+            grid = _axis(torch.arange(o, device=state.device), i, self.nd)
+            start, width = self._window(grid, i)
+            pos = pos * width + (c - start) // (self.dilation[i] if not self.output_size else 1)
+        return pos
+
+    def _window(self, o: Tensor, i: int) -> tuple[Tensor, int]:
+        if self.output_size:
+            n_in, n_out = self.in_spatial[i], self.output_size[i]
+            return (o * n_in) // n_out, _adaptive_width(n_in, n_out)
+        return o * self.stride[i] - self.padding[i], self.kernel[i]
+
+
+def _axis(v: Tensor, i: int, nd: int) -> Tensor:
+    return v.view(*([1] * i), -1, *([1] * (nd - i - 1)))
+
+
+def _unravel(idx: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    coords = []
+    for s in reversed(sizes):
+        coords.append(idx % s)
+        idx = idx // s
+    return coords[::-1]
+
+
+def _adaptive_width(n_in: int, n_out: int) -> int:
+    return max(math.ceil((o + 1) * n_in / n_out) - (o * n_in) // n_out for o in range(n_out))
+
+
+MasoOp = Sign | Clip | Pairwise | Reduce | Pool
+
+
+def code_dtype(pieces: int) -> torch.dtype:
+    """Smallest integer dtype that stores a state in [0, pieces)."""
+    return torch.uint8 if pieces <= 256 else torch.int16 if pieces <= 32768 else torch.int32

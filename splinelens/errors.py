@@ -1,0 +1,25 @@
+"""Errors raised by splinelens.
+
+>>> raise UnsupportedOperationError("aten.sigmoid", "features.3")
+Traceback (most recent call last):
+...
+splinelens.errors.UnsupportedOperationError: aten.sigmoid at features.3 is not ...
+"""
+
+from __future__ import annotations
+
+
+class UnsupportedOperationError(ValueError):
+    """The model contains an operation that is not a max-affine spline operator.
+
+    Attributes ``op`` (the operation's name) and ``where`` (the module path and, when known, the
+    source line) say what and where; the message says how to fix it when a fix exists.
+    """
+
+    def __init__(self, op: str, where: str, why: str = "", fix: str = "") -> None:
+        self.op, self.where = op, where
+        why = why or (
+            "is not piecewise affine, so the network is not a max-affine spline operator (MASO)"
+        )
+        msg = f"{op} at {where or '<top level>'} {why}"
+        super().__init__(msg + (f". {fix}" if fix else ""))

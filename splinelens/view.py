@@ -1,0 +1,215 @@
+"""``SplineView``: a network captured once, seen as a composition of MASOs; and the plain functions.
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+...                     nn.Linear(8, 3)).eval()
+>>> view = sl.SplineView(net, torch.randn(2, 4))
+>>> [(layer.name, layer.kind, layer.units) for layer in view.layers]
+[('1', 'relu', 8), ('3', 'relu', 8)]
+>>> view.affine_map(torch.randn(5, 4), start=0, end=1).A.shape   # the MASO of layer 2
+torch.Size([5, 8, 8])
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ._capture import capture, check_eval_mode
+from ._precision import exact_matmul
+from ._program import Layer
+from .affine import _GRAPH_BUDGET, AffineMap
+from .codes import LayerCodes, PartitionCodes, pack_bits
+
+Tensor = torch.Tensor
+LayerKey = int | str | None
+
+
+class SplineView:
+    """A piecewise-affine network, captured once with torch.export and reused.
+
+    The capture reads the model's parameters at every call, so it stays valid while the model
+    trains (in place); it must be in eval mode whenever it is used.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor) -> None:
+        self.model = model
+        self.program = capture(model, example_input)
+        self.input_shape = tuple(example_input.shape[1:])
+        self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """The Definition-1 layers (each MASO nonlinearity), in execution order."""
+        return tuple(self.program.layers)
+
+    def layer(self, key: int | str) -> Layer:
+        """A layer by index (negative counts from the end) or by name."""
+        if isinstance(key, str):
+            for layer in self.program.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no layer named {key!r}; layers: {[la.name for la in self.layers]}")
+        try:
+            return self.program.layers[key]
+        except IndexError:
+            raise IndexError(
+                f"layer {key} out of range: the network has {len(self.layers)} layers"
+            ) from None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The network's output before g, (N, *out), and every MASO's state for x."""
+        self._check(x)
+        states: dict[str, Tensor] = {}
+        with torch.no_grad(), exact_matmul():
+            env = self.program.run(x, record=states)
+        out = self.program.output_name
+        return self.program.per_sample(out, env[out]), states
+
+    def affine_map(self, x: Tensor, start: LayerKey = None, end: LayerKey = None) -> AffineMap:
+        """The exact affine map of x's region from ``start`` to ``end``.
+
+        ``start``/``end``: None (the input / the output before g), a layer index or a layer name
+        (that layer's output). ``start=l-1, end=l`` is layer l's MASO A^(l)[x], B^(l)[x].
+        """
+        s, e = self._node(start, is_start=True), self._node(end, is_start=False)
+        self._check(x)
+        states: dict[str, Tensor] = {}
+        with torch.no_grad(), exact_matmul():
+            env = self.program.run(x, record=states, stop=e)
+        prog = self.program
+        return AffineMap(
+            self, x, s, e, states, prog.per_sample(s, env[s]), prog.per_sample(e, env[e])
+        )
+
+    def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
+        """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
+        self._check(x)
+        parts = [self._codes(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return PartitionCodes.cat(parts)
+
+    def _codes(self, x: Tensor) -> PartitionCodes:
+        states: dict[str, Tensor] = {}
+        last = self.program.layers[-1].step if self.program.layers else None
+        with torch.no_grad(), exact_matmul():
+            self.program.run(x, record=states, stop=last)
+        return PartitionCodes(
+            tuple(self._layer_codes(la, states[la.step], len(x)) for la in self.program.layers)
+        )
+
+    def _layer_codes(self, layer: Layer, state: Tensor, n: int) -> LayerCodes:
+        maso = next(s.maso for s in self.program.steps if s.name == layer.step)
+        code = maso.code(state).movedim(layer.state_bdim, 0).reshape(n, -1)  # (N, units)
+        if layer.pieces == 2:
+            data = pack_bits(code.bool())
+        else:
+            from ._maso_ops import code_dtype
+
+            data = code.to(code_dtype(layer.pieces))
+        return LayerCodes(layer.name, layer.kind, layer.units, layer.pieces, data)
+
+    def _node(self, key: LayerKey, is_start: bool) -> str:
+        if key is None:
+            return self.program.input_name if is_start else self.program.output_name
+        return self.layer(key).node
+
+    def _check(self, x: Tensor) -> None:
+        check_eval_mode(self.model)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"x has per-sample shape {tuple(x.shape[1:])} but the network was "
+                f"captured for {self.input_shape}; pass a batch (N, "
+                f"{', '.join(map(str, self.input_shape))})"
+            )
+        p = next(iter(self.model.parameters()), None)
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            raise ValueError(
+                f"x is {x.dtype} on {x.device} but the model's parameters are "
+                f"{p.dtype} on {p.device}; call x.to(...) to match"
+            )
+
+    def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
+        return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
+
+    def _chunk_for_grad(self) -> int:
+        per_sample = sum(math.prod(s) for s in self.program.shapes.values())
+        itemsize = next(iter(self.model.parameters()), torch.empty(0)).element_size()
+        return max(1, _GRAPH_BUDGET // max(1, 2 * per_sample * itemsize))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How exactly f(x) = A[x] x + B[x] holds: the worst absolute and relative error."""
+
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        return (
+            f"{verdict}: max |f(x) - (A x + B)| = {self.max_abs_error:.3g} "
+            f"(relative {self.max_rel_error:.3g}, tolerance {self.tolerance:.3g})"
+        )
+
+
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, SplineView]] = weakref.WeakKeyDictionary()
+
+
+def view_of(model: nn.Module, x: Tensor) -> SplineView:
+    """The cached SplineView of ``model`` for inputs shaped like x (captured on first use)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+    per_model = _VIEWS.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = SplineView(model, x)
+    return per_model[key]
+
+
+def affine_map(
+    model: nn.Module, x: Tensor, start: LayerKey = None, end: LayerKey = None
+) -> AffineMap:
+    """The exact affine map of x's region, A[x] and B[x] (see ``SplineView.affine_map``)."""
+    return view_of(model, x).affine_map(x, start, end)
+
+
+def partition_codes(model: nn.Module, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
+    """Per-layer partition codes of x (see ``SplineView.partition_codes``)."""
+    return view_of(model, x).partition_codes(x, batch_size)
+
+
+def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verification:
+    """Check f(x) = A[x] x + B[x] on x against the model's own forward pass.
+
+    The tolerance is relative to max |f(x)|: by default 1e4 machine epsilons of x's dtype.
+    """
+    view = view_of(model, x)
+    amap = view.affine_map(x)
+    with torch.no_grad():
+        f = _model_output(view, model, x)
+        pred = torch.einsum(
+            "nrd,nd->nr", amap.A.reshape(len(x), -1, x[0].numel()), x.reshape(len(x), -1)
+        ) + amap.B.reshape(len(x), -1)
+    err = (f.reshape(len(x), -1) - pred).abs().max().item() if f.numel() else 0.0
+    scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-30)
+    tol = (rtol if rtol is not None else 1e4 * torch.finfo(x.dtype).eps) * max(scale, 1.0)
+    return Verification(err, err / scale, tol, err <= tol)
+
+
+def _model_output(view: SplineView, model: nn.Module, x: Tensor) -> Tensor:
+    """The model's own output, with the excluded g (softmax / log-softmax) undone."""
+    out = model(x)
+    g = view.program.output_g
+    if g in ("log_softmax", "_log_softmax", "softmax", "_softmax"):
+        logits, _ = view.forward(x)  # g is invariant to a per-row constant: compare after g
+        ref = torch.log_softmax(logits, -1) if "log" in g else torch.softmax(logits, -1)
+        if not torch.allclose(ref, out, rtol=1e-4, atol=1e-6):
+            raise AssertionError("the captured network does not reproduce the model's output")
+        return logits
+    return out
