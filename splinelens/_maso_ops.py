@@ -74,7 +74,8 @@ class Clip:
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
         z = args[0]
-        return torch.where(state == 1, z, torch.where(state == 0, self.lo, self.hi).to(z.dtype))
+        lo, hi = z.new_tensor(self.lo), z.new_tensor(self.hi)  # in z's dtype, not the default
+        return torch.where(state == 1, z, torch.where(state == 0, lo, hi))
 
     def code(self, state: Tensor) -> Tensor:
         return state

@@ -77,6 +77,8 @@ class SplineView:
         (that layer's output). ``start=l-1, end=l`` is layer l's MASO A^(l)[x], B^(l)[x].
         """
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
+        if self._position(end, len(self.layers)) < self._position(start, -1):
+            raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
         self._check(x)
         states: dict[str, Tensor] = {}
         with torch.no_grad(), exact_matmul():
@@ -111,6 +113,9 @@ class SplineView:
 
             data = code.to(code_dtype(layer.pieces))
         return LayerCodes(layer.name, layer.kind, layer.units, layer.pieces, data)
+
+    def _position(self, key: LayerKey, default: int) -> int:
+        return default if key is None else self.layer(key).index
 
     def _node(self, key: LayerKey, is_start: bool) -> str:
         if key is None:

@@ -1,0 +1,125 @@
+"""Exact affine maps A[x], B[x] against float64 references (torch.func.jacrev, f(x) - A x)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from tests import zoo
+
+TOL = 1e-10  # float64: slopes and offsets agree with the references to this absolute error
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_slopes_match_jacrev(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name)
+    amap = sl.affine_map(model, x)
+    ref = zoo.jacobian(model, x)
+    assert amap.A.shape == ref.shape
+    torch.testing.assert_close(amap.A, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_offsets_are_f_minus_ax(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name)
+    amap = sl.affine_map(model, x)
+    with torch.no_grad():
+        f = zoo.logits(model, x)
+    ax = torch.einsum("ncd,nd->nc", zoo.jacobian(model, x).flatten(2), x.flatten(1))
+    torch.testing.assert_close(amap.B, f - ax, atol=TOL, rtol=0)
+    torch.testing.assert_close(amap.output, f, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_verify_reports_exact(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name)
+    report = sl.verify(model, x)
+    assert report.ok, str(report)
+    assert report.max_abs_error < 1e-12
+
+
+def test_frozen_map_applies_to_other_inputs() -> None:
+    model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn")
+    amap = sl.affine_map(model, x)
+    x2 = torch.randn_like(x)
+    expected = torch.einsum("ncd,nd->nc", amap.A.flatten(2), x2.flatten(1)) + amap.B
+    torch.testing.assert_close(amap(x2), expected, atol=TOL, rtol=0)
+    # inside x's region (a tiny step), the frozen map is the network itself
+    x3 = x + 1e-9 * torch.randn_like(x)
+    torch.testing.assert_close(amap(x3), model(x3), atol=TOL, rtol=0)
+
+
+def test_template_subset_and_chunks() -> None:
+    model, x = zoo.build("resnet"), zoo.inputs("resnet", n=7)
+    amap = sl.affine_map(model, x)
+    sub = amap.templates(rows=[2, 0], chunk_size=3)
+    torch.testing.assert_close(sub, amap.A[:, [2, 0]], atol=0, rtol=0)
+
+
+def test_float32_keeps_dtype_and_is_exact_within_precision() -> None:
+    model, x = zoo.build("small_cnn", torch.float32), zoo.inputs("small_cnn", 8, torch.float32)
+    amap = sl.affine_map(model, x)
+    assert amap.A.dtype == amap.B.dtype == torch.float32
+    ref = zoo.jacobian(model.double(), x.double())
+    torch.testing.assert_close(amap.A.double(), ref, atol=1e-5, rtol=1e-4)
+    model.float()
+    assert sl.verify(model, x).ok
+
+
+def _seq() -> tuple[nn.Sequential, torch.Tensor]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.LeakyReLU(0.1),
+                          nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    return model, torch.randn(6, 5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("start", "end", "lo", "hi"),
+                         [(None, 0, 0, 2), (0, 1, 2, 4), (1, 2, 4, 6), (0, None, 2, 7),
+                          (None, 2, 0, 6)])
+def test_between_layers_matches_submodule_jacobian(start, end, lo, hi) -> None:
+    """z at `end` as an affine function of z at `start`: the per-layer MASO (Sec. 4)."""
+    model, x = _seq()
+    amap = sl.affine_map(model, x, start=start, end=end)
+    with torch.no_grad():
+        z = model[:lo](x)
+    sub = model[lo:hi]
+    ref = torch.stack([torch.func.jacrev(lambda zi: sub(zi[None])[0])(zi) for zi in z])
+    torch.testing.assert_close(amap.A, ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(amap.B, sub(z) - torch.einsum("nij,nj->ni", ref, z), atol=TOL,
+                               rtol=0)
+
+
+def test_layer_maps_compose_to_end_to_end() -> None:
+    model, x = _seq()
+    view = sl.SplineView(model, x)
+    a = [view.affine_map(x, s, e).A for s, e in [(None, 0), (0, 1), (1, 2), (2, None)]]
+    chain = a[3] @ a[2] @ a[1] @ a[0]
+    torch.testing.assert_close(chain, view.affine_map(x).A, atol=TOL, rtol=0)
+
+
+def test_between_layers_with_skip_connection_by_name() -> None:
+    """A skip around `start` lands in B: z_end = A z_start + B still holds at x."""
+    model, x = zoo.build("resnet"), zoo.inputs("resnet")
+    view = sl.SplineView(model, x)
+    names = [layer.name for layer in view.layers]
+    amap = view.affine_map(x, start=names[1], end=names[2])
+    z_start, z_end = amap.z_start, amap.output
+    pred = torch.einsum("nij,nj->ni", amap.A.flatten(1, 3).flatten(2), z_start.flatten(1))
+    torch.testing.assert_close(pred + amap.B.flatten(1), z_end.flatten(1), atol=TOL, rtol=0)
+
+
+def test_intermediate_map_on_time_major_rnn() -> None:
+    model, x = zoo.build("hand_rnn"), zoo.inputs("hand_rnn")
+    view = sl.SplineView(model, x)
+    amap = view.affine_map(x, start=0, end=3)
+    assert amap.A.shape == (4, 6, 6)
+    pred = torch.einsum("nij,nj->ni", amap.A, amap.z_start) + amap.B
+    torch.testing.assert_close(pred, amap.output, atol=TOL, rtol=0)
+
+
+def test_end_before_start_is_refused() -> None:
+    model, x = _seq()
+    with pytest.raises(ValueError, match="before"):
+        sl.affine_map(model, x, start=2, end=1)
