@@ -37,10 +37,19 @@ class SplineView:
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
-        self.model = model
+        self._model: nn.Module | None = model
+        self._model_ref = weakref.ref(model)
         self.program = capture(model, example_input)
         self.input_shape = tuple(example_input.shape[1:])
         self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
+
+    @property
+    def model(self) -> nn.Module:
+        """The captured model (the cache holds it weakly, so a dropped model is freed)."""
+        model = self._model or self._model_ref()
+        if model is None:
+            raise ReferenceError("the model of this SplineView no longer exists")
+        return model
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -173,7 +182,9 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     per_model = _VIEWS.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = SplineView(model, x)
+        view = SplineView(model, x)
+        view._model = None  # the cache must not keep the model alive
+        per_model[key] = view
     return per_model[key]
 
 

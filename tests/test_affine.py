@@ -70,14 +70,26 @@ def test_float32_keeps_dtype_and_is_exact_within_precision() -> None:
 
 def _seq() -> tuple[nn.Sequential, torch.Tensor]:
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.LeakyReLU(0.1),
-                          nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(5, 7),
+            nn.ReLU(),
+            nn.Linear(7, 6),
+            nn.LeakyReLU(0.1),
+            nn.Linear(6, 4),
+            nn.ReLU(),
+            nn.Linear(4, 3),
+        )
+        .double()
+        .eval()
+    )
     return model, torch.randn(6, 5, dtype=torch.float64)
 
 
-@pytest.mark.parametrize(("start", "end", "lo", "hi"),
-                         [(None, 0, 0, 2), (0, 1, 2, 4), (1, 2, 4, 6), (0, None, 2, 7),
-                          (None, 2, 0, 6)])
+@pytest.mark.parametrize(
+    ("start", "end", "lo", "hi"),
+    [(None, 0, 0, 2), (0, 1, 2, 4), (1, 2, 4, 6), (0, None, 2, 7), (None, 2, 0, 6)],
+)
 def test_between_layers_matches_submodule_jacobian(start, end, lo, hi) -> None:
     """z at `end` as an affine function of z at `start`: the per-layer MASO (Sec. 4)."""
     model, x = _seq()
@@ -87,8 +99,9 @@ def test_between_layers_matches_submodule_jacobian(start, end, lo, hi) -> None:
     sub = model[lo:hi]
     ref = torch.stack([torch.func.jacrev(lambda zi: sub(zi[None])[0])(zi) for zi in z])
     torch.testing.assert_close(amap.A, ref, atol=TOL, rtol=0)
-    torch.testing.assert_close(amap.B, sub(z) - torch.einsum("nij,nj->ni", ref, z), atol=TOL,
-                               rtol=0)
+    torch.testing.assert_close(
+        amap.B, sub(z) - torch.einsum("nij,nj->ni", ref, z), atol=TOL, rtol=0
+    )
 
 
 def test_layer_maps_compose_to_end_to_end() -> None:

@@ -12,8 +12,17 @@ import torch.nn.functional as F
 import splinelens as sl
 from tests import zoo
 
-_HOOKED = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d,
-           nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_HOOKED = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Hardtanh,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
 
 
 def hooked_states(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -47,13 +56,17 @@ def _window_argmax(mod: nn.Module, z: torch.Tensor) -> torch.Tensor:
     spatial = z.shape[2:]
     if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
         osz = mod.output_size if isinstance(mod.output_size, tuple) else (mod.output_size,) * nd
-        ranges = [[(o * s // n, math.ceil((o + 1) * s / n)) for o in range(n)]
-                  for s, n in zip(spatial, osz)]
+        ranges = [
+            [(o * s // n, math.ceil((o + 1) * s / n)) for o in range(n)]
+            for s, n in zip(spatial, osz)
+        ]
     else:
         k, st, p = (_tup(v, nd) for v in (mod.kernel_size, mod.stride, mod.padding))
         outs = [(s + 2 * pp - kk) // ss + 1 for s, kk, ss, pp in zip(spatial, k, st, p)]
-        ranges = [[(o * ss - pp, o * ss - pp + kk) for o in range(n)]
-                  for n, kk, ss, pp in zip(outs, k, st, p)]
+        ranges = [
+            [(o * ss - pp, o * ss - pp + kk) for o in range(n)]
+            for n, kk, ss, pp in zip(outs, k, st, p)
+        ]
     widths = [max(b - a for a, b in r) for r in ranges]
     out = torch.empty(*z.shape[:2], *[len(r) for r in ranges], dtype=torch.long)
     for pos in _product(*[range(len(r)) for r in ranges]):
@@ -82,17 +95,28 @@ def _tup(v: int | tuple[int, ...], nd: int) -> tuple[int, ...]:
 def _product(*ranges: range) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = [()]
     for r in ranges:
-        out = [o + (i,) for o in out for i in r]
+        out = [(*o, i) for o in out for i in r]
     return out
 
 
 def pool_zoo() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.Hardtanh(-0.3, 0.4), nn.MaxPool2d(3, 2, 1),
-        nn.Conv2d(4, 4, 3, padding=1), nn.PReLU(4), nn.AdaptiveMaxPool2d((3, 2)),
-        nn.Flatten(), nn.Linear(24, 8), nn.ReLU6(), nn.Linear(8, 3),
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.Hardtanh(-0.3, 0.4),
+            nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.PReLU(4),
+            nn.AdaptiveMaxPool2d((3, 2)),
+            nn.Flatten(),
+            nn.Linear(24, 8),
+            nn.ReLU6(),
+            nn.Linear(8, 3),
+        )
+        .double()
+        .eval()
+    )
 
 
 HOOK_MODELS = {
@@ -119,15 +143,24 @@ def test_layer_metadata() -> None:
     model, x = HOOK_MODELS["pools"]()
     view = sl.SplineView(model, x)
     got = [(la.name, la.kind, la.shape, la.pieces) for la in view.layers]
-    assert got == [("1", "hardtanh", (4, 9, 7), 3), ("2", "max_pool2d", (4, 5, 4), 9),
-                   ("4", "prelu", (4, 5, 4), 2), ("5", "adaptive_max_pool2d", (4, 3, 2), 6),
-                   ("8", "hardtanh", (8,), 3)]
+    assert got == [
+        ("1", "hardtanh", (4, 9, 7), 3),
+        ("2", "max_pool2d", (4, 5, 4), 9),
+        ("4", "prelu", (4, 5, 4), 2),
+        ("5", "adaptive_max_pool2d", (4, 3, 2), 6),
+        ("8", "hardtanh", (8,), 3),
+    ]
 
 
 def test_layer_names_for_reused_modules_and_functional_ops() -> None:
     view = sl.SplineView(zoo.build("resnet"), zoo.inputs("resnet"))
     assert [la.name for la in view.layers] == [
-        "relu", "block1.relu[0]", "block1.relu[1]", "block2.relu[0]", "block2.relu[1]"]
+        "relu",
+        "block1.relu[0]",
+        "block1.relu[1]",
+        "block2.relu[0]",
+        "block2.relu[1]",
+    ]
     view = sl.SplineView(zoo.build("rnn"), zoo.inputs("rnn"))
     assert len(view.layers) == 2 * 5  # two layers, five time steps, unrolled
     assert all(la.units == 8 and la.kind == "relu" for la in view.layers)
@@ -137,8 +170,9 @@ def test_layer_names_for_reused_modules_and_functional_ops() -> None:
 def test_codes_do_not_depend_on_batching(name: str) -> None:
     model, x = zoo.build(name), zoo.inputs(name, n=10)
     whole = sl.partition_codes(model, x)
-    parts = sl.PartitionCodes.cat([sl.partition_codes(model, x[i : i + 3])
-                                   for i in range(0, 10, 3)])
+    parts = sl.PartitionCodes.cat(
+        [sl.partition_codes(model, x[i : i + 3]) for i in range(0, 10, 3)]
+    )
     small = sl.partition_codes(model, x, batch_size=4)
     for a, b, c in zip(whole.layers, parts.layers, small.layers):
         assert torch.equal(a.data, b.data) and torch.equal(a.data, c.data)
@@ -151,8 +185,9 @@ def test_codes_fix_the_affine_map(name: str) -> None:
     near = x + 1e-10 * torch.randn_like(x)
     ca, cb = sl.partition_codes(model, x), sl.partition_codes(model, near)
     assert all(torch.equal(a.data, b.data) for a, b in zip(ca.layers, cb.layers))
-    torch.testing.assert_close(sl.affine_map(model, x).A, sl.affine_map(model, near).A,
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        sl.affine_map(model, x).A, sl.affine_map(model, near).A, atol=1e-12, rtol=0
+    )
 
 
 def test_binary_layers_pack_one_bit_per_unit() -> None:
@@ -169,7 +204,8 @@ def test_save_load_roundtrip_and_indexing(tmp_path) -> None:
     codes.save(path)
     back = sl.PartitionCodes.load(path)
     assert [(c.name, c.kind, c.units, c.pieces) for c in back.layers] == [
-        (c.name, c.kind, c.units, c.pieces) for c in codes.layers]
+        (c.name, c.kind, c.units, c.pieces) for c in codes.layers
+    ]
     assert all(torch.equal(a.data, b.data) for a, b in zip(codes.layers, back.layers))
     sub = codes[torch.tensor([4, 1])]
     assert torch.equal(sub.layers[1].states(), codes.layers[1].states()[[4, 1]])

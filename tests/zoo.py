@@ -28,17 +28,30 @@ def _bn_randomise(model: nn.Module) -> nn.Module:
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    )
 
 
 def small_cnn() -> nn.Module:
-    return _bn_randomise(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16, 5),
-    ))
+    return _bn_randomise(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 5),
+        )
+    )
 
 
 class ResBlock(nn.Module):
@@ -48,8 +61,9 @@ class ResBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
         self.relu = nn.ReLU()  # one module object, called twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +106,14 @@ class DenseNet(nn.Module):
 
 def conv1d() -> nn.Module:
     return nn.Sequential(
-        nn.Conv1d(2, 6, 5, padding=2), nn.LeakyReLU(0.2), nn.MaxPool1d(3, 2, 1),
-        nn.Conv1d(6, 6, 3), nn.ReLU(), nn.AdaptiveMaxPool1d(4), nn.Flatten(), nn.Linear(24, 3),
+        nn.Conv1d(2, 6, 5, padding=2),
+        nn.LeakyReLU(0.2),
+        nn.MaxPool1d(3, 2, 1),
+        nn.Conv1d(6, 6, 3),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool1d(4),
+        nn.Flatten(),
+        nn.Linear(24, 3),
     )
 
 
@@ -178,8 +198,9 @@ class HandRNN(nn.Module):
 
 
 def conv3d() -> nn.Module:
-    return nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-                         nn.Flatten(), nn.Linear(3 * 8, 2))
+    return nn.Sequential(
+        nn.Conv3d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.Flatten(), nn.Linear(3 * 8, 2)
+    )
 
 
 def with_softmax() -> nn.Module:
@@ -207,8 +228,9 @@ def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Mo
     return ZOO[name][0]().to(dtype).eval()
 
 
-def inputs(name: str, n: int = 4, dtype: torch.dtype = torch.float64,
-           seed: int = 1) -> torch.Tensor:
+def inputs(
+    name: str, n: int = 4, dtype: torch.dtype = torch.float64, seed: int = 1
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *ZOO[name][1], generator=g).to(dtype)
 
@@ -222,6 +244,4 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Reference slopes: torch.func.jacrev of each sample's logits, (N, C, *x.shape[1:])."""
-    return torch.stack([
-        torch.func.jacrev(lambda xi: logits(model, xi[None])[0])(xi) for xi in x
-    ])
+    return torch.stack([torch.func.jacrev(lambda xi: logits(model, xi[None])[0])(xi) for xi in x])

@@ -1,0 +1,89 @@
+"""Partition distance (eq. (15)) and nearest neighbours against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import splinelens as sl
+from tests import zoo
+from tests.test_codes import pool_zoo
+
+
+def brute_distance(a: sl.PartitionCodes, b: sl.PartitionCodes, layers: list[int]) -> torch.Tensor:
+    """Eq. (15) by explicit comparison of every unit's state."""
+    sa = torch.cat([a.layers[i].states() for i in layers], 1)
+    sb = torch.cat([b.layers[i].states() for i in layers], 1)
+    same = (sa[:, None, :] == sb[None, :, :]).sum(-1).double()
+    return 1 - same / sa.shape[1]
+
+
+@pytest.fixture(scope="module")
+def codes() -> tuple[sl.PartitionCodes, sl.PartitionCodes]:
+    model = pool_zoo()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 2, 9, 7, generator=g, dtype=torch.float64)
+    c = sl.partition_codes(model, x)
+    return c[:13], c  # query, database (the queries are in the database)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3, 4, "5", [0, 2], [1, 4], None])
+def test_distance_matches_brute_force(codes, layer) -> None:
+    q, db = codes
+    names = [c.name for c in db.layers]
+    sel = (
+        list(range(len(names)))
+        if layer is None
+        else [
+            names.index(k) if isinstance(k, str) else k
+            for k in (layer if isinstance(layer, list) else [layer])
+        ]
+    )
+    d = sl.partition_distance(q, db, layer=layer, chunk_size=7)
+    assert d.dtype == torch.float64
+    torch.testing.assert_close(d, brute_distance(q, db, sel), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("layer", [0, 1, 2, None])
+def test_neighbors_are_exact(codes, backend, layer) -> None:
+    q, db = codes
+    k = 9
+    dist, idx = sl.nearest_neighbors(q, db, layer=layer, k=k, chunk_size=11, backend=backend)
+    full = sl.partition_distance(q, db, layer=layer)
+    expected = full.sort(dim=1).values[:, :k]
+    torch.testing.assert_close(dist, expected, atol=1e-12, rtol=0)  # the k smallest, in order
+    torch.testing.assert_close(full.gather(1, idx), dist, atol=1e-12, rtol=0)  # idx has them
+    assert all(len(set(row.tolist())) == k for row in idx)  # no database entry twice
+    assert (dist[:, 0] == 0).all()  # every query is in the database
+
+
+def test_backends_agree_on_large_random_database() -> None:
+    torch.manual_seed(0)
+    model = zoo.build("mlp", torch.float32)
+    x = torch.randn(3000, 6)
+    c = sl.partition_codes(model, x)
+    d1, _ = sl.nearest_neighbors(c[:50], c, k=20, backend="faiss", chunk_size=1000)
+    d2, _ = sl.nearest_neighbors(c[:50], c, k=20, backend="torch", chunk_size=777)
+    torch.testing.assert_close(d1, d2, atol=0, rtol=0)
+
+
+def test_distance_is_a_metric_on_codes(codes) -> None:
+    _, db = codes
+    d = sl.partition_distance(db, db)
+    assert torch.all(d.diagonal() == 0)
+    torch.testing.assert_close(d, d.T, atol=0, rtol=0)
+    assert d.min() >= 0 and d.max() <= 1
+
+
+def test_k_out_of_range(codes) -> None:
+    q, db = codes
+    with pytest.raises(ValueError, match="k must be between 1 and the database size 60"):
+        sl.nearest_neighbors(q, db, k=61)
+
+
+def test_codes_of_different_networks_are_refused(codes) -> None:
+    q, _ = codes
+    other = sl.partition_codes(zoo.build("mlp"), zoo.inputs("mlp", 5))
+    with pytest.raises((ValueError, KeyError)):
+        sl.partition_distance(q, other)

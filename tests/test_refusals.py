@@ -1,0 +1,134 @@
+"""Everything that is not a MASO network is refused with a clear error naming what and where."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import splinelens as sl
+from tests import zoo
+
+
+class Wrap(nn.Module):
+    """Linear -> fn -> Linear, with fn given as a lambda."""
+
+    def __init__(self, fn, width: int = 6) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fn = nn.Linear(4, width), nn.Linear(width, 3), fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fn(self.fc1(x)))
+
+
+class Inner(nn.Module):
+    def __init__(self, mod: nn.Module) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), mod)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+REFUSED = {
+    "sigmoid": (Inner(nn.Sigmoid()), r"aten\.sigmoid at module 'block\.1' \(Sigmoid\)"),
+    "gelu": (Inner(nn.GELU()), r"aten\.gelu at module 'block\.1'.*not piecewise affine"),
+    "tanh": (Wrap(torch.tanh), r"aten\.tanh at the model's forward"),
+    "layernorm": (Inner(nn.LayerNorm(6)), r"layer_norm at module 'block\.1'.*statistic"),
+    "groupnorm": (Wrap(lambda z: F.group_norm(z[:, :, None], 2)[:, :, 0]), r"group_norm"),
+    "product": (Wrap(lambda z: z * z), r"aten\.mul .*multiplies two activation"),
+    "gated": (Wrap(lambda z: z * F.relu(z)), r"multiplies two activation"),
+    "divide": (Wrap(lambda z: 1.0 / (z.abs() + 1)), r"aten\.(div|reciprocal)"),
+    "where": (Wrap(lambda z: torch.where(z > 0, z, 2 * z)), r"aten\.gt"),
+    "inner_softmax": (Wrap(lambda z: torch.softmax(z, -1)), r"output nonlinearity g"),
+    "batch_mean": (Wrap(lambda z: z - z.mean(0)), r"mixes the samples"),
+    "global_max": (Wrap(lambda z: z * 0 + z.max()), r"(every dimension|mixes the samples)"),
+    "exp": (Wrap(torch.exp), r"aten\.exp"),
+    "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_non_piecewise_affine_operations_are_refused(name: str) -> None:
+    model, pattern = REFUSED[name]
+    with pytest.raises(sl.UnsupportedOperationError, match=pattern):
+        sl.SplineView(model.eval(), torch.randn(3, 4))
+
+
+def test_error_names_the_source_line() -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match=r"test_refusals\.py"):
+        sl.SplineView(Wrap(torch.tanh).eval(), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("mod", [nn.BatchNorm1d(6), nn.Dropout(0.3)])
+def test_training_mode_is_refused_not_switched(mod: nn.Module) -> None:
+    model = Inner(mod).train()
+    with pytest.raises(sl.UnsupportedOperationError, match=r"training mode.*model\.eval\(\)"):
+        sl.affine_map(model, torch.randn(3, 4))
+    assert model.training and mod.training  # nothing was switched
+
+
+def test_training_mode_after_capture_is_refused() -> None:
+    model = zoo.build("small_cnn")
+    x = zoo.inputs("small_cnn")
+    view = sl.SplineView(model, x)
+    model.train()
+    with pytest.raises(sl.UnsupportedOperationError, match=r"model\.eval\(\)"):
+        view.affine_map(x)
+    with pytest.raises(sl.UnsupportedOperationError, match=r"model\.eval\(\)"):
+        view.partition_codes(x)
+
+
+def test_batchnorm_without_running_stats_is_refused() -> None:
+    model = Inner(nn.BatchNorm1d(6, track_running_stats=False)).eval()
+    with pytest.raises(sl.UnsupportedOperationError, match="batch statistics"):
+        sl.SplineView(model, torch.randn(3, 4))
+
+
+def test_functional_dropout_in_training_is_refused() -> None:
+    model = Wrap(lambda z: F.dropout(z, 0.5, training=True)).eval()
+    with pytest.raises(sl.UnsupportedOperationError, match=r"eval"):
+        sl.SplineView(model, torch.randn(3, 4))
+
+
+def test_data_dependent_control_flow_is_refused() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(sl.UnsupportedOperationError, match="could not capture"):
+        sl.SplineView(Branchy().eval(), torch.randn(3, 4))
+
+
+def test_two_outputs_are_refused() -> None:
+    class Two(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return F.relu(x), x
+
+    with pytest.raises(ValueError, match="returns 2 values"):
+        sl.SplineView(Two().eval(), torch.randn(3, 4))
+
+
+def test_wrong_input_shape_dtype_and_type() -> None:
+    model = zoo.build("mlp")
+    view = sl.SplineView(model, zoo.inputs("mlp"))
+    with pytest.raises(ValueError, match=r"per-sample shape \(5,\).*\(6,\)"):
+        view.affine_map(torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"float32.*float64"):
+        view.affine_map(torch.randn(2, 6))
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        view.partition_codes([[0.0] * 6])  # type: ignore[arg-type]
+
+
+def test_unknown_layer_names_and_indices() -> None:
+    model, x = zoo.build("mlp"), zoo.inputs("mlp")
+    view = sl.SplineView(model, x)
+    with pytest.raises(KeyError, match=r"no layer named 'nope'.*'1', '3'"):
+        view.affine_map(x, start="nope")
+    with pytest.raises(IndexError, match="2 layers"):
+        view.affine_map(x, end=7)
+    codes = view.partition_codes(x)
+    with pytest.raises(KeyError, match="no layer named"):
+        sl.partition_distance(codes, codes, layer="nope")

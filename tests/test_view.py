@@ -1,0 +1,77 @@
+"""The capture is cached per model, sees current parameters, and never leaks state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+import splinelens.view as view_mod
+from tests import zoo
+
+
+def test_plain_functions_reuse_one_capture(monkeypatch) -> None:
+    calls = []
+    real = view_mod.capture
+    monkeypatch.setattr(view_mod, "capture", lambda m, x: calls.append(1) or real(m, x))
+    model = zoo.build("small_cnn")
+    for n in (3, 5, 2):  # different batch sizes share the capture
+        x = zoo.inputs("small_cnn", n)
+        assert sl.affine_map(model, x).B.shape == (n, 5)
+        sl.partition_codes(model, x)
+        sl.verify(model, x)
+    assert len(calls) == 1
+
+
+def test_capture_sees_current_parameters() -> None:
+    model, x = zoo.build("mlp"), zoo.inputs("mlp")
+    sl.affine_map(model, x)  # capture
+    with torch.no_grad():
+        model[0].weight.mul_(-2.0)  # in place, as an optimiser step does
+    torch.testing.assert_close(
+        sl.affine_map(model, x).A, zoo.jacobian(model, x), atol=1e-10, rtol=0
+    )
+    fresh = zoo.build("mlp", seed=7)
+    model.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(
+        sl.affine_map(model, x).A, zoo.jacobian(fresh, x), atol=1e-10, rtol=0
+    )
+
+
+def test_batch_of_one_and_view_reuse() -> None:
+    model = zoo.build("resnet")
+    view = sl.SplineView(model, zoo.inputs("resnet", 1))
+    for n in (1, 4):
+        x = zoo.inputs("resnet", n)
+        torch.testing.assert_close(view.affine_map(x).A, zoo.jacobian(model, x), atol=1e-10, rtol=0)
+
+
+def test_model_and_gradients_untouched() -> None:
+    model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x.requires_grad_(False)
+    assert sl.affine_map(model, x).A.shape == (4, 5, 3, 8, 8)
+    sl.partition_codes(model, x)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_views_are_released_with_the_model() -> None:
+    import gc
+
+    model = zoo.build("mlp")
+    sl.affine_map(model, zoo.inputs("mlp"))
+    assert model in view_mod._VIEWS
+    n = len(view_mod._VIEWS)
+    del model
+    gc.collect()
+    assert len(view_mod._VIEWS) == n - 1
+
+
+def test_model_without_parameters() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.MaxPool1d(2)).eval()
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    amap = sl.affine_map(model, x)
+    assert amap.A.shape == (3, 2, 4, 2, 8)
+    torch.testing.assert_close(amap(x), model(x))
