@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch._decomp import decomposition_table
 
 from . import _ops
+from ._maso_ops import eval_batch_norm
 from ._program import Layer, Program, Ref, Step
 from .errors import UnsupportedOperationError
 
@@ -180,6 +181,8 @@ class _Compiler:
             self._add_maso(node, name, step)
         elif name == "detach":  # detach would hide paths from autograd; it is the identity
             step.fn = torch.ops.aten.alias.default
+        elif name == "_native_batch_norm_legit_no_training":
+            step.fn = eval_batch_norm
         self.steps.append(step)
 
     def _classify(self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]) -> str:

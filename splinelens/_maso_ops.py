@@ -38,19 +38,33 @@ class Sign:
     pieces: int = 2
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        state = args[0] > self.threshold
+        z = args[0]
+        state = z > self.threshold
+        if self.kind == "relu":  # native kernels whose gradient agrees with the state
+            return torch.relu(z), state
+        if self.kind == "leaky_relu":
+            return F.leaky_relu(z, self.neg_slope or 0.0), state
+        if self.kind == "prelu":
+            return F.prelu(z, args[1]), state
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
         z, t = args[0], self.threshold
-        if self.kind in ("relu", "clamp_min"):
-            return torch.where(state, z, float(t))
+        if self.kind == "clamp_min":
+            return torch.where(state, z, z.new_tensor(t))
         if self.kind == "clamp_max":  # state True: above the cap, the constant piece
-            return torch.where(state, t, z)
-        slope = args[1] if self.kind == "prelu" else self.neg_slope
-        if isinstance(slope, Tensor) and slope.numel() > 1 and z.dim() >= 2:
+            return torch.where(state, z.new_tensor(t), z)
+        return z * self._factor(args, state)  # one multiply: its gradient is one multiply too
+
+    def _factor(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        """The slope of each unit's piece: 1 above the threshold, the negative slope below."""
+        z = args[0]
+        if self.kind == "relu":
+            return state.to(z.dtype)
+        slope = args[1] if self.kind == "prelu" else z.new_tensor(self.neg_slope)
+        if slope.numel() > 1 and z.dim() >= 2:
             slope = slope.view(1, -1, *([1] * (z.dim() - 2)))  # PReLU: one slope per channel
-        return torch.where(state, z, z * slope)
+        return torch.where(state, z.new_ones(()), slope.to(z.dtype))
 
     def code(self, state: Tensor) -> Tensor:
         return state.to(torch.uint8)
@@ -67,9 +81,9 @@ class Clip:
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
-        state = torch.ones_like(z, dtype=torch.uint8)
-        state[z <= self.lo] = 0
-        state[z >= self.hi] = 2
+        state = (z > self.lo).to(torch.uint8) + (z >= self.hi).to(torch.uint8)
+        if self.kind in ("hardtanh", "relu6"):  # its gradient is 1 exactly on lo < z < hi
+            return F.hardtanh(z, self.lo, self.hi), state
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
@@ -172,13 +186,27 @@ class Pool:
 
     def code(self, state: Tensor) -> Tensor:
         """Position of the argmax inside its window (row-major in window coordinates)."""
-        out_sp = state.shape[-self.nd :]
-        coords = _unravel(state, self.in_spatial)
-        pos = torch.zeros_like(state)
-        for i, (c, o) in enumerate(zip(coords, out_sp)):
-            grid = _axis(torch.arange(o, device=state.device), i, self.nd)
-            start, width = self._window(grid, i)
-            pos = pos * width + (c - start) // (self.dilation[i] if not self.output_size else 1)
+        idx = state.to(torch.int32)  # flat index into the input plane; int32 halves the traffic
+        tiled = not self.output_size and self.stride == self.kernel and not any(self.padding)
+        pos = torch.zeros((), dtype=torch.int32, device=state.device)
+        mult = 1
+        for i in reversed(range(self.nd)):
+            size = self.in_spatial[i]
+            quot = _div(idx, size)
+            coord, idx = idx - quot * size, quot
+            if tiled and self.dilation[i] == 1:
+                k = self.kernel[i]  # windows tile the plane: no grid needed
+                rel = coord - _div(coord, k) * k
+            else:
+                grid = _axis(
+                    torch.arange(state.shape[-self.nd + i], device=state.device, dtype=torch.int32),
+                    i,
+                    self.nd,
+                )
+                start, _ = self._window(grid, i)
+                rel = (coord - start) // (1 if self.output_size else self.dilation[i])
+            pos = pos + rel * mult
+            mult *= self._window(torch.zeros(1, dtype=torch.int32), i)[1]
         return pos
 
     def _window(self, o: Tensor, i: int) -> tuple[Tensor, int]:
@@ -188,16 +216,13 @@ class Pool:
         return o * self.stride[i] - self.padding[i], self.kernel[i]
 
 
+def _div(a: Tensor, n: int) -> Tensor:
+    """a // n for nonnegative integer tensors; a shift when n is a power of two."""
+    return a >> (n.bit_length() - 1) if n & (n - 1) == 0 else a // n
+
+
 def _axis(v: Tensor, i: int, nd: int) -> Tensor:
     return v.view(*([1] * i), -1, *([1] * (nd - i - 1)))
-
-
-def _unravel(idx: Tensor, sizes: Sequence[int]) -> list[Tensor]:
-    coords = []
-    for s in reversed(sizes):
-        coords.append(idx % s)
-        idx = idx // s
-    return coords[::-1]
 
 
 def _adaptive_width(n_in: int, n_out: int) -> int:
@@ -210,3 +235,47 @@ MasoOp = Sign | Clip | Pairwise | Reduce | Pool
 def code_dtype(pieces: int) -> torch.dtype:
     """Smallest integer dtype that stores a state in [0, pieces)."""
     return torch.uint8 if pieces <= 256 else torch.int16 if pieces <= 32768 else torch.int32
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    """Batchnorm with running statistics: PyTorch's forward, and a one-multiply backward.
+
+    In eval mode batchnorm is y = z * scale + shift per channel, so its input gradient is
+    grad * scale: the same derivative as ``native_batch_norm_backward``, at a third of the cost.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        out = torch.ops.aten._native_batch_norm_legit_no_training.default(
+            z, weight, bias, mean, var, momentum, eps
+        )[0]
+        scale = torch.rsqrt(var + eps) * (weight if weight is not None else 1.0)
+        ctx.save_for_backward(scale.view(-1, *([1] * (z.dim() - 2))))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None, None, None, None, None, None
+
+
+def eval_batch_norm(
+    z: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, None, None]:
+    """Drop-in for ``aten._native_batch_norm_legit_no_training`` (returns its output tuple)."""
+    return _EvalBatchNorm.apply(z, weight, bias, mean, var, momentum, eps), None, None

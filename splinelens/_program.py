@@ -87,20 +87,29 @@ class Program:
         states: dict[str, Tensor] | None = None,
         record: dict[str, Tensor] | None = None,
         inject: tuple[str, Tensor] | None = None,
+        track: str | None = None,
         stop: str | None = None,
     ) -> dict[str, Any]:
-        """Execute the program on input ``x``; return every node's value by name."""
+        """Execute the program on input ``x``; return every node's value by name.
+
+        ``track``: a node whose value is replaced by a fresh leaf that requires grad, so that
+        gradients of later nodes with respect to it can be taken after the run.
+        """
         env: dict[str, Any] = dict(self.constants)
         for name, owner, attr in self.params:
             env[name] = getattr(owner, attr).detach()
         env[self.input_name] = x
         if inject is not None and inject[0] == self.input_name:
             env[self.input_name] = inject[1]
+        if track == self.input_name:
+            env[track] = x.detach().requires_grad_(True)
         for step in self.steps:
             if inject is not None and step.name == inject[0]:
                 env[step.name] = inject[1]
             else:
                 env[step.name] = self._exec(step, env, states, record)
+            if step.name == track:
+                env[track] = env[track].detach().requires_grad_(True)
             if step.name == stop:
                 break
         return env

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,29 +40,46 @@ class AffineMap:
 
     ``start``/``end`` are the input, a layer's output, or the network's output (before the
     output nonlinearity g). Nodes that feed ``end`` without passing through ``start`` (skip
-    connections around it) are held at their value for x and land in ``B``.
+    connections around it) are held at their value for x and land in ``B``. Everything is
+    computed on first use: asking for ``A`` first costs one forward pass plus one backward pass
+    per row; ``B`` first, two forward passes.
     """
 
     view: SplineView
     x: Tensor  # (N, *input_shape)
     start: str
     end: str
-    states: dict[str, Tensor]
-    z_start: Tensor  # (N, *start_shape): the start node's value for x
-    output: Tensor  # (N, *end_shape): the end node's value for x
+    _states: dict[str, Tensor] | None = field(default=None, repr=False)
+    _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
+    _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
+
+    @property
+    def states(self) -> dict[str, Tensor]:
+        """The piece every MASO unit uses for x, by graph node (masks, argmax indices)."""
+        return self._recorded()[0]
+
+    @property
+    def z_start(self) -> Tensor:
+        """The start node's value for x, (N, *start_shape)."""
+        return self._recorded()[1]
+
+    @property
+    def output(self) -> Tensor:
+        """The end node's value for x, (N, *end_shape): f(x) end to end."""
+        return self._recorded()[2]
 
     @property
     def start_shape(self) -> tuple[int, ...]:
-        return tuple(self.z_start.shape[1:])
+        return self.view.program.shapes[self.start]
 
     @property
     def end_shape(self) -> tuple[int, ...]:
-        return tuple(self.output.shape[1:])
+        return self.view.program.shapes[self.end]
 
     @functools.cached_property
     def B(self) -> Tensor:
         """Offsets, (N, *end_shape): the frozen network with z_start = 0."""
-        return self(torch.zeros_like(self.z_start))
+        return self(self.z_start.new_zeros(len(self.x), *self.start_shape))
 
     @functools.cached_property
     def A(self) -> Tensor:
@@ -85,33 +102,63 @@ class AffineMap:
         ``chunk_size`` (default: sized to keep about 1 GiB of activations alive).
         """
         rows = list(range(math.prod(self.end_shape))) if rows is None else list(rows)
-        n = len(self.x)
-        out = self.z_start.new_empty(n, len(rows), *self.start_shape)  # (N, R, *start_shape)
-        step = chunk_size or self.view._chunk_for_grad()
+        n, step = len(self.x), chunk_size or self.view._chunk_for_grad()
+        out = self.x.new_empty(n, len(rows), *self.start_shape)  # (N, R, *start_shape)
+        fresh = self._states is None
+        recorded = []
         with exact_matmul():
             for s in range(0, n, step):
-                out[s : s + step] = self._chunk_rows(s, min(s + step, n), rows)
+                e = min(s + step, n)
+                recorded.append(self._chunk(s, e, rows, fresh, out[s:e]))
+        if fresh:
+            self._keep_records(recorded)
         return out
 
-    def _chunk_rows(self, s: int, e: int, rows: list[int]) -> Tensor:
+    def _chunk(self, s: int, e: int, rows: list[int], fresh: bool, out: Tensor) -> tuple:
+        """Rows of A for inputs s:e into ``out``; without states yet, record them in the pass."""
         prog = self.view.program
-        states = self.view._slice_states(self.states, s, e)
-        leaf = self.z_start[s:e].detach().clone().requires_grad_(True)
+        states: dict[str, Tensor] = {}
         with torch.enable_grad():
-            env = prog.run(
-                self.x[s:e], states=states, inject=(self.start, self._node(leaf)), stop=self.end
-            )
-            y = prog.per_sample(self.end, env[self.end]).reshape(e - s, -1)  # (n, R_total)
-            out = leaf.new_zeros(e - s, len(rows), *self.start_shape)
-            if not y.requires_grad:
-                return out  # end does not depend on start: A = 0
-            for j, r in enumerate(rows):
+            if fresh:  # one pass: record the states and differentiate the same graph
+                env = prog.run(self.x[s:e], record=states, track=self.start, stop=self.end)
+            else:
+                leaf = self._node(self.z_start[s:e].detach().clone().requires_grad_(True))
+                states = self.view._slice_states(self.states, s, e)
+                env = prog.run(self.x[s:e], states=states, inject=(self.start, leaf), stop=self.end)
+            self._grads(env[self.end], env[self.start], rows, out)
+        return (
+            states,
+            prog.per_sample(self.start, env[self.start].detach()),
+            prog.per_sample(self.end, env[self.end].detach()),
+        )
+
+    def _grads(self, y: Tensor, leaf: Tensor, rows: list[int], out: Tensor) -> None:
+        """Write d y[:, r] / d leaf for each row r into out, (n, R, *start_shape)."""
+        prog = self.view.program
+        y = prog.per_sample(self.end, y).reshape(len(out), -1)  # (n, R_total)
+        for j, r in enumerate(rows):
+            g = None
+            if y.requires_grad:  # else end does not depend on start: A = 0
                 (g,) = torch.autograd.grad(
-                    y[:, r].sum(), leaf, retain_graph=j < len(rows) - 1, allow_unused=True
+                    y[:, r].sum(), leaf, allow_unused=True, retain_graph=j < len(rows) - 1
                 )
-                if g is not None:
-                    out[:, j] = g
-        return out
+            out[:, j] = 0 if g is None else prog.per_sample(self.start, g)
+
+    def _recorded(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        if self._states is None:
+            prog, states = self.view.program, {}
+            with torch.no_grad(), exact_matmul():
+                env = prog.run(self.x, record=states, stop=self.end)
+            self._states = states
+            self._z_start = prog.per_sample(self.start, env[self.start])
+            self._output = prog.per_sample(self.end, env[self.end])
+        assert self._z_start is not None and self._output is not None
+        return self._states, self._z_start, self._output
+
+    def _keep_records(self, recorded: list[tuple]) -> None:
+        self._states = self.view._cat_states([r[0] for r in recorded])
+        self._z_start = torch.cat([r[1] for r in recorded])
+        self._output = torch.cat([r[2] for r in recorded])
 
     def _node(self, z: Tensor) -> Tensor:
         return self.view.program.from_sample(self.start, z)

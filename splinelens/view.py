@@ -89,13 +89,7 @@ class SplineView:
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
         self._check(x)
-        states: dict[str, Tensor] = {}
-        with torch.no_grad(), exact_matmul():
-            env = self.program.run(x, record=states, stop=e)
-        prog = self.program
-        return AffineMap(
-            self, x, s, e, states, prog.per_sample(s, env[s]), prog.per_sample(e, env[e])
-        )
+        return AffineMap(self, x, s, e)
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
@@ -150,6 +144,9 @@ class SplineView:
 
     def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
         return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
+
+    def _cat_states(self, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {k: torch.cat([p[k] for p in parts], self._state_bdim[k]) for k in parts[0]}
 
     def _chunk_for_grad(self) -> int:
         per_sample = sum(math.prod(s) for s in self.program.shapes.values())
