@@ -26,9 +26,16 @@ def _example_cnn() -> nn.Module:
     """A small CNN with batchnorm, ReLU, max-pooling and a residual-free head."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
     ).eval()
 
 
@@ -39,8 +46,10 @@ def _check(args: argparse.Namespace) -> int:
     view = SplineView(model, x)
     print(f"splinelens {__version__}, torch {torch.__version__}, {args.device}, {args.dtype}")
     for layer in view.layers:
-        print(f"  layer {layer.index}: {layer.name:<4} {layer.kind:<11} units={layer.units:<6} "
-              f"pieces={layer.pieces}")
+        print(
+            f"  layer {layer.index}: {layer.name:<4} {layer.kind:<11} units={layer.units:<6} "
+            f"pieces={layer.pieces}"
+        )
     report = verify(model, x)
     print(report)
     return 0 if report.ok else 1
@@ -48,8 +57,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``splinelens`` command; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="splinelens", description="Exact spline views of "
-                                 "piecewise-affine PyTorch networks.")
+    ap = argparse.ArgumentParser(
+        prog="splinelens", description="Exact spline views of piecewise-affine PyTorch networks."
+    )
     ap.add_argument("--version", action="version", version=f"splinelens {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="verify f(x) = A[x] x + B[x] on a small CNN")

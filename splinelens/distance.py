@@ -19,7 +19,7 @@ products on a GPU (or without FAISS), streamed over the database in chunks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +57,7 @@ def partition_distance(
 
 def nearest_neighbors(
     query: PartitionCodes,
-    database: PartitionCodes,
+    database: PartitionCodes | Iterable[PartitionCodes],
     layer: LayerSel = None,
     k: int = 16,
     chunk_size: int | None = None,
@@ -65,38 +65,49 @@ def nearest_neighbors(
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest database codes of each query code in partition distance.
 
-    Returns ``dist`` (Nq, k) float64 ascending and ``idx`` (Nq, k) int64 into the database.
-    Ties at equal distance may come in any order. The database is streamed in chunks of
-    ``chunk_size`` codes (default: 65,536 for FAISS, about 256 MiB of unpacked bits for torch).
-    ``backend``: "faiss" (CPU), "torch" (matrix
-    products; the default on GPU or without FAISS) or "auto".
+    ``database``: codes, or an iterable of code shards (e.g. loaded one file at a time), which
+    are indexed consecutively. Returns ``dist`` (Nq, k) float64 ascending and ``idx`` (Nq, k)
+    int64 into the database. Ties at equal distance may come in any order. Each shard is
+    streamed in chunks of ``chunk_size`` codes (default: 65,536 for FAISS, about 256 MiB of
+    unpacked bits for torch). ``backend``: "faiss" (CPU), "torch" (matrix products; the default
+    on GPU or without FAISS) or "auto".
     """
-    if not 1 <= k <= len(database):
+    shards = [database] if isinstance(database, PartitionCodes) else database
+    if isinstance(database, PartitionCodes) and not 1 <= k <= len(database):
         raise ValueError(f"k must be between 1 and the database size {len(database)}, got {k}")
-    eq, ed = _encode(query, layer), _encode(database, layer, like=query)
+    eq = _encode(query, layer)
     use_faiss = backend == "faiss" or (
         backend == "auto" and eq.bits.device.type == "cpu" and _faiss() is not None
     )
     search = _search_faiss if use_faiss else _search_torch
-    step = chunk_size or (1 << 16 if use_faiss else max(1, (1 << 26) // (8 * ed.bits.shape[1])))
-    qstep = len(query) if use_faiss else step
-    dists, idxs = [], []
-    for q in range(0, len(query), qstep):
-        best_d = best_i = None
-        for s in range(0, len(database), step):
-            d, i = search(eq.bits[q : q + qstep], ed.bits[s : s + step], min(k, len(database) - s))
-            best_d, best_i = _merge(best_d, best_i, d, i + s, k)
-        dists.append(best_d)
-        idxs.append(best_i)
-    return torch.cat(dists).double() / (eq.per_unit * eq.units), torch.cat(idxs)
+    best: list[tuple[Tensor, Tensor] | None] = []
+    offset = 0
+    for shard in shards:
+        ed = _encode(shard, layer, like=query)
+        step = chunk_size or (1 << 16 if use_faiss else max(1, (1 << 26) // (8 * ed.bits.shape[1])))
+        qstep = len(query) if use_faiss else step
+        qchunks = range(0, len(query), qstep)
+        best += [None] * (len(qchunks) - len(best))
+        for s in range(0, len(shard), step):
+            db = ed.bits[s : s + step]
+            for j, q in enumerate(qchunks):
+                d, i = search(eq.bits[q : q + qstep], db, min(k, len(db)))
+                best[j] = _merge(best[j], d, i + offset + s, k)
+        offset += len(shard)
+    if not 1 <= k <= offset:
+        raise ValueError(f"k must be between 1 and the database size {offset}, got {k}")
+    dist = torch.cat([b[0] for b in best if b is not None])
+    return dist.double() / (eq.per_unit * eq.units), torch.cat(
+        [b[1] for b in best if b is not None]
+    )
 
 
 def _merge(
-    bd: Tensor | None, bi: Tensor | None, d: Tensor, i: Tensor, k: int
+    best: tuple[Tensor, Tensor] | None, d: Tensor, i: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    if bd is None or bi is None:
+    if best is None:
         return d, i
-    d, i = torch.cat([bd, d], 1), torch.cat([bi, i], 1)
+    d, i = torch.cat([best[0], d], 1), torch.cat([best[1], i], 1)
     order = torch.argsort(d, dim=1, stable=True)[:, :k]
     return d.gather(1, order), i.gather(1, order)
 

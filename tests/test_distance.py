@@ -87,3 +87,19 @@ def test_codes_of_different_networks_are_refused(codes) -> None:
     other = sl.partition_codes(zoo.build("mlp"), zoo.inputs("mlp", 5))
     with pytest.raises((ValueError, KeyError)):
         sl.partition_distance(q, other)
+
+
+def test_database_given_as_shards(codes, tmp_path) -> None:
+    q, db = codes
+    paths = []
+    for i, s in enumerate(range(0, len(db), 25)):  # shards of 25, 25 and 10 codes on disk
+        paths.append(tmp_path / f"shard{i}.npz")
+        db[s : s + 25].save(paths[-1])
+    shards = (sl.PartitionCodes.load(p) for p in paths)  # a generator: read one at a time
+    dist, idx = sl.nearest_neighbors(q, shards, layer=None, k=7, chunk_size=9)
+    ref_dist, _ = sl.nearest_neighbors(q, db, layer=None, k=7)
+    torch.testing.assert_close(dist, ref_dist, atol=0, rtol=0)
+    full = sl.partition_distance(q, db)
+    torch.testing.assert_close(full.gather(1, idx), dist, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="database size 60"):
+        sl.nearest_neighbors(q, (sl.PartitionCodes.load(p) for p in paths), k=61)
