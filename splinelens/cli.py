@@ -1,7 +1,12 @@
 """The ``splinelens`` console command.
 
     splinelens check [--dtype float64] [--device cpu]   # exactness self-check on a small CNN
+    splinelens sweep --dataset fashion-mnist --arch small-cnn --lambdas 0,0.01,0.1,1 \
+                     --seeds 15 --epochs 30 --out runs/fmnist [--backend local|ray]
+    splinelens plot-sweep runs/fmnist                   # Figure 3 and the significance table
     splinelens --version
+
+The sweep's options are generated from ``TrainConfig``'s fields (see splinelens.train).
 
 >>> main(["check", "--batch", "2"])  # doctest: +ELLIPSIS
 splinelens ...
@@ -12,8 +17,10 @@ OK: max |f(x) - (A x + B)| = ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -55,6 +62,51 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (except lam and seed, which the sweep sets)."""
+    from .data import DATASETS
+    from .models import MODELS
+    from .train import TrainConfig
+
+    choices = {"dataset": sorted(DATASETS), "arch": sorted(MODELS)}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("lam", "seed"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(
+                flag,
+                type=type(f.default),
+                default=f.default,
+                choices=choices.get(f.name),
+                help=f"default: {f.default}",
+            )
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+    from .train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    lambdas = [float(v) for v in args.lambdas.split(",")]
+    rows = run_sweep(base, lambdas, args.seeds, args.out, args.backend, args.address)
+    done = sum(r["status"] == "finished" for r in rows)
+    print(f"{done} finished, {len(rows) - done} failed runs; results in {args.out}/results.csv")
+    return 0
+
+
+def _plot_sweep(args: argparse.Namespace) -> int:
+    from .sweep_report import report
+
+    rows = report(args.dir)
+    print((Path(args.dir) / "table.md").read_text())
+    print(f"wrote {args.dir}/fig3a.png, fig3b.png, table.md, table.csv ({len(rows)} lambdas)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``splinelens`` command; returns the exit status."""
     ap = argparse.ArgumentParser(
@@ -67,6 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--device", default="cpu")
     check.add_argument("--batch", type=int, default=8)
     check.set_defaults(run=_check)
+    sweep = sub.add_parser("sweep", help="train one run per (lambda, seed); resumable")
+    sweep.add_argument("--lambdas", default="0,0.01,0.1,1", help="comma-separated")
+    sweep.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per lambda")
+    sweep.add_argument("--out", required=True, help="sweep directory (re-run to resume)")
+    sweep.add_argument("--backend", choices=["local", "ray"], default="local")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    _add_train_options(sweep)
+    sweep.set_defaults(run=_sweep)
+    plot = sub.add_parser("plot-sweep", help="Figure 3 and a Welch t-test table of a sweep")
+    plot.add_argument("dir")
+    plot.set_defaults(run=_plot_sweep)
     args = ap.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,236 @@
+"""Training with the orthogonal-template penalty (Sec. 6): Adam with exponential decay.
+
+One run = one ``TrainConfig``; the data stays on the training device as tensors; per-epoch
+metrics go to the returned history. Run one from the shell with ``splinelens sweep`` (one lambda,
+one seed) or in Python:
+
+>>> cfg = TrainConfig(dataset="digits", arch="mlp", lam=0.1, epochs=1, progress=False)
+>>> result = train(cfg)
+>>> sorted(result.history[-1])
+['epoch', 'lr', 'penalty', 'seconds', 'test_acc', 'train_err', 'train_loss']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Data, load_dataset
+from .models import build_model
+from .penalty import classifier, orthogonality_penalty
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one training run (its id is a hash of these values)."""
+
+    dataset: str = "fashion-mnist"
+    arch: str = "small-cnn"
+    lam: float = 0.0  # weight of eq. (13)'s penalty
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam's initial learning rate
+    lr_decay: float = 0.95  # per-epoch factor of the exponential decay
+    balanced: bool = False  # class-balanced batches: batch_size / C examples of each class
+    batchnorm: bool = True
+    bias: bool = True
+    train_subset: int = 0  # use the first N training examples (0: all)
+    test_subset: int = 0  # use the first N test examples (0: all)
+    data_dir: str = ""  # local dataset directory or archive ("" : the dataset's default)
+    device: str = "auto"  # "auto": cuda when available
+    bf16: bool = False  # bf16 autocast for the forward pass (GPU)
+    progress: bool = field(default=True, metadata={"identity": False})
+
+    def identity(self) -> dict[str, object]:
+        """The fields that define the run's result (not how it is displayed or where it runs)."""
+        skip = {"progress", "device"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    history: list[dict[str, float]]
+    model: nn.Module
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    data = load_dataset(cfg.dataset, cfg.data_dir or None)
+    return data.subset(cfg.train_subset or None, cfg.test_subset or None)
+
+
+def make_model(cfg: TrainConfig, data: Data) -> nn.Module:
+    c, h, _ = data.shape
+    return build_model(cfg.arch, c, h, data.num_classes, cfg.batchnorm, cfg.bias)
+
+
+def train(cfg: TrainConfig, data: Data | None = None) -> RunResult:
+    """Train one model; raises DivergedError if the loss stops being finite."""
+    device = resolve_device(cfg.device)
+    data = (data or load_data(cfg)).to(device)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, data).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    epochs = range(1, cfg.epochs + 1)
+    bar = _progress(epochs, cfg)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        loss, err, pen = _epoch(model, opt, data, cfg, gen, device)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "train_err": err,
+            "penalty": pen,
+            "test_acc": evaluate(model, data.test_x, data.test_y),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(row)
+        sched.step()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.4f}")
+    return RunResult(cfg, history, model)
+
+
+def _epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[float, float, float]:
+    """One pass over the training set; returns mean loss, training error, last penalty."""
+    model.train()
+    head = classifier(model)
+    tot_loss = tot_wrong = seen = 0.0
+    pen = torch.zeros(())
+    for idx in _batches(data.train_y, cfg, gen):
+        x, y = data.train_x[idx], data.train_y[idx]  # (B, C, H, W), (B,)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        pen = orthogonality_penalty(head.weight)
+        total = loss + cfg.lam * pen if cfg.lam else loss
+        if not torch.isfinite(total):
+            raise DivergedError(f"loss became {total.item()} (lam={cfg.lam}, seed={cfg.seed})")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        tot_loss += loss.item() * len(y)
+        tot_wrong += (logits.argmax(1) != y).sum().item()
+        seen += len(y)
+    return tot_loss / seen, tot_wrong / seen, float(pen.detach())
+
+
+def _batches(y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
+    """Index batches for one epoch: a shuffle, or class-balanced draws (batch/C per class)."""
+    n = len(y)
+    if not cfg.balanced:
+        perm = torch.randperm(n, generator=gen).to(y.device)
+        return list(perm.split(cfg.batch_size))
+    classes = [torch.nonzero(y == c).flatten().cpu() for c in range(int(y.max()) + 1)]
+    per = max(1, cfg.batch_size // len(classes))
+    steps = max(1, n // (per * len(classes)))
+    out = []
+    for _ in range(steps):
+        picks = [c[torch.randint(len(c), (per,), generator=gen)] for c in classes if len(c)]
+        out.append(torch.cat(picks).to(y.device))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float:
+    """Accuracy in eval mode; the model is put back in its previous mode."""
+    was = model.training
+    model.eval()
+    try:
+        right = sum(
+            (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+            for i in range(0, len(x), batch)
+        )
+    finally:
+        model.train(was)
+    return right / max(1, len(x))
+
+
+def _progress(epochs: range, cfg: TrainConfig):
+    if not cfg.progress:
+        return epochs
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return epochs
+    return tqdm(epochs, desc=f"{cfg.arch} lam={cfg.lam:g} seed={cfg.seed}", leave=False)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Write the model's state dict atomically (safetensors when installed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, tmp)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights saved by ``save_checkpoint`` (never unpickles arbitrary objects)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """test_acc: mean of the last 3 epochs; best_test_acc; final train_err and penalty."""
+    last = history[-3:]
+    return {
+        "test_acc": sum(h["test_acc"] for h in last) / len(last),
+        "best_test_acc": max(h["test_acc"] for h in history),
+        "train_err": history[-1]["train_err"],
+        "penalty": history[-1]["penalty"],
+        "seconds": sum(h["seconds"] for h in history),
+    }
+
+
+def is_finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
