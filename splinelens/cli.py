@@ -92,7 +92,9 @@ def _sweep(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     lambdas = [float(v) for v in args.lambdas.split(",")]
-    rows = run_sweep(base, lambdas, args.seeds, args.out, args.backend, args.address)
+    rows = run_sweep(
+        base, lambdas, args.seeds, args.out, args.backend, args.address, args.checkpoints
+    )
     done = sum(r["status"] == "finished" for r in rows)
     print(f"{done} finished, {len(rows) - done} failed runs; results in {args.out}/results.csv")
     return 0
@@ -125,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep.add_argument("--out", required=True, help="sweep directory (re-run to resume)")
     sweep.add_argument("--backend", choices=["local", "ray"], default="local")
     sweep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    sweep.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="keep each trained model as DIR/runs/<run id>.safetensors",
+    )
     _add_train_options(sweep)
     sweep.set_defaults(run=_sweep)
     plot = sub.add_parser("plot-sweep", help="Figure 3 and a Welch t-test table of a sweep")

@@ -27,7 +27,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from .train import DivergedError, TrainConfig, load_data, summarize, train
+from .train import DivergedError, TrainConfig, load_data, save_checkpoint, summarize, train
 
 COLUMNS = [
     "run_id",
@@ -56,13 +56,18 @@ def configs(base: TrainConfig, lambdas: Iterable[float], seeds: int) -> list[Tra
     return [replace(base, lam=float(lam), seed=s) for lam in lambdas for s in range(seeds)]
 
 
-def run_one(cfg: TrainConfig, data: Any = None) -> dict[str, Any]:
-    """Train one run and return its record (never raises for a diverged run)."""
+def run_one(cfg: TrainConfig, data: Any = None, save_dir: str | None = None) -> dict[str, Any]:
+    """Train one run and return its record (never raises for a diverged run).
+
+    With ``save_dir``, the trained weights go to ``save_dir/<run id>.safetensors``.
+    """
     record: dict[str, Any] = {"run_id": run_id(cfg), "config": asdict(cfg)}
     try:
         result = train(cfg, data)
     except DivergedError as e:
         return {**record, "status": "failed", "error": str(e), "history": []}
+    if save_dir:
+        save_checkpoint(result.model, Path(save_dir) / f"{record['run_id']}.safetensors")
     return {**record, "status": "finished", "history": result.history, **summarize(result.history)}
 
 
@@ -73,8 +78,12 @@ def run_sweep(
     out: str | Path,
     backend: str = "local",
     address: str | None = None,
+    checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every missing (lambda, seed) of the sweep; return the rows of results.csv."""
+    """Run every missing (lambda, seed) of the sweep; return the rows of results.csv.
+
+    ``checkpoints``: also keep each trained model as ``DIR/runs/<run id>.safetensors``.
+    """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _write_json(
@@ -82,18 +91,19 @@ def run_sweep(
         {"base": asdict(base), "lambdas": list(map(float, lambdas)), "seeds": seeds},
     )
     todo = [c for c in configs(base, lambdas, seeds) if not _done(out, c)]
+    save = str(out.resolve() / "runs") if checkpoints else None
     if backend == "local":
         data = load_data(base) if todo else None
         for cfg in todo:
-            _finish(out, run_one(cfg, data))
+            _finish(out, run_one(cfg, data, save))
     elif backend == "ray":
-        _run_ray(out, todo, address)
+        _run_ray(out, todo, address, save)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose 'local' or 'ray'")
     return write_results(out)
 
 
-def _run_ray(out: Path, todo: list[TrainConfig], address: str | None) -> None:
+def _run_ray(out: Path, todo: list[TrainConfig], address: str | None, save: str | None) -> None:
     try:
         import ray
     except ImportError as e:
@@ -103,7 +113,7 @@ def _run_ray(out: Path, todo: list[TrainConfig], address: str | None) -> None:
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     gpus = 1 if torch.cuda.is_available() else 0
     task = ray.remote(num_gpus=gpus)(run_one)
-    pending = [task.remote(cfg) for cfg in todo]
+    pending = [task.remote(cfg, None, save) for cfg in todo]
     while pending:  # write each run as soon as it finishes
         done, pending = ray.wait(pending, num_returns=1)
         _finish(out, ray.get(done[0]))

@@ -78,7 +78,7 @@ def test_sweep_resumes_without_duplicates(tmp_path, monkeypatch) -> None:
     ]
     calls = []
     real = sweep_mod.run_one
-    monkeypatch.setattr(sweep_mod, "run_one", lambda c, d=None: calls.append(c) or real(c, d))
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c) or real(c, *a))
     rows = run_sweep(BASE, [0.0, 0.5, 1.0], seeds=2, out=tmp_path)  # only lam=1 is new
     assert [c.lam for c in calls] == [1.0, 1.0]
     with open(tmp_path / "results.csv") as f:
@@ -90,10 +90,10 @@ def test_sweep_resumes_without_duplicates(tmp_path, monkeypatch) -> None:
 
 
 def test_interrupted_run_restarts_cleanly(tmp_path, monkeypatch) -> None:
-    def crash(cfg, data=None):
+    def crash(cfg, *args):
         if cfg.seed == 1:
             raise KeyboardInterrupt
-        return real(cfg, data)
+        return real(cfg, *args)
 
     real = sweep_mod.run_one
     monkeypatch.setattr(sweep_mod, "run_one", crash)
@@ -165,6 +165,7 @@ def test_cli_sweep_and_plot(tmp_path) -> None:
                 "--train-subset",
                 "300",
                 "--no-progress",
+                "--checkpoints",
                 "--out",
                 str(out),
             ]
@@ -172,6 +173,7 @@ def test_cli_sweep_and_plot(tmp_path) -> None:
         == 0
     )
     assert main(["plot-sweep", str(out)]) == 0
+    assert len(list((out / "runs").glob("*.safetensors"))) == 4
     assert (out / "fig3a.png").exists()
     with pytest.raises(SystemExit):
         main(["sweep", "--dataset", "imagenet", "--out", str(out)])
