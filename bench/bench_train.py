@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from bench_core import _clock as clock  # run as: python bench/bench_train.py
 
 from splinelens.data import Data
 from splinelens.models import build_model
@@ -42,16 +42,6 @@ def plain_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-
-def clock(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def main() -> None:

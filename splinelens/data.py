@@ -110,9 +110,9 @@ def _pack(
     return Data(
         name,
         preprocess(tr[0]),
-        torch.as_tensor(tr[1], dtype=torch.long),
+        torch.tensor(np.array(tr[1]), dtype=torch.long),
         preprocess(te[0]),
-        torch.as_tensor(te[1], dtype=torch.long),
+        torch.tensor(np.array(te[1]), dtype=torch.long),
         classes,
     )
 

@@ -203,6 +203,23 @@ def conv3d() -> nn.Module:
     )
 
 
+class Decoder(nn.Module):
+    """Transposed convolution, nearest and bilinear upsampling, permute, stack, matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+        self.mix = nn.Parameter(torch.randn(3, 3))
+        self.fc = nn.Linear(3 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.leaky_relu(self.up(x), 0.3)  # (N, 3, 7, 7)
+        z = F.interpolate(z, size=(8, 8), mode="bilinear", align_corners=False)
+        z = torch.relu(z.permute(0, 2, 3, 1) @ self.mix).permute(0, 3, 1, 2)  # channel mix
+        z = torch.stack([z, F.interpolate(z[:, :, ::2, ::2], scale_factor=2.0)], 0).sum(0)
+        return self.fc(z.reshape(z.shape[0], -1))
+
+
 def with_softmax() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(dim=-1))
 
@@ -220,6 +237,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "hand_rnn": (HandRNN, (4, 3)),
     "conv3d": (conv3d, (1, 4, 4, 4)),
     "softmax_output": (with_softmax, (4,)),
+    "decoder": (Decoder, (2, 4, 4)),
 }
 
 
