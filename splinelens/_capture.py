@@ -65,6 +65,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
     check_eval_mode(model)
     if example.dim() == 0:
         raise ValueError("example_input must have a batch dimension first, e.g. shape (N, ...)")
+    if example.shape[0] == 0:
+        raise ValueError("x holds no inputs (batch size 0)")
     ex = (
         example.detach()[:2]
         if example.shape[0] >= 2
@@ -198,8 +200,16 @@ class _Compiler:
             )
         if kind == "other":
             raise self._refusal(node, name)
+        if not _floating(node):
+            raise self._error(
+                node,
+                name,
+                "turns activations into integers or booleans (a step "
+                "function), which is not piecewise affine",
+            )
         if kind == "affine":
             self._check_affine(node, name, deps)
+            self._check_batch_axis(node, name, deps)
         if not self._has_batch(node):
             raise self._error(
                 node,
@@ -235,6 +245,8 @@ class _Compiler:
                 )
             if name == "div" and _is_act(vals[1], self.act):
                 raise self._error(node, name, "divides by an activation, which is not affine")
+            if name == "div" and a.get("rounding_mode") is not None:
+                raise self._error(node, name, "rounds the quotient (a step function)")
         elif name in ("where", "masked_fill"):
             cond = a.get("condition", a.get("mask"))
             if _is_act(cond, self.act):
@@ -250,6 +262,33 @@ class _Compiler:
             "train", a.get("training")
         ):
             raise self._error(node, name, "runs in training mode", "call model.eval()")
+
+    def _check_batch_axis(self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]) -> None:
+        """Refuse ops that move data along the batch axis (flip, roll, gather, partial slices)."""
+        a = _ops.bound_args(node)
+        src = deps[0]
+        b, val = self.bdims.get(src.name), src.meta.get("val")
+        if b is None or not isinstance(val, torch.Tensor) or name not in _ops.ALONG_DIM:
+            return
+        dims = a.get("dims", a.get("dim", a.get("shifts")))
+        if name == "roll" and not a.get("dims"):
+            dims = list(range(val.dim()))  # roll without dims works on the flattened tensor
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if b not in [d % val.dim() for d in dims if isinstance(d, int)]:
+            return
+        full = (
+            name == "slice"
+            and (a.get("start") in (None, 0))
+            and (a.get("step") in (None, 1))
+            and (a.get("end") is None or (isinstance(a.get("end"), int) and a["end"] >= 2**62))
+        )
+        if not full:
+            raise self._error(
+                node,
+                name,
+                "works along the batch dimension, so samples are mixed, reordered or dropped",
+                "each input must pass through the network on its own",
+            )
 
     def _refusal(self, node: torch.fx.Node, name: str) -> UnsupportedOperationError:
         if name in _ops.TRAINING_ONLY:
@@ -276,6 +315,14 @@ class _Compiler:
         out = node
         if step.tuple_out:
             out = self._tuple_value(node, name)
+        if node.name not in self.bdims:
+            raise self._error(
+                node,
+                name,
+                "acts on a tensor without a single batch dimension "
+                "(the batch is merged with other dimensions)",
+                "keep the batch dimension separate, e.g. reshape to (N, ...) before it",
+            )
         bdim = self.bdims[node.name]
         if getattr(maso, "nd", 0) and bdim != 0:
             raise self._error(node, name, "pools a tensor whose first dimension is not the batch")
@@ -402,6 +449,13 @@ def _flat(v: Any) -> list[Any]:
 
 def _is_act(v: Any, act: set[str]) -> bool:
     return any(isinstance(u, torch.fx.Node) and u.name in act for u in _flat(v))
+
+
+def _floating(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    return not tensors or tensors[0].dtype.is_floating_point
 
 
 def _is_tensor(node: torch.fx.Node) -> bool:

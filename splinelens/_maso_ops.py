@@ -72,23 +72,33 @@ class Sign:
 
 @dataclass
 class Clip:
-    """Hardtanh / ReLU6 / two-sided clamp: three states, 0 below lo, 1 in between, 2 above hi."""
+    """Hardtanh / ReLU6 / two-sided clamp: three states, 0 below lo, 1 in between, 2 above hi.
+
+    ``lo``/``hi`` None: the bounds are tensors, the op's second and third arguments.
+    """
 
     kind: str
-    lo: float
-    hi: float
+    lo: float | None
+    hi: float | None
     pieces: int = 3
+
+    def _bounds(self, args: Sequence[Any]) -> tuple[Any, Any]:
+        z = args[0]
+        if self.lo is None or self.hi is None:
+            return args[1].to(z.dtype), args[2].to(z.dtype)
+        return z.new_tensor(self.lo), z.new_tensor(self.hi)  # in z's dtype, not the default
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
-        state = (z > self.lo).to(torch.uint8) + (z >= self.hi).to(torch.uint8)
+        lo, hi = self._bounds(args)
+        state = (z > lo).to(torch.uint8) + (z >= hi).to(torch.uint8)
         if self.kind in ("hardtanh", "relu6"):  # its gradient is 1 exactly on lo < z < hi
             return F.hardtanh(z, self.lo, self.hi), state
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
         z = args[0]
-        lo, hi = z.new_tensor(self.lo), z.new_tensor(self.hi)  # in z's dtype, not the default
+        lo, hi = self._bounds(args)
         return torch.where(state == 1, z, torch.where(state == 0, lo, hi))
 
     def code(self, state: Tensor) -> Tensor:
@@ -97,18 +107,22 @@ class Clip:
 
 @dataclass
 class Pairwise:
-    """Elementwise max / min of two activations (or an activation and a constant)."""
+    """Elementwise max / min of two activations (or an activation and a constant).
+
+    ``bound_arg``: the position of the second operand (2 for ``clamp(z, None, t)``).
+    """
 
     kind: str  # "maximum" or "minimum"
     pieces: int = 2
+    bound_arg: int = 1
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        a, b = torch.broadcast_tensors(args[0], args[1])
+        a, b = torch.broadcast_tensors(args[0], args[self.bound_arg].to(args[0].dtype))
         state = a >= b if self.kind == "maximum" else a <= b  # True: the first argument wins
         return torch.where(state, a, b), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
-        return torch.where(state, args[0], args[1])
+        return torch.where(state, args[0], args[self.bound_arg].to(args[0].dtype))
 
     def code(self, state: Tensor) -> Tensor:
         return state.to(torch.uint8)

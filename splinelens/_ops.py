@@ -146,6 +146,24 @@ SHAPE_ONLY = {
     "_assert_tensor_metadata",
 }
 
+# Ops that take a dimension and move data along it: refused along the batch dimension.
+ALONG_DIM = {
+    "flip",
+    "roll",
+    "index_select",
+    "gather",
+    "narrow",
+    "select",
+    "slice",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "index",
+    "diagonal",
+    "unfold",
+}
+
 SIGN = {"relu", "leaky_relu", "prelu", "_prelu_kernel", "abs", "clamp_min", "clamp_max"}
 CLIP = {"hardtanh", "relu6", "clamp"}
 POOL = {
@@ -224,20 +242,33 @@ def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp
     return _make_reduce(name, a, in_shape)
 
 
-def _make_sign(name: str, a: dict[str, Any]) -> Sign:
+def _is_tensor_arg(v: Any) -> bool:
+    return isinstance(v, (torch.fx.Node, torch.Tensor))
+
+
+def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
     if name == "leaky_relu":
         return Sign(name, float(a["negative_slope"]))
     if name in ("prelu", "_prelu_kernel"):
         return Sign("prelu", None)
     if name in ("clamp_min", "clamp_max"):
-        return Sign(name, None, float(a["min" if name == "clamp_min" else "max"]))
+        bound = a["min" if name == "clamp_min" else "max"]
+        if _is_tensor_arg(bound):  # a tensor bound: an elementwise max / min with it
+            return Pairwise("maximum" if name == "clamp_min" else "minimum")
+        return Sign(name, None, float(bound))
     return Sign(name, 0.0 if name == "relu" else -1.0)
 
 
-def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip:
+def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip | Pairwise:
     if name == "relu6":
         return Clip(name, 0.0, 6.0)
     lo, hi = (a["min_val"], a["max_val"]) if name == "hardtanh" else (a["min"], a["max"])
+    if _is_tensor_arg(lo) or _is_tensor_arg(hi):  # clamp.Tensor: bounds come from the args
+        if lo is None or hi is None:
+            return Pairwise(
+                "maximum" if hi is None else "minimum", bound_arg=1 if hi is None else 2
+            )
+        return Clip(name, None, None)
     if lo is None:
         return Sign("clamp_max", None, float(hi))
     if hi is None:

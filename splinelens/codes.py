@@ -68,7 +68,9 @@ class PartitionCodes:
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
         if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
+            if not -len(self) <= idx < len(self):
+                raise IndexError(f"index {idx} out of range for {len(self)} codes")
+            idx = slice(idx % len(self), idx % len(self) + 1)
         return PartitionCodes(tuple(replace(c, data=c.data[idx]) for c in self.layers))
 
     def layer(self, key: int | str) -> LayerCodes:

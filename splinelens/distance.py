@@ -73,6 +73,9 @@ def nearest_neighbors(
     on GPU or without FAISS) or "auto".
     """
     shards = [database] if isinstance(database, PartitionCodes) else database
+    if len(query) == 0:
+        empty = torch.empty(0, k)
+        return empty.double(), empty.long()
     if isinstance(database, PartitionCodes) and not 1 <= k <= len(database):
         raise ValueError(f"k must be between 1 and the database size {len(database)}, got {k}")
     eq = _encode(query, layer)
@@ -84,8 +87,7 @@ def nearest_neighbors(
     offset = 0
     for shard in shards:
         ed = _encode(shard, layer, like=query)
-        step = chunk_size or (1 << 16 if use_faiss else max(1, (1 << 26) // (8 * ed.bits.shape[1])))
-        qstep = len(query) if use_faiss else step
+        step, qstep = _chunks(chunk_size, len(query), ed.bits.shape[1], use_faiss)
         qchunks = range(0, len(query), qstep)
         best += [None] * (len(qchunks) - len(best))
         for s in range(0, len(shard), step):
@@ -100,6 +102,17 @@ def nearest_neighbors(
     return dist.double() / (eq.per_unit * eq.units), torch.cat(
         [b[1] for b in best if b is not None]
     )
+
+
+def _chunks(chunk_size: int | None, n_query: int, nbytes: int, use_faiss: bool) -> tuple[int, int]:
+    """Database and query chunk sizes. FAISS: 65,536 codes against all queries. Torch: the
+    unpacked bits (4 bytes each) and the (queries, codes) distances stay near 256 MiB."""
+    if use_faiss:
+        return chunk_size or 1 << 16, max(1, n_query)
+    qstep = max(1, min(n_query, 4096))
+    budget = 1 << 28  # bytes
+    step = chunk_size or max(1, min(budget // (32 * nbytes), budget // (24 * qstep)))
+    return step, qstep
 
 
 def _merge(

@@ -29,7 +29,8 @@ def orthogonality_penalty(weight: Tensor) -> Tensor:
     """
     w = weight.reshape(weight.shape[0], -1)  # (C, D)
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
-    return gram.pow(2).sum() - gram.diagonal().pow(2).sum()
+    off = gram - torch.diag_embed(gram.diagonal())  # zero the diagonal (no cancellation)
+    return off.pow(2).sum()
 
 
 def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:

@@ -129,6 +129,8 @@ class SplineView:
         check_eval_mode(self.model)
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if len(x) == 0:
+            raise ValueError("x holds no inputs (batch size 0)")
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"x has per-sample shape {tuple(x.shape[1:])} but the network was "

@@ -136,3 +136,34 @@ def test_end_before_start_is_refused() -> None:
     model, x = _seq()
     with pytest.raises(ValueError, match="before"):
         sl.affine_map(model, x, start=2, end=1)
+
+
+class TensorClamp(nn.Module):
+    """Clamps with tensor bounds (maximum / minimum / both), and a flip along features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.register_buffer("lo", torch.linspace(-0.5, 0.0, 6))
+        self.register_buffer("hi", torch.linspace(0.2, 0.8, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x).flip(1)
+        h = torch.clamp(h, min=self.lo) + torch.clamp(h, max=self.hi)
+        return self.fc2(torch.clamp(h, self.lo, self.hi) + torch.clamp_min(h, self.hi))
+
+
+def test_tensor_bound_clamps_are_exact() -> None:
+    torch.manual_seed(0)
+    model = TensorClamp().double().eval()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    torch.testing.assert_close(sl.affine_map(model, x).A, zoo.jacobian(model, x), atol=TOL, rtol=0)
+    assert sl.verify(model, x).max_abs_error < 1e-12
+    kinds = [layer.kind for layer in sl.SplineView(model, x).layers]
+    assert kinds == ["maximum", "minimum", "clamp", "maximum"]
+
+
+def test_empty_batch_is_refused() -> None:
+    model = zoo.build("mlp")
+    with pytest.raises(ValueError, match="no inputs"):
+        sl.affine_map(model, zoo.inputs("mlp", 0))

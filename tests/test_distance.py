@@ -103,3 +103,19 @@ def test_database_given_as_shards(codes, tmp_path) -> None:
     torch.testing.assert_close(full.gather(1, idx), dist, atol=0, rtol=0)
     with pytest.raises(ValueError, match="database size 60"):
         sl.nearest_neighbors(q, (sl.PartitionCodes.load(p) for p in paths), k=61)
+
+
+def test_negative_index_and_empty_query(codes) -> None:
+    q, db = codes
+    assert torch.equal(db[-1].layers[0].data, db.layers[0].data[-1:])
+    with pytest.raises(IndexError, match="out of range"):
+        db[60]
+    dist, idx = sl.nearest_neighbors(q[:0], db, k=3)
+    assert dist.shape == idx.shape == (0, 3)
+
+
+def test_torch_backend_bounds_the_distance_matrix() -> None:
+    from splinelens.distance import _chunks
+
+    step, qstep = _chunks(None, 100_000, 2, use_faiss=False)  # tiny codes, many queries
+    assert qstep <= 4096 and step * qstep * 24 <= 1 << 28

@@ -89,3 +89,10 @@ def test_paper_shapes() -> None:
     assert wide.classifier.in_features == 256
     with pytest.raises(KeyError, match="unknown architecture"):
         build_model("vgg", 3, 32, 10)
+
+
+def test_penalty_float32_has_no_cancellation() -> None:
+    """Large row norms must not swamp small off-diagonal products (float32)."""
+    w = torch.randn(10, 2048) * 30
+    exact = explicit_penalty(w.double())
+    torch.testing.assert_close(orthogonality_penalty(w).double(), exact, rtol=1e-5, atol=0)

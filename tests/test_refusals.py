@@ -47,6 +47,18 @@ REFUSED = {
     "global_max": (Wrap(lambda z: z * 0 + z.max()), r"(every dimension|mixes the samples)"),
     "exp": (Wrap(torch.exp), r"aten\.exp"),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
+    "int_cast": (Wrap(lambda z: torch.relu(z + z.to(torch.int64))), r"integers or booleans"),
+    "floor_div": (
+        Wrap(lambda z: torch.div(z, 0.5, rounding_mode="floor")),
+        r"(rounds the quotient|integers)",
+    ),
+    "index_by_activation": (Wrap(lambda z: z.gather(1, z.long().clamp(0, 5))), r"integers"),
+    "flip_batch": (Wrap(lambda z: torch.relu(z).flip(0)), r"along the batch dimension"),
+    "roll_batch": (Wrap(lambda z: z + z.roll(1, 0)), r"along the batch dimension"),
+    "merged_batch": (
+        Wrap(lambda z: torch.relu(z.reshape(-1)).reshape(-1, 6)),
+        r"without a single batch dimension",
+    ),
 }
 
 
