@@ -147,6 +147,10 @@ class _Compiler:
             self.bdims,
             self.shapes,
             g,
+            {
+                **self.ep.graph_signature.inputs_to_parameters,
+                **self.ep.graph_signature.inputs_to_buffers,
+            },
         )
 
     def _output(self, node: torch.fx.Node) -> torch.fx.Node:

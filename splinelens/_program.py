@@ -79,6 +79,7 @@ class Program:
     bdims: dict[str, int]  # node -> position of the batch dimension in its value
     shapes: dict[str, tuple[int, ...]]  # node -> one sample's shape
     output_g: str | None = None  # the excluded output nonlinearity, if any
+    param_fqn: dict[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
 
     def run(
         self,

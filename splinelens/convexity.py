@@ -1,0 +1,257 @@
+"""Convexity of a MASO network (Theorem 2, Corollary 1), checked on the captured graph.
+
+A network is a globally convex MASO of its input when the affine maps of layers 2..L have
+nonnegative weights and every nonlinearity after layer 1 is convex and non-decreasing (ReLU,
+leaky ReLU with slope in [0, 1], max-pooling, max). Layer 1 may use any convex activation
+(abs too). ``convexity`` walks the graph and says where and why a network is not convex;
+``make_input_convex`` constrains a model to satisfy Theorem 2; ``convexity_gap`` checks it
+numerically (every region's affine map must be a global lower bound of f).
+
+>>> import torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+>>> report = convexity(net, torch.randn(4, 3))
+>>> report.is_convex, report.reasons[0].startswith("2.weight has negative entries")
+(False, True)
+>>> _ = make_input_convex(net, torch.randn(4, 3))
+>>> convexity(net, torch.randn(4, 3)).is_convex
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from . import _ops
+from ._maso_ops import Clip, Pairwise, Pool, Reduce, Sign, eval_batch_norm
+from ._program import Program, Ref, Step
+from .view import view_of
+
+Tensor = torch.Tensor
+_WEIGHTED = {
+    "linear",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "mm",
+    "bmm",
+    "matmul",
+    "addmm",
+    "mv",
+    "addmv",
+    "baddbmm",
+    "einsum",
+}
+
+
+@dataclass
+class ConvexityReport:
+    """Whether the network meets Theorem 2, and the reasons where it does not.
+
+    ``layers``: per Definition-1 layer, whether it keeps a convex input convex (nonnegative
+    slopes into it and a convex non-decreasing nonlinearity), the condition under which the
+    composition of the MASOs so far stays a convex MASO. ``constrained``: the parameters that
+    must be nonnegative for Theorem 2 (used by ``make_input_convex``).
+    """
+
+    is_convex: bool
+    reasons: list[str]
+    layers: list[tuple[str, bool]] = field(default_factory=list)
+    constrained: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = "convex (Theorem 2 holds)" if self.is_convex else "not shown convex"
+        return "\n".join([head, *("  - " + r for r in self.reasons)])
+
+
+def convexity(model: nn.Module, example_input: Tensor) -> ConvexityReport:
+    """Check Theorem 2 on the model's graph, with its current parameter values."""
+    view = view_of(model, example_input)
+    with torch.no_grad():
+        env = view.program.run(example_input[:1])
+    return _Walk(view.program, env).run()
+
+
+class _Walk:
+    """One pass over the steps: each activation node is 'affine', 'convex' or 'other'."""
+
+    def __init__(self, program: Program, env: dict[str, Any]) -> None:
+        self.p, self.env = program, env
+        self.status: dict[str, str] = {program.input_name: "affine"}
+        self.reasons: list[str] = []
+        self.constrained: list[str] = []
+        self.segment_ok = True
+        self.layers: list[tuple[str, bool]] = []
+        self.by_step = {layer.step: layer for layer in program.layers}
+
+    def run(self) -> ConvexityReport:
+        for step in self.p.steps:
+            ins = [self.status[r.name] for r in _refs(step.args) if r.name in self.status]
+            if not ins:
+                continue
+            self.status[step.name] = (
+                self._maso(step, ins) if step.maso is not None else self._affine(step, ins)
+            )
+        if self.status.get(self.p.output_name, "other") == "other" and not self.reasons:
+            self.reasons.append("the output is not a convex function of the input")
+        return ConvexityReport(not self.reasons, self.reasons, self.layers, self.constrained)
+
+    def _affine(self, step: Step, ins: list[str]) -> str:
+        if "other" in ins:
+            return "other"
+        if "convex" not in ins:
+            return "affine"
+        name = "batch_norm" if step.fn is eval_batch_norm else _ops.op_name(step.fn)
+        coeffs = self._coefficients(step, name)
+        self.constrained += [
+            self._label(r)
+            for r in coeffs
+            if isinstance(r, Ref) and self._label(r) not in self.constrained
+        ]
+        negative = [self._label(r) for r in coeffs if self._negative(r)]
+        if negative:  # recorded; the walk goes on to find every offending parameter
+            self._fail(
+                f"{', '.join(negative)} has negative entries, applied to a convex "
+                "(non-affine) input"
+            )
+        return "convex"
+
+    def _coefficients(self, step: Step, name: str) -> list[Any]:
+        """The constants that multiply a convex input: they must be nonnegative."""
+        acts = {r.name for r in _refs(step.args) if r.name in self.status}
+        consts = [r for r in _refs(step.args) if r.name not in acts]
+        if name in _WEIGHTED:
+            bias_pos = {
+                "linear": 2,
+                "addmm": 0,
+                "conv1d": 2,
+                "conv2d": 2,
+                "conv3d": 2,
+                "convolution": 2,
+                "addmv": 0,
+                "baddbmm": 0,
+            }.get(name)
+            bias = (
+                step.args[bias_pos] if bias_pos is not None and bias_pos < len(step.args) else None
+            )
+            return [r for r in consts if r != bias]
+        if name in ("_native_batch_norm_legit_no_training", "batch_norm"):
+            return [step.args[1]] if isinstance(step.args[1], Ref) else []
+        if name in ("mul", "div"):
+            return [
+                a
+                for a in step.args
+                if isinstance(a, (int, float)) or (isinstance(a, Ref) and a.name not in self.status)
+            ]
+        if name in ("sub", "rsub", "neg"):
+            sub = step.args[0] if name in ("rsub", "neg") else step.args[1]
+            if isinstance(sub, Ref) and self.status.get(sub.name) == "convex":
+                return [-1.0]  # subtracting a convex term
+        return []
+
+    def _negative(self, c: Any) -> bool:
+        if isinstance(c, (int, float)):
+            return c < 0
+        v = self.env.get(c.name) if isinstance(c, Ref) else None
+        return isinstance(v, Tensor) and v.is_floating_point() and bool((v < 0).any())
+
+    def _maso(self, step: Step, ins: list[str]) -> str:
+        layer = self.by_step[step.name]
+        maso = step.maso
+        monotone, convex = _shape_of(maso, self.env, step)
+        if "other" in ins:
+            return "other"
+        if not convex:
+            self._fail(f"layer {layer.name} ({layer.kind}) is not a convex function")
+        elif "convex" in ins and not monotone:
+            self._fail(
+                f"layer {layer.name} ({layer.kind}) is not non-decreasing, so it does "
+                "not keep a convex input convex"
+            )
+        keeps = convex and (monotone or "convex" not in ins)  # layer 1 needs no monotonicity
+        self.layers.append((layer.name, self.segment_ok and keeps))
+        self.segment_ok = True
+        return "convex"  # the walk goes on, assuming convexity, to list every reason
+
+    def _fail(self, reason: str) -> None:
+        self.segment_ok = False
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+    def _label(self, ref: Any) -> str:
+        return self.p.param_fqn.get(ref.name, ref.name) if isinstance(ref, Ref) else str(ref)
+
+
+def _shape_of(maso: Any, env: dict[str, Any], step: Step) -> tuple[bool, bool]:
+    """(non-decreasing, convex) for a MASO nonlinearity."""
+    if isinstance(maso, (Pool,)):
+        return True, True
+    if isinstance(maso, Reduce):
+        return maso.largest, maso.largest
+    if isinstance(maso, Pairwise):
+        return True, maso.kind == "maximum"
+    if isinstance(maso, Clip):
+        return True, False
+    if isinstance(maso, Sign):
+        if maso.kind in ("relu", "clamp_min"):
+            return True, True
+        if maso.kind == "clamp_max":
+            return True, False
+        if maso.kind == "abs":
+            return False, True
+        slope = env[step.args[1].name] if maso.kind == "prelu" else torch.tensor(maso.neg_slope)
+        return bool((slope >= 0).all()), bool((slope <= 1).all())
+    return False, False
+
+
+def _refs(a: Any) -> list[Ref]:
+    if isinstance(a, Ref):
+        return [a]
+    if isinstance(a, (tuple, list)):
+        return [r for v in a for r in _refs(v)]
+    if isinstance(a, dict):
+        return [r for v in a.values() for r in _refs(v)]
+    return []
+
+
+class _NonNegative(nn.Module):
+    """weight -> |weight|: a nonnegative parametrisation that keeps gradients everywhere."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w.abs()
+
+    def right_inverse(self, w: Tensor) -> Tensor:
+        return w.abs()
+
+
+def make_input_convex(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Make the model satisfy Theorem 2 by parametrising every weight that acts after the first
+    nonlinearity as its absolute value (initial weights are replaced by their magnitudes).
+
+    Returns the constrained parameter names. Activations must already be convex and
+    non-decreasing after layer 1; ``convexity`` says which are not.
+    """
+    names = [n for n in convexity(model, example_input).constrained if "." in n]
+    for name in names:
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        parametrize.register_parametrization(owner, attr, _NonNegative())
+        owner.parametrizations.train(owner.training)  # keep the model's mode
+    return names
+
+
+def convexity_gap(model: nn.Module, x: Tensor) -> float:
+    """max over i, j, c of A[x_i]_c x_j + B[x_i]_c - f(x_j)_c: <= 0 (up to rounding) for a
+    convex network, where each region's affine map is a global lower bound of f."""
+    amap = view_of(model, x).affine_map(x)
+    a = amap.A.reshape(len(x), amap.A.shape[1], -1)  # (N, C, D)
+    lower = torch.einsum("icd,jd->ijc", a, x.reshape(len(x), -1)) + amap.B[:, None]  # (N, N, C)
+    return float((lower - amap.output[None]).max())

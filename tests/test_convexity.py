@@ -1,0 +1,66 @@
+"""Theorem 2 checked on graphs, enforced by parametrisation, and verified numerically."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import splinelens.convexity as cv
+from tests import zoo
+
+
+def _mlp(act2: nn.Module, act1: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Linear(4, 16),
+            act1 or nn.ReLU(),
+            nn.Linear(16, 16),
+            nn.BatchNorm1d(16),
+            act2,
+            nn.Linear(16, 3),
+        )
+        .double()
+        .eval()
+    )
+
+
+X = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+def test_default_network_is_not_convex_and_the_gap_shows_it() -> None:
+    model = _mlp(nn.ReLU())
+    report = cv.convexity(model, X)
+    assert not report.is_convex
+    assert any(r.startswith("2.weight has negative entries") for r in report.reasons)
+    assert report.constrained == ["2.weight", "3.weight", "5.weight"]
+    assert cv.convexity_gap(model, X) > 1e-3  # some region's plane cuts above f
+
+
+def test_make_input_convex_gives_a_convex_network() -> None:
+    model = _mlp(nn.LeakyReLU(0.2), act1=zoo.Abs())  # abs is fine in layer 1
+    names = cv.make_input_convex(model, X)
+    assert names == ["2.weight", "3.weight", "5.weight"]
+    report = cv.convexity(model, X)
+    assert report.is_convex, str(report)
+    assert all(ok for _, ok in report.layers)
+    assert cv.convexity_gap(model, X) <= 1e-12  # every region's map is a global lower bound
+    assert (model[2].weight >= 0).all() and not model.training
+
+
+def test_convex_cnn_with_max_pooling_and_residual() -> None:
+    model = zoo.build("resnet")
+    x = zoo.inputs("resnet", 24)
+    cv.make_input_convex(model, x)
+    assert cv.convexity(model, x).is_convex
+    assert cv.convexity_gap(model, x) <= 1e-12
+
+
+def test_non_convex_or_non_monotone_layers_are_named() -> None:
+    report = cv.convexity(_mlp(nn.Hardtanh()), X)
+    assert "layer 4 (hardtanh) is not a convex function" in report.reasons
+    report = cv.convexity(_mlp(zoo.Abs()), X)
+    assert any("(abs) is not non-decreasing" in r for r in report.reasons)
+    assert report.layers[0] == ("1", True)
+    leaky = cv.convexity(_mlp(nn.LeakyReLU(1.5)), X)
+    assert any("leaky_relu) is not a convex function" in r for r in leaky.reasons)
