@@ -109,6 +109,14 @@ def _plot_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    page = run_demo(args.out, epochs=args.epochs, lam=args.lam)
+    print(f"report: {page.resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``splinelens`` command; returns the exit status."""
     ap = argparse.ArgumentParser(
@@ -121,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--device", default="cpu")
     check.add_argument("--batch", type=int, default=8)
     check.set_defaults(run=_check)
+    demo = sub.add_parser("demo", help="the paper's figures on MNIST, with report.html")
+    demo.add_argument("--out", default="splinelens-demo")
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--lam", type=float, default=1.0)
+    demo.set_defaults(run=_demo)
     sweep = sub.add_parser("sweep", help="train one run per (lambda, seed); resumable")
     sweep.add_argument("--lambdas", default="0,0.01,0.1,1", help="comma-separated")
     sweep.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per lambda")
