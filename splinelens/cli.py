@@ -4,6 +4,8 @@
     splinelens sweep --dataset fashion-mnist --arch small-cnn --lambdas 0,0.01,0.1,1 \
                      --seeds 15 --epochs 30 --out runs/fmnist [--backend local|ray]
     splinelens plot-sweep runs/fmnist                   # Figure 3 and the significance table
+    splinelens demo --out demo                          # every figure on MNIST + report.html
+    splinelens analyze --dataset D --arch A --checkpoint W --out DIR   # on your trained model
     splinelens --version
 
 The sweep's options are generated from ``TrainConfig``'s fields (see splinelens.train).
@@ -117,6 +119,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze
+    from .train import TrainConfig, load_checkpoint, load_data, make_model
+
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        arch=args.arch,
+        data_dir=args.data_dir,
+        batchnorm=args.batchnorm,
+        bias=args.bias,
+    )
+    data = load_data(cfg)
+    model = load_checkpoint(make_model(cfg, data), args.checkpoint).eval()
+    what = tuple(w.strip() for w in args.what.split(","))
+    facts = analyze(model, data, args.out, what, args.n)
+    print(f"wrote {', '.join(facts)} into {args.out} (figures as PNG, data as CSV / JSON)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``splinelens`` command; returns the exit status."""
     ap = argparse.ArgumentParser(
@@ -134,6 +155,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--lam", type=float, default=1.0)
     demo.set_defaults(run=_demo)
+    from .analyze import ANALYSES
+    from .data import DATASETS
+    from .models import MODELS
+
+    an = sub.add_parser("analyze", help="the paper's analyses on a trained checkpoint")
+    an.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    an.add_argument("--arch", required=True, choices=sorted(MODELS))
+    an.add_argument("--checkpoint", required=True, help=".safetensors or .pt state dict")
+    an.add_argument("--out", required=True)
+    an.add_argument("--what", default=",".join(ANALYSES), help="comma-separated subset")
+    an.add_argument("--n", type=int, default=1000, help="test examples to analyse")
+    an.add_argument("--data-dir", default="")
+    an.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True)
+    an.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    an.set_defaults(run=_analyze)
     sweep = sub.add_parser("sweep", help="train one run per (lambda, seed); resumable")
     sweep.add_argument("--lambdas", default="0,0.01,0.1,1", help="comma-separated")
     sweep.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per lambda")

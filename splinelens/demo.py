@@ -10,25 +10,24 @@ every result as CSV / JSON too, and ``report.html`` explaining each.
 
 from __future__ import annotations
 
-import copy
-import csv
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from . import figures
-from .convexity import convexity, convexity_gap, make_input_convex
+from .analyze import (
+    bimodality_figure,
+    convexity_example,
+    partition_figures,
+    templates_figure,
+    write_json,
+)
 from .data import Data, load_dataset
-from .regions import neighbor_stats, others, region_stats
 from .sweep import run_id, run_sweep
 from .sweep_report import report as sweep_report
-from .templates import bimodality, template_responses, template_stats
 from .train import TrainConfig, load_checkpoint, make_model
-from .view import partition_codes, view_of
 
 
 def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1000) -> Path:
@@ -44,15 +43,17 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     x, y = data.test_x[pick], data.test_y[pick]  # the test set is stored class by class
     facts: dict[str, Any] = {"epochs": epochs, "lam": lam, "n_test": len(x)}
     _say("templates (Sec. 5)")
-    facts["templates"] = _templates(models[0.0], x, data, out)
+    facts["templates"] = templates_figure(models[0.0], x, data, out)
     _say("template responses over the test set (Sec. 5.3)")
-    facts["bimodality"] = {f"{lm:g}": _bimodality(m, x, y, out, lm) for lm, m in models.items()}
+    facts["bimodality"] = {
+        f"{lm:g}": bimodality_figure(m, x, y, out, lm) for lm, m in models.items()
+    }
     _say("partition codes, neighbours and regions (Sec. 7)")
-    facts["neighbors"], facts["regions"] = _partition(models[0.0], x, y, out)
+    facts["neighbors"], facts["regions"] = partition_figures(models[0.0], x, y, out)
     _say("Figure 3 and convexity")
     facts["figure3"] = sweep_report(out / "sweep")
-    facts["convexity"] = _convexity(models[0.0], x[:200])
-    _write_json(out / "results.json", facts)
+    facts["convexity"] = convexity_example(models[0.0], x[:200])
+    write_json(out / "results.json", facts)
     page = out / "report.html"
     page.write_text(render(facts))
     return page
@@ -67,81 +68,6 @@ def _load(base: TrainConfig, lam: float, data: Data, out: Path) -> nn.Module:
     model = make_model(cfg, data)
     load_checkpoint(model, out / "sweep" / "runs" / f"{run_id(cfg)}.safetensors")
     return model.eval()
-
-
-def _templates(model: nn.Module, x: torch.Tensor, data: Data, out: Path) -> dict[str, Any]:
-    xs = x[:4]
-    amap = view_of(model, xs).affine_map(xs)
-    top = amap.output.topk(3, dim=1).indices  # predicted class and the two runners-up
-    a = amap.A  # (4, C, 1, 28, 28)
-    picked = torch.stack([a[i, top[i]] for i in range(len(xs))])
-    resp = torch.stack([(amap.output - amap.B)[i, top[i]] for i in range(len(xs))])
-    figures.plot_templates(xs, picked, resp, top.tolist(), data.classes, out / "templates.png")
-    st = template_stats(model, x[:200])
-    gram = st["gram"]
-    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
-    cosg = gram / (norms[:, :, None] * norms[:, None, :])
-    off = ~torch.eye(gram.shape[1], dtype=torch.bool)
-    stats = {
-        "mean_abs_cos_with_x": float(st["cos"].abs().mean()),
-        "mean_norm": float(st["norm"].mean()),
-        "mean_abs_cos_between_classes": float(cosg[:, off].abs().mean()),
-    }
-    _write_json(out / "template_stats.json", stats)
-    return stats
-
-
-def _bimodality(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, lam: float
-) -> dict[str, float]:
-    r = template_responses(model, x)
-    figures.plot_bimodality(r, y, out / f"bimodality_lam{lam:g}.png")
-    _write_csv(
-        out / f"responses_lam{lam:g}.csv",
-        [
-            {"label": int(y[i]), **{f"class{c}": float(r[i, c]) for c in range(r.shape[1])}}
-            for i in range(len(y))
-        ],
-    )
-    return bimodality(r, y)
-
-
-def _partition(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path) -> tuple[list, list]:
-    codes = partition_codes(model, x)
-    nb = neighbor_stats(codes, x, y, k=8)
-    regions = region_stats(codes)
-    names = [c.name for c in codes.layers]
-    grids = [x[others(codes, i, 8)[0]] for i in range(len(names))]
-    figures.plot_neighbors(x[0], grids, names, out / "neighbors.png")
-    _write_csv(out / "neighbors.csv", nb)
-    _write_csv(out / "regions.csv", regions)
-    return nb, regions
-
-
-def _convexity(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    before = convexity(model, x)
-    convex = copy.deepcopy(model)
-    constrained = make_input_convex(convex, x)
-    after = convexity(convex, x)
-    return {
-        "reasons": before.reasons[:6],
-        "n_reasons": len(before.reasons),
-        "gap_before": convexity_gap(model, x),
-        "constrained": constrained,
-        "is_convex_after": after.is_convex,
-        "gap_after": convexity_gap(convex, x),
-    }
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=float))
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

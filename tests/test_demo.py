@@ -67,3 +67,16 @@ def test_report_renders_in_headless_chromium(demo_dir) -> None:
     ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert 'data-images-ok="4/4"' in dom  # every image loaded, with a real size
+
+
+def test_analyze_command_on_a_checkpoint(demo_dir, tmp_path) -> None:
+    from splinelens.cli import main
+
+    ckpt = next((demo_dir / "sweep" / "runs").glob("*.safetensors"))
+    out = tmp_path / "an"
+    assert main(["analyze", "--dataset", "mnist-5k", "--arch", "small-cnn", "--checkpoint",
+                 str(ckpt), "--out", str(out), "--what", "regions,bimodality", "--n",
+                 "200"]) == 0
+    facts = json.loads((out / "analysis.json").read_text())
+    assert set(facts) == {"bimodality", "neighbors", "regions"}
+    assert (out / "regions.csv").exists() and (out / "bimodality_lam0.png").exists()

@@ -1,0 +1,126 @@
+"""Each analysis of the paper on one trained model and data: figures plus the data behind them.
+
+Used by ``splinelens demo`` and by ``splinelens analyze`` (a checkpoint of a registered
+architecture on a registered dataset); every function takes any ``nn.Module``.
+
+    splinelens analyze --dataset mnist-5k --arch small-cnn --checkpoint run.safetensors \
+        --out analysis --what templates,bimodality,neighbors,regions,convexity
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import figures
+from .convexity import convexity, convexity_gap, make_input_convex
+from .data import Data
+from .regions import neighbor_stats, others, region_stats
+from .templates import bimodality, template_responses, template_stats
+from .view import partition_codes, view_of
+
+ANALYSES = ("templates", "bimodality", "neighbors", "regions", "convexity")
+
+
+def analyze(
+    model: nn.Module, data: Data, out: str | Path, what: tuple[str, ...] = ANALYSES, n: int = 1000
+) -> dict[str, Any]:
+    """Run the chosen analyses on n test examples (a fixed random subset); write into out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n]
+    x, y = data.test_x[pick], data.test_y[pick]  # datasets may be stored class by class
+    facts: dict[str, Any] = {}
+    if "templates" in what:
+        facts["templates"] = templates_figure(model, x, data, out)
+    if "bimodality" in what:
+        facts["bimodality"] = bimodality_figure(model, x, y, out, 0.0)
+    if "neighbors" in what or "regions" in what:
+        facts["neighbors"], facts["regions"] = partition_figures(model, x, y, out)
+    if "convexity" in what:
+        facts["convexity"] = convexity_example(model, x[:200])
+    write_json(out / "analysis.json", facts)
+    return facts
+
+
+def templates_figure(model: nn.Module, x: torch.Tensor, data: Data, out: Path) -> dict[str, Any]:
+    xs = x[:4]
+    amap = view_of(model, xs).affine_map(xs)
+    top = amap.output.topk(3, dim=1).indices  # predicted class and the two runners-up
+    a = amap.A  # (4, C, 1, 28, 28)
+    picked = torch.stack([a[i, top[i]] for i in range(len(xs))])
+    resp = torch.stack([(amap.output - amap.B)[i, top[i]] for i in range(len(xs))])
+    figures.plot_templates(xs, picked, resp, top.tolist(), data.classes, out / "templates.png")
+    st = template_stats(model, x[:200])
+    gram = st["gram"]
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    cosg = gram / (norms[:, :, None] * norms[:, None, :])
+    off = ~torch.eye(gram.shape[1], dtype=torch.bool)
+    stats = {
+        "mean_abs_cos_with_x": float(st["cos"].abs().mean()),
+        "mean_norm": float(st["norm"].mean()),
+        "mean_abs_cos_between_classes": float(cosg[:, off].abs().mean()),
+    }
+    write_json(out / "template_stats.json", stats)
+    return stats
+
+
+def bimodality_figure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, lam: float
+) -> dict[str, float]:
+    r = template_responses(model, x)
+    figures.plot_bimodality(r, y, out / f"bimodality_lam{lam:g}.png")
+    write_csv(
+        out / f"responses_lam{lam:g}.csv",
+        [
+            {"label": int(y[i]), **{f"class{c}": float(r[i, c]) for c in range(r.shape[1])}}
+            for i in range(len(y))
+        ],
+    )
+    return bimodality(r, y)
+
+
+def partition_figures(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path
+) -> tuple[list, list]:
+    codes = partition_codes(model, x)
+    nb = neighbor_stats(codes, x, y, k=8)
+    regions = region_stats(codes)
+    names = [c.name for c in codes.layers]
+    grids = [x[others(codes, i, 8)[0]] for i in range(len(names))]
+    figures.plot_neighbors(x[0], grids, names, out / "neighbors.png")
+    write_csv(out / "neighbors.csv", nb)
+    write_csv(out / "regions.csv", regions)
+    return nb, regions
+
+
+def convexity_example(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    before = convexity(model, x)
+    convex = copy.deepcopy(model)
+    constrained = make_input_convex(convex, x)
+    after = convexity(convex, x)
+    return {
+        "reasons": before.reasons[:6],
+        "n_reasons": len(before.reasons),
+        "gap_before": convexity_gap(model, x),
+        "constrained": constrained,
+        "is_convex_after": after.is_convex,
+        "gap_after": convexity_gap(convex, x),
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=float))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
