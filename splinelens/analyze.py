@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -57,6 +58,13 @@ def templates_figure(model: nn.Module, x: torch.Tensor, data: Data, out: Path) -
     picked = torch.stack([a[i, top[i]] for i in range(len(xs))])
     resp = torch.stack([(amap.output - amap.B)[i, top[i]] for i in range(len(xs))])
     figures.plot_templates(xs, picked, resp, top.tolist(), data.classes, out / "templates.png")
+    np.savez(
+        out / "templates.npz",
+        x=xs.numpy(),
+        templates=picked.detach().numpy(),
+        responses=resp.detach().numpy(),
+        classes=top.numpy(),
+    )  # the figure's data
     st = template_stats(model, x[:200])
     gram = st["gram"]
     norms = gram.diagonal(dim1=1, dim2=2).sqrt()

@@ -78,3 +78,32 @@ def test_neighbor_stats_brute_force() -> None:
         eucl = (x.flatten(1)[:, None] - x.flatten(1)[idx]).norm(dim=2).mean()
         assert row["euclidean"] == float(eucl)
         assert row["same_label"] == float((y[idx] == y[:, None]).float().mean())
+
+
+def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from splinelens import figures
+
+    for shape in [(1, 6, 6), (3, 6, 6), (2, 30)]:
+        x = torch.randn(2, *shape)
+        t = torch.randn(2, 3, *shape)
+        p = figures.plot_templates(
+            x,
+            t,
+            torch.randn(2, 3),
+            [[0, 1, 2]] * 2,
+            ["a", "b", "c"],
+            tmp_path / f"t{len(shape)}{shape[0]}.png",
+        )
+        assert p.stat().st_size > 0
+    fig, ax = plt.subplots()
+    img = torch.zeros(3, 2, 2)
+    img[0, 0, 0] = 1.0
+    figures._show(ax, img, signed=True)  # colour templates: 0 is mid-grey, sign is direction
+    shown = ax.images[0].get_array()
+    assert abs(float(shown[1, 1, 0]) - 0.5) < 1e-6 and float(shown[0, 0, 0]) == 1.0
+    plt.close(fig)

@@ -74,9 +74,26 @@ def test_analyze_command_on_a_checkpoint(demo_dir, tmp_path) -> None:
 
     ckpt = next((demo_dir / "sweep" / "runs").glob("*.safetensors"))
     out = tmp_path / "an"
-    assert main(["analyze", "--dataset", "mnist-5k", "--arch", "small-cnn", "--checkpoint",
-                 str(ckpt), "--out", str(out), "--what", "regions,bimodality", "--n",
-                 "200"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--dataset",
+                "mnist-5k",
+                "--arch",
+                "small-cnn",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--what",
+                "regions,bimodality",
+                "--n",
+                "200",
+            ]
+        )
+        == 0
+    )
     facts = json.loads((out / "analysis.json").read_text())
     assert set(facts) == {"bimodality", "neighbors", "regions"}
     assert (out / "regions.csv").exists() and (out / "bimodality_lam0.png").exists()
