@@ -12,6 +12,7 @@ True
 
 from .affine import AffineMap
 from .codes import LayerCodes, PartitionCodes
+from .convexity import ConvexityReport, convexity
 from .distance import nearest_neighbors, partition_distance
 from .errors import UnsupportedOperationError
 from .view import SplineView, Verification, affine_map, partition_codes, verify
@@ -20,12 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineMap",
+    "ConvexityReport",
     "LayerCodes",
     "PartitionCodes",
     "SplineView",
     "UnsupportedOperationError",
     "Verification",
     "affine_map",
+    "convexity",
     "nearest_neighbors",
     "partition_codes",
     "partition_distance",

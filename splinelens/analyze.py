@@ -50,13 +50,27 @@ def analyze(
     return facts
 
 
-def templates_figure(model: nn.Module, x: torch.Tensor, data: Data, out: Path) -> dict[str, Any]:
-    xs = x[:4]
+def templates_figure(
+    model: nn.Module,
+    x: torch.Tensor,
+    data: Data,
+    out: Path,
+    classes: list[int] | None = None,
+    n: int = 4,
+) -> dict[str, Any]:
+    """Fig. 1 for the first n inputs: templates of ``classes`` (default: the predicted class
+    and the two runners-up of each input), with template statistics over 200 inputs."""
+    xs = x[:n]
     amap = view_of(model, xs).affine_map(xs)
-    top = amap.output.topk(3, dim=1).indices  # predicted class and the two runners-up
-    a = amap.A  # (4, C, 1, 28, 28)
-    picked = torch.stack([a[i, top[i]] for i in range(len(xs))])
-    resp = torch.stack([(amap.output - amap.B)[i, top[i]] for i in range(len(xs))])
+    resp_all = (amap.output - amap.B).reshape(len(xs), -1)  # (n, C): <A[x]_c, x>
+    if classes is None:
+        top = amap.output.reshape(len(xs), -1).topk(3, dim=1).indices  # (n, 3)
+        a = amap.A.reshape(len(xs), resp_all.shape[1], *xs.shape[1:])
+        picked = torch.stack([a[i, top[i]] for i in range(len(xs))])
+    else:
+        top = torch.tensor(classes).expand(len(xs), -1)
+        picked = amap.templates(rows=classes)  # only these rows of A
+    resp = resp_all.gather(1, top)
     figures.plot_templates(xs, picked, resp, top.tolist(), data.classes, out / "templates.png")
     np.savez(
         out / "templates.npz",

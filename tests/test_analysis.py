@@ -107,3 +107,26 @@ def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
     shown = ax.images[0].get_array()
     assert abs(float(shown[1, 1, 0]) - 0.5) < 1e-6 and float(shown[0, 0, 0]) == 1.0
     plt.close(fig)
+
+
+def test_templates_figure_for_chosen_classes(tmp_path) -> None:
+    from splinelens.analyze import templates_figure
+    from splinelens.data import Data
+
+    model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn", 6)
+    data = Data(
+        "zoo",
+        x,
+        torch.zeros(6, dtype=torch.long),
+        x,
+        torch.zeros(6, dtype=torch.long),
+        [str(c) for c in range(5)],
+    )
+    stats = templates_figure(model, x, data, tmp_path, classes=[4, 1], n=3)
+    import numpy as np
+
+    saved = np.load(tmp_path / "templates.npz")
+    ref = zoo.jacobian(model, x[:3])[:, [4, 1]]
+    assert np.allclose(saved["templates"], ref.detach().numpy(), atol=1e-10)
+    assert saved["classes"].tolist() == [[4, 1]] * 3
+    assert 0 <= stats["mean_abs_cos_with_x"] <= 1
