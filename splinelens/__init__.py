@@ -12,7 +12,7 @@ True
 
 from .affine import AffineMap
 from .codes import LayerCodes, PartitionCodes
-from .convexity import ConvexityReport, convexity
+from .convex import ConvexityReport, convexity
 from .distance import nearest_neighbors, partition_distance
 from .errors import UnsupportedOperationError
 from .view import SplineView, Verification, affine_map, partition_codes, verify

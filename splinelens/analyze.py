@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import figures
-from .convexity import convexity, convexity_gap, make_input_convex
+from .convex import convexity, convexity_gap, make_input_convex
 from .data import Data
 from .regions import neighbor_stats, others, region_stats
 from .templates import bimodality, template_responses, template_stats

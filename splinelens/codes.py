@@ -15,14 +15,14 @@ a tensor, and save to / load from an ``.npz`` file (no pickle), written atomical
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._io import atomic_path
 
 Tensor = torch.Tensor
 _FORMAT = "splinelens.partition_codes/1"
@@ -112,14 +112,8 @@ class PartitionCodes:
         ]
         arrays = {f"layer{i}": c.data.cpu().numpy() for i, c in enumerate(self.layers)}
         arrays["meta"] = np.array(json.dumps({"format": _FORMAT, "layers": meta}))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     @staticmethod
     def load(path: str | Path) -> PartitionCodes:

@@ -23,13 +23,14 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._io import atomic_path
 
 Tensor = torch.Tensor
 _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -177,6 +178,8 @@ def _idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"expected {stem}.gz (or {stem}) in {directory}")
         found.append(read_idx(path))
     images, labels = found
+    if len(images) != len(labels):
+        raise DataError(f"{directory}: {split} has {len(images)} images but {len(labels)} labels")
     return images[:, None], labels
 
 
@@ -246,19 +249,21 @@ def _folder(name: str) -> Callable[[Path | None, bool], Data]:
 
 def _cached_decode(source: Path) -> dict[str, np.ndarray]:
     """Decode an image folder or archive once; later loads read the uint8 cache."""
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    stamp = "".join(
+        f"{p.relative_to(source.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+        for p in files
+        if p.is_file()
+    )  # any added, removed or changed file
+    key = hashlib.sha256(f"{source.resolve()}|{stamp}".encode())
     cache_dir = Path(os.environ.get("SPLINELENS_CACHE", Path.home() / ".cache" / "splinelens"))
     cache = cache_dir / f"images-{key.hexdigest()[:16]}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     arrays = _decode_images(_image_files(source))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, cache)
     return arrays
 
 
@@ -295,11 +300,13 @@ def _decode_images(files: dict[str, list[tuple[str, bytes]]]) -> dict[str, np.nd
         imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items]
         if len({im.shape for im in imgs}) != 1:
             raise DataError(f"images in {split}/ have different sizes")
-        x = np.stack(imgs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
-        if np.all(x[:, 0] == x[:, 1]) and np.all(x[:, 1] == x[:, 2]):
-            x = x[:, :1]  # grey images stored as RGB
-        arrays[f"{split}_x"] = x
+        arrays[f"{split}_x"] = np.stack(imgs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
         arrays[f"{split}_y"] = np.array([classes.index(c) for c, _ in items])
+    if all(
+        np.all(arrays[f"{s}_x"][:, 0] == arrays[f"{s}_x"][:, c]) for s in files for c in (1, 2)
+    ):  # grey images stored as RGB, in every split
+        for split in files:
+            arrays[f"{split}_x"] = arrays[f"{split}_x"][:, :1]
     return arrays
 
 

@@ -20,13 +20,12 @@ import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_path
 from .train import DivergedError, TrainConfig, load_data, save_checkpoint, summarize, train
 
 COLUMNS = [
@@ -86,6 +85,7 @@ def run_sweep(
     """
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    _check_same_sweep(out, base)
     _write_json(
         out / "sweep.json",
         {"base": asdict(base), "lambdas": list(map(float, lambdas)), "seeds": seeds},
@@ -101,6 +101,22 @@ def run_sweep(
     else:
         raise ValueError(f"unknown backend {backend!r}; choose 'local' or 'ray'")
     return write_results(out)
+
+
+def _check_same_sweep(out: Path, base: TrainConfig) -> None:
+    """Refuse to mix runs of different settings (other than lambda and seed) in one folder."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return
+    old = TrainConfig(**json.loads(path.read_text())["base"]).identity()
+    new = base.identity()
+    diff = [k for k in new if k not in ("lam", "seed") and old.get(k) != new[k]]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(
+            f"{out} holds a sweep with other settings ({changes}); use another "
+            "--out, or the same settings to resume it"
+        )
 
 
 def _run_ray(out: Path, todo: list[TrainConfig], address: str | None, save: str | None) -> None:
@@ -156,10 +172,5 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

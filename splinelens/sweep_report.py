@@ -48,7 +48,7 @@ def table(groups: dict[float, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 "lam": lam,
                 "runs": len(acc),
                 "mean": float(np.mean(acc)),
-                "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+                "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else float("nan"),
                 "max": float(np.max(acc)),
                 "max_any_epoch": max(h["test_acc"] for r in runs for h in r["history"]),
                 "diff_vs_0": float(np.mean(acc) - np.mean(base)) if base else float("nan"),
@@ -87,7 +87,8 @@ def figure_a(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
     lams = list(groups)
     xs = _xpos(lams)
     acc = [np.array([r["test_acc"] for r in groups[lam]]) for lam in lams]
-    mean, std = np.array([a.mean() for a in acc]), np.array([a.std() for a in acc])
+    mean = np.array([a.mean() for a in acc])
+    std = np.array([a.std(ddof=1) if len(a) > 1 else 0.0 for a in acc])  # as in the table
     best = [max(h["test_acc"] for r in groups[lam] for h in r["history"]) for lam in lams]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.fill_between(xs, mean - std, mean + std, alpha=0.25, label="mean ± std")

@@ -13,16 +13,15 @@ one seed) or in Python:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._io import atomic_path
 from .data import Data, load_dataset
 from .models import build_model
 from .penalty import classifier, orthogonality_penalty
@@ -51,6 +50,13 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available
     bf16: bool = False  # bf16 autocast for the forward pass (GPU)
     progress: bool = field(default=True, metadata={"identity": False})
+
+    def __post_init__(self) -> None:
+        """Normalise types, so that lam=1 and lam=1.0 are the same run (and the same id)."""
+        for f in fields(self):
+            if isinstance(f.default, (bool, str)):
+                continue
+            setattr(self, f.name, type(f.default)(getattr(self, f.name)))
 
     def identity(self) -> dict[str, object]:
         """The fields that define the run's result (not how it is displayed or where it runs)."""
@@ -193,21 +199,14 @@ def _progress(epochs: range, cfg: TrainConfig):
 
 def save_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Write the model's state dict atomically (safetensors when installed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        if path.suffix == ".safetensors":
+    with atomic_path(path) as tmp:
+        if Path(path).suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, tmp)
+            save_file(state, str(tmp))
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import splinelens.convexity as cv
+import splinelens.convex as cv
 from tests import zoo
 
 
@@ -64,3 +64,54 @@ def test_non_convex_or_non_monotone_layers_are_named() -> None:
     assert report.layers[0] == ("1", True)
     leaky = cv.convexity(_mlp(nn.LeakyReLU(1.5)), X)
     assert any("leaky_relu) is not a convex function" in r for r in leaky.reasons)
+
+
+class _Head(nn.Module):
+    """ReLU features, then a hand-written head: parameter matmuls and signed sums."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(4, 6)
+        self.W = nn.Parameter(torch.randn(6, 3))
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.l1(x))
+        if self.mode == "matmul":
+            return h @ self.W
+        if self.mode == "matmul_t":
+            return h @ self.W.T.T
+        s = h.sum(1, keepdim=True)
+        if self.mode == "add_neg":
+            return torch.add(x[:, :1], s, alpha=-1)  # concave
+        return torch.sub(x[:, :1], s, alpha=-1)  # x - (-s): convex
+
+
+def test_signed_sums_with_alpha() -> None:
+    torch.manual_seed(0)
+    concave, convex = _Head("add_neg").double().eval(), _Head("sub_neg").double().eval()
+    assert not cv.convexity(concave, X).is_convex and cv.convexity_gap(concave, X) > 1e-3
+    assert cv.convexity(convex, X).is_convex and cv.convexity_gap(convex, X) <= 1e-12
+
+
+def test_top_level_and_transposed_parameters_are_constrained() -> None:
+    for mode in ("matmul", "matmul_t"):
+        torch.manual_seed(0)
+        model = _Head(mode).double().eval()
+        assert cv.make_input_convex(model, X) == ["W"]
+        assert cv.convexity(model, X).is_convex and cv.convexity_gap(model, X) <= 1e-12
+
+
+def test_transposed_conv_bias_is_not_a_slope() -> None:
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Unflatten(1, (2, 4)), nn.ConvTranspose1d(2, 2, 3)
+        )
+        .double()
+        .eval()
+    )
+    model[3].weight.data.abs_()
+    model[3].bias.data.fill_(-1.0)
+    report = cv.convexity(model, X)
+    assert report.is_convex and "3.bias" not in report.constrained

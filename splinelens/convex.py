@@ -32,6 +32,35 @@ from ._program import Program, Ref, Step
 from .view import view_of
 
 Tensor = torch.Tensor
+_BIAS_POS = {
+    "linear": 2,
+    "addmm": 0,
+    "conv1d": 2,
+    "conv2d": 2,
+    "conv3d": 2,
+    "convolution": 2,
+    "conv_transpose1d": 2,
+    "conv_transpose2d": 2,
+    "conv_transpose3d": 2,
+    "addmv": 0,
+    "baddbmm": 0,
+}
+_PASS_THROUGH = {
+    "t",
+    "permute",
+    "transpose",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "clone",
+    "contiguous",
+    "expand",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "flatten",
+    "_to_copy",
+}
 _WEIGHTED = {
     "linear",
     "conv1d",
@@ -111,17 +140,19 @@ class _Walk:
             return "affine"
         name = "batch_norm" if step.fn is eval_batch_norm else _ops.op_name(step.fn)
         coeffs = self._coefficients(step, name)
-        self.constrained += [
-            self._label(r)
-            for r in coeffs
-            if isinstance(r, Ref) and self._label(r) not in self.constrained
-        ]
+        for r in coeffs:
+            label = self._label(r)
+            if isinstance(r, Ref) and label in self.p.param_fqn.values():
+                self.constrained += [label] if label not in self.constrained else []
         negative = [self._label(r) for r in coeffs if self._negative(r)]
         if negative:  # recorded; the walk goes on to find every offending parameter
             self._fail(
                 f"{', '.join(negative)} has negative entries, applied to a convex "
                 "(non-affine) input"
             )
+        for arg, sign in _signed_terms(step, name):
+            if sign < 0 and isinstance(arg, Ref) and self.status.get(arg.name) == "convex":
+                self._fail(f"{step.name} ({name}) subtracts a convex term")
         return "convex"
 
     def _coefficients(self, step: Step, name: str) -> list[Any]:
@@ -129,20 +160,13 @@ class _Walk:
         acts = {r.name for r in _refs(step.args) if r.name in self.status}
         consts = [r for r in _refs(step.args) if r.name not in acts]
         if name in _WEIGHTED:
-            bias_pos = {
-                "linear": 2,
-                "addmm": 0,
-                "conv1d": 2,
-                "conv2d": 2,
-                "conv3d": 2,
-                "convolution": 2,
-                "addmv": 0,
-                "baddbmm": 0,
-            }.get(name)
             bias = (
-                step.args[bias_pos] if bias_pos is not None and bias_pos < len(step.args) else None
+                step.args[_BIAS_POS[name]]
+                if name in _BIAS_POS and _BIAS_POS[name] < len(step.args)
+                else None
             )
-            return [r for r in consts if r != bias]
+            scale = [step.kwargs["alpha"]] if "alpha" in step.kwargs else []
+            return [r for r in consts if r != bias] + scale
         if name in ("_native_batch_norm_legit_no_training", "batch_norm"):
             return [step.args[1]] if isinstance(step.args[1], Ref) else []
         if name in ("mul", "div"):
@@ -151,10 +175,6 @@ class _Walk:
                 for a in step.args
                 if isinstance(a, (int, float)) or (isinstance(a, Ref) and a.name not in self.status)
             ]
-        if name in ("sub", "rsub", "neg"):
-            sub = step.args[0] if name in ("rsub", "neg") else step.args[1]
-            if isinstance(sub, Ref) and self.status.get(sub.name) == "convex":
-                return [-1.0]  # subtracting a convex term
         return []
 
     def _negative(self, c: Any) -> bool:
@@ -187,7 +207,33 @@ class _Walk:
             self.reasons.append(reason)
 
     def _label(self, ref: Any) -> str:
-        return self.p.param_fqn.get(ref.name, ref.name) if isinstance(ref, Ref) else str(ref)
+        """The parameter behind a constant (through transposes and views), else its name."""
+        if not isinstance(ref, Ref):
+            return str(ref)
+        steps = {st.name: st for st in self.p.steps}
+        while ref.name not in self.p.param_fqn and ref.name in steps:
+            st = steps[ref.name]
+            if _ops.op_name(st.fn) not in _PASS_THROUGH or not isinstance(st.args[0], Ref):
+                break
+            ref = st.args[0]
+        return self.p.param_fqn.get(ref.name, ref.name)
+
+
+def _signed_terms(step: Step, name: str) -> list[tuple[Any, float]]:
+    """(argument, sign of its coefficient) for sums: add / sub / rsub / neg, alpha and beta."""
+    a, kw = step.args, step.kwargs
+    alpha, beta = float(kw.get("alpha", 1)), float(kw.get("beta", 1))
+    if name == "add" and len(a) > 1:
+        return [(a[0], 1.0), (a[1], alpha)]
+    if name == "sub" and len(a) > 1:
+        return [(a[0], 1.0), (a[1], -alpha)]
+    if name == "rsub" and len(a) > 1:
+        return [(a[0], -alpha), (a[1], 1.0)]
+    if name == "neg":
+        return [(a[0], -1.0)]
+    if name in ("addmm", "addmv", "baddbmm"):
+        return [(a[0], beta)]
+    return []
 
 
 def _shape_of(maso: Any, env: dict[str, Any], step: Step) -> tuple[bool, bool]:
@@ -239,7 +285,7 @@ def make_input_convex(model: nn.Module, example_input: Tensor) -> list[str]:
     Returns the constrained parameter names. Activations must already be convex and
     non-decreasing after layer 1; ``convexity`` says which are not.
     """
-    names = [n for n in convexity(model, example_input).constrained if "." in n]
+    names = convexity(model, example_input).constrained  # parameters, traced through views
     for name in names:
         owner_path, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_path)
