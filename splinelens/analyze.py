@@ -37,7 +37,7 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n]
     x, y = data.test_x[pick], data.test_y[pick]  # datasets may be stored class by class
-    facts: dict[str, Any] = {}
+    facts: dict[str, Any] = {"test_indices": pick.tolist()}  # positions below index these
     if "templates" in what:
         facts["templates"] = templates_figure(model, x, data, out)
     if "bimodality" in what:
@@ -115,8 +115,12 @@ def partition_figures(
     nb = neighbor_stats(codes, x, y, k=8)
     regions = region_stats(codes)
     names = [c.name for c in codes.layers]
-    grids = [x[others(codes, i, 8)[0]] for i in range(len(names))]
-    figures.plot_neighbors(x[0], grids, names, out / "neighbors.png")
+    idx = [others(codes, i, 8)[0] for i in range(len(names))]  # query: the first input
+    figures.plot_neighbors(x[0], [x[i] for i in idx], names, out / "neighbors.png")
+    write_json(
+        out / "neighbors_grid.json",
+        {"query": 0, "layers": names, "neighbors": [i.tolist() for i in idx]},
+    )
     write_csv(out / "neighbors.csv", nb)
     write_csv(out / "regions.csv", regions)
     return nb, regions

@@ -41,7 +41,12 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     models = {lm: _load(base, lm, data, out) for lm in (0.0, lam)}
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n_test]
     x, y = data.test_x[pick], data.test_y[pick]  # the test set is stored class by class
-    facts: dict[str, Any] = {"epochs": epochs, "lam": lam, "n_test": len(x)}
+    facts: dict[str, Any] = {
+        "epochs": epochs,
+        "lam": lam,
+        "n_test": len(x),
+        "test_indices": pick.tolist(),
+    }
     _say("templates (Sec. 5)")
     facts["templates"] = templates_figure(models[0.0], x, data, out)
     _say("template responses over the test set (Sec. 5.3)")

@@ -35,6 +35,8 @@ def test_demo_writes_figures_data_and_report(demo_dir) -> None:
         "results.json",
         "sweep/fig3a.png",
         "sweep/results.csv",
+        "neighbors_grid.json",
+        "templates.npz",
     ):
         assert (demo_dir / name).stat().st_size > 0, name
     facts = json.loads((demo_dir / "results.json").read_text())
