@@ -97,5 +97,5 @@ def test_analyze_command_on_a_checkpoint(demo_dir, tmp_path) -> None:
         == 0
     )
     facts = json.loads((out / "analysis.json").read_text())
-    assert set(facts) == {"bimodality", "neighbors", "regions"}
+    assert set(facts) == {"bimodality", "neighbors", "regions", "test_indices"}
     assert (out / "regions.csv").exists() and (out / "bimodality_lam0.png").exists()
