@@ -37,7 +37,7 @@ def region_stats(codes: PartitionCodes) -> list[dict[str, float | int | str]]:
     number of distinct regions among the inputs, the fraction of inputs alone in their region,
     and the largest region's share of the inputs."""
     rows = []
-    cumulative = torch.zeros(len(codes), dtype=torch.long)
+    cumulative = torch.zeros(len(codes), dtype=torch.long, device=codes.layers[0].data.device)
     for i, layer in enumerate(codes.layers):
         ids = region_ids(codes, i)
         pairs = torch.stack([cumulative, ids], 1)
@@ -85,6 +85,7 @@ def neighbor_stats(
 def others(codes: PartitionCodes, layer: int, k: int) -> Tensor:
     """(N, k) indices of each input's k nearest *other* inputs in partition distance."""
     _, idx = nearest_neighbors(codes, codes, layer=layer, k=min(k + 1, len(codes)))
-    own = idx == torch.arange(len(idx))[:, None]
-    keep = torch.where(own.any(1, keepdim=True), ~own, torch.arange(idx.shape[1]) < k)
+    own = idx == torch.arange(len(idx), device=idx.device)[:, None]
+    first_k = torch.arange(idx.shape[1], device=idx.device) < k
+    keep = torch.where(own.any(1, keepdim=True), ~own, first_k)
     return idx[keep].reshape(len(idx), -1)[:, :k]
