@@ -391,21 +391,25 @@ class _Compiler:
         return UnsupportedOperationError(f"aten.{name}", _location(node), why, fix)
 
 
-def _location(node: torch.fx.Node) -> str:
+def _module(node: torch.fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module the node was traced in."""
     stack = node.meta.get("nn_module_stack") or {}
     path, cls = list(stack.values())[-1] if stack else ("", "")
     cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    where = f"module '{path}' ({cls.rsplit('.', 1)[-1]})" if path else "the model's forward"
+    return path, cls.rsplit(".", 1)[-1]
+
+
+def _location(node: torch.fx.Node) -> str:
+    path, cls = _module(node)
+    where = f"module '{path}' ({cls})" if path else "the model's forward"
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     files = [ln.strip() for ln in trace if ln.strip().startswith("File ")]
     return where + (f", {files[-1]}" if files else "")
 
 
 def _where(node: torch.fx.Node, kind: str) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path, cls = list(stack.values())[-1] if stack else ("", "")
-    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    if path and cls.rsplit(".", 1)[-1] in _ACTIVATION_MODULES:
+    path, cls = _module(node)
+    if path and cls in _ACTIVATION_MODULES:
         return path
     return f"{path}.{kind}" if path else kind
 

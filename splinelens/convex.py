@@ -120,6 +120,7 @@ class _Walk:
         self.segment_ok = True
         self.layers: list[tuple[str, bool]] = []
         self.by_step = {layer.step: layer for layer in program.layers}
+        self.steps = {st.name: st for st in program.steps}
 
     def run(self) -> ConvexityReport:
         for step in self.p.steps:
@@ -210,9 +211,8 @@ class _Walk:
         """The parameter behind a constant (through transposes and views), else its name."""
         if not isinstance(ref, Ref):
             return str(ref)
-        steps = {st.name: st for st in self.p.steps}
-        while ref.name not in self.p.param_fqn and ref.name in steps:
-            st = steps[ref.name]
+        while ref.name not in self.p.param_fqn and ref.name in self.steps:
+            st = self.steps[ref.name]
             if _ops.op_name(st.fn) not in _PASS_THROUGH or not isinstance(st.args[0], Ref):
                 break
             ref = st.args[0]

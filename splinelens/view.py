@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._capture import capture, check_eval_mode
+from ._maso_ops import code_dtype
 from ._precision import exact_matmul
 from ._program import Layer
 from .affine import _GRAPH_BUDGET, AffineMap
@@ -42,6 +43,7 @@ class SplineView:
         self.program = capture(model, example_input)
         self.input_shape = tuple(example_input.shape[1:])
         self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
+        self._masos = {s.name: s.maso for s in self.program.steps if s.maso is not None}
 
     @property
     def model(self) -> nn.Module:
@@ -107,14 +109,11 @@ class SplineView:
         )
 
     def _layer_codes(self, layer: Layer, state: Tensor, n: int) -> LayerCodes:
-        maso = next(s.maso for s in self.program.steps if s.name == layer.step)
-        code = maso.code(state).movedim(layer.state_bdim, 0).reshape(n, -1)  # (N, units)
-        if layer.pieces == 2:
-            data = pack_bits(code.bool())
-        else:
-            from ._maso_ops import code_dtype
-
-            data = code.to(code_dtype(layer.pieces))
+        code = (
+            self._masos[layer.step].code(state).movedim(layer.state_bdim, 0).reshape(n, -1)
+        )  # (N, units)
+        binary = layer.pieces == 2  # one packed bit per unit, else the state index
+        data = pack_bits(code.bool()) if binary else code.to(code_dtype(layer.pieces))
         return LayerCodes(layer.name, layer.kind, layer.units, layer.pieces, data)
 
     def _position(self, key: LayerKey, default: int) -> int:
