@@ -15,6 +15,7 @@ from .codes import LayerCodes, PartitionCodes
 from .convex import ConvexityReport, convexity
 from .distance import nearest_neighbors, partition_distance
 from .errors import UnsupportedOperationError
+from .slices import LayerSlice, SlicePartition, slice_partition
 from .view import SplineView, Verification, affine_map, partition_codes, verify
 
 __version__ = "0.1.0"
@@ -23,7 +24,9 @@ __all__ = [
     "AffineMap",
     "ConvexityReport",
     "LayerCodes",
+    "LayerSlice",
     "PartitionCodes",
+    "SlicePartition",
     "SplineView",
     "UnsupportedOperationError",
     "Verification",
@@ -32,5 +35,6 @@ __all__ = [
     "nearest_neighbors",
     "partition_codes",
     "partition_distance",
+    "slice_partition",
     "verify",
 ]

@@ -90,11 +90,15 @@ class Program:
         inject: tuple[str, Tensor] | None = None,
         track: str | None = None,
         stop: str | None = None,
+        preset: dict[str, Tensor] | None = None,
+        skip: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
         """Execute the program on input ``x``; return every node's value by name.
 
         ``track``: a node whose value is replaced by a fresh leaf that requires grad, so that
         gradients of later nodes with respect to it can be taken after the run.
+        ``preset``: values given for some nodes (the input included); ``skip``: steps not to
+        execute (their values are preset or unused).
         """
         env: dict[str, Any] = dict(self.constants)
         for name, owner, attr in self.params:
@@ -104,8 +108,11 @@ class Program:
             env[self.input_name] = inject[1]
         if track == self.input_name:
             env[track] = x.detach().requires_grad_(True)
+        env.update(preset or {})
         for step in self.steps:
-            if inject is not None and step.name == inject[0]:
+            if step.name in skip:
+                pass
+            elif inject is not None and step.name == inject[0]:
                 env[step.name] = inject[1]
             else:
                 env[step.name] = self._exec(step, env, states, record)
@@ -133,6 +140,25 @@ class Program:
                 record[step.name] = state
         return (value, None) if step.tuple_out else value
 
+    def affine_prefix(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The batched steps before any MASO (affine in the input), and the nodes read later on.
+
+        The second set may hold the input; it holds the output when no MASO precedes it.
+        """
+        after: set[str] = set()
+        used: set[str] = set()
+        for step in self.steps:
+            refs = {r.name for r in _refs((step.args, step.kwargs))}
+            if step.maso is not None or refs & after:
+                after.add(step.name)
+                used |= refs - after
+        prefix = frozenset(
+            s.name for s in self.steps if s.name not in after and s.name in self.bdims
+        )
+        if self.output_name not in after:
+            used.add(self.output_name)
+        return prefix, frozenset(n for n in used if n in self.bdims)
+
     def per_sample(self, node: str, value: Tensor) -> Tensor:
         """Move the batch dimension of a node's value to the front: (N, *shape)."""
         return value.movedim(self.bdims[node], 0)
@@ -140,6 +166,16 @@ class Program:
     def from_sample(self, node: str, value: Tensor) -> Tensor:
         """Inverse of ``per_sample``."""
         return value.movedim(0, self.bdims[node])
+
+
+def _refs(a: Any) -> list[Ref]:
+    if isinstance(a, Ref):
+        return [a]
+    if isinstance(a, (tuple, list)):
+        return [r for v in a for r in _refs(v)]
+    if isinstance(a, dict):
+        return [r for v in a.values() for r in _refs(v)]
+    return []
 
 
 def _resolve(a: Any, env: dict[str, Any]) -> Any:

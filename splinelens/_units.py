@@ -1,0 +1,203 @@
+"""Every MASO unit as an argmax over affine candidates, and those candidates along directions.
+
+A layer's units all read a few *slots*: the entries of its MASO's tensor operands (a ReLU's
+pre-activation; both operands of ``maximum``; a hardtanh's input and tensor bounds). Unit k
+chooses piece r where candidate r is the largest, candidate r being
+``sum_t scale[k, r, t] * slot[idx[k, r, t]] + const[k, r]``. So the partition of one unit is
+an argmax of affine functions of the slots, whatever the op:
+
+* ReLU-like (threshold t): [t, z] (state z > t);  hardtanh: [lo - z, 0, z - hi];
+* max-pool / max over dims: the window's entries; min-type ops: the entries negated.
+
+Ties go to the lowest candidate; the boundaries are what matters for geometry (``slices``,
+``local``), and the codes themselves always come from the network's own forward pass.
+
+``slot_tangents`` evaluates the slots at points x and their derivatives along directions d with
+every earlier state frozen at x's: the exact local affine form of each unit's candidates.
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> view = sl.SplineView(nn.Sequential(nn.Linear(2, 3), nn.ReLU()).eval(), torch.zeros(1, 2))
+>>> table = unit_table(view, view.layers[0])
+>>> table.idx.shape                      # (units, candidates, terms)
+(3, 2, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ._maso_ops import Clip, Pairwise, Pool, Reduce, Sign
+from ._precision import exact_matmul
+from ._program import Layer, Ref
+
+if TYPE_CHECKING:
+    from .view import SplineView
+
+Tensor = torch.Tensor
+OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """Candidates of every unit of one layer: idx/scale (K, R, 2), const (K, R), valid (K, R)."""
+
+    step: str
+    operands: tuple[Any, ...]  # the step's tensor arguments (Refs or constants) that are slots
+    elementwise: bool  # slots are the operands broadcast to the output shape
+    idx: np.ndarray
+    scale: np.ndarray
+    const: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def units(self) -> int:
+        return self.idx.shape[0]
+
+    def coefficients(self, slots: np.ndarray) -> np.ndarray:
+        """Candidates from slot coefficients (M, S, C): (M, K, R, C) (C = 3 for a u + b v + c)."""
+        terms = slots[:, self.idx.clip(0)] * self.scale[None, ..., None]  # (M, K, R, 2, C)
+        out = terms.sum(3)
+        out[..., -1] += self.const
+        return out
+
+
+def unit_table(view: SplineView, layer: Layer | None) -> UnitTable:
+    """The candidate table of a layer (``None``: the output, one unit choosing the top class)."""
+    prog = view.program
+    if layer is None:
+        c = math.prod(prog.shapes[prog.output_name])
+        idx = np.stack([np.arange(c), np.full(c, -1)], 1)[None]  # (1, C, 2)
+        return _table(OUTPUT, (Ref(prog.output_name),), False, idx, [1.0, 0.0], 0.0)
+    step = next(s for s in prog.steps if s.name == layer.step)
+    maso, k = step.maso, layer.units
+    ar = np.arange(k)
+    if isinstance(maso, Sign):
+        idx = np.stack([np.full(k, -1), ar], 1)
+        return _table(step.name, step.args[:1], True, _terms(idx), [1.0, 0.0], [maso.threshold, 0])
+    if isinstance(maso, Clip):
+        return _clip_table(step, k)
+    if isinstance(maso, Pairwise):
+        sign = 1.0 if maso.kind == "maximum" else -1.0
+        ops = (step.args[0], step.args[maso.bound_arg])
+        return _table(step.name, ops, True, _terms(np.stack([ar, ar + k], 1)), [sign, 0.0], 0.0)
+    windows = (
+        _pool_windows(maso, prog.shapes[step.args[0].name], layer)
+        if isinstance(maso, Pool)
+        else _reduce_windows(maso, view, step)
+    )
+    sign = 1.0 if isinstance(maso, Pool) or maso.largest else -1.0
+    return _table(step.name, step.args[:1], False, _terms(windows), [sign, 0.0], 0.0)
+
+
+def _terms(idx: np.ndarray) -> np.ndarray:
+    """One slot term per candidate (K, R) -> (K, R, 2) with an unused second term."""
+    return np.stack([idx, np.full_like(idx, -1)], -1)
+
+
+def _table(step: str, ops: tuple, elementwise: bool, idx: np.ndarray, scale, const) -> UnitTable:
+    idx = idx.astype(np.int64)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), idx.shape).copy()
+    scale[idx < 0] = 0.0
+    const = np.broadcast_to(np.asarray(const, dtype=np.float64), idx.shape[:2]).copy()
+    valid = idx[..., 0] != -2  # pool windows mark positions outside the input with -2
+    return UnitTable(step, tuple(ops), elementwise, idx, scale, const, valid)
+
+
+def _clip_table(step: Any, k: int) -> UnitTable:
+    maso, ar, none = step.maso, np.arange(k), np.full(k, -1)
+    if maso.lo is not None:  # [lo - z, 0, z - hi]
+        idx = _terms(np.stack([ar, none, ar], 1))
+        scale = [[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+        return _table(step.name, step.args[:1], True, idx, scale, [maso.lo, 0.0, -maso.hi])
+    lo, hi = ar + k, ar + 2 * k  # tensor bounds are slots too: [lo - z, 0, z - hi]
+    idx = np.stack([np.stack([lo, ar], 1), np.stack([none, none], 1), np.stack([ar, hi], 1)], 1)
+    scale = [[1.0, -1.0], [0.0, 0.0], [1.0, -1.0]]
+    return _table(step.name, tuple(step.args[:3]), True, idx, scale, 0.0)
+
+
+def _pool_windows(pool: Pool, in_shape: tuple[int, ...], layer: Layer) -> np.ndarray:
+    """Flat input index of every window entry, (units, R); -2 where the window leaves the input."""
+    nd, spatial = pool.nd, in_shape[-pool.nd :]
+    out_spatial = layer.shape[-nd:]
+    flat = np.zeros((1,) * (2 * nd), dtype=np.int64)  # (O_1..O_nd, R_1..R_nd) once broadcast
+    ok = np.ones((1,) * (2 * nd), dtype=bool)
+    for i in range(nd):
+        pos, valid = _axis_windows(pool, i, out_spatial[i], spatial[i])  # (O_i, R_i)
+        shape = [1] * (2 * nd)
+        shape[i], shape[nd + i] = pos.shape
+        flat = flat + (pos * math.prod(spatial[i + 1 :])).reshape(shape)
+        ok = ok & valid.reshape(shape)
+    per_plane = np.where(ok, flat, -2).reshape(math.prod(out_spatial), -1)  # (O, R)
+    planes = math.prod(in_shape[:-nd])
+    offsets = np.arange(planes)[:, None, None] * math.prod(spatial)
+    out = np.where(per_plane[None] >= 0, per_plane[None] + offsets, -2)
+    return out.reshape(-1, per_plane.shape[1])
+
+
+def _axis_windows(pool: Pool, i: int, n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    o = np.arange(n_out)[:, None]
+    if pool.output_size:
+        start, end = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
+        r = np.arange(int((end - start).max()))[None]
+        pos = start + r
+        return pos, pos < end
+    r = np.arange(pool.kernel[i])[None]
+    pos = o * pool.stride[i] - pool.padding[i] + r * pool.dilation[i]
+    return pos, (pos >= 0) & (pos < n_in)
+
+
+def _reduce_windows(maso: Reduce, view: SplineView, step: Any) -> np.ndarray:
+    prog, src = view.program, step.args[0].name
+    shape, b = prog.shapes[src], prog.bdims[src]
+    ids = torch.arange(math.prod(shape)).view(shape).unsqueeze(b)  # a batch of one
+    flat = maso._flat(ids)  # (..., R) with the batch dimension among the kept ones
+    kept_b = b - sum(d % ids.dim() < b for d in maso.dims)
+    return flat.movedim(kept_b, 0).reshape(-1, flat.shape[-1]).numpy()
+
+
+def slot_tangents(
+    view: SplineView, tables: list[UnitTable], x: Tensor, dirs: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """Slots at x (M, *in) and along dirs (T, *in), states frozen at x's: [(z (M, S), dz (M, T, S))].
+
+    The frozen network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
+    """
+    prog, m, t = view.program, len(x), len(dirs)
+    stop = _last_step(view, tables)
+    states: dict[str, Tensor] = {}
+    with torch.no_grad(), exact_matmul():
+        env0 = prog.run(x, record=states, stop=stop)
+        tiled = {k: torch.cat([v] * t, view._state_bdim[k]) for k, v in states.items()}
+        moved = (x.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *x.shape[1:])
+        env1 = prog.run(moved, states=tiled, stop=stop)
+    out = []
+    for table in tables:
+        z0, z1 = _slots(view, table, env0, m), _slots(view, table, env1, t * m)
+        out.append((z0, (z1.view(t, m, -1) - z0).transpose(0, 1)))
+    return out
+
+
+def _last_step(view: SplineView, tables: list[UnitTable]) -> str | None:
+    names = {t.step for t in tables}
+    if OUTPUT in names:
+        return None
+    order = [s.name for s in view.program.steps]
+    return max(names, key=order.index)
+
+
+def _slots(view: SplineView, table: UnitTable, env: dict[str, Any], m: int) -> Tensor:
+    """The slot values of one table in a run's environment, (m, S)."""
+    prog = view.program
+    vals = [env[a.name] if isinstance(a, Ref) else a for a in table.operands]
+    if table.elementwise:
+        bdim = prog.bdims[table.step]
+        vals = [v if isinstance(v, Tensor) else torch.tensor(v) for v in vals]
+        full = torch.broadcast_tensors(*[v.to(vals[0].dtype) for v in vals])
+        return torch.cat([f.movedim(bdim, 0).reshape(m, -1) for f in full], 1)
+    name = table.operands[0].name
+    return prog.per_sample(name, vals[0]).reshape(m, -1)

@@ -1,0 +1,165 @@
+"""Exact 2-D slice partitions against grid samples and the network's own forward pass (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from splinelens import _polygons as poly
+from tests import zoo
+
+
+def _keys(codes: sl.PartitionCodes) -> np.ndarray:
+    """One row of bytes per input: all layers' codes side by side."""
+    n = len(codes)
+    return np.concatenate(
+        [la.data.reshape(n, -1).cpu().numpy().view(np.uint8) for la in codes.layers], 1
+    )
+
+
+def _plane(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = zoo.ZOO[name][1]
+    origin = torch.randn(shape, generator=g, dtype=torch.float64)
+    return origin, torch.randn(2, *shape, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def anchor_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).double().eval()
+
+
+def test_anchor_mlp_has_14439_regions(anchor_mlp: nn.Module) -> None:
+    """The issue's reference count (SplineCam, float64) for MLP 2-64-64-64-2 on [-3, 3]^2."""
+    eye = torch.eye(2, dtype=torch.float64)
+    part = sl.slice_partition(anchor_mlp, torch.zeros(2, dtype=torch.float64), eye)
+    assert len(part) == 14439
+    assert [len(la) for la in part.layers][-1] == 14439
+    assert abs(part.areas.sum() - 36.0) < 1e-9
+    assert len(np.unique(_keys(part.codes), axis=0)) == len(part)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_regions_match_grid_samples(name: str) -> None:
+    """Same region if and only if same code, on random plane points, for every zoo network."""
+    model = zoo.build(name)
+    origin, dirs = _plane(name)
+    part = sl.slice_partition(model, origin, dirs, bounds=(-1.0, 1.0, -1.0, 1.0))
+    assert abs(part.areas.sum() - 4.0) < 1e-9
+    assert (part.areas > 0).all()
+    keys = _keys(part.codes)
+    assert len(np.unique(keys, axis=0)) == len(part)  # no two regions share a code
+    uv = np.random.default_rng(0).uniform(-1, 1, (3000, 2))
+    region = part.locate(uv)
+    assert (region >= 0).all()
+    x = part.to_input(uv)
+    assert (_keys(sl.partition_codes(model, x)) == keys[region]).all()
+    f = zoo.logits(model, x).reshape(len(uv), -1).detach().numpy()
+    pred = np.einsum("pck,pk->pc", part.logits[region], np.c_[uv, np.ones(len(uv))])
+    np.testing.assert_allclose(pred, f, rtol=0, atol=1e-9 * max(1.0, np.abs(f).max()))
+
+
+def test_points_inside_each_region_share_its_code(anchor_mlp: nn.Module) -> None:
+    origin = torch.zeros(2, dtype=torch.float64)
+    part = sl.slice_partition(anchor_mlp, origin, torch.eye(2, dtype=torch.float64), (0, 1, 0, 1))
+    rng = np.random.default_rng(1)
+    w = rng.dirichlet(np.ones(part.vertices.shape[1]), len(part))  # convex weights per region
+    valid = np.arange(part.vertices.shape[1])[None] < part.counts[:, None]
+    w = np.where(valid, w, 0)
+    w /= w.sum(1, keepdims=True)
+    uv = np.einsum("rw,rwk->rk", w, part.vertices)
+    assert (_keys(sl.partition_codes(anchor_mlp, part.to_input(uv))) == _keys(part.codes)).all()
+
+
+def test_each_layer_subdivides_the_previous(anchor_mlp: nn.Module) -> None:
+    origin = torch.zeros(2, dtype=torch.float64)
+    part = sl.slice_partition(anchor_mlp, origin, torch.eye(2, dtype=torch.float64), (-1, 1, 0, 2))
+    for before, after in zip(part.layers, part.layers[1:]):
+        inner = poly.interior(after.vertices, after.counts)
+        holder = poly.locate(before.vertices, before.counts, inner)
+        assert (holder == after.parent).all()
+        sums = np.bincount(after.parent, poly.areas(after.vertices, after.counts), len(before))
+        np.testing.assert_allclose(sums, poly.areas(before.vertices, before.counts), atol=1e-12)
+    assert len(part.layers[0]) <= len(part.layers[1]) <= len(part.layers[2])
+
+
+def test_decision_boundary_is_where_the_top_class_changes() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    net = net.double().eval()
+    origin = torch.zeros(2, dtype=torch.float64)
+    part = sl.slice_partition(net, origin, torch.eye(2, dtype=torch.float64), (-4, 4, -4, 4))
+    seg = part.boundary
+    assert len(seg) > 0
+    mid = seg.mean(1)
+    normal = (seg[:, 1] - seg[:, 0])[:, ::-1] * np.array([1.0, -1.0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    with torch.no_grad():
+        f_mid = net(part.to_input(mid)).numpy()
+        left = net(part.to_input(mid + 1e-6 * normal)).argmax(1).numpy()
+        right = net(part.to_input(mid - 1e-6 * normal)).argmax(1).numpy()
+    top2 = np.sort(f_mid, 1)[:, -2:]
+    np.testing.assert_allclose(top2[:, 0], top2[:, 1], atol=1e-9)
+    assert (left != right).all()
+    # a short step that changes the top class crosses one of the segments
+    rng = np.random.default_rng(0)
+    p = rng.uniform(-4, 4, (4000, 2))
+    q = p + rng.normal(0, 0.05, p.shape)
+    with torch.no_grad():
+        changed = (net(part.to_input(p)).argmax(1) != net(part.to_input(q)).argmax(1)).numpy()
+    assert changed.sum() > 10
+    assert _crosses(p[changed], q[changed], seg).all()
+
+
+def _crosses(p: np.ndarray, q: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Whether segment p-q (P, 2) properly intersects any of seg (S, 2, 2): (P,)."""
+
+    def orient(a, b, c):
+        return (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (
+            c[..., 0] - a[..., 0]
+        )
+
+    a, b = seg[None, :, 0], seg[None, :, 1]
+    P, Q = p[:, None], q[:, None]
+    hit = (orient(P, Q, a) * orient(P, Q, b) <= 0) & (orient(a, b, P) * orient(a, b, Q) <= 0)
+    return hit.any(1)
+
+
+def test_plane_through_three_points() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)).double().eval()
+    xs = torch.randn(3, 20, dtype=torch.float64)
+    part = sl.slice_partition(net, points=tuple(xs))
+    back = part.to_input(part.anchors)
+    np.testing.assert_allclose(back.numpy(), xs.numpy(), atol=1e-12)
+    u0, u1, v0, v1 = part.bounds
+    assert u1 - u0 == pytest.approx(v1 - v0)  # a square
+    assert (part.locate(part.anchors) >= 0).all()
+
+
+def test_float32_model_is_sliced_in_float64() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    part = sl.slice_partition(net, torch.zeros(2), torch.eye(2))
+    assert part.origin.dtype == torch.float64
+    assert next(net.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"origin": torch.zeros(2), "directions": torch.zeros(3, 2)}, "directions must have"),
+        ({"origin": torch.zeros(2), "directions": torch.eye(2), "bounds": (1, 0, 0, 1)}, "u0 < u1"),
+        ({"points": (torch.zeros(2), torch.ones(2), 2 * torch.ones(2))}, "one line"),
+        ({}, "needs origin and directions"),
+    ],
+)
+def test_bad_planes_are_refused(kwargs: dict, match: str) -> None:
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match=match):
+        sl.slice_partition(net, **kwargs)
