@@ -358,12 +358,7 @@ def _changes(coef: Array, V: Array, n: Array, valid: Array, scale: float) -> Arr
     Vh = np.concatenate([V, np.ones_like(V[..., :1])], -1).transpose(0, 2, 1)  # (m, 3, W)
     _, valid_v = poly._next(n, V.shape[1])
     if coef.shape[2] == 2 and valid.all():  # two candidates: does their difference change sign?
-        d = coef[:, :, 1] - coef[:, :, 0]  # (m, K, 3)
-        g = np.matmul(d, Vh)  # (m, K, W)
-        tol = _tolerance(d, scale)[..., None]
-        lo = np.where(valid_v[:, None], g, np.inf).min(-1)
-        hi = np.where(valid_v[:, None], g, -np.inf).max(-1)
-        return (lo < -tol[..., 0]) & (hi > tol[..., 0])
+        return _sign_changes(coef[:, :, 1] - coef[:, :, 0], V, n, scale)
     m, k, r, _ = coef.shape
     vals = np.matmul(coef.reshape(m, k * r, 3), Vh).reshape(m, k, r, -1)  # (m, K, R, W)
     vals = np.where(valid[None, :, :, None], vals, -np.inf)
@@ -371,6 +366,26 @@ def _changes(coef: Array, V: Array, n: Array, valid: Array, scale: float) -> Arr
     top = vals.max(2, keepdims=True)
     near = (vals >= top - tol[..., None, None]) | ~valid_v[:, None, None, :]
     return ~near.all(-1).any(-1)
+
+
+def _sign_changes(d: Array, V: Array, n: Array, scale: float) -> Array:
+    """(m, K): whether d (m, K, 3), affine in (u, v), takes both signs in each cell.
+
+    A line farther from the cell's centre than the cell's radius cannot cross it; only the
+    other (cell, unit) pairs are tested at the vertices.
+    """
+    centre = poly.interior(V, n)  # (m, 2)
+    _, valid_v = poly._next(n, V.shape[1])
+    radius = np.where(valid_v, np.linalg.norm(V - centre[:, None], axis=-1), 0).max(1)
+    tol = _tolerance(d, scale)  # (m, K)
+    at_centre = d[..., 0] * centre[:, :1] + d[..., 1] * centre[:, 1:] + d[..., 2]
+    near = np.abs(at_centre) <= radius[:, None] * np.hypot(d[..., 0], d[..., 1]) + tol
+    p, k = np.nonzero(near)
+    g = poly.values(V[p], d[p, k])  # (pairs, W)
+    lo, hi = poly.extremes(g, n[p])
+    out = np.zeros(d.shape[:2], dtype=bool)
+    out[p, k] = (lo < -tol[p, k]) & (hi > tol[p, k])
+    return out
 
 
 def _tolerance(coef: Array, scale: float) -> Array:
