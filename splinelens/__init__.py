@@ -15,6 +15,14 @@ from .codes import LayerCodes, PartitionCodes
 from .convex import ConvexityReport, convexity
 from .distance import nearest_neighbors, partition_distance
 from .errors import UnsupportedOperationError
+from .local import (
+    LocalComplexity,
+    Polytope,
+    local_complexity,
+    region_polytope,
+    region_radius,
+    sampled_local_complexity,
+)
 from .slices import LayerSlice, SlicePartition, slice_partition
 from .view import SplineView, Verification, affine_map, partition_codes, verify
 
@@ -25,16 +33,22 @@ __all__ = [
     "ConvexityReport",
     "LayerCodes",
     "LayerSlice",
+    "LocalComplexity",
     "PartitionCodes",
+    "Polytope",
     "SlicePartition",
     "SplineView",
     "UnsupportedOperationError",
     "Verification",
     "affine_map",
     "convexity",
+    "local_complexity",
     "nearest_neighbors",
     "partition_codes",
     "partition_distance",
+    "region_polytope",
+    "region_radius",
+    "sampled_local_complexity",
     "slice_partition",
     "verify",
 ]

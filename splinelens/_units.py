@@ -163,7 +163,9 @@ def _reduce_windows(maso: Reduce, view: SplineView, step: Any) -> np.ndarray:
 def slot_tangents(
     view: SplineView, tables: list[UnitTable], x: Tensor, dirs: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
-    """Slots at x (M, *in) and along dirs (T, *in), states frozen at x's: [(z (M, S), dz (M, T, S))].
+    """Slots at x (M, *in) and along dirs (T, *in), states frozen at x's: [(z, dz)] per table.
+
+    z is (M, S), dz (M, T, S).
 
     The frozen network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
     """

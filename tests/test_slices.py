@@ -49,13 +49,14 @@ def test_regions_match_grid_samples(name: str) -> None:
     """Same region if and only if same code, on random plane points, for every zoo network."""
     model = zoo.build(name)
     origin, dirs = _plane(name)
-    part = sl.slice_partition(model, origin, dirs, bounds=(-0.2, 0.2, -0.2, 0.2))
-    assert len(part) > 20
-    assert abs(part.areas.sum() - 0.16) < 1e-12
+    h = 0.2 if origin.numel() > 50 else 1.0  # a few hundred regions either way
+    part = sl.slice_partition(model, origin, dirs, bounds=(-h, h, -h, h))
+    assert len(part) > 10
+    assert abs(part.areas.sum() - 4 * h * h) < 1e-12
     assert (part.areas > 0).all()
     keys = _keys(part.codes)
     assert len(np.unique(keys, axis=0)) == len(part)  # no two regions share a code
-    uv = np.random.default_rng(0).uniform(-0.2, 0.2, (3000, 2))
+    uv = np.random.default_rng(0).uniform(-h, h, (3000, 2))
     region = part.locate(uv)
     assert (region >= 0).all()
     x = part.to_input(uv)

@@ -1,0 +1,269 @@
+"""The region around an input: its exact radius, its inequalities, and the local complexity.
+
+x's region is the convex polytope where every unit keeps x's piece. With the earlier layers frozen
+at x's states, unit k's candidates are affine in the input, so the region is
+{y : g_kj(y) = cand_k,w(y) - cand_k,j(y) >= 0 for every unit k and every other piece j}, w being
+x's piece. Its *radius* (the largest ball around x on which the network is one affine map) is the
+smallest distance g_kj(x) / ||grad g_kj|| to those hyperplanes.
+
+Cost: the gradients come from forward passes of the frozen network along the input's coordinate
+directions, batched: about D + D / T forward passes per input (D input entries, T directions per
+pass), whatever the number of units; memory is N x T x the activations of one sample per chunk.
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(2, 1), nn.ReLU()).double().eval()
+>>> with torch.no_grad():
+...     _ = net[0].weight.copy_(torch.tensor([[3.0, 4.0]])), net[0].bias.zero_()
+>>> sl.region_radius(net, torch.tensor([[1.0, 1.0]], dtype=torch.float64))   # |3 + 4| / 5
+tensor([1.4000], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._precision import exact_matmul
+from ._units import UnitTable, slot_tangents, unit_table
+from .view import SplineView, view_of
+
+Tensor = torch.Tensor
+_BUDGET = 1 << 28  # bytes of activations per batched pass
+
+
+@dataclass(frozen=True)
+class _Constraints:
+    """One layer's constraints g_kj >= 0 at x: margins (N, K, R) and squared gradient norms."""
+
+    margin: Tensor
+    sq_norm: Tensor
+
+    def distances(self) -> Tensor:
+        """(N, K) each unit's distance to its nearest boundary hyperplane (inf: none)."""
+        d = self.margin.clamp_min(0) / self.sq_norm.sqrt()
+        return torch.where(self.sq_norm > 0, d, torch.full_like(d, math.inf)).amin(-1)
+
+
+def _tables(view: SplineView) -> list[tuple[UnitTable, Tensor, Tensor, Tensor, Tensor]]:
+    out = []
+    for layer in view.layers:
+        t = unit_table(view, layer)
+        out.append((t, *(torch.as_tensor(a) for a in (t.idx, t.scale, t.const, t.valid))))
+    return out
+
+
+def _candidates(z: Tensor, idx: Tensor, scale: Tensor, const: Tensor | None) -> Tensor:
+    """Candidate values from slots z (..., S): (..., K, R)."""
+    vals = (z[..., idx.clamp_min(0)] * scale.to(z)).sum(-1)
+    return vals if const is None else vals + const.to(z)
+
+
+def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
+    """Margins and squared gradient norms of every layer's constraints at x (one input batch)."""
+    tables = _tables(view)
+    d = math.prod(x.shape[1:])
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
+    sums: list[Tensor] = []
+    margins: list[Tensor] = []
+    for s in range(0, d, chunk):
+        res = slot_tangents(view, [t[0] for t in tables], x, basis[s : s + chunk])
+        for i, ((z, dz), (_, idx, scale, const, valid)) in enumerate(zip(res, tables)):
+            if s == 0:
+                cand = _candidates(z, idx, scale, const)  # (N, K, R)
+                cand = torch.where(valid.to(cand.device), cand, -math.inf)
+                win = cand.argmax(-1, keepdim=True)  # x's piece (ties: the first, as PyTorch)
+                ok = valid.to(cand.device)
+                margins.append(torch.where(ok, cand.gather(-1, win) - cand, math.inf))
+                sums.append(torch.zeros_like(margins[-1]))
+                tables[i] = (*tables[i], win)
+            win = tables[i][5]
+            dc = _candidates(dz, idx, scale, None)  # (N, T, K, R)
+            dg = dc.gather(-1, win.unsqueeze(1).expand(*dc.shape[:-1], 1)) - dc
+            sums[i] += (dg * dg).sum(1)
+    return [_Constraints(m, q) for m, q in zip(margins, sums)]
+
+
+def _batches(view: SplineView, x: Tensor) -> tuple[int, int]:
+    """(inputs, directions) per pass so that one pass holds about _BUDGET bytes."""
+    per_sample = sum(math.prod(s) for s in view.program.shapes.values()) * x.element_size()
+    d = math.prod(x.shape[1:])
+    t = max(1, min(d, _BUDGET // max(1, per_sample * 4)))
+    return max(1, _BUDGET // max(1, per_sample * (t + 1))), t
+
+
+def unit_distances(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Per layer, (N, K): each unit's distance from x to its boundary hyperplanes, states frozen.
+
+    Exact for the first layer; for deeper ones it is the distance to the unit's hyperplane as
+    seen from x's region (the linearised local geometry). ``inf``: the unit is constant there.
+    """
+    view = view_of(model, x)
+    view._check(x)
+    n_chunk, t = _batches(view, x)
+    parts = [_constraints(view, x[i : i + n_chunk], t) for i in range(0, len(x), n_chunk)]
+    return [torch.cat([p[layer].distances() for p in parts]) for layer in range(len(view.layers))]
+
+
+def region_radius(model: nn.Module, x: Tensor) -> Tensor:
+    """(N,) the exact radius of the largest ball around each x on which the network is affine.
+
+    It is the smallest distance from x to the hyperplanes of its region's units (Sec. 7); in the
+    dtype of the model (float64 is the exact mode). ``inf`` for an affine network.
+    """
+    dists = unit_distances(model, x)
+    out = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
+    for d in dists:
+        if d.shape[1]:
+            out = torch.minimum(out, d.amin(1))
+    return out
+
+
+@dataclass(frozen=True)
+class LocalComplexity:
+    """Unit hyperplanes near inputs: ``counts`` (N, L, len(radii)) per layer and radius."""
+
+    radii: Tensor
+    counts: Tensor
+    layers: tuple[str, ...]
+
+    @property
+    def total(self) -> Tensor:
+        """(N, len(radii)) all layers together."""
+        return self.counts.sum(1)
+
+
+def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -> LocalComplexity:
+    """How many unit hyperplanes lie within distance r of each x, per layer (linearised, exact
+    for layer 1): a density of the partition around the data.
+
+    >>> import torch, torch.nn as nn, splinelens as sl
+    >>> net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).double().eval()
+    >>> lc = sl.local_complexity(net, torch.randn(4, 3, dtype=torch.float64), [0.1, 1.0, 100.0])
+    >>> lc.counts.shape, bool((lc.counts[..., -1] <= 16).all())
+    (torch.Size([4, 1, 3]), True)
+    """
+    radii = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    dists = unit_distances(model, x)
+    counts = torch.stack([(d[..., None] <= radii).sum(1) for d in dists], 1)  # (N, L, R)
+    return LocalComplexity(radii, counts, tuple(la.name for la in view_of(model, x).layers))
+
+
+def sampled_local_complexity(
+    model: nn.Module, x: Tensor, radii: Tensor | list[float], directions: int = 32, seed: int = 0
+) -> LocalComplexity:
+    """The sampled estimate of the literature: units whose piece is not the same at x and at the
+    2P vertices x +- r q_i of a random cross-polytope (P orthonormal directions q_i).
+
+    It counts the hyperplanes that cross the polytope, which lies inside the ball of radius r, so
+    in layer 1 it never exceeds ``local_complexity``.
+    """
+    view = view_of(model, x)
+    view._check(x)
+    radii = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    d = math.prod(x.shape[1:])
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, min(directions, d), generator=g, dtype=torch.float64))
+    q = torch.cat([q.T, -q.T]).to(x)  # (2P, D)
+    counts = []
+    for r in radii:
+        pts = x.reshape(len(x), 1, d) + r * q  # (N, 2P, D)
+        pts = torch.cat([x.reshape(len(x), 1, d), pts], 1).reshape(-1, *x.shape[1:])
+        codes = _unit_codes(view, pts)  # per layer (N * (2P + 1), K)
+        counts.append(
+            torch.stack(
+                [
+                    (c.view(len(x), -1, c.shape[1]) != c.view(len(x), -1, c.shape[1])[:, :1])
+                    .any(1)
+                    .sum(1)
+                    for c in codes
+                ],
+                1,
+            )
+        )
+    layers = tuple(la.name for la in view.layers)
+    return LocalComplexity(radii, torch.stack(counts, -1), layers)
+
+
+def _unit_codes(view: SplineView, x: Tensor) -> list[Tensor]:
+    states: dict[str, Tensor] = {}
+    with torch.no_grad(), exact_matmul():
+        view.program.run(x, record=states)
+    return [
+        view._masos[la.step].code(states[la.step]).movedim(la.state_bdim, 0).reshape(len(x), -1)
+        for la in view.layers
+    ]
+
+
+@dataclass(frozen=True)
+class Polytope:
+    """x's region as {y : A y <= b} (H-representation), one row per (unit, other piece).
+
+    ``layer``/``unit``/``piece`` name each row's unit and the piece it keeps x away from.
+    """
+
+    A: Tensor  # (M, D)
+    b: Tensor  # (M,)
+    layer: Tensor
+    unit: Tensor
+    piece: Tensor
+    input_shape: tuple[int, ...]
+
+    def contains(self, y: Tensor, tol: float = 0.0) -> Tensor:
+        """(P,) whether each y (P, *input_shape) satisfies every inequality (up to tol)."""
+        lhs = y.reshape(len(y), -1).to(self.A) @ self.A.T
+        return (lhs <= self.b + tol).all(1)
+
+    def minimal(self) -> Polytope:
+        """The rows that are facets (the others are implied): one linear program per row."""
+        from scipy.optimize import linprog
+
+        A, b = self.A.cpu().numpy(), self.b.cpu().numpy()
+        keep = []
+        for i in range(len(A)):
+            others = np.delete(np.arange(len(A)), i)
+            res = linprog(-A[i], A_ub=A[others], b_ub=b[others] + 1e-9, bounds=(None, None))
+            if res.status == 3 or (res.status == 0 and -res.fun > b[i] + 1e-9):
+                keep.append(i)  # unbounded or beyond b_i: the row cuts something off
+        k = torch.as_tensor(keep, dtype=torch.long)
+        return Polytope(
+            self.A[k], self.b[k], self.layer[k], self.unit[k], self.piece[k], self.input_shape
+        )
+
+
+def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> Polytope:
+    """The H-representation of the region of one input x (1, *input_shape); for small models."""
+    if len(x) != 1:
+        raise ValueError(f"region_polytope takes one input (1, ...), got a batch of {len(x)}")
+    view = view_of(model, x)
+    view._check(x)
+    d = math.prod(x.shape[1:])
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
+    tables = _tables(view)
+    res = slot_tangents(view, [t[0] for t in tables], x, basis)
+    rows = []
+    for li, ((z, dz), (_, idx, scale, const, valid)) in enumerate(zip(res, tables)):
+        rows.append(_layer_rows(li, z[0], dz[0], idx, scale, const, valid.to(z.device), x))
+    if sum(len(r[0]) for r in rows) > max_rows:
+        raise ValueError("the region has more than max_rows inequalities; raise max_rows")
+    A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
+    return Polytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
+
+
+def _layer_rows(li: int, z, dz, idx, scale, const, valid, x) -> tuple[Tensor, ...]:
+    cand = torch.where(valid, _candidates(z, idx, scale, const), -math.inf)  # (K, R)
+    win = cand.argmax(-1)
+    grad = _candidates(dz, idx, scale, None)  # (D, K, R)
+    k = torch.arange(len(win), device=z.device)
+    gw = grad[:, k, win]  # (D, K)
+    unit, piece = torch.nonzero(
+        valid & (torch.arange(cand.shape[1], device=z.device) != win[:, None]), as_tuple=True
+    )
+    g = cand[k, win][unit] - cand[unit, piece]  # margins (M,)
+    dg = (gw[:, unit] - grad[:, unit, piece]).T  # (M, D) gradient of g
+    A = -dg
+    b = g - dg @ x.reshape(-1)
+    return A, b, torch.full_like(unit, li), unit, piece

@@ -1,0 +1,107 @@
+"""Region radii, H-representations and local complexity against line searches and explicit sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from tests import zoo
+
+
+def _same_code(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(P,) whether each y (P, ...) has the code of the single input x (1, ...)."""
+    cx, cy = sl.partition_codes(model, x), sl.partition_codes(model, y)
+    return sl.partition_distance(cy, cx).reshape(-1) == 0
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_radius_is_the_exit_distance(name: str) -> None:
+    """Every ball of radius r stays in x's region; the nearest hyperplane is left right after r."""
+    model, x = zoo.build(name), zoo.inputs(name, n=3)
+    r = sl.region_radius(model, x)
+    assert r.shape == (3,) and (r > 0).all()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        u = torch.randn(64, *x.shape[1:], generator=g, dtype=x.dtype)
+        u = u / u.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+        inside = x[i : i + 1] + (1 - 1e-7) * r[i] * u
+        assert _same_code(model, x[i : i + 1], inside).all()
+        poly = sl.region_polytope(model, x[i : i + 1])
+        n = poly.A / poly.A.norm(dim=1, keepdim=True)
+        dist = (poly.b - poly.A @ x[i].reshape(-1)) / poly.A.norm(dim=1)
+        j = torch.where(poly.A.norm(dim=1) > 0, dist, torch.inf).argmin()
+        assert dist[j].item() == pytest.approx(r[i].item(), rel=1e-9)
+        step = n[j].view(1, *x.shape[1:])
+        assert _same_code(model, x[i : i + 1], x[i : i + 1] + (1 - 1e-6) * r[i] * step).all()
+        assert not _same_code(model, x[i : i + 1], x[i : i + 1] + (1 + 1e-6) * r[i] * step).any()
+
+
+def test_radius_against_explicit_mlp() -> None:
+    """min over units of |z_k| / ||grad z_k||, with gradients from torch.func.jacrev."""
+    model, x = zoo.build("mlp"), zoo.inputs("mlp", n=5)
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+
+    def pre(xi: torch.Tensor) -> torch.Tensor:
+        z1 = lin[0](xi)
+        return torch.cat([z1, lin[1](torch.relu(z1))])
+
+    ref = []
+    for xi in x:
+        z, jac = pre(xi), torch.func.jacrev(pre)(xi)
+        ref.append((z.abs() / jac.norm(dim=1)).min())
+    torch.testing.assert_close(sl.region_radius(model, x), torch.stack(ref), rtol=1e-10, atol=0)
+
+
+def test_radius_along_random_lines_is_never_shorter() -> None:
+    """Bisection for the first code change along random lines: never closer than the radius."""
+    model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn", n=1)
+    r = sl.region_radius(model, x)[0].item()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        u = torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
+        u = (u / u.norm())[None]
+        lo, hi = 0.0, 1.0
+        while _same_code(model, x, x + hi * u).all():
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _same_code(model, x, x + mid * u).all() else (lo, mid)
+        assert hi >= r * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "maxout", "mixed_activations"])
+def test_polytope_holds_exactly_the_points_with_x_code(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name, n=1)
+    poly = sl.region_polytope(model, x)
+    r = sl.region_radius(model, x)[0]
+    g = torch.Generator().manual_seed(2)
+    y = x + 3 * r * torch.randn(400, *x.shape[1:], generator=g, dtype=x.dtype)
+    inside = poly.contains(y)
+    assert 0 < inside.sum() < len(y)  # both kinds of points are tested
+    assert (inside == _same_code(model, x, y)).all()
+    if x[0].numel() <= 16:
+        small = poly.minimal()
+        assert len(small.b) <= len(poly.b)
+        assert (small.contains(y) == inside).all()
+
+
+def test_local_complexity_layer_one_is_an_explicit_count() -> None:
+    model, x = zoo.build("mlp"), zoo.inputs("mlp", n=6)
+    radii = [0.05, 0.2, 1.0, 5.0]
+    lc = sl.local_complexity(model, x, radii)
+    w, b = model[0].weight, model[0].bias
+    dist = (x @ w.T + b).abs() / w.norm(dim=1)  # (N, 16): exact distances to layer-1 hyperplanes
+    ref = torch.stack([(dist <= r).sum(1) for r in radii], 1)
+    assert torch.equal(lc.counts[:, 0], ref)
+    assert (lc.counts.diff(dim=-1) >= 0).all()  # more hyperplanes within larger balls
+    sampled = sl.sampled_local_complexity(model, x, radii, directions=6)
+    assert (sampled.counts[:, 0] <= lc.counts[:, 0]).all()  # the polytope lies in the ball
+    assert sampled.counts.shape == lc.counts.shape
+
+
+def test_region_polytope_takes_one_input() -> None:
+    model, x = zoo.build("mlp"), zoo.inputs("mlp", n=2)
+    with pytest.raises(ValueError, match="one input"):
+        sl.region_polytope(model, x)
