@@ -23,17 +23,20 @@ from .local import (
     region_radius,
     sampled_local_complexity,
 )
+from .maso import MASO, NotAMasoError, check_masos, layer_maso
 from .slices import LayerSlice, SlicePartition, slice_partition
 from .view import SplineView, Verification, affine_map, partition_codes, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MASO",
     "AffineMap",
     "ConvexityReport",
     "LayerCodes",
     "LayerSlice",
     "LocalComplexity",
+    "NotAMasoError",
     "PartitionCodes",
     "Polytope",
     "SlicePartition",
@@ -41,7 +44,9 @@ __all__ = [
     "UnsupportedOperationError",
     "Verification",
     "affine_map",
+    "check_masos",
     "convexity",
+    "layer_maso",
     "local_complexity",
     "nearest_neighbors",
     "partition_codes",

@@ -161,22 +161,29 @@ def _reduce_windows(maso: Reduce, view: SplineView, step: Any) -> np.ndarray:
 
 
 def slot_tangents(
-    view: SplineView, tables: list[UnitTable], x: Tensor, dirs: Tensor
+    view: SplineView,
+    tables: list[UnitTable],
+    x: Tensor,
+    dirs: Tensor,
+    start: str | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Slots at x (M, *in) and along dirs (T, *in), states frozen at x's: [(z, dz)] per table.
+    """Slots at x (M, *in) and along dirs, states frozen at x's: [(z, dz)] per table.
 
-    z is (M, S), dz (M, T, S).
-
-    The frozen network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
+    z is (M, S), dz (M, T, S). ``dirs`` (T, ...) move the input, or the node ``start`` (then
+    nodes that reach the layers without passing through it keep their values for x). The frozen
+    network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
     """
     prog, m, t = view.program, len(x), len(dirs)
     stop = _last_step(view, tables)
+    start = start or prog.input_name
     states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
         env0 = prog.run(x, record=states, stop=stop)
         tiled = {k: torch.cat([v] * t, view._state_bdim[k]) for k, v in states.items()}
-        moved = (x.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *x.shape[1:])
-        env1 = prog.run(moved, states=tiled, stop=stop)
+        h0 = prog.per_sample(start, env0[start])
+        moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *h0.shape[1:])
+        xt = x.repeat(t, *[1] * (x.dim() - 1))
+        env1 = prog.run(xt, states=tiled, inject=(start, prog.from_sample(start, moved)), stop=stop)
     out = []
     for table in tables:
         z0, z1 = _slots(view, table, env0, m), _slots(view, table, env1, t * m)

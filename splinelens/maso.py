@@ -1,0 +1,235 @@
+"""Each layer as an explicit max-affine spline operator (Sec. 3, Propositions 1-4, Theorem 1).
+
+Layer l maps the previous layer's output h to K units; unit k outputs max_r <A_k,r, h> + B_k,r
+over its R pieces, and its piece is the argmax. ``layer_maso`` returns that operator as a module:
+slopes (K, R, D) and offsets (K, R) as dense tensors for small layers, and as an operator (the
+frozen affine ops before the nonlinearity) for large ones.
+
+Pieces: ReLU [0, z], leaky ReLU / PReLU [a z, z] (a <= 1), abs [-z, z], clamp(min=t) [t, z],
+max-pooling and max over dims: the window's entries, maximum(a, b): [b, a]. Hardtanh, min-type
+ops and slopes above 1 are piecewise affine but concave somewhere, so they are no MASO: they are
+refused here (their partitions, codes and affine maps stay exact elsewhere in splinelens).
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+>>> maso = sl.layer_maso(net, torch.randn(1, 3, dtype=torch.float64), 0)
+>>> maso.slopes.shape, maso.offsets.shape          # (K, R, D), (K, R)
+(torch.Size([4, 2, 3]), torch.Size([4, 2]))
+>>> h = torch.randn(5, 3, dtype=torch.float64)
+>>> torch.allclose(maso(h), net[1](net[0](h)))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._maso_ops import Clip, Pairwise, Reduce, Sign
+from ._precision import exact_matmul
+from ._program import Layer
+from ._units import UnitTable, _slots, slot_tangents, unit_table
+from .view import SplineView, view_of
+
+Tensor = torch.Tensor
+_DENSE = 1 << 24  # slot-Jacobian entries up to which W is materialised
+
+
+class NotAMasoError(ValueError):
+    """A layer that is piecewise affine but not max-affine (not convex in its input)."""
+
+
+class MASO(nn.Module):
+    """One layer as a MASO: K units of R affine pieces each, on inputs h (N, *input_shape).
+
+    ``forward(h)`` gives the layer's output (N, *output_shape); ``argmax(h)`` the piece of every
+    unit (N, K). Pieces read ``slots`` z = W h + b (the pre-activations): piece r of unit k is
+    sum_t scale[k, r, t] z[idx[k, r, t]] + const[k, r].
+    """
+
+    def __init__(self, name: str, input_shape, output_shape, table: _Pieces, pre) -> None:
+        super().__init__()
+        self.name, self.input_shape, self.output_shape = name, input_shape, output_shape
+        self.register_buffer("idx", torch.as_tensor(table.idx))
+        self.register_buffer("scale", torch.as_tensor(table.scale))
+        self.register_buffer("const", torch.as_tensor(table.const))
+        self.register_buffer("valid", torch.as_tensor(table.valid))
+        self.tie_last = table.tie_last
+        self._pre = pre  # h (N, D) -> slots (N, S)
+        self.W: Tensor | None = None  # (S, D) when dense
+        self.b: Tensor | None = None  # (S,) when dense
+
+    def pieces(self, h: Tensor) -> Tensor:
+        """Every piece's value, (N, K, R)."""
+        z = self.slots(h)
+        vals = (z[:, self.idx.clamp_min(0)] * self.scale.to(z)).sum(-1) + self.const.to(z)
+        return torch.where(self.valid, vals, -math.inf)
+
+    def slots(self, h: Tensor) -> Tensor:
+        """The pre-activations z = W h + b, (N, S)."""
+        flat = h.reshape(len(h), -1)
+        return flat @ self.W.T + self.b if self.W is not None else self._pre(h)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.pieces(h).amax(-1).view(len(h), *self.output_shape)
+
+    def argmax(self, h: Tensor) -> Tensor:
+        """(N, K) each unit's piece; ties go to the first piece (to a in maximum(a, b))."""
+        vals = self.pieces(h)
+        if self.tie_last:
+            return vals.shape[-1] - 1 - vals.flip(-1).argmax(-1)
+        return vals.argmax(-1)
+
+    @property
+    def slopes(self) -> Tensor:
+        """A (K, R, D): piece r of unit k is <A[k, r], h> + B[k, r]."""
+        if self.W is None:
+            raise ValueError(
+                f"layer {self.name!r} is too large for dense slopes; use maso(h) / .pieces(h)"
+            )
+        return (self.W[self.idx.clamp_min(0)] * self.scale.to(self.W)[..., None]).sum(2)
+
+    @property
+    def offsets(self) -> Tensor:
+        """B (K, R) (-inf for window positions outside the input)."""
+        if self.b is None:
+            raise ValueError(f"layer {self.name!r} is too large for dense offsets")
+        vals = (self.b[self.idx.clamp_min(0)] * self.scale.to(self.b)).sum(-1) + self.const.to(
+            self.b
+        )
+        return torch.where(self.valid, vals, -math.inf)
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    idx: np.ndarray
+    scale: np.ndarray
+    const: np.ndarray
+    valid: np.ndarray
+    tie_last: bool = False
+
+
+def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> _Pieces:
+    """The true pieces of the layer's nonlinearity (``table`` only locates its boundaries)."""
+    step = next(s for s in view.program.steps if s.name == layer.step)
+    maso, k = step.maso, layer.units
+    concave = (
+        isinstance(maso, Clip)
+        or (isinstance(maso, Pairwise) and maso.kind == "minimum")
+        or (isinstance(maso, Reduce) and not maso.largest)
+        or (isinstance(maso, Sign) and maso.kind == "clamp_max")
+    )
+    if concave:
+        raise NotAMasoError(
+            f"layer {layer.name!r} ({maso.kind}) is piecewise affine but not convex in its "
+            "input, so it is no MASO (Propositions 1-4 cover max-affine operators only)"
+        )
+    if isinstance(maso, Pairwise):  # [b, a]: the argmax is 1 where a wins, as in the codes
+        rev = (table.idx[:, ::-1].copy(), table.scale[:, ::-1].copy())
+        return _Pieces(*rev, table.const, table.valid, tie_last=True)
+    if not isinstance(maso, Sign) or maso.kind == "clamp_min":
+        return _Pieces(table.idx, table.scale, table.const, table.valid)
+    slope = _negative_slopes(view, step, x, k)
+    if (slope > 1).any():
+        raise NotAMasoError(
+            f"layer {layer.name!r} ({maso.kind}) has a slope above 1 below 0: it is concave"
+        )
+    ar, none = np.arange(k), np.full(k, -1)
+    idx = np.stack([np.stack([ar, none], 1), np.stack([ar, none], 1)], 1)  # (K, 2, 2)
+    scale = np.stack([np.stack([slope, 0 * slope], 1), np.stack([1 + 0 * slope, 0 * slope], 1)], 1)
+    return _Pieces(idx, scale, np.zeros((k, 2)), np.ones((k, 2), bool))
+
+
+def _negative_slopes(view: SplineView, step, x: Tensor, k: int) -> np.ndarray:
+    """(K,) the slope of each unit's piece below 0 (PReLU: per channel)."""
+    prog = view.program
+    with torch.no_grad(), exact_matmul():
+        env = prog.run(x[:1], stop=step.name, record={})
+    args = [env[a.name] if hasattr(a, "name") else a for a in step.args]
+    z = args[0]
+    factor = step.maso._factor(args, torch.zeros_like(z, dtype=torch.bool))
+    factor = torch.broadcast_to(factor, z.shape)
+    return prog.per_sample(step.args[0].name, factor).reshape(-1)[:k].cpu().double().numpy()
+
+
+def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
+    """Layer ``layer`` of ``model`` as an explicit MASO of the previous layer's output.
+
+    ``x`` (1 or more inputs; the first is used) fixes the values of skip connections from
+    earlier layers, which enter the offsets; for a chain of layers the MASO does not depend on x.
+    """
+    view = view_of(model, x)
+    view._check(x)
+    la = view.layer(layer)
+    start = view.program.layers[la.index - 1].node if la.index else view.program.input_name
+    table = unit_table(view, la)
+    pieces = _pieces(view, la, table, x)
+    in_shape = view.program.shapes[start]
+    x1 = x[:1]
+
+    def pre(h: Tensor) -> Tensor:  # the frozen affine ops from h to the slots
+        return _run_from(view, table, x1, start, h)
+
+    m = MASO(la.name, in_shape, la.shape, pieces, pre)
+    d, s = math.prod(in_shape), table.idx.max() + 1
+    if d * s <= _DENSE:
+        basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)
+        ((z, dz),) = slot_tangents(view, [table], x1, basis, start=start)
+        h0 = _value(view, x1, start)
+        m.W = dz[0].T.contiguous()  # (S, D)
+        m.b = z[0] - m.W @ h0.reshape(-1)
+    return m
+
+
+def _value(view: SplineView, x: Tensor, node: str) -> Tensor:
+    with torch.no_grad(), exact_matmul():
+        env = view.program.run(x, record={}, stop=None if node == view.program.input_name else node)
+    return view.program.per_sample(node, env[node])
+
+
+def _run_from(view: SplineView, table: UnitTable, x1: Tensor, start: str, h: Tensor) -> Tensor:
+    prog, n = view.program, len(h)
+    states: dict[str, Tensor] = {}
+    with torch.no_grad(), exact_matmul():
+        prog.run(x1, record=states, stop=table.step)
+        tiled = {k: torch.cat([v] * n, view._state_bdim[k]) for k, v in states.items()}
+        xs = x1.expand(n, *x1.shape[1:])
+        env = prog.run(
+            xs, states=tiled, inject=(start, prog.from_sample(start, h)), stop=table.step
+        )
+    return _slots(view, table, env, n)
+
+
+def check_masos(model: nn.Module, x: Tensor) -> list[tuple[str, float, bool]]:
+    """For each MASO layer: (name, max |MASO(h(x)) - layer(x)|, argmax == partition code)."""
+    view = view_of(model, x)
+    states: dict[str, Tensor] = {}
+    with torch.no_grad(), exact_matmul():
+        env = view.program.run(x, record=states)
+    out = []
+    for la in view.layers:
+        try:
+            m = layer_maso(model, x, la.index)
+        except NotAMasoError:
+            continue
+        start = view.program.layers[la.index - 1].node if la.index else view.program.input_name
+        rows = [_one(view, m, env, states, la, start, x, i) for i in range(len(x))]
+        out.append((la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
+    return out
+
+
+def _one(view, m, env, states, la, start, x, i) -> tuple[float, bool]:
+    """Layer la at input i: the MASO built at x_i against the network's own values."""
+    mi = layer_maso(view.model, x[i : i + 1], la.index) if i else m
+    prog = view.program
+    h = prog.per_sample(start, env[start])[i : i + 1]
+    ref = prog.per_sample(la.node, env[la.node])[i : i + 1]
+    code = view._masos[la.step].code(states[la.step]).movedim(la.state_bdim, 0)[i].reshape(-1)
+    with torch.no_grad():
+        err = (mi(h) - ref.reshape(1, *mi.output_shape)).abs().max().item()
+        same = bool((mi.argmax(h)[0].to(code.device) == code.long()).all())
+    return err, same

@@ -1,0 +1,72 @@
+"""Every layer against its explicit MASO (Sec. 3): values, pieces, slopes, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from tests import zoo
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_each_layer_equals_its_maso(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name, n=3)
+    rows = sl.check_masos(model, x)
+    convex = [la for la in sl.SplineView(model, x).layers if la.kind not in _CONCAVE]
+    assert [r[0] for r in rows] == [la.name for la in convex]
+    for layer, err, same_code in rows:
+        assert err <= 1e-10, (layer, err)
+        assert same_code, layer
+
+
+_CONCAVE = {"hardtanh", "relu6", "clamp", "clip", "minimum", "fmin", "amin", "min", "clamp_max"}
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "maxout", "conv1d"])
+def test_chain_masos_hold_at_other_inputs(name: str) -> None:
+    """Without skips a layer's MASO is global: built at x, exact at any y, in any region."""
+    model, x, y = zoo.build(name), zoo.inputs(name, n=1), zoo.inputs(name, n=6, seed=5)
+    view = sl.SplineView(model, x)
+    env = view.program.run(y, record={})
+    for la in view.layers:
+        m = sl.layer_maso(model, x, la.index)
+        start = view.program.layers[la.index - 1].node if la.index else view.program.input_name
+        h = view.program.per_sample(start, env[start])
+        ref = view.program.per_sample(la.node, env[la.node])
+        torch.testing.assert_close(m(h), ref.reshape(len(y), *m.output_shape), rtol=0, atol=1e-10)
+
+
+def test_dense_parameters_are_the_weights() -> None:
+    model, x = zoo.build("mlp"), zoo.inputs("mlp", n=1)
+    m = sl.layer_maso(model, x, 1)  # Linear(16, 16) then ReLU: pieces [0, W h + b]
+    w, b = model[2].weight, model[2].bias
+    torch.testing.assert_close(m.slopes[:, 1], w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.offsets[:, 1], b, rtol=0, atol=1e-12)
+    assert (m.slopes[:, 0] == 0).all() and (m.offsets[:, 0] == 0).all()
+    h = torch.randn(7, 16, dtype=torch.float64)
+    torch.testing.assert_close(m.slots(h), m._pre(h), rtol=0, atol=1e-12)  # dense == operator
+    ref = torch.einsum("krd,nd->nkr", m.slopes, h) + m.offsets
+    torch.testing.assert_close(m.pieces(h), ref, rtol=0, atol=1e-12)
+
+
+def test_leaky_and_pool_pieces() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LeakyReLU(0.2), nn.MaxPool2d(2, padding=1))
+    net = net.double().eval()
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    leaky = sl.layer_maso(net, x, 0)
+    z = net[0](x).reshape(-1)
+    torch.testing.assert_close(leaky.pieces(x)[0], torch.stack([0.2 * z, z], 1))
+    pool = sl.layer_maso(net, x, 1)
+    assert pool.slopes.shape == (2 * 3 * 3, 4, 2 * 4 * 4)
+    assert torch.isinf(pool.offsets).any()  # window positions in the padding
+    h = net[1](net[0](x))
+    torch.testing.assert_close(pool(h), net[2](h))
+
+
+def test_concave_layers_are_refused_by_name() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Hardtanh(), nn.Linear(4, 2)).double().eval()
+    with pytest.raises(sl.NotAMasoError, match=r"'1' \(hardtanh\).*not convex"):
+        sl.layer_maso(net, torch.randn(1, 3, dtype=torch.float64), 0)
