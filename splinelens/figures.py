@@ -108,3 +108,65 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
+
+
+def plot_slice(part, ax=None, color: str = "random", layer: int = -1):
+    """Draw a ``SlicePartition``'s regions after ``layer`` on ``ax``.
+
+    ``color``: "random" (one colour per region), "class" (top class at the region's interior
+    point; regions the decision boundary crosses take their interior point's class) or "slope"
+    (||d f / d(u, v)||). The decision boundary (black) and the anchor points are drawn on top.
+    """
+    import numpy as np
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    plt = _plt()
+    ax = ax or plt.subplots(figsize=(5, 5))[1]
+    cells = part.layers[layer] if part.layers else None
+    V = cells.vertices if cells else part.vertices
+    n = cells.counts if cells else part.counts
+    faces = _face_colors(part, color, layer, len(n), plt)
+    polys = [v[:k] for v, k in zip(V, n)]
+    ax.add_collection(PolyCollection(polys, facecolors=faces, edgecolors=(0, 0, 0, 0.35), lw=0.2))
+    if layer in (-1, len(part.layers) - 1) and len(part.boundary):
+        ax.add_collection(LineCollection(part.boundary, colors="k", linewidths=1.2))
+    if part.anchors is not None:
+        ax.scatter(*np.asarray(part.anchors).T, marker="*", s=120, c="w", edgecolors="k", zorder=3)
+    u0, u1, v0, v1 = part.bounds
+    ax.set_xlim(u0, u1)
+    ax.set_ylim(v0, v1)
+    ax.set_aspect("equal")
+    return ax
+
+
+def _face_colors(part, color: str, layer: int, count: int, plt):
+    import numpy as np
+
+    if color == "random":
+        return plt.cm.tab20(np.random.default_rng(0).integers(0, 20, count))
+    if layer not in (-1, len(part.layers) - 1):
+        raise ValueError('color="class" and "slope" describe the final regions: use layer=-1')
+    if color == "class":
+        return plt.cm.tab10(part.classes % 10)
+    if color == "slope":
+        s = part.slope_norms
+        return plt.cm.viridis((s - s.min()) / max(s.max() - s.min(), 1e-300))
+    raise ValueError(f'color must be "random", "class" or "slope", got {color!r}')
+
+
+def slice_figure(part, path: str | Path, color: str = "class") -> Path:
+    """One panel per layer (how each subdivides the last, Sec. 7.1), then the final regions
+    coloured by ``color`` with the decision boundary; writes a PNG."""
+    plt = _plt()
+    k = len(part.layers) + 1
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.4), squeeze=False)
+    for i, la in enumerate(part.layers):
+        plot_slice(part, axes[0, i], "random", i)
+        axes[0, i].set_title(f"after {la.name}: {len(la)} regions", fontsize=8)
+    plot_slice(part, axes[0, -1], color, -1)
+    axes[0, -1].set_title(f"{len(part)} regions by {color}, decision boundary", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -174,7 +174,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     def pre(h: Tensor) -> Tensor:  # the frozen affine ops from h to the slots
         return _run_from(view, table, x1, start, h)
 
-    m = MASO(la.name, in_shape, la.shape, pieces, pre)
+    m = MASO(la.name, in_shape, la.shape, pieces, pre).to(x.device)
     d, s = math.prod(in_shape), table.idx.max() + 1
     if d * s <= _DENSE:
         basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)

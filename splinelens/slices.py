@@ -280,12 +280,20 @@ class _Plane:
         with torch.no_grad(), exact_matmul():
             pre = self._preset(uv_t)
             env0 = prog.run(
-                _dummy(pre, prog, len(uv)), record=states, stop=stop, preset=pre, skip=self.skip
+                _dummy(pre, prog, len(uv), uv_t.device),
+                record=states,
+                stop=stop,
+                preset=pre,
+                skip=self.skip,
             )
             tiled = {k: torch.cat([v] * 2, self.view._state_bdim[k]) for k, v in states.items()}
             pre = self._preset(uv_t, shift=True)
             env1 = prog.run(
-                _dummy(pre, prog, 2 * len(uv)), states=tiled, stop=stop, preset=pre, skip=self.skip
+                _dummy(pre, prog, 2 * len(uv), uv_t.device),
+                states=tiled,
+                stop=stop,
+                preset=pre,
+                skip=self.skip,
             )
         out = []
         for table in tables:
@@ -300,10 +308,11 @@ class _Plane:
         return table.coefficients(self.slots([table], uv)[0][0])
 
 
-def _dummy(preset: dict[str, Tensor], prog: Program, m: int) -> Tensor:
+def _dummy(preset: dict[str, Tensor], prog: Program, m: int, device: torch.device) -> Tensor:
     """The input when no later step reads it: a free view with the right shape (sizes are read)."""
     shape = prog.shapes[prog.input_name]
-    return preset.get(prog.input_name, torch.zeros((), dtype=torch.float64).expand(m, *shape))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return preset.get(prog.input_name, zero.expand(m, *shape))
 
 
 def _chunks(m: int, table: UnitTable, width: int = 16) -> list[tuple[int, int]]:

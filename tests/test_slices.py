@@ -165,3 +165,15 @@ def test_bad_planes_are_refused(kwargs: dict, match: str) -> None:
     net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     with pytest.raises(ValueError, match=match):
         sl.slice_partition(net, **kwargs)
+
+
+@pytest.mark.parametrize("color", ["random", "class", "slope"])
+def test_slice_figure(tmp_path, anchor_mlp: nn.Module, color: str) -> None:
+    from splinelens.figures import slice_figure
+
+    eye = torch.eye(2, dtype=torch.float64)
+    part = sl.slice_partition(anchor_mlp, torch.zeros(2, dtype=torch.float64), eye, (0, 1, 0, 1))
+    out = slice_figure(part, tmp_path / "s.png", color)
+    assert out.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="color must be"):
+        part.plot(color="rainbow")
