@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from . import _ops
 from ._maso_ops import Clip, Pairwise, Pool, Reduce, Sign, eval_batch_norm
-from ._program import Program, Ref, Step
+from ._program import Program, Ref, Step, _refs
 from .view import view_of
 
 Tensor = torch.Tensor
@@ -256,16 +256,6 @@ def _shape_of(maso: Any, env: dict[str, Any], step: Step) -> tuple[bool, bool]:
         slope = env[step.args[1].name] if maso.kind == "prelu" else torch.tensor(maso.neg_slope)
         return bool((slope >= 0).all()), bool((slope <= 1).all())
     return False, False
-
-
-def _refs(a: Any) -> list[Ref]:
-    if isinstance(a, Ref):
-        return [a]
-    if isinstance(a, (tuple, list)):
-        return [r for v in a for r in _refs(v)]
-    if isinstance(a, dict):
-        return [r for v in a.values() for r in _refs(v)]
-    return []
 
 
 class _NonNegative(nn.Module):
