@@ -193,7 +193,7 @@ def slot_tangents(
 
 def _last_step(view: SplineView, tables: list[UnitTable]) -> str | None:
     names = {t.step for t in tables}
-    if OUTPUT in names:
+    if OUTPUT in names or not names:
         return None
     order = [s.name for s in view.program.steps]
     return max(names, key=order.index)

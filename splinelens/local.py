@@ -148,7 +148,8 @@ def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -
     """
     radii = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
     dists = unit_distances(model, x)
-    counts = torch.stack([(d[..., None] <= radii).sum(1) for d in dists], 1)  # (N, L, R)
+    counts = [(d[..., None] <= radii).sum(1) for d in dists]
+    counts = torch.stack(counts, 1) if counts else radii.new_zeros(len(x), 0, len(radii)).long()
     return LocalComplexity(radii, counts, tuple(la.name for la in view_of(model, x).layers))
 
 
@@ -172,18 +173,9 @@ def sampled_local_complexity(
     for r in radii:
         pts = x.reshape(len(x), 1, d) + r * q  # (N, 2P, D)
         pts = torch.cat([x.reshape(len(x), 1, d), pts], 1).reshape(-1, *x.shape[1:])
-        codes = _unit_codes(view, pts)  # per layer (N * (2P + 1), K)
-        counts.append(
-            torch.stack(
-                [
-                    (c.view(len(x), -1, c.shape[1]) != c.view(len(x), -1, c.shape[1])[:, :1])
-                    .any(1)
-                    .sum(1)
-                    for c in codes
-                ],
-                1,
-            )
-        )
+        codes = [c.view(len(x), -1, c.shape[1]) for c in _unit_codes(view, pts)]  # (N, 2P+1, K)
+        per_layer = [(c != c[:, :1]).any(1).sum(1) for c in codes]  # units whose piece changes
+        counts.append(torch.stack(per_layer, 1) if codes else x.new_zeros(len(x), 0).long())
     layers = tuple(la.name for la in view.layers)
     return LocalComplexity(radii, torch.stack(counts, -1), layers)
 

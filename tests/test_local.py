@@ -105,3 +105,13 @@ def test_region_polytope_takes_one_input() -> None:
     model, x = zoo.build("mlp"), zoo.inputs("mlp", n=2)
     with pytest.raises(ValueError, match="one input"):
         sl.region_polytope(model, x)
+
+
+def test_affine_network_has_one_unbounded_region() -> None:
+    net = nn.Sequential(nn.Linear(2, 3)).double().eval()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert torch.isinf(sl.region_radius(net, x)).all()
+    assert sl.local_complexity(net, x, [1.0]).counts.shape == (3, 0, 1)
+    assert sl.sampled_local_complexity(net, x, [1.0]).counts.shape == (3, 0, 1)
+    part = sl.slice_partition(net, torch.zeros(2), torch.eye(2))
+    assert len(part) == 1 and part.areas.sum() == pytest.approx(36.0)
