@@ -27,8 +27,12 @@ def square(bounds: tuple[float, float, float, float]) -> tuple[Array, Array]:
 def _next(n: Array, width: int) -> tuple[Array, Array]:
     """Per polygon: the index of each vertex's successor, and which vertices are valid."""
     idx = np.arange(width)[None, :]  # (1, W)
-    valid = idx < n[:, None]  # (M, W)
-    return np.where(idx + 1 < n[:, None], idx + 1, 0), valid
+    return np.where(idx + 1 < n[:, None], idx + 1, 0), valid(n, width)
+
+
+def valid(n: Array, width: int) -> Array:
+    """(M, W): which padded vertex slots are real vertices."""
+    return np.arange(width)[None, :] < n[:, None]
 
 
 def clip(V: Array, n: Array, s: Array) -> tuple[Array, Array]:
@@ -66,8 +70,8 @@ def values(V: Array, coef: Array) -> Array:
 
 def extremes(s: Array, n: Array) -> tuple[Array, Array]:
     """Minimum and maximum of s (M, W) over each polygon's valid vertices."""
-    _, valid = _next(n, s.shape[1])
-    return np.where(valid, s, np.inf).min(1), np.where(valid, s, -np.inf).max(1)
+    ok = valid(n, s.shape[1])
+    return np.where(ok, s, np.inf).min(1), np.where(ok, s, -np.inf).max(1)
 
 
 def areas(V: Array, n: Array) -> Array:
@@ -80,8 +84,7 @@ def areas(V: Array, n: Array) -> Array:
 
 def interior(V: Array, n: Array) -> Array:
     """The vertex mean of each polygon, (M, 2): strictly inside a non-degenerate convex polygon."""
-    _, valid = _next(n, V.shape[1])
-    return (V * valid[..., None]).sum(1) / np.maximum(n, 1)[:, None]
+    return (V * valid(n, V.shape[1])[..., None]).sum(1) / np.maximum(n, 1)[:, None]
 
 
 def edges(V: Array, n: Array) -> Array:
@@ -128,11 +131,8 @@ def locate(V: Array, n: Array, pts: Array, chunk: int = 1 << 16) -> Array:
 
 
 def _bboxes(V: Array, n: Array) -> tuple[Array, Array]:
-    _, valid = _next(n, V.shape[1])
-    return (
-        np.where(valid[..., None], V, np.inf).min(1),
-        np.where(valid[..., None], V, -np.inf).max(1),
-    )
+    ok = valid(n, V.shape[1])[..., None]
+    return np.where(ok, V, np.inf).min(1), np.where(ok, V, -np.inf).max(1)
 
 
 def _buckets(lo: Array, hi: Array, g: int) -> tuple[Array, Array]:

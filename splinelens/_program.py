@@ -80,6 +80,14 @@ class Program:
     shapes: dict[str, tuple[int, ...]]  # node -> one sample's shape
     output_g: str | None = None  # the excluded output nonlinearity, if any
     param_fqn: dict[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
+    position: dict[str, int] = field(init=False, repr=False)  # step name -> index in steps
+
+    def __post_init__(self) -> None:
+        self.position = {s.name: i for i, s in enumerate(self.steps)}
+
+    def step(self, name: str) -> Step:
+        """The step that computes node ``name``."""
+        return self.steps[self.position[name]]
 
     def run(
         self,

@@ -58,6 +58,22 @@ class UnitTable:
     def units(self) -> int:
         return self.idx.shape[0]
 
+    def values(self, z: Tensor, tangent: bool = False) -> Tensor:
+        """Candidate values from slots z (..., S): (..., K, R), -inf where a window leaves the
+        input. ``tangent``: z are slot derivatives, so no constants (and 0 where invalid)."""
+        idx, scale, const, valid = self._tensors(z.device)
+        vals = (z[..., idx] * scale.to(z)).sum(-1)
+        if tangent:
+            return torch.where(valid, vals, 0.0)
+        return torch.where(valid, vals + const.to(z), -math.inf)
+
+    def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cache = self.__dict__.setdefault("_cache", {})  # frozen dataclass: a plain dict cache
+        if device not in cache:
+            arrays = (self.idx.clip(0), self.scale, self.const, self.valid)
+            cache[device] = tuple(torch.as_tensor(a, device=device) for a in arrays)
+        return cache[device]
+
     def coefficients(self, slots: np.ndarray) -> np.ndarray:
         """Candidates from slot coefficients (M, S, C): (M, K, R, C) (C = 3 for a u + b v + c)."""
         terms = slots[:, self.idx.clip(0)] * self.scale[None, ..., None]  # (M, K, R, 2, C)
@@ -73,7 +89,7 @@ def unit_table(view: SplineView, layer: Layer | None) -> UnitTable:
         c = math.prod(prog.shapes[prog.output_name])
         idx = np.stack([np.arange(c), np.full(c, -1)], 1)[None]  # (1, C, 2)
         return _table(OUTPUT, (Ref(prog.output_name),), False, idx, [1.0, 0.0], 0.0)
-    step = next(s for s in prog.steps if s.name == layer.step)
+    step = prog.step(layer.step)
     maso, k = step.maso, layer.units
     ar = np.arange(k)
     if isinstance(maso, Sign):
@@ -179,11 +195,18 @@ def slot_tangents(
     states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
         env0 = prog.run(x, record=states, stop=stop)
-        tiled = {k: torch.cat([v] * t, view._state_bdim[k]) for k, v in states.items()}
         h0 = prog.per_sample(start, env0[start])
         moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *h0.shape[1:])
         xt = x.repeat(t, *[1] * (x.dim() - 1))
+        tiled = view._cat_states([states] * t)
         env1 = prog.run(xt, states=tiled, inject=(start, prog.from_sample(start, moved)), stop=stop)
+    return slot_differences(view, tables, env0, env1, m, t)
+
+
+def slot_differences(
+    view: SplineView, tables: list[UnitTable], env0: dict, env1: dict, m: int, t: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Slots of a run at m points and of a frozen run at t moves of each: [(z, dz (m, t, S))]."""
     out = []
     for table in tables:
         z0, z1 = _slots(view, table, env0, m), _slots(view, table, env1, t * m)
@@ -195,8 +218,7 @@ def _last_step(view: SplineView, tables: list[UnitTable]) -> str | None:
     names = {t.step for t in tables}
     if OUTPUT in names or not names:
         return None
-    order = [s.name for s in view.program.steps]
-    return max(names, key=order.index)
+    return max(names, key=view.program.position.__getitem__)
 
 
 def _slots(view: SplineView, table: UnitTable, env: dict[str, Any], m: int) -> Tensor:

@@ -48,42 +48,27 @@ class _Constraints:
         return torch.where(self.sq_norm > 0, d, torch.full_like(d, math.inf)).amin(-1)
 
 
-def _tables(view: SplineView) -> list[tuple[UnitTable, Tensor, Tensor, Tensor, Tensor]]:
-    out = []
-    for layer in view.layers:
-        t = unit_table(view, layer)
-        out.append((t, *(torch.as_tensor(a) for a in (t.idx, t.scale, t.const, t.valid))))
-    return out
-
-
-def _candidates(z: Tensor, idx: Tensor, scale: Tensor, const: Tensor | None) -> Tensor:
-    """Candidate values from slots z (..., S): (..., K, R)."""
-    vals = (z[..., idx.clamp_min(0)] * scale.to(z)).sum(-1)
-    return vals if const is None else vals + const.to(z)
-
-
 def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
     """Margins and squared gradient norms of every layer's constraints at x (one input batch)."""
-    tables = _tables(view)
+    tables = [unit_table(view, la) for la in view.layers]
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
-    sums: list[Tensor] = []
+    wins: list[Tensor] = []
     margins: list[Tensor] = []
+    sums: list[Tensor] = []
     for s in range(0, d, chunk):
-        res = slot_tangents(view, [t[0] for t in tables], x, basis[s : s + chunk])
-        for i, ((z, dz), (_, idx, scale, const, valid)) in enumerate(zip(res, tables)):
-            if s == 0:
-                cand = _candidates(z, idx, scale, const)  # (N, K, R)
-                cand = torch.where(valid.to(cand.device), cand, -math.inf)
+        res = slot_tangents(view, tables, x, basis[s : s + chunk])
+        if s == 0:
+            for (z, _), table in zip(res, tables):
+                cand = table.values(z)  # (N, K, R), -inf for positions outside a window
                 win = cand.argmax(-1, keepdim=True)  # x's piece (ties: the first, as PyTorch)
-                ok = valid.to(cand.device)
-                margins.append(torch.where(ok, cand.gather(-1, win) - cand, math.inf))
-                sums.append(torch.zeros_like(margins[-1]))
-                tables[i] = (*tables[i], win)
-            win = tables[i][5]
-            dc = _candidates(dz, idx, scale, None)  # (N, T, K, R)
+                wins.append(win)
+                margins.append(cand.gather(-1, win) - cand)  # +inf against invalid pieces
+                sums.append(torch.zeros_like(cand))
+        for (_, dz), table, win, acc in zip(res, tables, wins, sums):
+            dc = table.values(dz, tangent=True)  # (N, T, K, R)
             dg = dc.gather(-1, win.unsqueeze(1).expand(*dc.shape[:-1], 1)) - dc
-            sums[i] += (dg * dg).sum(1)
+            acc += (dg * dg).sum(1)
     return [_Constraints(m, q) for m, q in zip(margins, sums)]
 
 
@@ -181,13 +166,11 @@ def sampled_local_complexity(
 
 
 def _unit_codes(view: SplineView, x: Tensor) -> list[Tensor]:
+    """Per layer, (N, K): every unit's piece for x."""
     states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
         view.program.run(x, record=states)
-    return [
-        view._masos[la.step].code(states[la.step]).movedim(la.state_bdim, 0).reshape(len(x), -1)
-        for la in view.layers
-    ]
+    return [view._unit_codes(la, states[la.step], len(x)) for la in view.layers]
 
 
 @dataclass(frozen=True)
@@ -234,28 +217,23 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> P
     view._check(x)
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
-    tables = _tables(view)
-    res = slot_tangents(view, [t[0] for t in tables], x, basis)
-    rows = []
-    for li, ((z, dz), (_, idx, scale, const, valid)) in enumerate(zip(res, tables)):
-        rows.append(_layer_rows(li, z[0], dz[0], idx, scale, const, valid.to(z.device), x))
+    tables = [unit_table(view, la) for la in view.layers]
+    res = slot_tangents(view, tables, x, basis)
+    rows = [_layer_rows(i, z[0], dz[0], t, x) for i, ((z, dz), t) in enumerate(zip(res, tables))]
     if sum(len(r[0]) for r in rows) > max_rows:
         raise ValueError("the region has more than max_rows inequalities; raise max_rows")
     A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
     return Polytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
 
 
-def _layer_rows(li: int, z, dz, idx, scale, const, valid, x) -> tuple[Tensor, ...]:
-    cand = torch.where(valid, _candidates(z, idx, scale, const), -math.inf)  # (K, R)
+def _layer_rows(li: int, z: Tensor, dz: Tensor, table: UnitTable, x: Tensor) -> tuple[Tensor, ...]:
+    """One layer's rows -grad g . y <= g(x) - grad g . x, for each unit and each other piece."""
+    cand = table.values(z)  # (K, R)
+    grad = table.values(dz, tangent=True)  # (D, K, R)
     win = cand.argmax(-1)
-    grad = _candidates(dz, idx, scale, None)  # (D, K, R)
     k = torch.arange(len(win), device=z.device)
-    gw = grad[:, k, win]  # (D, K)
-    unit, piece = torch.nonzero(
-        valid & (torch.arange(cand.shape[1], device=z.device) != win[:, None]), as_tuple=True
-    )
+    others = (cand > -math.inf) & (torch.arange(cand.shape[1], device=z.device) != win[:, None])
+    unit, piece = torch.nonzero(others, as_tuple=True)
     g = cand[k, win][unit] - cand[unit, piece]  # margins (M,)
-    dg = (gw[:, unit] - grad[:, unit, piece]).T  # (M, D) gradient of g
-    A = -dg
-    b = g - dg @ x.reshape(-1)
-    return A, b, torch.full_like(unit, li), unit, piece
+    dg = (grad[:, k, win][:, unit] - grad[:, unit, piece]).T  # (M, D) gradient of g
+    return -dg, g - dg @ x.reshape(-1), torch.full_like(unit, li), unit, piece

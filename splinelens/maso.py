@@ -23,7 +23,7 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -51,23 +51,19 @@ class MASO(nn.Module):
     sum_t scale[k, r, t] z[idx[k, r, t]] + const[k, r].
     """
 
-    def __init__(self, name: str, input_shape, output_shape, table: _Pieces, pre) -> None:
+    def __init__(
+        self, name: str, input_shape, output_shape, table: UnitTable, tie_last: bool, pre
+    ) -> None:
         super().__init__()
         self.name, self.input_shape, self.output_shape = name, input_shape, output_shape
-        self.register_buffer("idx", torch.as_tensor(table.idx))
-        self.register_buffer("scale", torch.as_tensor(table.scale))
-        self.register_buffer("const", torch.as_tensor(table.const))
-        self.register_buffer("valid", torch.as_tensor(table.valid))
-        self.tie_last = table.tie_last
+        self.table, self.tie_last = table, tie_last  # the true pieces, not just their boundaries
         self._pre = pre  # h (N, D) -> slots (N, S)
         self.W: Tensor | None = None  # (S, D) when dense
         self.b: Tensor | None = None  # (S,) when dense
 
     def pieces(self, h: Tensor) -> Tensor:
-        """Every piece's value, (N, K, R)."""
-        z = self.slots(h)
-        vals = (z[:, self.idx.clamp_min(0)] * self.scale.to(z)).sum(-1) + self.const.to(z)
-        return torch.where(self.valid, vals, -math.inf)
+        """Every piece's value, (N, K, R) (-inf for window positions outside the input)."""
+        return self.table.values(self.slots(h))
 
     def slots(self, h: Tensor) -> Tensor:
         """The pre-activations z = W h + b, (N, S)."""
@@ -91,31 +87,21 @@ class MASO(nn.Module):
             raise ValueError(
                 f"layer {self.name!r} is too large for dense slopes; use maso(h) / .pieces(h)"
             )
-        return (self.W[self.idx.clamp_min(0)] * self.scale.to(self.W)[..., None]).sum(2)
+        idx, scale, _, _ = self.table._tensors(self.W.device)
+        return (self.W[idx] * scale.to(self.W)[..., None]).sum(2)
 
     @property
     def offsets(self) -> Tensor:
         """B (K, R) (-inf for window positions outside the input)."""
         if self.b is None:
             raise ValueError(f"layer {self.name!r} is too large for dense offsets")
-        vals = (self.b[self.idx.clamp_min(0)] * self.scale.to(self.b)).sum(-1) + self.const.to(
-            self.b
-        )
-        return torch.where(self.valid, vals, -math.inf)
+        return self.table.values(self.b)
 
 
-@dataclass(frozen=True)
-class _Pieces:
-    idx: np.ndarray
-    scale: np.ndarray
-    const: np.ndarray
-    valid: np.ndarray
-    tie_last: bool = False
-
-
-def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> _Pieces:
-    """The true pieces of the layer's nonlinearity (``table`` only locates its boundaries)."""
-    step = next(s for s in view.program.steps if s.name == layer.step)
+def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tuple[UnitTable, bool]:
+    """The true pieces of the layer's nonlinearity (``table`` only locates their boundaries),
+    and whether ties go to the last piece."""
+    step = view.program.step(layer.step)
     maso, k = step.maso, layer.units
     concave = (
         isinstance(maso, Clip)
@@ -129,19 +115,20 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> _Pie
             "input, so it is no MASO (Propositions 1-4 cover max-affine operators only)"
         )
     if isinstance(maso, Pairwise):  # [b, a]: the argmax is 1 where a wins, as in the codes
-        rev = (table.idx[:, ::-1].copy(), table.scale[:, ::-1].copy())
-        return _Pieces(*rev, table.const, table.valid, tie_last=True)
+        rev = {"idx": table.idx[:, ::-1].copy(), "scale": table.scale[:, ::-1].copy()}
+        return replace(table, **rev), True
     if not isinstance(maso, Sign) or maso.kind == "clamp_min":
-        return _Pieces(table.idx, table.scale, table.const, table.valid)
+        return table, False
     slope = _negative_slopes(view, step, x, k)
     if (slope > 1).any():
         raise NotAMasoError(
             f"layer {layer.name!r} ({maso.kind}) has a slope above 1 below 0: it is concave"
         )
     ar, none = np.arange(k), np.full(k, -1)
-    idx = np.stack([np.stack([ar, none], 1), np.stack([ar, none], 1)], 1)  # (K, 2, 2)
+    idx = np.stack([np.stack([ar, none], 1), np.stack([ar, none], 1)], 1)  # (K, 2, 2): [a z, z]
     scale = np.stack([np.stack([slope, 0 * slope], 1), np.stack([1 + 0 * slope, 0 * slope], 1)], 1)
-    return _Pieces(idx, scale, np.zeros((k, 2)), np.ones((k, 2), bool))
+    valid = np.ones((k, 2), bool)
+    return replace(table, idx=idx, scale=scale, const=np.zeros((k, 2)), valid=valid), False
 
 
 def _negative_slopes(view: SplineView, step, x: Tensor, k: int) -> np.ndarray:
@@ -165,41 +152,42 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     view = view_of(model, x)
     view._check(x)
     la = view.layer(layer)
-    start = view.program.layers[la.index - 1].node if la.index else view.program.input_name
+    start = _start_node(view, la)
     table = unit_table(view, la)
-    pieces = _pieces(view, la, table, x)
     in_shape = view.program.shapes[start]
-    x1 = x[:1]
+    x1, states = x[:1], {}
+    with torch.no_grad(), exact_matmul():
+        view.program.run(x1, record=states, stop=table.step)  # x's pieces, frozen below
 
     def pre(h: Tensor) -> Tensor:  # the frozen affine ops from h to the slots
-        return _run_from(view, table, x1, start, h)
+        return _run_from(view, table, x1, states, start, h)
 
-    m = MASO(la.name, in_shape, la.shape, pieces, pre).to(x.device)
+    m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
     d, s = math.prod(in_shape), table.idx.max() + 1
     if d * s <= _DENSE:
         basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)
-        ((z, dz),) = slot_tangents(view, [table], x1, basis, start=start)
-        h0 = _value(view, x1, start)
+        ((_, dz),) = slot_tangents(view, [table], x1, basis, start=start)
         m.W = dz[0].T.contiguous()  # (S, D)
-        m.b = z[0] - m.W @ h0.reshape(-1)
+        m.b = pre(x.new_zeros(1, *in_shape))[0]  # (S,): the frozen ops at h = 0
     return m
 
 
-def _value(view: SplineView, x: Tensor, node: str) -> Tensor:
-    with torch.no_grad(), exact_matmul():
-        env = view.program.run(x, record={}, stop=None if node == view.program.input_name else node)
-    return view.program.per_sample(node, env[node])
+def _start_node(view: SplineView, la: Layer) -> str:
+    """The node a layer's MASO reads: the previous layer's output, or the input."""
+    prog = view.program
+    return prog.layers[la.index - 1].node if la.index else prog.input_name
 
 
-def _run_from(view: SplineView, table: UnitTable, x1: Tensor, start: str, h: Tensor) -> Tensor:
+def _run_from(
+    view: SplineView, table: UnitTable, x1: Tensor, states: dict, start: str, h: Tensor
+) -> Tensor:
     prog, n = view.program, len(h)
-    states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
-        prog.run(x1, record=states, stop=table.step)
-        tiled = {k: torch.cat([v] * n, view._state_bdim[k]) for k, v in states.items()}
-        xs = x1.expand(n, *x1.shape[1:])
         env = prog.run(
-            xs, states=tiled, inject=(start, prog.from_sample(start, h)), stop=table.step
+            x1.expand(n, *x1.shape[1:]),
+            states=view._cat_states([states] * n),
+            inject=(start, prog.from_sample(start, h)),
+            stop=table.step,
         )
     return _slots(view, table, env, n)
 
@@ -216,19 +204,18 @@ def check_masos(model: nn.Module, x: Tensor) -> list[tuple[str, float, bool]]:
             m = layer_maso(model, x, la.index)
         except NotAMasoError:
             continue
-        start = view.program.layers[la.index - 1].node if la.index else view.program.input_name
-        rows = [_one(view, m, env, states, la, start, x, i) for i in range(len(x))]
+        rows = [_one(view, m, env, states, la, x, i) for i in range(len(x))]
         out.append((la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
     return out
 
 
-def _one(view, m, env, states, la, start, x, i) -> tuple[float, bool]:
+def _one(view, m, env, states, la, x, i) -> tuple[float, bool]:
     """Layer la at input i: the MASO built at x_i against the network's own values."""
     mi = layer_maso(view.model, x[i : i + 1], la.index) if i else m
-    prog = view.program
+    prog, start = view.program, _start_node(view, la)
     h = prog.per_sample(start, env[start])[i : i + 1]
     ref = prog.per_sample(la.node, env[la.node])[i : i + 1]
-    code = view._masos[la.step].code(states[la.step]).movedim(la.state_bdim, 0)[i].reshape(-1)
+    code = view._unit_codes(la, states[la.step], len(x))[i]
     with torch.no_grad():
         err = (mi(h) - ref.reshape(1, *mi.output_shape)).abs().max().item()
         same = bool((mi.argmax(h)[0].to(code.device) == code.long()).all())

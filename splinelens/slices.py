@@ -29,7 +29,7 @@ import torch.nn as nn
 from . import _polygons as poly
 from ._precision import exact_matmul
 from ._program import Program
-from ._units import UnitTable, _last_step, _slots, unit_table
+from ._units import UnitTable, _last_step, slot_differences, unit_table
 from .codes import PartitionCodes
 from .view import SplineView, view_of
 
@@ -286,21 +286,19 @@ class _Plane:
                 preset=pre,
                 skip=self.skip,
             )
-            tiled = {k: torch.cat([v] * 2, self.view._state_bdim[k]) for k, v in states.items()}
             pre = self._preset(uv_t, shift=True)
             env1 = prog.run(
                 _dummy(pre, prog, 2 * len(uv), uv_t.device),
-                states=tiled,
+                states=self.view._cat_states([states] * 2),
                 stop=stop,
                 preset=pre,
                 skip=self.skip,
             )
         out = []
-        for table in tables:
-            z0 = _slots(self.view, table, env0, m).cpu().numpy()  # (m, S)
-            dz = _slots(self.view, table, env1, 2 * m).cpu().numpy().reshape(2, m, -1) - z0
-            c = z0 - uv[:, 0:1] * dz[0] - uv[:, 1:2] * dz[1]
-            out.append(np.stack([dz[0], dz[1], c], -1))
+        for z0, dz in slot_differences(self.view, tables, env0, env1, m, 2):
+            z0, dz = z0.cpu().numpy(), dz.cpu().numpy()  # (m, S), (m, 2, S)
+            c = z0 - uv[:, 0:1] * dz[:, 0] - uv[:, 1:2] * dz[:, 1]
+            out.append(np.stack([dz[:, 0], dz[:, 1], c], -1))
         return out, states
 
     def coefficients(self, table: UnitTable, uv: Array) -> Array:
@@ -364,10 +362,10 @@ def _ambiguous(
 
 def _changes(coef: Array, V: Array, n: Array, valid: Array, scale: float) -> Array:
     """(m, K): whether no candidate of the unit is the max at every vertex of the cell."""
-    Vh = np.concatenate([V, np.ones_like(V[..., :1])], -1).transpose(0, 2, 1)  # (m, 3, W)
-    _, valid_v = poly._next(n, V.shape[1])
     if coef.shape[2] == 2 and valid.all():  # two candidates: does their difference change sign?
         return _sign_changes(coef[:, :, 1] - coef[:, :, 0], V, n, scale)
+    Vh = np.concatenate([V, np.ones_like(V[..., :1])], -1).transpose(0, 2, 1)  # (m, 3, W)
+    valid_v = poly.valid(n, V.shape[1])
     m, k, r, _ = coef.shape
     vals = np.matmul(coef.reshape(m, k * r, 3), Vh).reshape(m, k, r, -1)  # (m, K, R, W)
     vals = np.where(valid[None, :, :, None], vals, -np.inf)
@@ -384,7 +382,7 @@ def _sign_changes(d: Array, V: Array, n: Array, scale: float) -> Array:
     other (cell, unit) pairs are tested at the vertices.
     """
     centre = poly.interior(V, n)  # (m, 2)
-    _, valid_v = poly._next(n, V.shape[1])
+    valid_v = poly.valid(n, V.shape[1])
     radius = np.where(valid_v, np.linalg.norm(V - centre[:, None], axis=-1), 0).max(1)
     tol = _tolerance(d, scale)  # (m, K)
     at_centre = d[..., 0] * centre[:, :1] + d[..., 1] * centre[:, 1:] + d[..., 2]

@@ -108,10 +108,12 @@ class SplineView:
             tuple(self._layer_codes(la, states[la.step], len(x)) for la in self.program.layers)
         )
 
+    def _unit_codes(self, layer: Layer, state: Tensor, n: int) -> Tensor:
+        """(N, units): each unit's code from its MASO's state for n inputs."""
+        return self._masos[layer.step].code(state).movedim(layer.state_bdim, 0).reshape(n, -1)
+
     def _layer_codes(self, layer: Layer, state: Tensor, n: int) -> LayerCodes:
-        code = (
-            self._masos[layer.step].code(state).movedim(layer.state_bdim, 0).reshape(n, -1)
-        )  # (N, units)
+        code = self._unit_codes(layer, state, n)  # (N, units)
         binary = layer.pieces == 2  # one packed bit per unit, else the state index
         data = pack_bits(code.bool()) if binary else code.to(code_dtype(layer.pieces))
         return LayerCodes(layer.name, layer.kind, layer.units, layer.pieces, data)
