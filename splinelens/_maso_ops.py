@@ -282,14 +282,9 @@ class _EvalBatchNorm(torch.autograd.Function):
         return grad * scale, None, None, None, None, None, None
 
 
-def eval_batch_norm(
-    z: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    momentum: float,
-    eps: float,
-) -> tuple[Tensor, None, None]:
-    """Drop-in for ``aten._native_batch_norm_legit_no_training`` (returns its output tuple)."""
-    return _EvalBatchNorm.apply(z, weight, bias, mean, var, momentum, eps), None, None
+def eval_batch_norm(*args: Any) -> tuple[Tensor, None, None]:
+    """Drop-in for ``aten._native_batch_norm_legit_no_training`` (returns its output tuple).
+
+    Arguments as that op's: (z, weight, bias, running_mean, running_var, momentum, eps).
+    """
+    return _EvalBatchNorm.apply(*args), None, None
