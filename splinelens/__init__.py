@@ -10,11 +10,12 @@ max-affine spline operators is, for each input x, the affine map f(x) = A[x] x +
 True
 """
 
+from ._checks import LayerNotFoundError
 from .affine import AffineMap
-from .codes import LayerCodes, PartitionCodes
+from .codes import CodesFileError, LayerCodes, PartitionCodes
 from .convex import ConvexityReport, convexity
 from .distance import nearest_neighbors, partition_distance
-from .errors import UnsupportedOperationError
+from .errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
 from .local import (
     LocalComplexity,
     Polytope,
@@ -32,8 +33,11 @@ __version__ = "0.1.0"
 __all__ = [
     "MASO",
     "AffineMap",
+    "BatchSizeError",
+    "CodesFileError",
     "ConvexityReport",
     "LayerCodes",
+    "LayerNotFoundError",
     "LayerSlice",
     "LocalComplexity",
     "NotAMasoError",
@@ -41,6 +45,7 @@ __all__ = [
     "Polytope",
     "SlicePartition",
     "SplineView",
+    "StaleCaptureError",
     "UnsupportedOperationError",
     "Verification",
     "affine_map",

@@ -14,6 +14,8 @@ capture stays valid while the model trains.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import warnings
 from typing import Any
@@ -24,6 +26,7 @@ from torch._decomp import decomposition_table
 
 from . import _ops
 from ._maso_ops import eval_batch_norm
+from ._precision import exact_matmul
 from ._program import Layer, Program, Ref, Step
 from .errors import UnsupportedOperationError
 
@@ -31,7 +34,15 @@ _RNN_DECOMPS = {
     op: decomposition_table[op]
     for op in (torch.ops.aten.rnn_relu.input, torch.ops.aten.rnn_relu.data)
 }
-_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.RNNBase)
+_MODE_DEPENDENT = (
+    nn.modules.batchnorm._NormBase,  # batchnorm and instance norm
+    nn.modules.dropout._DropoutNd,
+    nn.RNNBase,
+    nn.RReLU,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
 _ACTIVATION_MODULES = {
     "ReLU",
     "LeakyReLU",
@@ -48,8 +59,17 @@ _ACTIVATION_MODULES = {
 
 
 def check_eval_mode(model: nn.Module) -> None:
-    """Refuse a model in training mode: its batchnorm / dropout would not be affine per input."""
-    names = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    """Refuse a model in training mode: its batchnorm / dropout would not be affine per input.
+
+    Only modules whose forward depends on the mode count (batchnorm, dropout, RNNs, ..., and
+    modules of your own that read ``self.training``); a fresh ``nn.Linear`` left in training
+    mode computes the same either way.
+    """
+    names = [
+        n or type(model).__name__
+        for n, m in model.named_modules()
+        if m.training and _mode_dependent(type(m))
+    ]
     if names:
         raise UnsupportedOperationError(
             "training mode",
@@ -60,20 +80,126 @@ def check_eval_mode(model: nn.Module) -> None:
         )
 
 
+@functools.cache
+def _mode_dependent(cls: type) -> bool:
+    """Whether a module class behaves differently in training mode (own classes: if their
+    forward reads ``self.training``; unreadable source counts as dependent)."""
+    if issubclass(cls, _MODE_DEPENDENT):
+        return True
+    if cls.__module__.startswith("torch."):
+        return False
+    try:
+        return "training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+
+
 def capture(model: nn.Module, example: torch.Tensor) -> Program:
-    """Export ``model`` on ``example`` (batch first) and compile it into a checked Program."""
+    """Export ``model`` on ``example`` (batch first) and compile it into a checked Program.
+
+    The program holds for the batch sizes that ``torch.export`` guarded (its range constraints);
+    a batch of 1, which export never traces, is admitted only if the model's own forward on one
+    input agrees with the program (a forward that branches on the batch size does not).
+    """
     check_eval_mode(model)
     if example.dim() == 0:
         raise ValueError("example_input must have a batch dimension first, e.g. shape (N, ...)")
     if example.shape[0] == 0:
         raise ValueError("x holds no inputs (batch size 0)")
-    ex = (
-        example.detach()[:2]
-        if example.shape[0] >= 2
-        else example.detach().repeat(2, *([1] * (example.dim() - 1)))
-    )
+    reps = (2, *([1] * (example.dim() - 1)))
+    ex = example.detach() if example.shape[0] >= 2 else example.detach().repeat(*reps)
+    _check_runs(model, ex[:2])
     ep = _export(model, ex)
-    return _Compiler(model, ep).compile()
+    prog = _Compiler(model, ep).compile()
+    lo, hi = _batch_range(ep)
+    if lo > 1:
+        prog.batch_note = _single_input_differs(model, prog, ex)
+        lo = 1 if not prog.batch_note else lo
+    prog.batch_range, prog.batch_guards = (lo, hi), _batch_guards(ep)
+    prog._accepted.clear()
+    return prog
+
+
+def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
+    """Run the model once on x: a clear error when the input does not fit it (wrong shape)."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(x)
+    except Exception as e:
+        raise ValueError(
+            f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
+            f"{type(e).__name__}: {_first_line(e)}. Pass inputs shaped as the model expects"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
+    """(lo, hi) of the batch size from export's range constraints (hi None: unbounded)."""
+    name = ep.graph_signature.user_inputs[0]
+    node = next(n for n in ep.graph_module.graph.nodes if n.name == name)
+    batch = str(node.meta["val"].shape[0])
+    for sym, vr in ep.range_constraints.items():
+        if str(sym) == batch:
+            hi = None if str(vr.upper) in ("int_oo", "oo") else int(vr.upper)
+            return max(1, int(vr.lower)), hi
+    return 2, None
+
+
+def _batch_guards(ep: torch.export.ExportedProgram) -> tuple:
+    """Export's guards on the batch size other than its range (e.g. ``Eq(Mod(s0, 2), 0)`` from
+    ``if x.shape[0] % 2 == 0``), each as a predicate of the batch size."""
+    name = ep.graph_signature.user_inputs[0]
+    node = next(n for n in ep.graph_module.graph.nodes if n.name == name)
+    size = node.meta["val"].shape[0]
+    if not isinstance(size, torch.SymInt):
+        return ()
+    env = size.node.shape_env
+    exprs = [g.expr for g in env.guards]
+    exprs += [ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras]
+    sym = size.node.expr
+    return tuple(_Guard(e, sym) for e in exprs)
+
+
+class _Guard:
+    """One symbolic guard, evaluated at a concrete batch size (False when undecidable)."""
+
+    def __init__(self, expr: Any, sym: Any) -> None:
+        self.expr, self.sym = expr, sym
+
+    def __call__(self, n: int) -> bool:
+        value = self.expr.xreplace({self.sym: n})
+        return bool(value) if value in (True, False) or value.is_Boolean else False
+
+    def __repr__(self) -> str:
+        return str(self.expr)
+
+
+def _single_input_differs(model: nn.Module, prog: Program, ex: torch.Tensor) -> str:
+    """Why a batch of 1 is not the captured graph ("" if it is): the model fails on one input,
+    or its output for one input differs from the program's (it branches on the batch size)."""
+    for i in range(2):
+        xi = ex[i : i + 1]
+        try:
+            with torch.no_grad(), exact_matmul(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = model(xi)
+        except Exception as e:
+            return f"the model does not run on one input: {type(e).__name__}: {_first_line(e)}"
+        with torch.no_grad(), exact_matmul():
+            out = prog.per_sample(prog.output_name, prog.run(xi)[prog.output_name])
+        out = _ops.apply_g(prog.output_g, out)
+        if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
+            return "the model's output for one input has another shape"
+        scale = max(1.0, float(ref.abs().max()))
+        tol = 1e3 * torch.finfo(out.dtype).eps * scale
+        if not bool(((ref - out).abs() <= tol).all()):
+            return "for one input the model's forward computes something else (it branches on N)"
+    return ""
 
 
 def _export(model: nn.Module, ex: torch.Tensor) -> torch.export.ExportedProgram:
@@ -86,7 +212,7 @@ def _export(model: nn.Module, ex: torch.Tensor) -> torch.export.ExportedProgram:
     except UnsupportedOperationError:
         raise
     except Exception as e:  # torch.export raises many types; keep its message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         raise UnsupportedOperationError(
             "torch.export",
             type(model).__name__,

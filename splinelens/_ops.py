@@ -181,6 +181,15 @@ REDUCE = {"amax", "amin", "max", "min"}
 PAIRWISE = {"maximum", "minimum", "fmax", "fmin"}
 MASO = SIGN | CLIP | POOL | REDUCE | PAIRWISE
 OUTPUT_G = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+
+
+def apply_g(g: str | None, logits: torch.Tensor) -> torch.Tensor:
+    """The excluded output nonlinearity g (softmax or log-softmax over the last dim), or none."""
+    if g is None:
+        return logits
+    return torch.log_softmax(logits, -1) if "log" in g else torch.softmax(logits, -1)
+
+
 TRAINING_ONLY = {"_native_batch_norm_legit", "_native_batch_norm_legit_functional"}
 NORMS = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm"}
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._checks import check_finite, check_positive_int, model_tensors
 from ._precision import exact_matmul
 
 if TYPE_CHECKING:
@@ -52,6 +53,18 @@ class AffineMap:
     _states: dict[str, Tensor] | None = field(default=None, repr=False)
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
+    _weights: tuple = field(default=(), repr=False)  # the model's tensors when made
+
+    def __post_init__(self) -> None:
+        self._weights = _weight_versions(self.view.model)
+
+    def _check_unchanged(self) -> None:
+        """Refuse to finish a map whose model changed since (its states would be stale)."""
+        if _weight_versions(self.view.model) != self._weights:
+            raise ValueError(
+                "the model's parameters or buffers changed after this AffineMap was made; "
+                "compute a new one with sl.affine_map(model, x)"
+            )
 
     @property
     def states(self) -> dict[str, Tensor]:
@@ -88,6 +101,10 @@ class AffineMap:
 
     def __call__(self, z: Tensor) -> Tensor:
         """Apply the frozen map to other start values z, (N, *start_shape) -> (N, *end_shape)."""
+        if not isinstance(z, Tensor) or tuple(z.shape) != (len(self.x), *self.start_shape):
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"z must have shape {(len(self.x), *self.start_shape)}, got {got}")
+        check_finite("z", z)
         prog = self.view.program
         with torch.no_grad(), exact_matmul():
             env = prog.run(
@@ -101,7 +118,11 @@ class AffineMap:
         ``rows`` index the flattened end shape (default: all). Inputs are processed in chunks of
         ``chunk_size`` (default: sized to keep about 1 GiB of activations alive).
         """
-        rows = list(range(math.prod(self.end_shape))) if rows is None else list(rows)
+        total = math.prod(self.end_shape)
+        rows = list(range(total)) if rows is None else [_row(r, total) for r in rows]
+        if chunk_size is not None:
+            chunk_size = check_positive_int("chunk_size", chunk_size)
+        self._check_unchanged()
         n, step = len(self.x), chunk_size or self.view._chunk_for_grad()
         out = self.x.new_empty(n, len(rows), *self.start_shape)  # (N, R, *start_shape)
         fresh = self._states is None
@@ -145,6 +166,7 @@ class AffineMap:
             out[:, j] = 0 if g is None else prog.per_sample(self.start, g)
 
     def _recorded(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        self._check_unchanged()
         if self._states is None:
             prog, states = self.view.program, {}
             with torch.no_grad(), exact_matmul():
@@ -162,3 +184,18 @@ class AffineMap:
 
     def _node(self, z: Tensor) -> Tensor:
         return self.view.program.from_sample(self.start, z)
+
+
+def _weight_versions(model: torch.nn.Module) -> tuple:
+    """Identity, storage and in-place version of every parameter and buffer."""
+    return tuple((id(t), t._version, t.data_ptr()) for _, t in model_tensors(model))
+
+
+def _row(r: object, total: int) -> int:
+    """A row index of the flattened end shape (negative counts from the end)."""
+    if isinstance(r, bool) or not hasattr(r, "__index__"):
+        raise TypeError(f"rows must be integers, got {type(r).__name__}")
+    i = int(r.__index__())
+    if not -total <= i < total:
+        raise IndexError(f"row {i} is out of range: the map has {total} rows (0..{total - 1})")
+    return i % total

@@ -14,18 +14,35 @@ a tensor, and save to / load from an ``.npz`` file (no pickle), written atomical
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ._checks import layer_index
 from ._io import atomic_path
 
 Tensor = torch.Tensor
-_FORMAT = "splinelens.partition_codes/1"
+_FORMAT = "splinelens.partition_codes/2"  # /2 adds the row count and a sha256 per array
+_READABLE = ("splinelens.partition_codes/1", _FORMAT)
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class CodesFileError(ValueError):
+    """A partition-code file that is not what ``PartitionCodes.save`` wrote (corrupt, truncated,
+    edited): names the file and the field."""
+
+    def __init__(self, path: str | Path, field: str, why: str) -> None:
+        self.path, self.field = str(path), field
+        super().__init__(
+            f"{path}: {field}: {why} (not a splinelens partition-code file, or a corrupt one)"
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,49 @@ class LayerCodes:
     units: int
     pieces: int
     data: Tensor
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem:
+            raise ValueError(f"LayerCodes {self.name!r}: {problem}")
+
+    def _problem(self) -> str:
+        """What is inconsistent between the metadata and the data's dtype and shape ("" if ok)."""
+        if not isinstance(self.name, str) or not isinstance(self.kind, str):
+            return "name and kind must be strings"
+        for field, low in (("units", 0), ("pieces", 2)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                return f"{field} must be an integer >= {low}, got {v!r}"
+        if not isinstance(self.data, Tensor) or self.data.dim() != 2:
+            return "data must be a 2-D tensor (N, width)"
+        width = math.ceil(self.units / 8) if self.binary else self.units
+        if self.data.shape[1] != width:
+            return f"data has width {self.data.shape[1]}, expected {width} for {self.units} units"
+        if self.binary and self.data.dtype != torch.uint8:
+            return f"binary codes must be packed uint8 bits, got {self.data.dtype}"
+        if self.data.dtype not in _INT_DTYPES:
+            return f"codes must be integers, got {self.data.dtype}"
+        return ""
+
+    def check_values(self) -> str:
+        """What is out of range in the data ("" if ok): states in [0, pieces), zero padding bits."""
+        if len(self.data) == 0:
+            return ""
+        if self.binary:
+            pad = 8 * self.data.shape[1] - self.units
+            if pad and bool((self.data[:, -1] & ((1 << pad) - 1)).any()):
+                return "packed bits beyond the last unit are set"
+            return ""
+        lo, hi = int(self.data.min()), int(self.data.max())
+        if lo < 0 or hi >= self.pieces:
+            return f"states must lie in [0, {self.pieces}), found {lo if lo < 0 else hi}"
+        return ""
+
+    @property
+    def signature(self) -> tuple[str, str, int, int]:
+        """(name, kind, units, pieces): what makes codes of two networks comparable."""
+        return (self.name, self.kind, self.units, self.pieces)
 
     @property
     def binary(self) -> bool:
@@ -62,8 +122,32 @@ class PartitionCodes:
 
     layers: tuple[LayerCodes, ...]
 
+    def __post_init__(self) -> None:
+        rows = {len(c) for c in self.layers}
+        if len(rows) > 1:
+            raise ValueError(f"every layer must hold codes of the same inputs; row counts {rows}")
+
     def __len__(self) -> int:
         return len(self.layers[0]) if self.layers else 0
+
+    @property
+    def signature(self) -> tuple[tuple[str, str, int, int], ...]:
+        """The network's layer signature: (name, kind, units, pieces) per layer. Codes of the
+        same architecture (e.g. two checkpoints) share it and can be compared."""
+        return tuple(c.signature for c in self.layers)
+
+    def check_comparable(self, other: PartitionCodes, what: str = "codes") -> None:
+        """Refuse codes of another network, naming the first layer that differs."""
+        a, b = self.signature, other.signature
+        if a == b:
+            return
+        for i, (la, lb) in enumerate(zip(a, b)):
+            if la != lb:
+                raise ValueError(
+                    f"{what} come from different networks: layer {i} is {_describe(la)} in one "
+                    f"and {_describe(lb)} in the other"
+                )
+        raise ValueError(f"{what} come from different networks: {len(a)} layers against {len(b)}")
 
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
@@ -74,13 +158,8 @@ class PartitionCodes:
         return PartitionCodes(tuple(replace(c, data=c.data[idx]) for c in self.layers))
 
     def layer(self, key: int | str) -> LayerCodes:
-        """One layer's codes, by index or name."""
-        if isinstance(key, str):
-            for c in self.layers:
-                if c.name == key:
-                    return c
-            raise KeyError(f"no layer named {key!r}; layers: {[c.name for c in self.layers]}")
-        return self.layers[key]
+        """One layer's codes, by index (negative counts from the end) or name."""
+        return self.layers[layer_index(key, [c.name for c in self.layers])]
 
     def to(self, device: torch.device | str) -> PartitionCodes:
         return PartitionCodes(tuple(replace(c, data=c.data.to(device)) for c in self.layers))
@@ -92,10 +171,7 @@ class PartitionCodes:
             raise ValueError("nothing to concatenate")
         first = parts[0]
         for p in parts[1:]:
-            if [(c.name, c.units, c.pieces) for c in p.layers] != [
-                (c.name, c.units, c.pieces) for c in first.layers
-            ]:
-                raise ValueError("codes come from different networks (their layers differ)")
+            first.check_comparable(p, "codes to concatenate")
         return PartitionCodes(
             tuple(
                 replace(c, data=torch.cat([p.layers[i].data for p in parts]))
@@ -105,35 +181,81 @@ class PartitionCodes:
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (.npz) atomically: a temporary file, then a rename."""
-        path = Path(path)
-        meta = [
-            {"name": c.name, "kind": c.kind, "units": c.units, "pieces": c.pieces}
-            for c in self.layers
-        ]
         arrays = {f"layer{i}": c.data.cpu().numpy() for i, c in enumerate(self.layers)}
-        arrays["meta"] = np.array(json.dumps({"format": _FORMAT, "layers": meta}))
+        meta = [
+            {"name": c.name, "kind": c.kind, "units": c.units, "pieces": c.pieces, "sha256": h}
+            for c, h in zip(self.layers, map(_sha256, arrays.values()))
+        ]
+        head = {"format": _FORMAT, "rows": len(self), "layers": meta}
+        arrays["meta"] = np.array(json.dumps(head))
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
     @staticmethod
     def load(path: str | Path) -> PartitionCodes:
-        """Read codes written by ``save``."""
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a splinelens partition-code file")
-            return PartitionCodes(
-                tuple(
-                    LayerCodes(
-                        m["name"],
-                        m["kind"],
-                        m["units"],
-                        m["pieces"],
-                        torch.from_numpy(f[f"layer{i}"].copy()),
-                    )
-                    for i, m in enumerate(meta["layers"])
-                )
-            )
+        """Read codes written by ``save``, validated: any corruption raises ``CodesFileError``
+        naming the file and the field (dtypes, widths, states, row counts, checksums)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return _read(f, path)
+        except (CodesFileError, FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception as e:  # zip, npy-header, JSON and decoding errors of a corrupt file
+            raise CodesFileError(path, "file", f"{type(e).__name__}: {e}") from e
+
+
+def _read(f: Any, path: str | Path) -> PartitionCodes:
+    names = set(f.files)
+    if "meta" not in names:
+        raise CodesFileError(path, "meta", "missing")
+    meta = json.loads(str(f["meta"]))
+    if not isinstance(meta, dict) or meta.get("format") not in _READABLE:
+        raise CodesFileError(path, "meta.format", f"expected one of {_READABLE}")
+    entries = meta.get("layers")
+    if not isinstance(entries, list) or names != {
+        "meta",
+        *(f"layer{i}" for i in range(len(entries))),
+    }:
+        raise CodesFileError(path, "meta.layers", f"does not match the arrays {sorted(names)}")
+    layers = tuple(_read_layer(f, i, m, path) for i, m in enumerate(entries))
+    rows = {len(c) for c in layers}
+    if len(rows) > 1 or ("rows" in meta and rows and meta["rows"] not in rows):
+        raise CodesFileError(
+            path, "rows", f"layers hold {sorted(rows)} rows, meta says {meta.get('rows')}"
+        )
+    return PartitionCodes(layers)
+
+
+def _read_layer(f: Any, i: int, m: Any, path: str | Path) -> LayerCodes:
+    field = f"layer{i}"
+    if not isinstance(m, dict) or not {"name", "kind", "units", "pieces"} <= m.keys():
+        raise CodesFileError(path, f"meta.layers[{i}]", "needs name, kind, units and pieces")
+    arr = f[field]
+    if "sha256" in m and m["sha256"] != _sha256(arr):
+        raise CodesFileError(path, field, "checksum mismatch (the data was changed)")
+    if arr.dtype.kind not in "iu" or arr.ndim != 2:
+        raise CodesFileError(
+            path, field, f"expected 2-D integer codes, got {arr.dtype} {arr.shape}"
+        )
+    try:
+        c = LayerCodes(m["name"], m["kind"], m["units"], m["pieces"], torch.from_numpy(arr.copy()))
+    except ValueError as e:
+        raise CodesFileError(path, field, str(e)) from e
+    problem = c.check_values()
+    if problem:
+        raise CodesFileError(path, field, problem)
+    return c
+
+
+def _sha256(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _describe(sig: tuple[str, str, int, int]) -> str:
+    name, kind, units, pieces = sig
+    return f"{name!r} ({kind}, {units} units, {pieces} pieces)"
 
 
 def pack_bits(bits: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_positive_int
 from .codes import LayerCodes, PartitionCodes, pack_bits, unpack_bits
 
 Tensor = torch.Tensor
@@ -48,6 +49,7 @@ def partition_distance(
 
     ``layer``: an index or name, a list of them (their units pooled), or None for every layer.
     """
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     ea, eb = _encode(a, layer), _encode(b, layer, like=a)
     out = torch.empty(len(a), len(b), dtype=torch.float64, device=ea.bits.device)
     for i in range(0, len(b), chunk_size):
@@ -72,12 +74,17 @@ def nearest_neighbors(
     unpacked bits for torch). ``backend``: "faiss" (CPU), "torch" (matrix products; the default
     on GPU or without FAISS) or "auto".
     """
+    k = check_positive_int("k", k)
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
     shards = [database] if isinstance(database, PartitionCodes) else database
+    if isinstance(database, PartitionCodes) and k > len(database):
+        raise ValueError(f"k must be between 1 and the database size {len(database)}, got {k}")
     if len(query) == 0:
         empty = torch.empty(0, k)
         return empty.double(), empty.long()
-    if isinstance(database, PartitionCodes) and not 1 <= k <= len(database):
-        raise ValueError(f"k must be between 1 and the database size {len(database)}, got {k}")
     eq = _encode(query, layer)
     use_faiss = backend == "faiss" or (
         backend == "auto" and eq.bits.device.type == "cpu" and _faiss() is not None
@@ -86,6 +93,10 @@ def nearest_neighbors(
     best: list[tuple[Tensor, Tensor] | None] = []
     offset = 0
     for shard in shards:
+        if not isinstance(shard, PartitionCodes):
+            raise TypeError(f"database shards must be PartitionCodes, got {type(shard).__name__}")
+        if len(shard) == 0:
+            continue
         ed = _encode(shard, layer, like=query)
         step, qstep = _chunks(chunk_size, len(query), ed.bits.shape[1], use_faiss)
         qchunks = range(0, len(query), qstep)
@@ -96,7 +107,7 @@ def nearest_neighbors(
                 d, i = search(eq.bits[q : q + qstep], db, min(k, len(db)))
                 best[j] = _merge(best[j], d, i + offset + s, k)
         offset += len(shard)
-    if not 1 <= k <= offset:
+    if k > offset:
         raise ValueError(f"k must be between 1 and the database size {offset}, got {k}")
     dist = torch.cat([b[0] for b in best if b is not None])
     return dist.double() / (eq.per_unit * eq.units), torch.cat(
@@ -152,9 +163,9 @@ def _hamming_matmul(a: Tensor, b: Tensor) -> Tensor:
 def _encode(
     codes: PartitionCodes, layer: LayerSel, like: PartitionCodes | None = None
 ) -> _Encoding:
+    if like is not None:
+        like.check_comparable(codes, "query and database codes")
     picked = _select(codes, layer)
-    if like is not None and [c.name for c in _select(like, layer)] != [c.name for c in picked]:
-        raise ValueError("query and database codes come from different networks")
     if not picked:
         raise ValueError("no layers selected")
     units = sum(c.units for c in picked)
@@ -177,7 +188,7 @@ def _one_hot(c: LayerCodes) -> Tensor:
 def _select(codes: PartitionCodes, layer: LayerSel) -> list[LayerCodes]:
     if layer is None:
         return list(codes.layers)
-    keys = [layer] if isinstance(layer, (int, str)) else list(layer)
+    keys = [layer] if isinstance(layer, (int, str)) or hasattr(layer, "__index__") else list(layer)
     return [codes.layer(key) for key in keys]
 
 

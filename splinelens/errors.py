@@ -4,6 +4,8 @@
 Traceback (most recent call last):
 ...
 splinelens.errors.UnsupportedOperationError: aten.sigmoid at features.3 is not ...
+
+Every error is a ``ValueError``: splinelens refuses rather than answer with a plausible number.
 """
 
 from __future__ import annotations
@@ -23,3 +25,17 @@ class UnsupportedOperationError(ValueError):
         )
         msg = f"{op} at {where or '<top level>'} {why}"
         super().__init__(msg + (f". {fix}" if fix else ""))
+
+
+class StaleCaptureError(ValueError):
+    """The model's structure changed after it was captured (a module replaced, added, ...).
+
+    The plain functions (``sl.affine_map`` ...) re-capture by themselves; a ``SplineView`` you
+    hold refuses, since its layers may no longer be the model's.
+    """
+
+
+class BatchSizeError(ValueError):
+    """The model's forward depends on the batch size, and this batch is outside the range the
+    capture holds for (``torch.export``'s range constraints, or a batch of 1 that computes
+    something else)."""

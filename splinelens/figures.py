@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import layer_index
+
 Tensor = torch.Tensor
 
 
@@ -122,13 +124,15 @@ def plot_slice(part, ax=None, color: str = "random", layer: int = -1):
 
     plt = _plt()
     ax = ax or plt.subplots(figsize=(5, 5))[1]
+    if part.layers:
+        layer = layer_index(layer, [la.name for la in part.layers])
     cells = part.layers[layer] if part.layers else None
     V = cells.vertices if cells else part.vertices
     n = cells.counts if cells else part.counts
     faces = _face_colors(part, color, layer, len(n), plt)
     polys = [v[:k] for v, k in zip(V, n)]
     ax.add_collection(PolyCollection(polys, facecolors=faces, edgecolors=(0, 0, 0, 0.35), lw=0.2))
-    if layer in (-1, len(part.layers) - 1) and len(part.boundary):
+    if layer in (-1, len(part.layers) - 1) and len(part.boundary):  # after the last layer
         ax.add_collection(LineCollection(part.boundary, colors="k", linewidths=1.2))
     if part.anchors is not None:
         ax.scatter(*np.asarray(part.anchors).T, marker="*", s=120, c="w", edgecolors="k", zorder=3)

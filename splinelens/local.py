@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._checks import check_finite, check_positive_int
 from ._precision import exact_matmul
 from ._units import UnitTable, slot_tangents, unit_table
 from .view import SplineView, view_of
@@ -131,7 +132,7 @@ def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -
     >>> lc.counts.shape, bool((lc.counts[..., -1] <= 16).all())
     (torch.Size([4, 1, 3]), True)
     """
-    radii = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    radii = _radii(radii, x)
     dists = unit_distances(model, x)
     counts = [(d[..., None] <= radii).sum(1) for d in dists]
     counts = torch.stack(counts, 1) if counts else radii.new_zeros(len(x), 0, len(radii)).long()
@@ -148,8 +149,8 @@ def sampled_local_complexity(
     in layer 1 it never exceeds ``local_complexity``.
     """
     view = view_of(model, x)
-    view._check(x)
-    radii = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    radii = _radii(radii, x)
+    directions = check_positive_int("directions", directions)
     d = math.prod(x.shape[1:])
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, min(directions, d), generator=g, dtype=torch.float64))
@@ -163,6 +164,15 @@ def sampled_local_complexity(
         counts.append(torch.stack(per_layer, 1) if codes else x.new_zeros(len(x), 0).long())
     layers = tuple(la.name for la in view.layers)
     return LocalComplexity(radii, torch.stack(counts, -1), layers)
+
+
+def _radii(radii: Tensor | list[float], x: Tensor) -> Tensor:
+    """Radii as a 1-D tensor like x: finite and non-negative, or a ValueError."""
+    r = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    check_finite("radii", r)
+    if len(r) == 0 or bool((r < 0).any()):
+        raise ValueError(f"radii must be one or more non-negative numbers, got {radii}")
+    return r
 
 
 def _unit_codes(view: SplineView, x: Tensor) -> list[Tensor]:
@@ -211,10 +221,10 @@ class Polytope:
 
 def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> Polytope:
     """The H-representation of the region of one input x (1, *input_shape); for small models."""
+    view = view_of(model, x)
     if len(x) != 1:
         raise ValueError(f"region_polytope takes one input (1, ...), got a batch of {len(x)}")
-    view = view_of(model, x)
-    view._check(x)
+    max_rows = check_positive_int("max_rows", max_rows)
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
     tables = [unit_table(view, la) for la in view.layers]

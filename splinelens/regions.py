@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_positive_int
 from .codes import PartitionCodes
 from .distance import nearest_neighbors
 
 Tensor = torch.Tensor
 
 
-def region_ids(codes: PartitionCodes, layer: int) -> Tensor:
+def region_ids(codes: PartitionCodes, layer: int | str) -> Tensor:
     """(N,) id of each input's region in one layer's partition (equal codes, equal ids)."""
-    data = codes.layers[layer].data
+    data = codes.layer(layer).data
     return torch.unique(data.reshape(len(data), -1), dim=0, return_inverse=True)[1]
 
 
@@ -64,6 +65,14 @@ def neighbor_stats(
     """Per layer: each input's k nearest other inputs in partition distance (eq. (15)); the
     mean Euclidean distance to them, the fraction sharing the input's label, and the accuracy
     of a k-NN classifier (majority vote) in that distance."""
+    k = check_positive_int("k", k)
+    if not len(codes) == len(x) == len(labels):
+        raise ValueError(
+            f"codes, x and labels must describe the same inputs: {len(codes)}, {len(x)} and "
+            f"{len(labels)} rows"
+        )
+    if k >= len(codes):
+        raise ValueError(f"k must be below the number of inputs {len(codes)}, got {k}")
     flat = x.reshape(len(x), -1)
     rows = []
     for i, layer in enumerate(codes.layers):
@@ -82,8 +91,11 @@ def neighbor_stats(
     return rows
 
 
-def others(codes: PartitionCodes, layer: int, k: int) -> Tensor:
+def others(codes: PartitionCodes, layer: int | str, k: int) -> Tensor:
     """(N, k) indices of each input's k nearest *other* inputs in partition distance."""
+    k = check_positive_int("k", k)
+    if k >= len(codes):
+        raise ValueError(f"k must be below the number of inputs {len(codes)}, got {k}")
     _, idx = nearest_neighbors(codes, codes, layer=layer, k=min(k + 1, len(codes)))
     own = idx == torch.arange(len(idx), device=idx.device)[:, None]
     first_k = torch.arange(idx.shape[1], device=idx.device) < k

@@ -17,7 +17,6 @@ where its argmax changes (a ReLU's z = 0, a max-pool's z_i = z_j). Everything ru
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,6 +26,13 @@ import torch
 import torch.nn as nn
 
 from . import _polygons as poly
+from ._checks import (
+    check_finite,
+    check_finite_numbers,
+    float64_copy,
+    model_dtype,
+    unwrap_compiled,
+)
 from ._precision import exact_matmul
 from ._program import Program
 from ._units import UnitTable, _last_step, slot_differences, unit_table
@@ -156,7 +162,7 @@ def slice_partition(
     A float32 model is analysed through a float64 copy.
     """
     start = time.perf_counter()
-    model64 = _float64(model)
+    model64 = float64_copy(unwrap_compiled(model))
     origin, dirs, bounds, anchors = _plane(model64, origin, directions, bounds, points, margin)
     view = view_of(model64, origin[None])
     plane = _Plane(view, origin, dirs)
@@ -189,13 +195,6 @@ def _outputs(plane: _Plane, V: Array, n: Array) -> tuple[Array, PartitionCodes]:
     return np.concatenate(logits), PartitionCodes.cat(codes)
 
 
-def _float64(model: nn.Module) -> nn.Module:
-    p = next(iter(model.parameters()), None)
-    if p is None or p.dtype == torch.float64:
-        return model
-    return copy.deepcopy(model).double()
-
-
 def _plane(
     model: nn.Module,
     origin: Tensor | None,
@@ -204,15 +203,26 @@ def _plane(
     points: tuple[Tensor, Tensor, Tensor] | None,
     margin: float,
 ) -> tuple[Tensor, Tensor, tuple[float, float, float, float], Array | None]:
-    p = next(iter(model.parameters()), None)
-    kw = {"dtype": torch.float64, "device": p.device if p is not None else "cpu"}
+    dt = model_dtype(model)
+    kw = {"dtype": torch.float64, "device": dt[1] if dt is not None else "cpu"}
     if points is not None:
         if origin is not None or directions is not None:
             raise ValueError("pass either points=(x0, x1, x2) or origin and directions, not both")
-        return _plane_through(tuple(torch.as_tensor(x).to(**kw) for x in points), margin)
+        check_finite_numbers("margin", [margin])
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        xs = tuple(torch.as_tensor(x).to(**kw) for x in points)
+        for i, x in enumerate(xs):
+            check_finite(f"points[{i}]", x)
+        return _plane_through(xs, margin)
     if origin is None or directions is None:
         raise ValueError("slice_partition needs origin and directions, or points=(x0, x1, x2)")
-    origin, directions = origin.to(**kw), directions.to(**kw)
+    origin, directions = torch.as_tensor(origin).to(**kw), torch.as_tensor(directions).to(**kw)
+    check_finite("origin", origin)
+    check_finite("directions", directions)
+    if len(bounds) != 4:
+        raise ValueError(f"bounds must be (u0, u1, v0, v1), got {bounds}")
+    check_finite_numbers("bounds", bounds)
     if directions.shape != (2, *origin.shape):
         raise ValueError(
             f"directions must have shape (2, *origin.shape) = {(2, *origin.shape)}, "
@@ -227,6 +237,8 @@ def _plane(
 def _plane_through(xs: tuple, margin: float) -> tuple[Tensor, Tensor, tuple, Array]:
     if len(xs) != 3 or any(x.shape != xs[0].shape for x in xs):
         raise ValueError("points must be three inputs of the same shape (x0, x1, x2)")
+    if any(torch.equal(xs[i], xs[j]) for i, j in ((0, 1), (0, 2), (1, 2))):
+        raise ValueError("points must be three distinct inputs; two of them are equal")
     flat = torch.stack([x.reshape(-1) for x in xs])  # (3, D)
     e1 = flat[1] - flat[0]
     w = flat[2] - flat[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._checks import check_positive_int
 from .view import view_of
 
 Tensor = torch.Tensor
@@ -24,7 +25,8 @@ Tensor = torch.Tensor
 
 def template_responses(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """<A[x_n]_c, x_n> for every input and class, (N, C), as f(x) - B[x] in batches."""
-    view = view_of(model, x[:1])
+    view = view_of(model, x)
+    batch_size = check_positive_int("batch_size", batch_size)
     parts = []
     for i in range(0, len(x), batch_size):
         amap = view.affine_map(x[i : i + batch_size])
@@ -58,7 +60,8 @@ def template_stats(model: nn.Module, x: Tensor, batch_size: int = 64) -> dict[st
 
     Returns ``cos`` (N, C), ``norm`` (N, C), ``gram`` (N, C, C).
     """
-    view = view_of(model, x[:1])
+    view = view_of(model, x)
+    batch_size = check_positive_int("batch_size", batch_size)
     cos, norm, gram = [], [], []
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]

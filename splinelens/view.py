@@ -19,12 +19,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import _ops
 from ._capture import capture, check_eval_mode
+from ._checks import (
+    FiniteWatch,
+    check_finite,
+    check_positive_int,
+    layer_index,
+    model_dtype,
+    unwrap_compiled,
+)
 from ._maso_ops import code_dtype
 from ._precision import exact_matmul
 from ._program import Layer
+from ._structure import describe_change, structure
 from .affine import _GRAPH_BUDGET, AffineMap
 from .codes import LayerCodes, PartitionCodes, pack_bits
+from .errors import StaleCaptureError
 
 Tensor = torch.Tensor
 LayerKey = int | str | None
@@ -34,14 +45,24 @@ class SplineView:
     """A piecewise-affine network, captured once with torch.export and reused.
 
     The capture reads the model's parameters at every call, so it stays valid while the model
-    trains (in place); it must be in eval mode whenever it is used.
+    trains (in place); it must be in eval mode whenever it is used. If the model's structure
+    changes (a submodule replaced, added or removed, a setting or hook changed, a parameter
+    re-registered), the view refuses with ``StaleCaptureError``: make a new one. A
+    ``torch.compile``d model is captured through the module it wraps.
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
+        model = unwrap_compiled(model)
+        check_input("example_input", example_input)
+        check_dtype(model, example_input, "example_input")
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
+        self._finite = FiniteWatch()
+        self._finite.check(model)
         self.program = capture(model, example_input)
+        self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
+        self.signature = tuple((la.name, la.kind, la.units, la.pieces) for la in self.layers)
         self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
         self._masos = {s.name: s.maso for s in self.program.steps if s.maso is not None}
 
@@ -60,17 +81,7 @@ class SplineView:
 
     def layer(self, key: int | str) -> Layer:
         """A layer by index (negative counts from the end) or by name."""
-        if isinstance(key, str):
-            for layer in self.program.layers:
-                if layer.name == key:
-                    return layer
-            raise KeyError(f"no layer named {key!r}; layers: {[la.name for la in self.layers]}")
-        try:
-            return self.program.layers[key]
-        except IndexError:
-            raise IndexError(
-                f"layer {key} out of range: the network has {len(self.layers)} layers"
-            ) from None
+        return self.program.layers[layer_index(key, [la.name for la in self.program.layers])]
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The network's output before g, (N, *out), and every MASO's state for x."""
@@ -96,6 +107,7 @@ class SplineView:
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
         self._check(x)
+        batch_size = check_positive_int("batch_size", batch_size)
         parts = [self._codes(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return PartitionCodes.cat(parts)
 
@@ -126,24 +138,31 @@ class SplineView:
             return self.program.input_name if is_start else self.program.output_name
         return self.layer(key).node
 
-    def _check(self, x: Tensor) -> None:
-        check_eval_mode(self.model)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if len(x) == 0:
-            raise ValueError("x holds no inputs (batch size 0)")
+    def is_current(self) -> bool:
+        """Whether the model still has the structure it was captured with."""
+        return structure(self.model) == self.structure
+
+    def _check(self, x: Tensor, name: str = "x") -> None:
+        """Refuse what the capture cannot answer exactly: see ``check_input`` and the model."""
+        model = self.model
+        check_eval_mode(model)
+        now = structure(model)
+        if now != self.structure:
+            raise StaleCaptureError(
+                f"the model changed after this SplineView captured it: "
+                f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
+                f"(the plain functions such as sl.affine_map capture again by themselves)"
+            )
+        check_input(name, x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"x has per-sample shape {tuple(x.shape[1:])} but the network was "
+                f"{name} has per-sample shape {tuple(x.shape[1:])} but the network was "
                 f"captured for {self.input_shape}; pass a batch (N, "
                 f"{', '.join(map(str, self.input_shape))})"
             )
-        p = next(iter(self.model.parameters()), None)
-        if p is not None and (p.dtype != x.dtype or p.device != x.device):
-            raise ValueError(
-                f"x is {x.dtype} on {x.device} but the model's parameters are "
-                f"{p.dtype} on {p.device}; call x.to(...) to match"
-            )
+        check_dtype(model, x, name)
+        self._finite.check(model)
+        self.program.check_batch(len(x))
 
     def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
         return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
@@ -174,18 +193,54 @@ class Verification:
         )
 
 
-_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, SplineView]] = weakref.WeakKeyDictionary()
+def check_input(name: str, x: object) -> None:
+    """A batch of inputs: a floating tensor (N, ...) with N >= 1 and finite entries."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension first, e.g. shape (N, ...)")
+    if len(x) == 0:
+        raise ValueError(f"{name} holds no inputs (batch size 0)")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
+    check_finite(name, x)
+
+
+def check_dtype(model: nn.Module, x: Tensor, name: str = "x") -> None:
+    """x must have the dtype and device of the model's parameters and buffers."""
+    dt = model_dtype(model)
+    if dt is not None and (dt[0] != x.dtype or dt[1] != x.device):
+        raise ValueError(
+            f"{name} is {x.dtype} on {x.device} but the model's parameters are "
+            f"{dt[0]} on {dt[1]}; call {name}.to(...) to match"
+        )
+
+
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[SplineView]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def view_of(model: nn.Module, x: Tensor) -> SplineView:
-    """The cached SplineView of ``model`` for inputs shaped like x (captured on first use)."""
+    """The cached SplineView of ``model`` for inputs like x, checked against x.
+
+    Captured on first use, and again whenever the model's structure changed or x's batch size
+    lies outside the range of every cached capture (a forward that branches on it).
+    """
+    model = unwrap_compiled(model)
+    check_input("x", x)
+    check_dtype(model, x)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
-    per_model = _VIEWS.setdefault(model, {})
-    if key not in per_model:
+    now = structure(model)
+    views = _VIEWS.setdefault(model, {}).setdefault(key, [])
+    views[:] = [v for v in views if v.structure == now]
+    view = next((v for v in views if v.program.accepts(len(x))), None)
+    if view is None:
         view = SplineView(model, x)
         view._model = None  # the cache must not keep the model alive
-        per_model[key] = view
-    return per_model[key]
+        views.append(view)
+    view._check(x)
+    return view
 
 
 def affine_map(
@@ -208,7 +263,7 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
     view = view_of(model, x)
     amap = view.affine_map(x)
     with torch.no_grad():
-        f = _model_output(view, model, x)
+        f = _model_output(view, view.model, x)
         pred = torch.einsum(
             "nrd,nd->nr", amap.A.reshape(len(x), -1, x[0].numel()), x.reshape(len(x), -1)
         ) + amap.B.reshape(len(x), -1)
@@ -222,9 +277,9 @@ def _model_output(view: SplineView, model: nn.Module, x: Tensor) -> Tensor:
     """The model's own output, with the excluded g (softmax / log-softmax) undone."""
     out = model(x)
     g = view.program.output_g
-    if g in ("log_softmax", "_log_softmax", "softmax", "_softmax"):
+    if g is not None:
         logits, _ = view.forward(x)  # g is invariant to a per-row constant: compare after g
-        ref = torch.log_softmax(logits, -1) if "log" in g else torch.softmax(logits, -1)
+        ref = _ops.apply_g(g, logits)
         if not torch.allclose(ref, out, rtol=1e-4, atol=1e-6):
             raise AssertionError("the captured network does not reproduce the model's output")
         return logits

@@ -1,0 +1,144 @@
+"""Input validation shared by every entry point: finite values, layer keys, float64 copies.
+
+splinelens answers exactly or refuses; these helpers make the refusals say what was wrong, where,
+and how to fix it.
+
+>>> import torch
+>>> check_finite("x", torch.tensor([[1.0, float("nan")]]))
+Traceback (most recent call last):
+...
+ValueError: x holds nan at index (0, 1); splinelens needs finite values ...
+>>> layer_index(-1, ["1", "3"])
+1
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+
+class LayerNotFoundError(KeyError, IndexError):
+    """A ``layer=`` key (index or name) that names no layer; lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def check_finite(name: str, t: Tensor, fix: str = "") -> None:
+    """Refuse NaN or infinite entries of ``t``, naming the argument and the first bad index."""
+    if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+        return
+    idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
+    fix = fix or f"replace or drop the non-finite entries of {name}"
+    raise ValueError(
+        f"{name} holds {t[idx].item()} at index {idx}; splinelens needs finite values ({fix})"
+    )
+
+
+def check_finite_numbers(name: str, values: Sequence[float]) -> None:
+    """Refuse NaN or infinite numbers in a short sequence (bounds, radii)."""
+    for i, v in enumerate(values):
+        if not math.isfinite(float(v)):
+            raise ValueError(
+                f"{name} holds {float(v)} at index {i}; splinelens needs finite values"
+            )
+
+
+def model_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every floating parameter and buffer of ``model``, with its qualified name."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point():
+            yield name, t
+
+
+def model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
+    """(dtype, device) of the model's first floating parameter or buffer; None if it has none."""
+    t = next((t for _, t in model_tensors(model)), None)
+    return None if t is None else (t.dtype, t.device)
+
+
+class FiniteWatch:
+    """Checks that a model's parameters and buffers are finite, again only after they change.
+
+    A tensor is re-checked when its identity, storage or in-place version counter changes.
+    """
+
+    def __init__(self) -> None:
+        self._seen: tuple = ()
+
+    def check(self, model: nn.Module) -> None:
+        tensors = list(model_tensors(model))
+        key = tuple((id(t), t._version, t.data_ptr()) for _, t in tensors)
+        if key == self._seen:
+            return
+        for name, t in tensors:
+            check_finite(f"model parameter or buffer '{name}'", t.detach(), "the model diverged?")
+        self._seen = key
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself if every floating tensor in it is float64, else a float64 deep copy.
+
+    Parameters, buffers and plain tensor attributes (constants used by ``forward``) are all
+    converted, so a model whose weights are buffers works too.
+    """
+    if all(t.dtype == torch.float64 for t in _all_float_tensors(model)):
+        return model
+    model = copy.deepcopy(model).double()
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, Tensor) and v.is_floating_point():
+                setattr(m, k, v.double())
+    return model
+
+
+def _all_float_tensors(model: nn.Module) -> Iterator[Tensor]:
+    yield from (t for _, t in model_tensors(model))
+    for m in model.modules():
+        yield from (v for v in vars(m).values() if isinstance(v, Tensor) and v.is_floating_point())
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (splinelens captures the eager model)."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def layer_index(key: object, names: Sequence[str], what: str = "layer") -> int:
+    """The position of a layer given by index (negative counts from the end) or name."""
+    if isinstance(key, str):
+        if key in names:
+            return list(names).index(key)
+        raise LayerNotFoundError(f"no {what} named {key!r}; {_valid(names)}")
+    if isinstance(key, bool) or not hasattr(key, "__index__"):
+        raise TypeError(f"{what} must be an int index or a name, got {type(key).__name__}")
+    i = operator.index(key)
+    if not -len(names) <= i < len(names):
+        raise LayerNotFoundError(
+            f"{what} {i} is out of range: the network has {len(names)} layers; {_valid(names)}"
+        )
+    return i % len(names)
+
+
+def _valid(names: Sequence[str]) -> str:
+    if not names:
+        return "it has no layers (no MASO nonlinearity)"
+    n = len(names)
+    shown = ", ".join(repr(nm) for nm in names[:20]) + (f", ... ({n} in all)" if n > 20 else "")
+    return f"valid: indices {-n}..{n - 1} or the names {shown}"
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """An int >= 1 (not a bool), or a ValueError naming the argument."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return operator.index(value)

@@ -1,0 +1,102 @@
+"""The structure of a module tree, cheap to compare: a capture is valid while it is unchanged.
+
+A capture (``torch.export``) freezes the graph of the model as it was: which submodules run,
+their settings (strides, slopes, ``inplace``...), hooks, plain tensor attributes (exported as
+constants) and the identity, shape and dtype of parameters and buffers. Parameter *values* are
+read live at every call, so training in place keeps a capture valid; anything else that changes
+invalidates it. ``structure(model)`` records all of that as nested tuples; ``describe_change``
+names the first difference.
+
+>>> import torch.nn as nn
+>>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+>>> before = structure(net)
+>>> net[1] = nn.Sigmoid()
+>>> describe_change(before, structure(net))
+"module '1' was replaced (ReLU -> Sigmoid)"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
+
+_OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
+_PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+)
+
+
+def structure(model: nn.Module) -> tuple:
+    """Everything about ``model`` that its captured graph depends on, as comparable tuples."""
+    mods = tuple(
+        (name, id(m), type(m), _attrs(m), _tensors(m._parameters), _tensors(m._buffers))
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    hooks = tuple(tuple(getattr(_module, h, {})) for h in _GLOBAL_HOOKS)
+    return mods, hooks
+
+
+def describe_change(old: tuple, new: tuple) -> str:
+    """A short sentence naming the first difference between two ``structure`` results."""
+    if old[1] != new[1]:
+        return "a global module hook was registered or removed"
+    before, after = {m[0]: m for m in old[0]}, {m[0]: m for m in new[0]}
+    for name in after:
+        if name not in before:
+            return f"module '{name}' was added"
+    for name, o in before.items():
+        n = after.get(name)
+        if n is None:
+            return f"module '{name}' was removed"
+        if o[1:3] != n[1:3]:
+            kind = f"{o[2].__name__} -> {n[2].__name__}" if o[2] is not n[2] else "another one"
+            return f"module '{_label(name)}' was replaced ({kind})"
+        if o[3] != n[3]:
+            keys = sorted({k for k, _ in o[3]} ^ {k for k, _ in n[3]} | _changed(o[3], n[3]))
+            return f"module '{_label(name)}' changed its attribute(s) {', '.join(keys)}"
+        for what, i in (("parameter", 4), ("buffer", 5)):
+            if o[i] != n[i]:
+                keys = sorted({k for k, _ in o[i]} ^ {k for k, _ in n[i]} | _changed(o[i], n[i]))
+                where = f"{name}." if name else ""
+                names = ", ".join(f"'{where}{k}'" for k in keys)
+                return f"{what}(s) {names} re-registered or changed shape / dtype / device"
+    return "the model changed"
+
+
+def _label(name: str) -> str:
+    return name or "<top level>"
+
+
+def _changed(a: tuple, b: tuple) -> set[str]:
+    da, db = dict(a), dict(b)
+    return {k for k in da.keys() & db.keys() if da[k] != db[k]}
+
+
+def _attrs(m: nn.Module) -> tuple:
+    """The module's own attributes: settings by value, hooks by key, other objects by id."""
+    return tuple((k, _value(v)) for k, v in vars(m).items() if k not in _OWN)
+
+
+def _tensors(d: dict[str, Any]) -> tuple:
+    return tuple(
+        (k, None if t is None else (id(t), t.shape, t.dtype, t.device)) for k, t in d.items()
+    )
+
+
+def _value(v: Any, depth: int = 0) -> Any:
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), v.shape, v.dtype, v.device)
+    if depth < 2 and isinstance(v, (tuple, list)):
+        return tuple(_value(u, depth + 1) for u in v)
+    if depth < 2 and isinstance(v, dict):  # hook dicts and the like: keys and value ids
+        return tuple((k, _value(u, depth + 1)) for k, u in v.items())
+    return ("object", id(v))

@@ -1,0 +1,371 @@
+"""Exact or refused, never silently wrong: a model changed after capture, non-finite values,
+codes of other networks, batch-size branches, float64 copies, layer keys, k.
+
+References are float64 forward passes and ``torch.func.jacrev`` (tolerance 1e-10).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from splinelens.regions import others, region_ids
+from splinelens.templates import template_responses
+
+F64 = torch.float64
+TOL = 1e-10
+
+
+def mlp(*widths: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*mods[:-1]).double().eval()
+
+
+def assert_exact(model: nn.Module, x: torch.Tensor) -> None:
+    """A[x] and B[x] against jacrev and f(x) - A x of the model as it is now."""
+    amap = sl.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(amap.A, jac, atol=TOL)
+    with torch.no_grad():
+        b = model(x) - torch.einsum("ncd,nd->nc", jac, x)
+    assert torch.allclose(amap.B, b, atol=TOL)
+
+
+# 1. Captures follow the model's structure ------------------------------------------------------
+
+
+def test_replaced_head_is_recaptured() -> None:
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    assert_exact(model, x)
+    model[2] = nn.Linear(6, 3).double().eval()
+    assert_exact(model, x)
+
+
+def test_replaced_activation_is_refused_or_recaptured() -> None:
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    sl.affine_map(model, x)
+    model[1] = nn.Sigmoid()
+    with pytest.raises(sl.UnsupportedOperationError, match="sigmoid"):
+        sl.affine_map(model, x)
+    model[1] = nn.LeakyReLU(0.3)
+    assert_exact(model, x)
+    model[1].negative_slope = -0.7  # a setting changes the graph
+    assert_exact(model, x)
+
+
+def test_added_and_removed_modules_are_recaptured() -> None:
+    model, x = mlp(4, 6, 6, 3), torch.randn(5, 4, dtype=F64)
+    assert_exact(model, x)
+    model.append(nn.ReLU())
+    assert_exact(model, x)
+    assert len(sl.partition_codes(model, x).layers) == 3
+    del model[-1]
+    assert len(sl.partition_codes(model, x).layers) == 2
+    assert_exact(model, x)
+
+
+def test_reregistered_parameters_buffers_and_hooks_are_followed() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model = model.double().eval()
+    x = torch.randn(5, 4, dtype=F64)
+    assert_exact(model, x)
+    model[0].weight = nn.Parameter(torch.randn(6, 4, dtype=F64))
+    model[1].register_buffer("running_var", torch.rand(6, dtype=F64) + 0.5)
+    assert_exact(model, x)
+    handle = model[2].register_forward_hook(lambda m, i, o: 2 * o)
+    try:
+        assert_exact(model, x)
+    finally:
+        handle.remove()
+    assert_exact(model, x)
+
+
+def test_a_held_view_refuses_a_changed_model_and_follows_training() -> None:
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    view = sl.SplineView(model, x)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # training in place keeps the capture valid
+    ref = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(view.affine_map(x).A, ref, atol=TOL)
+    model[0] = nn.Linear(4, 6).double().eval()
+    with pytest.raises(sl.StaleCaptureError, match=r"module '0' was replaced.*new sl\.SplineView"):
+        view.affine_map(x)
+
+
+def test_an_affine_map_refuses_weights_changed_after_it_was_made() -> None:
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    amap = sl.affine_map(model, x)
+    with torch.no_grad():
+        model[2].bias.add_(1.0)
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.B
+
+
+# 2. Non-finite values are refused, by name -----------------------------------------------------
+
+
+def _nan_at(x: torch.Tensor, idx: tuple[int, ...], value: float = float("nan")) -> torch.Tensor:
+    x = x.clone()
+    x[idx] = value
+    return x
+
+
+ENTRY_POINTS = {
+    "affine_map": lambda m, x: sl.affine_map(m, x).A,
+    "partition_codes": sl.partition_codes,
+    "verify": sl.verify,
+    "region_radius": sl.region_radius,
+    "region_polytope": lambda m, x: sl.region_polytope(m, x[2:3]),
+    "local_complexity": lambda m, x: sl.local_complexity(m, x, [0.1]),
+    "sampled_local_complexity": lambda m, x: sl.sampled_local_complexity(m, x, [0.1]),
+    "layer_maso": lambda m, x: sl.layer_maso(m, x[2:3], 0),
+    "check_masos": sl.check_masos,
+    "template_responses": template_responses,
+    "convexity": sl.convexity,
+    "view": lambda m, x: sl.SplineView(m, x),
+}
+
+
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused_by_name(name: str, value: float) -> None:
+    model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
+    bad = _nan_at(x, (2, 1), value)
+    index = r"\(0, 1\)" if name in ("region_polytope", "layer_maso") else r"\(2, 1\)"
+    with pytest.raises(ValueError, match=rf"x\w* holds -?(nan|inf) at index {index}"):
+        ENTRY_POINTS[name](model, bad)
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer"])
+def test_non_finite_parameters_and_buffers_are_refused_by_name(where: str) -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))
+    model = model.double().eval()
+    x = torch.randn(4, 3, dtype=F64)
+    sl.affine_map(model, x)  # a capture of the finite model
+    with torch.no_grad():
+        if where == "weight":
+            model[3].weight[1, 4] = float("nan")
+        else:
+            model[1].running_var[2] = float("inf")
+    name = r"'3\.weight' holds nan at index \(1, 4\)" if where == "weight" else r"'1\.running_var'"
+    with pytest.raises(ValueError, match=name):
+        sl.affine_map(model, x)
+    with pytest.raises(ValueError, match=name):
+        sl.partition_codes(model, x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"origin": torch.tensor([0.0, float("nan")])}, r"origin holds nan at index \(1,\)"),
+        ({"directions": torch.tensor([[1.0, 0], [0, float("inf")]])}, r"directions holds inf"),
+        ({"bounds": (-1.0, float("inf"), -1.0, 1.0)}, r"bounds holds inf at index 1"),
+        ({"bounds": (float("nan"), 1.0, -1.0, 1.0)}, r"bounds holds nan at index 0"),
+    ],
+)
+def test_slices_refuse_non_finite_planes(kwargs: dict, match: str) -> None:
+    args = {"origin": torch.zeros(2), "directions": torch.eye(2), "bounds": (-1, 1, -1, 1)}
+    with pytest.raises(ValueError, match=match):
+        sl.slice_partition(mlp(2, 4, 2), **{**args, **kwargs})
+    pts = (torch.zeros(2), torch.tensor([1.0, float("nan")]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"points\[1\] holds nan"):
+        sl.slice_partition(mlp(2, 4, 2), points=pts)
+
+
+def test_non_finite_radii_and_frozen_map_inputs_are_refused() -> None:
+    model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ValueError, match="radii holds nan"):
+        sl.local_complexity(model, x, [0.1, float("nan")])
+    with pytest.raises(ValueError, match="non-negative"):
+        sl.local_complexity(model, x, [-1.0])
+    with pytest.raises(ValueError, match=r"z holds inf at index \(0, 2\)"):
+        sl.affine_map(model, x)(_nan_at(x, (0, 2), float("inf")))
+
+
+# 3. Codes know where they come from -------------------------------------------------------------
+
+
+def test_codes_of_different_networks_are_not_compared() -> None:
+    x = torch.randn(10, 4, dtype=F64)
+    a, b = sl.partition_codes(mlp(4, 6, 3), x), sl.partition_codes(mlp(4, 8, 3), x)
+    assert a.signature == (("1", "relu", 6, 2),)
+    match = r"different networks: layer 0 is '1' \(relu, 6 units.* '1' \(relu, 8 units"
+    with pytest.raises(ValueError, match=match):
+        sl.partition_distance(a, b)
+    with pytest.raises(ValueError, match="different networks"):
+        sl.nearest_neighbors(a, b, k=2)
+    with pytest.raises(ValueError, match="different networks"):
+        sl.nearest_neighbors(a, [a, b], k=2)
+    with pytest.raises(ValueError, match="different networks"):
+        sl.PartitionCodes.cat([a, b])
+
+
+def test_codes_of_two_checkpoints_of_one_architecture_stay_comparable() -> None:
+    x = torch.randn(10, 4, dtype=F64)
+    a, b = sl.partition_codes(mlp(4, 6, 3, seed=0), x), sl.partition_codes(mlp(4, 6, 3, seed=1), x)
+    d = sl.partition_distance(a, b)
+    ref = (a.layers[0].states()[:, None] != b.layers[0].states()[None]).double().mean(-1)
+    assert torch.equal(d, ref)
+
+
+def test_layer_codes_refuse_inconsistent_data() -> None:
+    with pytest.raises(ValueError, match="width 2, expected 1"):
+        sl.LayerCodes("1", "relu", 6, 2, torch.zeros(3, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="integers"):
+        sl.LayerCodes("1", "maxpool", 6, 4, torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="same inputs"):
+        sl.PartitionCodes(
+            (
+                sl.LayerCodes("1", "relu", 6, 2, torch.zeros(3, 1, dtype=torch.uint8)),
+                sl.LayerCodes("3", "relu", 6, 2, torch.zeros(4, 1, dtype=torch.uint8)),
+            )
+        )
+
+
+# 5. No shape specialisation leaks ---------------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    """A forward that branches on the batch size: ``rule(n)`` picks the first head."""
+
+    def __init__(self, rule) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.rule = nn.Linear(4, 3), nn.Linear(4, 3), rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rule(x.shape[0]):
+            return self.a(torch.relu(x))
+        return self.b(x)
+
+
+RULES = {
+    "n>=2": lambda n: n >= 2,
+    "n==1": lambda n: n == 1,
+    "n>5": lambda n: n > 5,
+    "even": lambda n: n % 2 == 0,
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_batch_size_branches_never_run_the_wrong_graph(rule: str) -> None:
+    model = Branchy(RULES[rule]).double().eval()
+    for n in (8, 3, 1, 2, 7, 8):
+        x = torch.randn(n, 4, dtype=F64)
+        try:
+            amap = sl.affine_map(model, x)
+        except sl.BatchSizeError as e:  # refused, with the reason and the fix
+            assert n == 1 and "Pass 2 or more inputs" in str(e)
+            continue
+        with torch.no_grad():
+            assert torch.allclose(torch.einsum("ncd,nd->nc", amap.A, x) + amap.B, model(x))
+
+
+def test_a_held_view_refuses_batch_sizes_outside_its_range() -> None:
+    model = Branchy(RULES["n>5"]).double().eval()
+    view = sl.SplineView(model, torch.randn(8, 4, dtype=F64))
+    with pytest.raises(sl.BatchSizeError, match=r"batches of 6 or more.*got 3"):
+        view.affine_map(torch.randn(3, 4, dtype=F64))
+    model = Branchy(RULES["n>=2"]).double().eval()
+    with pytest.raises(sl.BatchSizeError, match="branches"):
+        sl.partition_codes(model, torch.randn(1, 4, dtype=F64))
+
+
+# 6. float64 copies are complete -----------------------------------------------------------------
+
+
+class BufferNet(nn.Module):
+    """Weights held as buffers (not parameters), e.g. a frozen, exported network."""
+
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        self.register_buffer("w1", net[0].weight.detach().clone())
+        self.register_buffer("b1", net[0].bias.detach().clone())
+        self.register_buffer("w2", net[2].weight.detach().clone())
+        self.scale = torch.tensor(1.0)  # a plain tensor attribute: a constant of the graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w1.T + self.b1) @ self.w2.T * self.scale
+
+
+def test_float64_copies_convert_buffers_and_constants() -> None:
+    net = mlp(2, 16, 2).float()
+    ref = sl.slice_partition(net, torch.zeros(2), torch.eye(2), (-2, 2, -2, 2))
+    part = sl.slice_partition(BufferNet(net).eval(), torch.zeros(2), torch.eye(2), (-2, 2, -2, 2))
+    assert len(part) == len(ref) > 1
+    assert abs(part.areas.sum() - 16) < 1e-9
+
+
+def test_buffer_weights_are_checked_for_dtype() -> None:
+    model = BufferNet(mlp(2, 16, 2).float()).eval()
+    with pytest.raises(ValueError, match=r"x is torch\.float64.*float32"):
+        sl.affine_map(model, torch.randn(3, 2, dtype=F64))
+
+
+# 7. Clear errors for everything a user can get wrong --------------------------------------------
+
+
+def test_layer_keys_are_checked_everywhere() -> None:
+    model, x = mlp(4, 6, 6, 3), torch.randn(6, 4, dtype=F64)
+    codes = sl.partition_codes(model, x)
+    calls = {
+        "affine_map": lambda k: sl.affine_map(model, x, start=k),
+        "distance": lambda k: sl.partition_distance(codes, codes, layer=k),
+        "neighbours": lambda k: sl.nearest_neighbors(codes, codes, layer=k, k=2),
+        "codes.layer": codes.layer,
+        "region_ids": lambda k: region_ids(codes, k),
+        "others": lambda k: others(codes, k, 2),
+        "layer_maso": lambda k: sl.layer_maso(model, x, k),
+    }
+    for name, call in calls.items():
+        for key in (2, -3, 99):
+            with pytest.raises(IndexError, match=rf"layer {key} is out of range.*'1', '3'"):
+                call(key)
+        with pytest.raises(KeyError, match=r"no layer named 'relu'.*'1', '3'"):
+            call("relu")
+        assert call(-1) is not None, name
+
+
+def test_slice_plot_layer_keys() -> None:
+    part = sl.slice_partition(mlp(2, 4, 4, 2), torch.zeros(2), torch.eye(2), (-1, 1, -1, 1))
+    with pytest.raises(IndexError, match="out of range"):
+        part.plot(layer=5)
+    part.plot(layer="1")
+
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.5])
+def test_k_is_checked_in_every_neighbour_path(k) -> None:
+    codes = sl.partition_codes(mlp(4, 6, 3), torch.randn(10, 4, dtype=F64))
+    paths = {
+        "faiss": lambda: sl.nearest_neighbors(codes, codes, k=k, backend="faiss"),
+        "torch": lambda: sl.nearest_neighbors(codes, codes, k=k, backend="torch"),
+        "shards": lambda: sl.nearest_neighbors(codes, [codes[:5], codes[5:]], k=k),
+        "others": lambda: others(codes, 0, k),
+    }
+    for call in paths.values():
+        with pytest.raises(ValueError, match=r"k must be"):
+            call()
+
+
+def test_compiled_models_are_captured_through_the_module_they_wrap() -> None:
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    compiled = torch.compile(model)
+    amap = sl.affine_map(compiled, x)
+    ref = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(amap.A, ref, atol=TOL)
+    assert sl.verify(compiled, x).ok
+
+
+def test_a_wrong_input_shape_says_so_plainly() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ValueError, match=r"per-sample shape \(3, 9, 9\)") as info:
+        sl.affine_map(model.double().eval(), torch.randn(2, 3, 9, 9, dtype=F64))
+    assert "control flow" not in str(info.value) and len(str(info.value)) < 400
