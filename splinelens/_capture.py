@@ -14,10 +14,14 @@ capture stays valid while the model trains.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
+import logging
 import operator
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -202,10 +206,23 @@ def _single_input_differs(model: nn.Module, prog: Program, ex: torch.Tensor) -> 
     return ""
 
 
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Silence torch's log records and printed graph dumps (a failed export prints pages) for
+    the block; the error splinelens raises says what went wrong."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def _export(model: nn.Module, ex: torch.Tensor) -> torch.export.ExportedProgram:
     dyn = ({0: torch.export.Dim.AUTO},)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)
             return ep.run_decompositions(_RNN_DECOMPS)

@@ -34,13 +34,30 @@ class LayerNotFoundError(KeyError, IndexError):
 
 def check_finite(name: str, t: Tensor, fix: str = "") -> None:
     """Refuse NaN or infinite entries of ``t``, naming the argument and the first bad index."""
-    if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+    if not (t.is_floating_point() or t.is_complex()):
+        return
+    if t.numel() and math.isfinite(abs(t.detach().sum().item())):  # fast: no temporary tensor
+        return  # (a non-finite entry makes the sum non-finite; overflow is checked below)
+    if bool(torch.isfinite(t).all()):
         return
     idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
     fix = fix or f"replace or drop the non-finite entries of {name}"
     raise ValueError(
         f"{name} holds {t[idx].item()} at index {idx}; splinelens needs finite values ({fix})"
     )
+
+
+def check_overflow(out: Tensor) -> None:
+    """Finite inputs and weights can still overflow (float32 at 1e30): refuse, naming the input.
+
+    ``out`` is (N, ...) with the batch first.
+    """
+    if not bool(torch.isfinite(out).all()):
+        i = int(torch.nonzero(~torch.isfinite(out.reshape(len(out), -1)))[0, 0])
+        raise ValueError(
+            f"the network's values overflow to inf / nan for input {i} (its entries are finite "
+            f"but too large for {out.dtype}); rescale the input or use float64"
+        )
 
 
 def check_finite_numbers(name: str, values: Sequence[float]) -> None:

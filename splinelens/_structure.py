@@ -25,6 +25,7 @@ from torch.nn.modules import module as _module
 
 _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
+_PLAIN_TYPES = frozenset(_PLAIN)
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
@@ -36,7 +37,7 @@ _GLOBAL_HOOKS = (
 def structure(model: nn.Module) -> tuple:
     """Everything about ``model`` that its captured graph depends on, as comparable tuples."""
     mods = tuple(
-        (name, id(m), type(m), _attrs(m), _tensors(m._parameters), _tensors(m._buffers))
+        (name, _Same(m), type(m), _attrs(m), _tensors(m._parameters), _tensors(m._buffers))
         for name, m in model.named_modules(remove_duplicate=False)
     )
     hooks = tuple(tuple(getattr(_module, h, {})) for h in _GLOBAL_HOOKS)
@@ -84,19 +85,34 @@ def _attrs(m: nn.Module) -> tuple:
     return tuple((k, _value(v)) for k, v in vars(m).items() if k not in _OWN)
 
 
+class _Same:
+    """Compares equal only to the very same object (and keeps it alive, so that its id cannot
+    be reused by a new object that would then pass for it)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and self.obj is other.obj
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _tensors(d: dict[str, Any]) -> tuple:
     return tuple(
-        (k, None if t is None else (id(t), t.shape, t.dtype, t.device)) for k, t in d.items()
+        (k, None if t is None else (_Same(t), t.shape, t.dtype, t.device)) for k, t in d.items()
     )
 
 
 def _value(v: Any, depth: int = 0) -> Any:
-    if isinstance(v, _PLAIN):
+    if type(v) in _PLAIN_TYPES or isinstance(v, _PLAIN):
         return v
+    if isinstance(v, dict):  # hook dicts and the like: handles are never reused
+        return tuple((k, _value(u, depth + 1)) for k, u in v.items()) if v else ()
     if isinstance(v, torch.Tensor):
-        return ("tensor", id(v), v.shape, v.dtype, v.device)
+        return ("tensor", _Same(v), v.shape, v.dtype, v.device)
     if depth < 2 and isinstance(v, (tuple, list)):
         return tuple(_value(u, depth + 1) for u in v)
-    if depth < 2 and isinstance(v, dict):  # hook dicts and the like: keys and value ids
-        return tuple((k, _value(u, depth + 1)) for k, u in v.items())
-    return ("object", id(v))
+    return _Same(v)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._checks import check_finite, check_positive_int, model_tensors
+from ._checks import check_finite, check_overflow, check_positive_int, model_tensors
 from ._precision import exact_matmul
 
 if TYPE_CHECKING:
@@ -174,6 +174,7 @@ class AffineMap:
             self._states = states
             self._z_start = prog.per_sample(self.start, env[self.start])
             self._output = prog.per_sample(self.end, env[self.end])
+            check_overflow(self._output)
         assert self._z_start is not None and self._output is not None
         return self._states, self._z_start, self._output
 
@@ -181,6 +182,7 @@ class AffineMap:
         self._states = self.view._cat_states([r[0] for r in recorded])
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
+        check_overflow(self._output)
 
     def _node(self, z: Tensor) -> Tensor:
         return self.view.program.from_sample(self.start, z)

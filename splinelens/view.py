@@ -24,6 +24,7 @@ from ._capture import capture, check_eval_mode
 from ._checks import (
     FiniteWatch,
     check_finite,
+    check_overflow,
     check_positive_int,
     layer_index,
     model_dtype,
@@ -89,8 +90,9 @@ class SplineView:
         states: dict[str, Tensor] = {}
         with torch.no_grad(), exact_matmul():
             env = self.program.run(x, record=states)
-        out = self.program.output_name
-        return self.program.per_sample(out, env[out]), states
+        out = self.program.per_sample(self.program.output_name, env[self.program.output_name])
+        check_overflow(out)
+        return out, states
 
     def affine_map(self, x: Tensor, start: LayerKey = None, end: LayerKey = None) -> AffineMap:
         """The exact affine map of x's region from ``start`` to ``end``.
@@ -115,7 +117,10 @@ class SplineView:
         states: dict[str, Tensor] = {}
         last = self.program.layers[-1].step if self.program.layers else None
         with torch.no_grad(), exact_matmul():
-            self.program.run(x, record=states, stop=last)
+            env = self.program.run(x, record=states, stop=last)
+        if self.program.layers:  # a nan there would have given wrong pieces on the way
+            la = self.program.layers[-1]
+            check_overflow(self.program.per_sample(la.node, env[la.node]))
         return PartitionCodes(
             tuple(self._layer_codes(la, states[la.step], len(x)) for la in self.program.layers)
         )
@@ -260,6 +265,8 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
 
     The tolerance is relative to max |f(x)|: by default 1e4 machine epsilons of x's dtype.
     """
+    if rtol is not None and not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a finite positive number, got {rtol}")
     view = view_of(model, x)
     amap = view.affine_map(x)
     with torch.no_grad():

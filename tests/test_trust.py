@@ -369,3 +369,45 @@ def test_a_wrong_input_shape_says_so_plainly() -> None:
     with pytest.raises(ValueError, match=r"per-sample shape \(3, 9, 9\)") as info:
         sl.affine_map(model.double().eval(), torch.randn(2, 3, 9, 9, dtype=F64))
     assert "control flow" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_degenerate_planes_and_tolerances_are_refused() -> None:
+    net = mlp(2, 4, 2)
+    for dirs in (torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [2.0, 2.0]])):
+        with pytest.raises(ValueError, match="span a plane"):
+            sl.slice_partition(net, torch.zeros(2), dirs, (-1, 1, -1, 1))
+    with pytest.raises(ValueError, match="rtol"):
+        sl.verify(net, torch.randn(3, 2, dtype=F64), rtol=float("nan"))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_a_failed_capture_prints_nothing_and_says_why(capfd: pytest.CaptureFixture) -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match="control flow"):
+        sl.affine_map(DataDependent().eval(), torch.randn(3, 4))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_overflow_is_refused_not_returned() -> None:
+    model = mlp(4, 30, 3).float()
+    x = torch.randn(3, 4)
+    x[1] = 3e38  # finite, but the network overflows float32
+    with pytest.raises(ValueError, match="overflow.*input 1"):
+        _ = sl.affine_map(model, x).A
+    with pytest.raises(ValueError, match="overflow.*input 1"):
+        _ = sl.affine_map(model, x).B
+
+
+def test_overflowing_codes_are_refused() -> None:
+    x = torch.randn(3, 4)
+    x[2] = 3e38
+    with pytest.raises(ValueError, match="overflow.*input 2"):
+        sl.partition_codes(mlp(4, 30, 30, 3).float(), x)
