@@ -72,7 +72,7 @@ def check_eval_mode(model: nn.Module) -> None:
     names = [
         n or type(model).__name__
         for n, m in model.named_modules()
-        if m.training and _mode_dependent(type(m))
+        if m.training and (_mode_dependent(type(m)) or isinstance(m, torch.jit.ScriptModule))
     ]
     if names:
         raise UnsupportedOperationError(
@@ -105,6 +105,13 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
     a batch of 1, which export never traces, is admitted only if the model's own forward on one
     input agrees with the program (a forward that branches on the batch size does not).
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedOperationError(
+            "torch.jit.script",
+            type(model).__name__,
+            "is a TorchScript module, which torch.export cannot capture",
+            "Pass the nn.Module you scripted (splinelens captures eager modules)",
+        )
     check_eval_mode(model)
     if example.dim() == 0:
         raise ValueError("example_input must have a batch dimension first, e.g. shape (N, ...)")

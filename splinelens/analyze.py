@@ -111,11 +111,14 @@ def bimodality_figure(
 def partition_figures(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path
 ) -> tuple[list, list]:
+    if len(x) < 2:
+        raise ValueError("the partition analyses need at least 2 inputs (--n 2 or more)")
     codes = partition_codes(model, x)
-    nb = neighbor_stats(codes, x, y, k=8)
+    k = min(8, len(x) - 1)  # neighbours other than the input itself
+    nb = neighbor_stats(codes, x, y, k=k)
     regions = region_stats(codes)
     names = [c.name for c in codes.layers]
-    idx = [others(codes, i, 8)[0] for i in range(len(names))]  # query: the first input
+    idx = [others(codes, i, k)[0] for i in range(len(names))]  # query: the first input
     figures.plot_neighbors(x[0], [x[i] for i in idx], names, out / "neighbors.png")
     write_json(
         out / "neighbors_grid.json",

@@ -411,3 +411,9 @@ def test_overflowing_codes_are_refused() -> None:
     x[2] = 3e38
     with pytest.raises(ValueError, match="overflow.*input 2"):
         sl.partition_codes(mlp(4, 30, 30, 3).float(), x)
+
+
+def test_scripted_models_are_refused_with_the_fix() -> None:
+    scripted = torch.jit.script(mlp(4, 6, 3))
+    with pytest.raises(sl.UnsupportedOperationError, match="TorchScript.*Pass the nn.Module you scripted"):
+        sl.affine_map(scripted, torch.randn(3, 4, dtype=F64))
