@@ -1,4 +1,6 @@
-"""Atomic file writes: a temporary file beside the target, renamed over it when complete.
+"""Atomic file writes, and exclusive lock files that processes on one or many machines share.
+
+A write goes to a temporary file beside the target, renamed over it when complete:
 
 >>> import tempfile, pathlib
 >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
@@ -6,15 +8,26 @@
 ...     _ = tmp.write_text("done")
 >>> target.read_text()
 'done'
+
+A lock file is created with O_EXCL (one creator wins, also over NFS), names its owner (host, pid,
+a random nonce) and is kept fresh by a heartbeat; a stale one (dead owner, or no heartbeat for
+``timeout`` seconds) is taken over by exactly one of the processes that find it (see ``Locks``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import secrets
+import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -32,3 +45,161 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class Locks:
+    """Exclusive lock files held by this process, touched every ``beat`` seconds by one thread.
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.lock"
+    >>> with Locks() as mine, Locks() as theirs:
+    ...     mine.acquire(path), theirs.acquire(path)  # a live owner's fresh lock is kept
+    (True, False)
+    >>> path.exists()  # released when the block ends
+    False
+    """
+
+    def __init__(self, timeout: float = 120.0, beat: float | None = None) -> None:
+        self.timeout = timeout  # seconds without a heartbeat after which a lock is stale
+        self.beat = min(10.0, timeout / 4) if beat is None else beat
+        self.nonce = secrets.token_hex(8)  # this holder's mark inside its lock files
+        self._held: set[Path] = set()
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def acquire(self, path: str | Path) -> bool:
+        """Create the lock, or take it over if stale; False while another live owner holds it."""
+        path = Path(path)
+        for _ in range(3):  # a lock released between our looks: try again
+            if _create(path, self._owner()):
+                break
+            seen = _read(path)
+            if seen is None:
+                continue
+            if not _is_stale(*seen, self.timeout) or not _steal(path, seen, self._owner()):
+                return False
+            break
+        else:
+            return False
+        with self._mutex:
+            self._held.add(path)
+        return True
+
+    def release(self, path: str | Path) -> None:
+        """Remove our lock (only if it is still ours) and the steal markers beside it."""
+        path = Path(path)
+        with self._mutex:
+            self._held.discard(path)
+        seen = _read(path)
+        if seen is not None and seen[0].get("nonce") == self.nonce:
+            path.unlink(missing_ok=True)
+        for marker in path.parent.glob(f"{path.name}.steal-*"):
+            marker.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release every lock still held and stop the heartbeat."""
+        with self._mutex:
+            held = list(self._held)
+        for path in held:
+            self.release(path)
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Locks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _owner(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "nonce": self.nonce,
+            "started": time.time(),
+        }
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.beat):
+            with self._mutex:
+                held = list(self._held)
+            for path in held:
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+
+def _create(path: Path, owner: dict[str, Any]) -> bool:
+    """Create ``path`` exclusively with ``owner`` inside; False if it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _read(path: Path) -> tuple[dict[str, Any], float] | None:
+    """The lock's owner (with a nonce, also for an unreadable lock) and mtime; None if gone."""
+    try:
+        with open(path, "rb") as f:  # mtime and content of the same file, even if replaced
+            mtime = os.fstat(f.fileno()).st_mtime
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(raw)
+        if isinstance(owner, dict) and _is_nonce(owner.get("nonce")):
+            return owner, mtime
+    except ValueError:
+        pass
+    digest = hashlib.sha256(raw + repr(mtime).encode()).hexdigest()[:16]
+    return {"nonce": f"garbage-{digest}", "garbage": True}, mtime  # same for all its readers
+
+
+def _is_nonce(text: Any) -> bool:
+    """A nonce as ``Locks`` writes it (safe inside a file name)."""
+    return isinstance(text, str) and 0 < len(text) <= 64 and text.isascii() and text.isalnum()
+
+
+def _is_stale(owner: dict[str, Any], mtime: float, timeout: float) -> bool:
+    """No heartbeat for ``timeout`` seconds, or an owner on this host that no longer runs."""
+    if time.time() - mtime > timeout:
+        return True
+    if owner.get("garbage") or owner.get("host") != socket.gethostname():
+        return False
+    return not _alive(owner.get("pid"))
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _steal(path: Path, seen: tuple[dict[str, Any], float], owner: dict[str, Any]) -> bool:
+    """Take over a stale lock: of all who saw the same owner, the one that creates the marker
+    ``<lock>.steal-<its nonce>`` wins and replaces the lock with its own."""
+    nonce = seen[0]["nonce"]
+    if not _create(path.with_name(f"{path.name}.steal-{nonce}"), owner):
+        return False
+    now = _read(path)
+    if now is None:  # released meanwhile: an ordinary claim
+        return _create(path, owner)
+    if now[0]["nonce"] != nonce:  # replaced meanwhile
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(owner))
+    return True

@@ -17,6 +17,7 @@ names the first difference.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -86,16 +87,26 @@ def _attrs(m: nn.Module) -> tuple:
 
 
 class _Same:
-    """Compares equal only to the very same object (and keeps it alive, so that its id cannot
-    be reused by a new object that would then pass for it)."""
+    """Compares equal only to the very same object, which it holds weakly: a replaced object
+    that was freed compares unequal (its id may be reused, its weak reference is dead), and a
+    cached capture never keeps the model alive."""
 
-    __slots__ = ("obj",)
+    __slots__ = ("ref", "strong")
 
     def __init__(self, obj: Any) -> None:
-        self.obj = obj
+        try:
+            self.ref, self.strong = weakref.ref(obj), None
+        except TypeError:  # no weak references (a few builtins): hold it
+            self.ref, self.strong = None, obj
+
+    def get(self) -> Any:
+        return self.ref() if self.ref is not None else self.strong
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and self.obj is other.obj
+        if not isinstance(other, _Same):
+            return False
+        obj = self.get()
+        return obj is not None and obj is other.get()
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -35,7 +35,9 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("mnist-5k")
-    base = TrainConfig(dataset="mnist-5k", arch="small-cnn", epochs=epochs, device="cpu")
+    base = TrainConfig(  # 2 threads: a fixed count, so the numbers are the same anywhere
+        dataset="mnist-5k", arch="small-cnn", epochs=epochs, device="cpu", threads=2
+    )
     _say(f"training small-cnn on mnist-5k for {epochs} epochs, lambda = 0 and {lam:g}")
     run_sweep(base, [0.0, lam], seeds=1, out=out / "sweep", checkpoints=True)
     models = {lm: _load(base, lm, data, out) for lm in (0.0, lam)}

@@ -12,10 +12,14 @@ one seed) or in Python:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -49,19 +53,64 @@ class TrainConfig:
     data_dir: str = ""  # local dataset directory or archive ("" : the dataset's default)
     device: str = "auto"  # "auto": cuda when available
     bf16: bool = False  # bf16 autocast for the forward pass (GPU)
+    threads: int = 1  # torch CPU threads during the run (results may depend on it)
     progress: bool = field(default=True, metadata={"identity": False})
 
     def __post_init__(self) -> None:
-        """Normalise types, so that lam=1 and lam=1.0 are the same run (and the same id)."""
+        """Normalise types (lam=1 and lam=1.0 are the same run, and the same id) and refuse
+        values out of range with a ValueError naming the field."""
         for f in fields(self):
-            if isinstance(f.default, (bool, str)):
+            if f.name not in _RULES:
                 continue
-            setattr(self, f.name, type(f.default)(getattr(self, f.name)))
+            try:
+                setattr(self, f.name, field_value(f.name, getattr(self, f.name)))
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.{f.name}: {e}") from None
 
     def identity(self) -> dict[str, object]:
-        """The fields that define the run's result (not how it is displayed or where it runs)."""
-        skip = {"progress", "device"}
+        """The fields that define the run's result (not how it is displayed or where it runs).
+
+        ``threads`` is left out at its default, so that runs keep the ids they had before the
+        field existed.
+        """
+        skip = {"progress", "device"} | ({"threads"} if self.threads == 1 else set())
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "lam": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "lr": (float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "lr_decay": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "train_subset": (int, lambda v: v >= 0, "an integer >= 0 (0: all)"),
+    "test_subset": (int, lambda v: v >= 0, "an integer >= 0 (0: all)"),
+    "threads": (int, lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def field_value(name: str, value: Any) -> Any:
+    """``value`` (a number or its text) as TrainConfig field ``name`` takes it, range-checked.
+
+    >>> field_value("lr", "0.01"), field_value("epochs", 3.0)
+    (0.01, 3)
+    >>> field_value("lr_decay", 1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: expected a number in (0, 1], got 1.5
+    """
+    kind, ok, what = _RULES[name]
+    noun = "an integer" if kind is int else "a number"
+    try:
+        converted = kind(value)  # int("3") == 3, int(2.5) == 2: refused below
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{value!r} is not {noun}; expected {what}") from None
+    if kind is int and not isinstance(value, str) and converted != value:
+        raise ValueError(f"{value!r} is not an integer; expected {what}")
+    if not ok(converted):
+        raise ValueError(f"expected {what}, got {value!r}")
+    return converted
 
 
 class DivergedError(RuntimeError):
@@ -73,6 +122,7 @@ class RunResult:
     config: TrainConfig
     history: list[dict[str, float]]
     model: nn.Module
+    runtime: dict[str, Any] = field(default_factory=dict)  # see ``runtime``
 
 
 def resolve_device(device: str) -> torch.device:
@@ -91,9 +141,66 @@ def make_model(cfg: TrainConfig, data: Data) -> nn.Module:
     return build_model(cfg.arch, c, h, data.num_classes, cfg.batchnorm, cfg.bias)
 
 
-def train(cfg: TrainConfig, data: Data | None = None) -> RunResult:
-    """Train one model; raises DivergedError if the loss stops being finite."""
+def runtime(cfg: TrainConfig) -> dict[str, Any]:
+    """How a run executes, recorded beside its result: the same wherever it runs.
+
+    >>> runtime(TrainConfig(device="cpu", threads=2))["threads"]
+    2
+    """
     device = resolve_device(cfg.device)
+    return {
+        "threads": cfg.threads,
+        "deterministic": True,
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+
+
+@contextlib.contextmanager
+def reproducible(threads: int, device: torch.device) -> Iterator[None]:
+    """Fixed CPU threads and deterministic algorithms for a block; restored afterwards.
+
+    A run's numbers then depend on its config alone, not on the process that trains it (a Ray
+    worker starts with 1 thread, a shell with one per core).
+
+    >>> before = torch.get_num_threads()
+    >>> with reproducible(1, torch.device("cpu")):
+    ...     torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    (1, True)
+    >>> torch.get_num_threads() == before
+    True
+    """
+    old = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    if device.type == "cuda":  # cuBLAS reads it when its first handle is created
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        torch.use_deterministic_algorithms(old[1], warn_only=old[2])
+        torch.backends.cudnn.benchmark = old[3]
+
+
+def train(cfg: TrainConfig, data: Data | None = None) -> RunResult:
+    """Train one model; raises DivergedError if the loss stops being finite.
+
+    The run uses ``cfg.threads`` CPU threads and deterministic algorithms (see
+    ``reproducible``), whatever the caller's settings, which are restored afterwards.
+    """
+    device = resolve_device(cfg.device)
+    with reproducible(cfg.threads, device):
+        return _train(cfg, data, device)
+
+
+def _train(cfg: TrainConfig, data: Data | None, device: torch.device) -> RunResult:
     data = (data or load_data(cfg)).to(device)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, data).to(device)
@@ -119,7 +226,7 @@ def train(cfg: TrainConfig, data: Data | None = None) -> RunResult:
         sched.step()
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.4f}")
-    return RunResult(cfg, history, model)
+    return RunResult(cfg, history, model, runtime(cfg))
 
 
 def _epoch(

@@ -118,9 +118,9 @@ class SplineView:
         last = self.program.layers[-1].step if self.program.layers else None
         with torch.no_grad(), exact_matmul():
             env = self.program.run(x, record=states, stop=last)
-        if self.program.layers:  # a nan there would have given wrong pieces on the way
-            la = self.program.layers[-1]
-            check_overflow(self.program.per_sample(la.node, env[la.node]))
+        if last is not None:  # a nan there would have given wrong pieces on the way
+            value = env[last][0] if isinstance(env[last], tuple) else env[last]
+            check_overflow(value.movedim(self.program.bdims[last], 0))
         return PartitionCodes(
             tuple(self._layer_codes(la, states[la.step], len(x)) for la in self.program.layers)
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -17,6 +19,8 @@ from splinelens.train import (
     TrainConfig,
     _batches,
     load_checkpoint,
+    load_data,
+    make_model,
     save_checkpoint,
     train,
 )
@@ -56,7 +60,7 @@ def test_checkpoint_roundtrip(tmp_path, suffix) -> None:
     model = train(replace(BASE, epochs=1)).model
     path = tmp_path / f"model{suffix}"
     save_checkpoint(model, path)
-    fresh = train(replace(BASE, epochs=0, seed=9)).model
+    fresh = make_model(BASE, load_data(BASE))  # untrained
     load_checkpoint(fresh, path)
     for (k, v), v2 in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(v.cpu(), v2), k
@@ -142,6 +146,9 @@ def test_ray_backend(tmp_path) -> None:
     assert [(r["lam"], r["status"]) for r in rows] == [(0.0, "finished"), (0.1, "finished")]
     local = run_sweep(BASE, [0.0, 0.1], seeds=1, out=tmp_path / "local")
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in local]  # same runs
+    record = load_runs(tmp_path)[0]
+    assert record["runtime"]["threads"] == 1 and record["runtime"]["deterministic"] is True
+    assert not list(tmp_path.glob("runs/*.lock*"))  # the driver released its claims
 
 
 def test_cli_sweep_and_plot(tmp_path) -> None:
@@ -175,8 +182,7 @@ def test_cli_sweep_and_plot(tmp_path) -> None:
     assert main(["plot-sweep", str(out)]) == 0
     assert len(list((out / "runs").glob("*.safetensors"))) == 4
     assert (out / "fig3a.png").exists()
-    with pytest.raises(SystemExit):
-        main(["sweep", "--dataset", "imagenet", "--out", str(out)])
+    assert main(["sweep", "--dataset", "imagenet", "--out", str(out)]) == 2
 
 
 def test_run_id_does_not_depend_on_number_types() -> None:
@@ -189,3 +195,91 @@ def test_sweep_folder_refuses_other_settings(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"other settings \(epochs: 2 -> 3\)"):
         run_sweep(replace(BASE, epochs=3), [0.0], seeds=1, out=tmp_path)
     assert len(run_sweep(BASE, [0.0, 0.1], seeds=1, out=tmp_path)) == 2  # more lambdas: fine
+
+
+def _history(result) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in result.history]
+
+
+def test_a_run_does_not_depend_on_the_callers_thread_count() -> None:
+    """A Ray worker starts with 1 torch thread, a shell with one per core: same numbers."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = train(BASE)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+        torch.set_num_threads(1)
+        one = train(BASE)
+    finally:
+        torch.set_num_threads(before)
+    assert _history(one) == _history(two)
+    assert one.runtime == two.runtime
+    assert one.runtime["threads"] == 1 and one.runtime["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()  # restored too
+
+
+def test_run_ids_of_existing_sweeps_are_unchanged() -> None:
+    """Ids computed before TrainConfig had ``threads``: folders of old sweeps stay valid."""
+    assert run_id(TrainConfig(dataset="digits", arch="mlp", epochs=1)) == "1922830b58b8"
+    assert run_id(TrainConfig()) == "bc910b3dc32a"
+    fmnist = TrainConfig(epochs=12, train_subset=2000, test_subset=2000, progress=False)
+    assert run_id(fmnist) == "8b4bb939c8b8"  # results/fmnist-2k, lam 0, seed 0
+    assert run_id(replace(BASE, threads=2)) != run_id(BASE)  # a setting that may change results
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("lam", -0.1, "a finite number >= 0"),
+        ("lam", math.nan, "a finite number >= 0"),
+        ("seed", -1, "an integer >= 0"),
+        ("epochs", 0, "an integer >= 1"),
+        ("epochs", 1.5, "not an integer"),
+        ("batch_size", 0, "an integer >= 1"),
+        ("lr", 0.0, "a finite number > 0"),
+        ("lr", math.inf, "a finite number > 0"),
+        ("lr_decay", 0.0, "a number in (0, 1]"),
+        ("lr_decay", 1.01, "a number in (0, 1]"),
+        ("train_subset", -1, "an integer >= 0"),
+        ("test_subset", -5, "an integer >= 0"),
+        ("threads", 0, "an integer >= 1"),
+        ("lr", "fast", "not a number"),
+    ],
+)
+def test_config_refuses_values_out_of_range(field, value, expected) -> None:
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}: .*{re.escape(expected)}"):
+        replace(BASE, **{field: value})
+
+
+def _corrupt_sweep(tmp_path):
+    """A finished 3-run sweep whose records are, in turn: truncated, a list, valid."""
+    run_sweep(BASE, [0.0, 1.0, 2.0], seeds=1, out=tmp_path)
+    paths = [tmp_path / "runs" / f"{run_id(replace(BASE, lam=x))}.json" for x in (0.0, 1.0)]
+    paths[0].write_text(paths[0].read_text()[:100])
+    paths[1].write_text("[1, 2]")
+    return paths
+
+
+def test_sweep_reruns_corrupt_records(tmp_path, monkeypatch) -> None:
+    truncated, wrong = _corrupt_sweep(tmp_path)
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c.lam) or real(c, *a))
+    with pytest.warns(sweep_mod.RunRecordWarning) as caught:
+        rows = run_sweep(BASE, [0.0, 1.0, 2.0], seeds=1, out=tmp_path)
+    said = " ".join(str(w.message) for w in caught)
+    assert str(truncated) in said and str(wrong) in said and "re-run" in said
+    assert sorted(calls) == [0.0, 1.0]  # the valid run is not trained again
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    assert json.loads(truncated.read_text())["status"] == "finished"
+
+
+def test_plot_sweep_skips_corrupt_records(tmp_path) -> None:
+    bad = [*_corrupt_sweep(tmp_path), tmp_path / "runs" / "notes.json"]
+    bad[2].write_text('{"run_id": "notes"}')
+    with pytest.warns(sweep_mod.RunRecordWarning) as caught:
+        rows = report(tmp_path)
+    said = [str(w.message) for w in caught]
+    assert all(any(str(p) in m and "skipped" in m for m in said) for p in bad)
+    assert [r["lam"] for r in rows] == [2.0]
+    assert (tmp_path / "fig3a.png").stat().st_size > 0

@@ -400,20 +400,37 @@ def test_overflow_is_refused_not_returned() -> None:
     model = mlp(4, 30, 3).float()
     x = torch.randn(3, 4)
     x[1] = 3e38  # finite, but the network overflows float32
-    with pytest.raises(ValueError, match="overflow.*input 1"):
+    with pytest.raises(ValueError, match=r"overflow.*input 1"):
         _ = sl.affine_map(model, x).A
-    with pytest.raises(ValueError, match="overflow.*input 1"):
+    with pytest.raises(ValueError, match=r"overflow.*input 1"):
         _ = sl.affine_map(model, x).B
 
 
 def test_overflowing_codes_are_refused() -> None:
     x = torch.randn(3, 4)
     x[2] = 3e38
-    with pytest.raises(ValueError, match="overflow.*input 2"):
+    with pytest.raises(ValueError, match=r"overflow.*input 2"):
         sl.partition_codes(mlp(4, 30, 30, 3).float(), x)
 
 
 def test_scripted_models_are_refused_with_the_fix() -> None:
     scripted = torch.jit.script(mlp(4, 6, 3))
-    with pytest.raises(sl.UnsupportedOperationError, match="TorchScript.*Pass the nn.Module you scripted"):
+    with pytest.raises(sl.UnsupportedOperationError, match=r"TorchScript.*Pass the nn.Module"):
         sl.affine_map(scripted, torch.randn(3, 4, dtype=F64))
+
+
+def test_the_capture_cache_does_not_keep_a_model_with_hooks_alive() -> None:
+    import gc
+    import weakref
+
+    class Hooked(nn.Sequential):
+        def scale(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            return 2 * out
+
+    model = Hooked(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    model[1].register_forward_hook(model.scale)  # a hook that holds the model
+    alive = weakref.ref(model)
+    assert_exact(model, torch.randn(3, 4, dtype=F64))
+    del model
+    gc.collect()
+    assert alive() is None

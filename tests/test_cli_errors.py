@@ -1,0 +1,188 @@
+"""The command line speaks like one: a user error is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from splinelens import sweep as sweep_mod
+from splinelens import sweep_report, train
+from splinelens.cli import main
+
+LAMBDAS = "expected comma-separated non-negative numbers such as 0,0.01,0.1"
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Loading data, training or sweeping would be an internal error (exit status 1)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the command line was checked")
+
+    for module, name in [(sweep_mod, "run_sweep"), (train, "load_data"), (train, "train")]:
+        monkeypatch.setattr(module, name, forbidden)
+
+
+def _error(capsys, argv: list[str], status: int = 2) -> str:
+    """Run ``splinelens argv``; check the status and that stderr is one error line; return it."""
+    assert main(argv) == status
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("splinelens: error: ")
+    assert "Traceback" not in captured.err
+    return lines[0].removeprefix("splinelens: error: ")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lambdas", "a"], f"--lambdas: 'a' is not a number; {LAMBDAS}"),
+        (["--lambdas", "0,,1"], f"--lambdas: an empty value in '0,,1'; {LAMBDAS}"),
+        (["--lambdas", "nan"], "--lambdas: 'nan' is not finite"),
+        (["--lambdas", "0,inf"], "--lambdas: 'inf' is not finite"),
+        (["--lambdas=-1"], "--lambdas: '-1' is negative"),
+        (["--lambdas", ""], f"--lambdas: no values; {LAMBDAS}"),
+        (["--lambdas", "0,0.1,0.10"], "--lambdas: '0.10' appears twice"),
+        (["--seeds", "0"], "--seeds: expected an integer >= 1, got '0'"),
+        (["--seeds", "two"], "--seeds: expected an integer >= 1, got 'two'"),
+        (["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
+        (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
+        (["--batch-size", "-4"], "--batch-size: expected an integer >= 1"),
+        (["--lr", "0"], "--lr: expected a finite number > 0, got '0'"),
+        (["--lr", "nan"], "--lr: expected a finite number > 0, got 'nan'"),
+        (["--lr-decay", "0"], "--lr-decay: expected a number in (0, 1]"),
+        (["--lr-decay", "1.2"], "--lr-decay: expected a number in (0, 1]"),
+        (["--train-subset", "-1"], "--train-subset: expected an integer >= 0"),
+        (["--test-subset", "-1"], "--test-subset: expected an integer >= 0"),
+        (["--threads", "0"], "--threads: expected an integer >= 1"),
+        (["--dataset", "imagenet"], "--dataset: invalid choice: 'imagenet'"),
+        (["--backend", "slurm"], "--backend: invalid choice: 'slurm'"),
+    ],
+)
+def test_sweep_refuses_bad_options_up_front(tmp_path, capsys, nothing_runs, options, message):
+    line = _error(capsys, ["sweep", "--out", str(tmp_path / "s"), *options])
+    assert line.startswith(message)
+    assert not (tmp_path / "s").exists()
+
+
+def test_out_must_be_a_writable_directory(tmp_path, capsys, monkeypatch, nothing_runs) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    line = _error(capsys, ["sweep", "--out", str(afile)])
+    assert line == f"--out: {afile} is a file; expected a directory"
+    line = _error(capsys, ["sweep", "--out", str(afile / "sub" / "dir")])
+    assert line == f"--out: {afile} is a file, so {afile / 'sub' / 'dir'} cannot be a directory"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    line = _error(capsys, ["demo", "--out", str(locked / "new")])
+    assert line.startswith(f"--out: {locked} is not writable")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--epochs", "0"], "--epochs: expected an integer >= 1"),
+        (["demo", "--lam", "-1"], "--lam: expected a finite number >= 0"),
+        (["demo", "--lam", "inf"], "--lam: expected a finite number >= 0"),
+        (["check", "--batch", "0"], "--batch: expected an integer >= 1"),
+        (["plot-sweep", "/no/such/sweep"], "dir: /no/such/sweep: not found"),
+        (["sweep"], "the following arguments are required: --out"),
+        (["frobnicate"], "command: invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_other_commands_refuse_bad_options(capsys, nothing_runs, argv, message) -> None:
+    assert _error(capsys, argv).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--checkpoint", "/no/such/w.pt"], "--checkpoint: /no/such/w.pt: not found"),
+        (["--n", "0"], "--n: expected an integer >= 1"),
+        (["--what", "templates,vibes"], "--what: 'vibes' is not an analysis"),
+    ],
+)
+def test_analyze_refuses_bad_options(tmp_path, capsys, nothing_runs, options, message) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    argv = ["analyze", "--dataset", "digits", "--arch", "mlp", "--checkpoint", str(weights)]
+    assert _error(capsys, [*argv, "--out", str(tmp_path / "a"), *options]).startswith(message)
+
+
+def test_user_errors_while_running_are_one_line(tmp_path, capsys) -> None:
+    line = _error(capsys, ["plot-sweep", str(tmp_path)])
+    assert line == f"{tmp_path} holds no finished runs (expected {tmp_path}/runs/*.json)"
+    (tmp_path / "sweep.json").write_text('{"base": {"epochs": 3')  # truncated
+    line = _error(capsys, ["sweep", "--dataset", "digits", "--out", str(tmp_path)])
+    assert line.startswith(f"{tmp_path / 'sweep.json'} does not describe a sweep")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "message"),
+    [
+        (FileNotFoundError(2, "No such file or directory", "x.idx"), 2, "x.idx: No such file"),
+        (PermissionError(13, "Permission denied", "out"), 2, "out: Permission denied"),
+        (KeyError("unknown dataset 'x'"), 2, "unknown dataset 'x'"),
+        (ImportError("digits needs scikit-learn"), 2, "digits needs scikit-learn"),
+        (ZeroDivisionError("division by zero"), 1, "internal error: ZeroDivisionError: division"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_errors_map_to_one_line_and_a_status(
+    tmp_path, capsys, monkeypatch, error, status, message
+) -> None:
+    def boom(out):
+        raise error
+
+    monkeypatch.setattr(sweep_report, "report", boom)
+    line = _error(capsys, ["plot-sweep", str(tmp_path)], status)
+    assert line.startswith(message)
+    assert ("--debug" in line) == (status == 1)
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
+    def boom(out):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(sweep_report, "report", boom)
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "plot-sweep", str(tmp_path)])
+    monkeypatch.setenv("SPLINELENS_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["plot-sweep", str(tmp_path)])
+
+
+def test_help_and_version_exit_zero(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert main(["sweep", "--help"]) == 0
+    assert "--lambdas" in capsys.readouterr().out
+
+
+def test_the_installed_command_prints_one_line(tmp_path) -> None:
+    """The real process: stderr is one line, no traceback, exit status 2."""
+    argv = [sys.executable, "-m", "splinelens.cli", "sweep", "--lambdas", "0,x", "--out", "o"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == f"splinelens: error: --lambdas: 'x' is not a number; {LAMBDAS}\n"
+    assert proc.stdout == "" and not (tmp_path / "o").exists()
+
+
+def test_warnings_are_one_line_each(tmp_path, capsys) -> None:
+    from splinelens.sweep import run_sweep
+    from splinelens.train import TrainConfig
+
+    base = TrainConfig(dataset="digits", arch="mlp", epochs=1, train_subset=200, progress=False)
+    run_sweep(base, [0.0, 0.1], seeds=1, out=tmp_path)
+    broken = sorted((tmp_path / "runs").glob("*.json"))[0]
+    broken.write_text("{")
+    assert main(["plot-sweep", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"splinelens: warning: {broken} is not a valid")

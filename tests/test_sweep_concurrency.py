@@ -1,0 +1,207 @@
+"""Sweeps share work safely: processes on one folder split the grid, none trains a run twice,
+and the run of a process that died is taken over."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splinelens import sweep as sweep_mod
+from splinelens._io import Locks
+from splinelens.cli import main
+from splinelens.data import Data
+from splinelens.sweep import configs, run_id, run_sweep
+from splinelens.train import TrainConfig
+
+BASE = TrainConfig(
+    dataset="digits", arch="mlp", epochs=1, train_subset=200, test_subset=100, progress=False
+)
+LAMBDAS, SEEDS = [0.0, 0.1, 0.2], 2  # 6 runs
+IDS = sorted(run_id(c) for c in configs(BASE, LAMBDAS, SEEDS))
+
+
+def _tiny_data(cfg: TrainConfig) -> Data:
+    """Random 8x8 images of 10 classes: a worker needs no dataset library (fast to start)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1, 8, 8, generator=g)  # (N, C, H, W)
+    y = torch.arange(300) % 10
+    return Data("tiny", x[:200], y[:200], x[200:], y[200:], [str(c) for c in range(10)])
+
+
+def _worker(out: str, logs: str, delay: float, barrier=None, lock_timeout=None) -> None:
+    """A sweep process that writes "pid run_id" to its own log each time it starts a run."""
+    real = sweep_mod.run_one
+
+    def logged(cfg, *args):
+        with open(Path(logs) / f"{os.getpid()}.log", "a") as f:
+            f.write(f"{os.getpid()} {run_id(cfg)}\n")
+        time.sleep(delay)
+        return real(cfg, *args)
+
+    sweep_mod.run_one = logged
+    sweep_mod.load_data = _tiny_data
+    if barrier is not None:
+        barrier.wait(timeout=120)
+    run_sweep(BASE, LAMBDAS, SEEDS, out, lock_timeout=lock_timeout)
+
+
+def _trained(logs: Path) -> list[tuple[int, str]]:
+    """(pid, run id) of every training started, by every worker."""
+    lines = [line.split() for p in logs.glob("*.log") for line in p.read_text().splitlines()]
+    return [(int(pid), rid) for pid, rid in lines]
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "runs").glob("*.lock*"))
+
+
+def _results(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_three_processes_split_a_sweep_and_train_each_run_once(tmp_path) -> None:
+    out, logs = tmp_path / "sweep", tmp_path / "logs"
+    logs.mkdir()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)  # start together, once torch is imported
+    workers = [
+        ctx.Process(target=_worker, args=(str(out), str(logs), 0.5, barrier)) for _ in range(3)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=180)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    trained = _trained(logs)
+    assert sorted(rid for _, rid in trained) == IDS  # every run, each exactly once
+    assert len({pid for pid, _ in trained}) >= 2  # the work was shared
+    rows = _results(out)  # the last writer of results.csv saw every run
+    assert sorted(r["run_id"] for r in rows) == IDS
+    assert {r["status"] for r in rows} == {"finished"}
+    assert _leftovers(out) == []
+
+
+def test_the_run_of_a_killed_worker_is_taken_over(tmp_path, monkeypatch) -> None:
+    out, logs = tmp_path / "sweep", tmp_path / "logs"
+    logs.mkdir()
+    ctx = mp.get_context("spawn")
+    victim = ctx.Process(target=_worker, args=(str(out), str(logs), 600.0))
+    victim.start()
+    deadline = time.monotonic() + 120
+    while not _trained(logs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [(pid, killed)] = _trained(logs)  # it holds its first run and sleeps in it
+    assert _leftovers(out) == [f"{killed}.lock"]
+    os.kill(pid, signal.SIGKILL)
+    victim.join(timeout=30)
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(run_id(c)) or real(c, *a))
+    rows = run_sweep(BASE, LAMBDAS, SEEDS, out, lock_timeout=3600)  # no waiting: the pid is dead
+    assert killed in calls and sorted(calls) == IDS
+    assert sorted(r["run_id"] for r in rows) == IDS
+    assert {r["status"] for r in rows} == {"finished"}
+    assert _leftovers(out) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _stale_lock(path: Path, how: str) -> None:
+    if how == "garbage":
+        path.write_bytes(b"\x00{not json")
+    else:
+        host = socket.gethostname() if how == "dead pid" else "elsewhere"
+        pid = _dead_pid() if how == "dead pid" else 1
+        path.write_text(json.dumps({"host": host, "pid": pid, "nonce": "n0", "started": 0}))
+    if how != "dead pid":
+        os.utime(path, (time.time() - 600, time.time() - 600))  # no heartbeat for 10 minutes
+
+
+def _race(path: Path, racers: list[Locks]) -> list[bool]:
+    """Each racer tries to acquire ``path`` in its own thread, all released at once."""
+    start = threading.Barrier(len(racers))
+    won = [False] * len(racers)
+
+    def race(i: int) -> None:
+        start.wait()
+        won[i] = racers[i].acquire(path)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won
+
+
+@pytest.mark.parametrize("how", ["dead pid", "silent host", "garbage"])
+def test_exactly_one_of_three_racers_steals_a_stale_lock(tmp_path, how) -> None:
+    for attempt in range(10):
+        path = tmp_path / f"{attempt}.lock"
+        _stale_lock(path, how)
+        racers = [Locks(timeout=120) for _ in range(3)]
+        won = _race(path, racers)
+        assert sum(won) == 1, (attempt, won)
+        winner = racers[won.index(True)]
+        assert json.loads(path.read_text())["nonce"] == winner.nonce
+        for racer in racers:
+            racer.close()
+        assert not path.exists() and not list(tmp_path.glob(f"{attempt}.lock.steal-*"))
+
+
+def test_a_live_owners_lock_is_not_stolen(tmp_path) -> None:
+    path = tmp_path / "run.lock"
+    with Locks(timeout=1.0, beat=0.05) as owner, Locks(timeout=1.0) as other:
+        assert owner.acquire(path)
+        time.sleep(1.5)  # longer than the timeout: the heartbeat keeps the lock fresh
+        assert not other.acquire(path)
+        assert json.loads(path.read_text())["nonce"] == owner.nonce
+    elsewhere = {"host": "elsewhere", "pid": 1, "nonce": "n0", "started": time.time()}
+    path.write_text(json.dumps(elsewhere))  # a fresh lock from another machine
+    with Locks(timeout=120) as other:
+        assert not other.acquire(path)
+    path.write_bytes(b"")  # a lock being created right now (no owner written yet)
+    with Locks(timeout=120) as other:
+        assert not other.acquire(path)
+
+
+def test_runs_held_elsewhere_are_left_and_reported(tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    held = configs(BASE, LAMBDAS, SEEDS)[1]
+    (out / "runs").mkdir(parents=True)
+    argv = ["sweep", "--dataset", "digits", "--arch", "mlp", "--epochs", "1", "--no-progress"]
+    argv += ["--train-subset", "200", "--test-subset", "100", "--lambdas", "0,0.1,0.2"]
+    with Locks() as other:  # another live process holds one run
+        assert other.acquire(out / "runs" / f"{run_id(held)}.lock")
+        assert main([*argv, "--seeds", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "5 finished, 0 failed, 1 running in other processes" in said
+    assert run_id(held) not in {r["run_id"] for r in _results(out)}
+    assert main([*argv, "--seeds", "2", "--out", str(out)]) == 0  # once it is free: resumed
+    assert "6 finished, 0 failed, 0 running in other processes" in capsys.readouterr().out
+
+
+def test_lock_timeout_is_checked(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SPLINELENS_LOCK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SPLINELENS_LOCK_TIMEOUT: expected a number of seconds"):
+        run_sweep(BASE, [0.0], 1, tmp_path / "a")
+    with pytest.raises(ValueError, match="lock_timeout: expected a number of seconds > 0"):
+        run_sweep(BASE, [0.0], 1, tmp_path / "b", lock_timeout=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
