@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch._decomp import decomposition_table
 
 from . import _ops
+from ._batch import BatchSizes
 from ._maso_ops import eval_batch_norm
 from ._precision import exact_matmul
 from ._program import Layer, Program, Ref, Step
@@ -101,9 +102,7 @@ def _mode_dependent(cls: type) -> bool:
 def capture(model: nn.Module, example: torch.Tensor) -> Program:
     """Export ``model`` on ``example`` (batch first) and compile it into a checked Program.
 
-    The program holds for the batch sizes that ``torch.export`` guarded (its range constraints);
-    a batch of 1, which export never traces, is admitted only if the model's own forward on one
-    input agrees with the program (a forward that branches on the batch size does not).
+    The program holds for the batch sizes that ``torch.export`` guarded (``BatchSizes``).
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedOperationError(
@@ -122,13 +121,21 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
     _check_runs(model, ex[:2])
     ep = _export(model, ex)
     prog = _Compiler(model, ep).compile()
-    lo, hi = _batch_range(ep)
-    if lo > 1:
-        prog.batch_note = _single_input_differs(model, prog, ex)
-        lo = 1 if not prog.batch_note else lo
-    prog.batch_range, prog.batch_guards = (lo, hi), _batch_guards(ep)
-    prog._accepted.clear()
+    prog.batch = BatchSizes.of(
+        ep,
+        lambda m: _export(m, ex[:1], dynamic=False),
+        model,
+        ex,
+        functools.partial(_output, prog),
+    )
     return prog
+
+
+def _output(prog: Program, x: torch.Tensor) -> torch.Tensor:
+    """The program's output for x, after the output nonlinearity g (as the model returns it)."""
+    with torch.no_grad(), exact_matmul():
+        out = prog.per_sample(prog.output_name, prog.run(x)[prog.output_name])
+    return _ops.apply_g(prog.output_g, out)
 
 
 def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
@@ -149,70 +156,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _batch_range(ep: torch.export.ExportedProgram) -> tuple[int, int | None]:
-    """(lo, hi) of the batch size from export's range constraints (hi None: unbounded)."""
-    name = ep.graph_signature.user_inputs[0]
-    node = next(n for n in ep.graph_module.graph.nodes if n.name == name)
-    batch = str(node.meta["val"].shape[0])
-    for sym, vr in ep.range_constraints.items():
-        if str(sym) == batch:
-            hi = None if str(vr.upper) in ("int_oo", "oo") else int(vr.upper)
-            return max(1, int(vr.lower)), hi
-    return 2, None
-
-
-def _batch_guards(ep: torch.export.ExportedProgram) -> tuple:
-    """Export's guards on the batch size other than its range (e.g. ``Eq(Mod(s0, 2), 0)`` from
-    ``if x.shape[0] % 2 == 0``), each as a predicate of the batch size."""
-    name = ep.graph_signature.user_inputs[0]
-    node = next(n for n in ep.graph_module.graph.nodes if n.name == name)
-    size = node.meta["val"].shape[0]
-    if not isinstance(size, torch.SymInt):
-        return ()
-    env = size.node.shape_env
-    exprs = [g.expr for g in env.guards]
-    exprs += [ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras]
-    sym = size.node.expr
-    return tuple(_Guard(e, sym) for e in exprs)
-
-
-class _Guard:
-    """One symbolic guard, evaluated at a concrete batch size (False when undecidable)."""
-
-    def __init__(self, expr: Any, sym: Any) -> None:
-        self.expr, self.sym = expr, sym
-
-    def __call__(self, n: int) -> bool:
-        value = self.expr.xreplace({self.sym: n})
-        return bool(value) if value in (True, False) or value.is_Boolean else False
-
-    def __repr__(self) -> str:
-        return str(self.expr)
-
-
-def _single_input_differs(model: nn.Module, prog: Program, ex: torch.Tensor) -> str:
-    """Why a batch of 1 is not the captured graph ("" if it is): the model fails on one input,
-    or its output for one input differs from the program's (it branches on the batch size)."""
-    for i in range(2):
-        xi = ex[i : i + 1]
-        try:
-            with torch.no_grad(), exact_matmul(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ref = model(xi)
-        except Exception as e:
-            return f"the model does not run on one input: {type(e).__name__}: {_first_line(e)}"
-        with torch.no_grad(), exact_matmul():
-            out = prog.per_sample(prog.output_name, prog.run(xi)[prog.output_name])
-        out = _ops.apply_g(prog.output_g, out)
-        if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:
-            return "the model's output for one input has another shape"
-        scale = max(1.0, float(ref.abs().max()))
-        tol = 1e3 * torch.finfo(out.dtype).eps * scale
-        if not bool(((ref - out).abs() <= tol).all()):
-            return "for one input the model's forward computes something else (it branches on N)"
-    return ""
-
-
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
     """Silence torch's log records and printed graph dumps (a failed export prints pages) for
@@ -226,8 +169,10 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _export(model: nn.Module, ex: torch.Tensor) -> torch.export.ExportedProgram:
-    dyn = ({0: torch.export.Dim.AUTO},)
+def _export(
+    model: nn.Module, ex: torch.Tensor, dynamic: bool = True
+) -> torch.export.ExportedProgram:
+    dyn = ({0: torch.export.Dim.AUTO},) if dynamic else None
     try:
         with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")

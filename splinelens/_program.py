@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from ._batch import BatchSizes
 from ._maso_ops import MasoOp
-from .errors import BatchSizeError
 
 Tensor = torch.Tensor
 
@@ -81,41 +81,11 @@ class Program:
     shapes: dict[str, tuple[int, ...]]  # node -> one sample's shape
     output_g: str | None = None  # the excluded output nonlinearity, if any
     param_fqn: dict[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
-    batch_range: tuple[int, int | None] = (1, None)  # batch sizes the graph holds for
-    batch_note: str = ""  # why a batch of 1 is outside the range, when it is
-    batch_guards: tuple[Callable[[int], bool], ...] = ()  # export's other guards on the batch
+    batch: BatchSizes = field(default_factory=lambda: BatchSizes(1, None))  # sizes it holds for
     position: dict[str, int] = field(init=False, repr=False)  # step name -> index in steps
-    _accepted: dict[int, bool] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.position = {s.name: i for i, s in enumerate(self.steps)}
-
-    def accepts(self, n: int) -> bool:
-        """Whether the captured graph is the model's graph for a batch of n inputs."""
-        if n not in self._accepted:
-            lo, hi = self.batch_range
-            ok = lo <= n and (hi is None or n <= hi)
-            self._accepted[n] = ok and all(guard(n) for guard in self.batch_guards)
-        return self._accepted[n]
-
-    def check_batch(self, n: int) -> None:
-        """Refuse a batch size outside the range the capture holds for (never the wrong branch)."""
-        if self.accepts(n):
-            return
-        lo, hi = self.batch_range
-        span = f"{lo} or more" if hi is None else f"{lo} to {hi}"
-        if self.batch_guards:
-            span += f" with {', '.join(map(repr, self.batch_guards))}"
-        if n < lo and lo == 2:
-            raise BatchSizeError(
-                f"a batch of 1 is refused for this model: {self.batch_note or 'export'}; "
-                f"torch.export cannot capture a batch of 1 separately. Pass 2 or more inputs"
-            )
-        raise BatchSizeError(
-            f"the model's forward depends on the batch size: this capture holds for batches of "
-            f"{span} (torch.export's guards), got {n}. Pass a batch in that range; the plain "
-            f"functions (sl.affine_map, ...) capture the model again for another range"
-        )
 
     def step(self, name: str) -> Step:
         """The step that computes node ``name``."""
@@ -140,7 +110,7 @@ class Program:
         ``preset``: values given for some nodes (the input included); ``skip``: steps not to
         execute (their values are preset or unused).
         """
-        self.check_batch(x.shape[0])
+        self.batch.check(x.shape[0])
         env: dict[str, Any] = dict(self.constants)
         for name, owner, attr in self.params:
             env[name] = getattr(owner, attr).detach()

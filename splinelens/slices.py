@@ -164,7 +164,7 @@ def slice_partition(
     start = time.perf_counter()
     model64 = float64_copy(unwrap_compiled(model))
     origin, dirs, bounds, anchors = _plane(model64, origin, directions, bounds, points, margin)
-    view = view_of(model64, origin[None])
+    view = view_of(model64, torch.stack([origin, origin + dirs[0], origin + dirs[1]]))
     plane = _Plane(view, origin, dirs)
     V, n = poly.square(bounds)
     scale = max(abs(b) for b in bounds)

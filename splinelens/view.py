@@ -167,7 +167,7 @@ class SplineView:
             )
         check_dtype(model, x, name)
         self._finite.check(model)
-        self.program.check_batch(len(x))
+        self.program.batch.check(len(x))
 
     def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
         return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
@@ -239,7 +239,7 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
     now = structure(model)
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
     views[:] = [v for v in views if v.structure == now]
-    view = next((v for v in views if v.program.accepts(len(x))), None)
+    view = next((v for v in views if v.program.batch.accepts(len(x))), None)
     if view is None:
         view = SplineView(model, x)
         view._model = None  # the cache must not keep the model alive

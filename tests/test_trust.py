@@ -263,7 +263,7 @@ def test_batch_size_branches_never_run_the_wrong_graph(rule: str) -> None:
         try:
             amap = sl.affine_map(model, x)
         except sl.BatchSizeError as e:  # refused, with the reason and the fix
-            assert n == 1 and "Pass 2 or more inputs" in str(e)
+            assert n == 1 and "pass 2 or more inputs" in str(e)
             continue
         with torch.no_grad():
             assert torch.allclose(torch.einsum("ncd,nd->nc", amap.A, x) + amap.B, model(x))
@@ -272,7 +272,7 @@ def test_batch_size_branches_never_run_the_wrong_graph(rule: str) -> None:
 def test_a_held_view_refuses_batch_sizes_outside_its_range() -> None:
     model = Branchy(RULES["n>5"]).double().eval()
     view = sl.SplineView(model, torch.randn(8, 4, dtype=F64))
-    with pytest.raises(sl.BatchSizeError, match=r"batches of 6 or more.*got 3"):
+    with pytest.raises(sl.BatchSizeError, match=r"holds for N >= 6.*not for a batch of 3"):
         view.affine_map(torch.randn(3, 4, dtype=F64))
     model = Branchy(RULES["n>=2"]).double().eval()
     with pytest.raises(sl.BatchSizeError, match="branches"):
@@ -434,3 +434,26 @@ def test_the_capture_cache_does_not_keep_a_model_with_hooks_alive() -> None:
     del model
     gc.collect()
     assert alive() is None
+
+
+class ClampsOneInput(nn.Module):
+    """Branches on a batch of 1 in a way two sample inputs do not reveal (a clamp at +-3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            x = x.clamp(-3, 3)
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def test_a_batch_of_one_is_checked_on_the_graph_not_on_samples() -> None:
+    model = ClampsOneInput().double().eval()
+    assert sl.verify(model, torch.randn(4, 3, dtype=F64)).ok
+    with pytest.raises(sl.BatchSizeError, match="builds another graph"):
+        sl.affine_map(model, torch.full((1, 3), 10.0, dtype=F64))
+    plain = mlp(3, 4, 2)
+    assert_exact(plain, torch.randn(1, 3, dtype=F64))  # no branch: a batch of 1 is fine
