@@ -34,21 +34,6 @@ def clock(fn: Callable[[], object], repeats: int, number: int) -> float:
     return statistics.median(times)
 
 
-def paired(base: Callable[[], object], extra: Callable[[], object], repeats: int) -> float:
-    """Median of (extra(); base()) - base() over interleaved rounds: the marginal cost of
-    ``extra`` inside a real call (thread pools still spinning after a forward included)."""
-    diffs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        extra()
-        base()
-        t2 = time.perf_counter()
-        diffs.append((t2 - t1) - (t1 - t0))
-    return statistics.median(diffs)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
@@ -63,12 +48,8 @@ def main() -> None:
 
     fwd = clock(forward, args.repeats, 3)
     rows = {
-        "structure check, alone": clock(lambda: structure(model), args.repeats, 200),
-        "structure check, in a call": paired(forward, lambda: structure(model), args.repeats),
-        "every check of a call (view._check), alone": clock(
-            lambda: view._check(x), args.repeats, 50
-        ),
-        "every check of a call, in a call": paired(forward, lambda: view._check(x), args.repeats),
+        "structure check": clock(lambda: structure(model), args.repeats, 200),
+        "every check of a call (view._check)": clock(lambda: view._check(x), args.repeats, 50),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.batch}")
     print(f"one forward pass: {fwd * 1e3:.2f} ms")

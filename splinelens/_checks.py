@@ -72,7 +72,7 @@ def check_finite_numbers(name: str, values: Sequence[float]) -> None:
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Every floating parameter and buffer of ``model``, with its qualified name."""
     for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.is_floating_point():
+        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and t.is_floating_point():
             yield name, t
 
 
@@ -82,23 +82,45 @@ def model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
     return None if t is None else (t.dtype, t.device)
 
 
+def model_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every floating tensor the model computes with: parameters, buffers and plain tensor
+    attributes of its modules (constants of the captured graph)."""
+    yield from model_tensors(model)
+    for prefix, m in model.named_modules():
+        for k, v in vars(m).items():
+            if isinstance(v, Tensor) and v.is_floating_point():
+                yield (f"{prefix}.{k}" if prefix else k), v
+
+
+def weights_fingerprint(model: nn.Module) -> tuple[tuple, list[float]]:
+    """Identities and per-tensor sums of the model's state: any change of its values (in place,
+    through ``.data``, or by replacement) changes it, short of a change that keeps every sum."""
+    named = list(model_state(model))
+    ids = tuple((name, id(t), t._version, t.data_ptr()) for name, t in named)
+    return ids, _sums([t for _, t in named])
+
+
+def _sums(tensors: list[Tensor]) -> list[float]:
+    """Each tensor's sum in float64, with one synchronisation per device."""
+    if not tensors:
+        return []
+    parts = [t.detach().sum(dtype=torch.float64) for t in tensors]
+    devices = {p.device for p in parts}
+    if len(devices) == 1:
+        return torch.stack(parts).tolist()
+    return [float(p) for p in parts]
+
+
 class FiniteWatch:
-    """Checks that a model's parameters and buffers are finite, again only after they change.
-
-    A tensor is re-checked when its identity, storage or in-place version counter changes.
-    """
-
-    def __init__(self) -> None:
-        self._seen: tuple = ()
+    """Checks, at every call, that a model's parameters, buffers and tensor attributes are
+    finite: one float64 sum per tensor, and a search for the bad entry only when one is not."""
 
     def check(self, model: nn.Module) -> None:
-        tensors = list(model_tensors(model))
-        key = tuple((id(t), t._version, t.data_ptr()) for _, t in tensors)
-        if key == self._seen:
+        named = list(model_state(model))
+        if all(map(math.isfinite, _sums([t for _, t in named]))):
             return
-        for name, t in tensors:
+        for name, t in named:
             check_finite(f"model parameter or buffer '{name}'", t.detach(), "the model diverged?")
-        self._seen = key
 
 
 def float64_copy(model: nn.Module) -> nn.Module:

@@ -17,6 +17,9 @@ names the first difference.
 
 from __future__ import annotations
 
+import collections
+import functools
+import types
 import weakref
 from typing import Any
 
@@ -27,6 +30,8 @@ from torch.nn.modules import module as _module
 _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
 _PLAIN_TYPES = frozenset(_PLAIN)
+_DEPTH = 6  # how deep attribute values are looked into
+_DICTS = (dict, collections.OrderedDict)
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
@@ -61,11 +66,13 @@ def describe_change(old: tuple, new: tuple) -> str:
             kind = f"{o[2].__name__} -> {n[2].__name__}" if o[2] is not n[2] else "another one"
             return f"module '{_label(name)}' was replaced ({kind})"
         if o[3] != n[3]:
-            keys = sorted({k for k, _ in o[3]} ^ {k for k, _ in n[3]} | _changed(o[3], n[3]))
-            return f"module '{_label(name)}' changed its attribute(s) {', '.join(keys)}"
+            which = "attribute(s)" if o[3][0] != n[3][0] else "class attribute(s)"
+            i = 0 if o[3][0] != n[3][0] else 1
+            keys = _keys(o[3][i], n[3][i])
+            return f"module '{_label(name)}' changed its {which} {', '.join(keys)}"
         for what, i in (("parameter", 4), ("buffer", 5)):
             if o[i] != n[i]:
-                keys = sorted({k for k, _ in o[i]} ^ {k for k, _ in n[i]} | _changed(o[i], n[i]))
+                keys = _keys(o[i], n[i])
                 where = f"{name}." if name else ""
                 names = ", ".join(f"'{where}{k}'" for k in keys)
                 return f"{what}(s) {names} re-registered or changed shape / dtype / device"
@@ -76,14 +83,27 @@ def _label(name: str) -> str:
     return name or "<top level>"
 
 
-def _changed(a: tuple, b: tuple) -> set[str]:
+def _keys(a: tuple, b: tuple) -> list[str]:
+    """The names that differ between two tuples of (name, value) pairs."""
     da, db = dict(a), dict(b)
-    return {k for k in da.keys() & db.keys() if da[k] != db[k]}
+    return sorted(da.keys() ^ db.keys() | {k for k in da.keys() & db.keys() if da[k] != db[k]})
 
 
-def _attrs(m: nn.Module) -> tuple:
-    """The module's own attributes: settings by value, hooks by key, other objects by id."""
-    return tuple((k, _value(v)) for k, v in vars(m).items() if k not in _OWN)
+def _attrs(m: nn.Module, depth: int = 0) -> tuple:
+    """The module's own attributes (settings by value, hooks by key, objects by identity and
+    contents), and the plain class attributes of classes of your own."""
+    own = tuple((k, _value(v, depth)) for k, v in vars(m).items() if k not in _OWN)
+    return own, _class_attrs(type(m))
+
+
+def _class_attrs(cls: type) -> tuple:
+    return tuple(
+        (k, v)
+        for c in cls.__mro__
+        if not c.__module__.startswith(("torch.", "builtins"))
+        for k, v in vars(c).items()
+        if type(v) in _PLAIN_TYPES and not k.startswith("__")
+    )
 
 
 class _Same:
@@ -111,19 +131,52 @@ class _Same:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _tensors(d: dict[str, Any]) -> tuple:
-    return tuple(
-        (k, None if t is None else (_Same(t), t.shape, t.dtype, t.device)) for k, t in d.items()
-    )
+def _tensors(d: dict[str, Any], depth: int = 0) -> tuple:
+    return tuple((k, None if t is None else _tensor(t, depth)) for k, t in d.items())
+
+
+def _tensor(t: torch.Tensor, depth: int) -> tuple:
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):  # lazy: no shape yet
+        return ("lazy", _Same(t))
+    extra = _value(vars(t), depth + 1) if vars(t) else ()  # attributes set on a parameter
+    return (_Same(t), t.shape, t.dtype, t.device, extra)
 
 
 def _value(v: Any, depth: int = 0) -> Any:
-    if type(v) in _PLAIN_TYPES or isinstance(v, _PLAIN):
+    """A comparable image of an attribute's value: plain values themselves, containers and
+    plain objects (config objects, partials, closures) by their contents, down to _DEPTH."""
+    kind = type(v)
+    if kind in _PLAIN_TYPES:
         return v
-    if isinstance(v, dict):  # hook dicts and the like: handles are never reused
-        return tuple((k, _value(u, depth + 1)) for k, u in v.items()) if v else ()
+    if kind in _DICTS and not v:  # most of a module's attributes: its empty hook dicts
+        return ()
+    if isinstance(v, _PLAIN):
+        return v
+    if depth >= _DEPTH:
+        return _Same(v)
+    d = depth + 1
+    if isinstance(v, dict):  # hook dicts: handles are never reused
+        return ("dict", tuple((k, _value(u, d)) for k, u in v.items()))
+    if isinstance(v, (tuple, list)):
+        return (kind.__name__, tuple(_value(u, d) for u in v))
     if isinstance(v, torch.Tensor):
-        return ("tensor", _Same(v), v.shape, v.dtype, v.device)
-    if depth < 2 and isinstance(v, (tuple, list)):
-        return tuple(_value(u, depth + 1) for u in v)
+        return ("tensor", *_tensor(v, d))
+    if isinstance(v, nn.Module):  # a module outside _modules (in a list, say)
+        return ("module", _Same(v), kind, _attrs(v, d), _tensors(v._parameters, d))
+    if isinstance(v, functools.partial):
+        return ("partial", _Same(v.func), _value(v.args, d), _value(v.keywords, d))
+    if isinstance(v, types.FunctionType):
+        cells = tuple(_cell(c) for c in v.__closure__ or ())
+        return ("function", _Same(v), _value((v.__defaults__, v.__kwdefaults__, cells), d))
+    if isinstance(v, types.MethodType):
+        return ("method", _Same(v.__func__), _Same(v.__self__))
+    if hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType)):
+        return ("object", _Same(v), _value(vars(v), d))  # SimpleNamespace, dataclasses, ...
     return _Same(v)
+
+
+def _cell(c: Any) -> Any:
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return None

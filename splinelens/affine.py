@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._checks import check_finite, check_overflow, check_positive_int, model_tensors
+from ._checks import check_finite, check_overflow, check_positive_int, weights_fingerprint
 from ._precision import exact_matmul
 
 if TYPE_CHECKING:
@@ -56,11 +56,11 @@ class AffineMap:
     _weights: tuple = field(default=(), repr=False)  # the model's tensors when made
 
     def __post_init__(self) -> None:
-        self._weights = _weight_versions(self.view.model)
+        self._weights = weights_fingerprint(self.view.model)
 
     def _check_unchanged(self) -> None:
         """Refuse to finish a map whose model changed since (its states would be stale)."""
-        if _weight_versions(self.view.model) != self._weights:
+        if weights_fingerprint(self.view.model) != self._weights:
             raise ValueError(
                 "the model's parameters or buffers changed after this AffineMap was made; "
                 "compute a new one with sl.affine_map(model, x)"
@@ -186,11 +186,6 @@ class AffineMap:
 
     def _node(self, z: Tensor) -> Tensor:
         return self.view.program.from_sample(self.start, z)
-
-
-def _weight_versions(model: torch.nn.Module) -> tuple:
-    """Identity, storage and in-place version of every parameter and buffer."""
-    return tuple((id(t), t._version, t.data_ptr()) for _, t in model_tensors(model))
 
 
 def _row(r: object, total: int) -> int:

@@ -57,11 +57,13 @@ def _example_cnn() -> nn.Module:
 
 
 def _check(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype)
-    model = _example_cnn().to(args.device, dtype)
-    x = torch.randn(args.batch, 3, 32, 32, device=args.device, dtype=dtype)
+    from .train import resolve_device
+
+    dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
+    model = _example_cnn().to(device, dtype)
+    x = torch.randn(args.batch, 3, 32, 32, device=device, dtype=dtype)
     view = SplineView(model, x)
-    print(f"splinelens {__version__}, torch {torch.__version__}, {args.device}, {args.dtype}")
+    print(f"splinelens {__version__}, torch {torch.__version__}, {device}, {args.dtype}")
     for layer in view.layers:
         print(
             f"  layer {layer.index}: {layer.name:<4} {layer.kind:<11} units={layer.units:<6} "
@@ -149,6 +151,22 @@ def _field(name: str) -> Callable[[str], Any]:
     return parse
 
 
+def _device(text: str) -> str:
+    """``--device``: "auto" or a device that this machine has (the rules of
+    ``train.resolve_device``), checked before any work starts.
+
+    >>> _device("cpu")
+    'cpu'
+    """
+    from .train import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"device {text!r}: ")) from None
+    return text
+
+
 def _out_dir(text: str) -> str:
     """``--out``: a directory that exists or can be created, and that we can write into."""
     path = Path(text).absolute()
@@ -192,6 +210,9 @@ def _analyses(text: str) -> tuple[str, ...]:
     return what
 
 
+_OPTION_TYPES: dict[str, Callable[[str], Any]] = {"device": _device}  # text fields with rules
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field (except lam and seed, which the sweep sets)."""
     from .data import DATASETS
@@ -206,7 +227,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            kind = str if isinstance(f.default, str) else _field(f.name)
+            plain = str if isinstance(f.default, str) else _field(f.name)
+            kind = _OPTION_TYPES.get(f.name, plain)
             p.add_argument(
                 flag,
                 type=kind,
@@ -280,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="verify f(x) = A[x] x + B[x] on a small CNN")
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    check.add_argument("--device", default="cpu")
+    check.add_argument("--device", type=_device, default="cpu", help="default: cpu")
     check.add_argument("--batch", type=_count, default=8)
     check.set_defaults(run=_check)
     demo = sub.add_parser("demo", help="the paper's figures on MNIST, with report.html")

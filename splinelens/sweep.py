@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import reprlib
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, replace
@@ -246,7 +247,7 @@ def _read_record(path: Path, then: str = "skipped") -> dict[str, Any] | None:
         why = _problem(rec, path.stem)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON
         rec, why = None, f"{type(e).__name__}: {e}"
     if not why:
         return rec
@@ -265,16 +266,65 @@ def _problem(rec: Any, stem: str) -> str:
         return f"no {', '.join(missing)}"
     if rec["run_id"] != stem:
         return f"run_id {rec['run_id']!r} is not the file's name"
-    if not isinstance(rec["config"], dict) or not set(_CONFIG_KEYS) <= rec["config"].keys():
-        return f"config lacks one of {', '.join(_CONFIG_KEYS)}"
-    if rec["status"] == "failed":
-        return ""
+    why = _config_problem(rec["config"])
+    if why or rec["status"] == "failed":
+        return why
     if rec["status"] != "finished":
         return f"unknown status {rec['status']!r}"
+    return _finished_problem(rec)
+
+
+def _config_problem(config: Any) -> str:
+    """What is wrong with a record's config (the columns of results.csv); "" if nothing."""
+    if not isinstance(config, dict) or not set(_CONFIG_KEYS) <= config.keys():
+        return f"config lacks one of {', '.join(_CONFIG_KEYS)}"
+    for key in ("dataset", "arch"):
+        if not isinstance(config[key], str):
+            return _not(config, key, "a name", "config.")
+    if not (_is_number(config["lam"]) and config["lam"] >= 0):
+        return _not(config, "lam", "a finite number >= 0", "config.")
+    for key in ("seed", "epochs"):
+        if not (isinstance(config[key], int) and not isinstance(config[key], bool)):
+            return _not(config, key, "an integer", "config.")
+    return ""
+
+
+def _finished_problem(rec: dict[str, Any]) -> str:
+    """What is wrong with a finished run's numbers and history; "" if nothing."""
     hist = rec.get("history")
-    steps = isinstance(hist, list) and hist and all(isinstance(h, dict) for h in hist)
-    numbers = all(isinstance(rec.get(k), (int, float)) for k in ("test_acc", "best_test_acc"))
-    return "" if steps and numbers else "a finished run without history or test_acc"
+    if not (isinstance(hist, list) and hist):
+        return "a finished run without history"
+    for key in ("test_acc", "best_test_acc", "train_err"):
+        if not _is_number(rec.get(key)):
+            return _not(rec, key, "a finite number")
+    for i, step in enumerate(hist):
+        if not isinstance(step, dict):
+            return f"history[{i}] is {reprlib.repr(step)}, not an object"
+        for key in ("epoch", "test_acc", "train_err"):
+            if not _is_number(step.get(key)):
+                return _not(step, key, "a finite number", f"history[{i}].")
+    return ""
+
+
+def _not(obj: dict[str, Any], key: str, expected: str, where: str = "") -> str:
+    """``where.key`` is missing, or its value is not ``expected``: said in a few words."""
+    if key not in obj:
+        return f"no {where}{key}"
+    return f"{where}{key} is {reprlib.repr(obj[key])}, not {expected}"
+
+
+def _is_number(x: Any) -> bool:
+    """A finite int or float, not a bool (JSON's true is not 1.0; NaN is no result).
+
+    >>> [_is_number(x) for x in (1, 0.5, True, "1", float("nan"), None)]
+    [True, True, False, False, False, False]
+    """
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def load_runs(out: str | Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -66,6 +67,10 @@ class TrainConfig:
                 setattr(self, f.name, field_value(f.name, getattr(self, f.name)))
             except ValueError as e:
                 raise ValueError(f"TrainConfig.{f.name}: {e}") from None
+        try:
+            self.device = device_name(self.device)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.device: {e}") from None
 
     def identity(self) -> dict[str, object]:
         """The fields that define the run's result (not how it is displayed or where it runs).
@@ -99,9 +104,15 @@ def field_value(name: str, value: Any) -> Any:
     Traceback (most recent call last):
     ...
     ValueError: expected a number in (0, 1], got 1.5
+    >>> field_value("epochs", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: True is a bool, not an integer; expected an integer >= 1
     """
     kind, ok, what = _RULES[name]
     noun = "an integer" if kind is int else "a number"
+    if isinstance(value, bool):  # int(True) == 1, but True is not a number of epochs
+        raise ValueError(f"{value!r} is a bool, not {noun}; expected {what}")
     try:
         converted = kind(value)  # int("3") == 3, int(2.5) == 2: refused below
     except (TypeError, ValueError, OverflowError):
@@ -125,10 +136,69 @@ class RunResult:
     runtime: dict[str, Any] = field(default_factory=dict)  # see ``runtime``
 
 
+_DEVICES = "expected auto, cpu, cuda, cuda:N or mps"
+
+
+def device_name(device: Any) -> str:
+    """``device`` as TrainConfig keeps it: "auto" or a device torch can parse (not "meta").
+
+    Only the syntax: whether this machine has the device is ``resolve_device``'s question.
+
+    >>> device_name("cuda:1"), device_name(torch.device("cpu"))
+    ('cuda:1', 'cpu')
+    >>> device_name("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'gpu' is not a device; expected auto, cpu, cuda, cuda:N or mps
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):  # torch.device(0) would be cuda:0
+        raise ValueError(f"{device!r} is not a device name; {_DEVICES}")
+    if device == "auto":
+        return device
+    try:
+        parsed = torch.device(device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{device!r} is not a device; {_DEVICES}") from None
+    if parsed.type == "meta":
+        raise ValueError(f"{device!r} holds shapes, no data: nothing can run on it; {_DEVICES}")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    """The torch device of ``device`` ("auto": cuda when available, else cpu), which must exist
+    on this machine; else a one-line ValueError.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    parsed = torch.device(device_name(device))
+    why = _unavailable(parsed)
+    if why:
+        raise ValueError(f"device {device!r}: {why}")
+    return parsed
+
+
+def _unavailable(device: torch.device) -> str:
+    """Why this machine cannot run on ``device``; "" when it can."""
+    if device.type == "cpu":
+        return ""
+    if device.type == "mps":
+        ok, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
+        if not callable(getattr(backend, "is_available", None)):
+            return f"splinelens cannot run on {device.type}; {_DEVICES}"
+        ok = backend.is_available()
+        count = backend.device_count() if ok else 0
+    if not ok:
+        return f"{device.type} is not available on this machine (torch {torch.__version__})"
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s), numbered from 0"
+    return ""
 
 
 def load_data(cfg: TrainConfig) -> Data:
@@ -317,16 +387,75 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights saved by ``save_checkpoint`` (never unpickles arbitrary objects)."""
+    """Load weights saved by ``save_checkpoint`` (never unpickles arbitrary objects).
+
+    A file that is not such a checkpoint, or whose tensors do not fit ``model``, is a
+    ValueError naming the file and saying in one line what is wrong.
+    """
     path = Path(path)
+    state = _read_state(path)
+    why = _mismatch(state, model.state_dict())
+    if why:
+        raise ValueError(f"{path}: {why}; is it a checkpoint of this architecture and options?")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: does not fit the model ({_first_line(e)})") from None
+    return model
+
+
+def _read_state(path: Path) -> dict[str, Tensor]:
+    """The state dict stored at ``path`` (safetensors, or a ``torch.save``d dict of tensors)."""
+    load = _loader(path)  # outside the try: a missing safetensors is an ImportError
+    try:
+        state = load()
+    except OSError:  # missing, unreadable: the OSError names the file
+        raise
+    except pickle.UnpicklingError:  # weights_only refused it, or not a pickle at all
+        what = "not a PyTorch checkpoint, or one holding objects other than tensors"
+        raise ValueError(f"{path}: {what} (only tensors are loaded)") from None
+    except Exception as e:  # torch, zipfile and safetensors each raise their own
+        raise ValueError(f"{path}: not a valid checkpoint ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        what = f"a {type(state).__name__}"
+    else:
+        bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+        if not bad:
+            return state
+        what = f"{bad[0]!r}: {type(state[bad[0]]).__name__}"
+    raise ValueError(f"{path}: holds {what}, not a state dict (names to tensors)")
+
+
+def _loader(path: Path) -> Callable[[], Any]:
+    """How to read ``path``: safetensors by its suffix, else ``torch.load`` of tensors only."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model
+        return lambda: load_file(str(path))
+    return lambda: torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _mismatch(state: dict[str, Tensor], expected: dict[str, Tensor]) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``expected``."""
+    for word, keys in (
+        ("missing", [k for k in expected if k not in state]),
+        ("unexpected", [k for k in state if k not in expected]),
+    ):
+        if keys:
+            more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+            return f"{word} keys {', '.join(keys[:3])}{more}"
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            theirs, ours = tuple(state[k].shape), tuple(v.shape)
+            return f"shape mismatch for key {k}: checkpoint {theirs} vs model {ours}"
+    return ""
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first line of text (or its type), at most 160 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:

@@ -263,31 +263,25 @@ def partition_codes(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Part
 def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verification:
     """Check f(x) = A[x] x + B[x] on x against the model's own forward pass.
 
-    The tolerance is relative to max |f(x)|: by default 1e4 machine epsilons of x's dtype.
+    A x + B is computed in float64 and compared with the model's output (after its output
+    nonlinearity g, if it has one: g(A x + B) against the softmax it returns). The tolerance is
+    relative to max |f(x)|: by default 1e4 machine epsilons of x's dtype, at most 1e-2.
     """
-    if rtol is not None and not (math.isfinite(rtol) and rtol > 0):
-        raise ValueError(f"rtol must be a finite positive number, got {rtol}")
+    if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
+        raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
     view = view_of(model, x)
     amap = view.affine_map(x)
     with torch.no_grad():
-        f = _model_output(view, view.model, x)
-        pred = torch.einsum(
-            "nrd,nd->nr", amap.A.reshape(len(x), -1, x[0].numel()), x.reshape(len(x), -1)
-        ) + amap.B.reshape(len(x), -1)
-    err = (f.reshape(len(x), -1) - pred).abs().max().item() if f.numel() else 0.0
+        f = view.model(x)
+        if not isinstance(f, Tensor):
+            raise ValueError(f"the model returns a {type(f).__name__}, not one tensor")
+        a = amap.A.reshape(len(x), -1, x[0].numel()).double()
+        pred = torch.einsum("nrd,nd->nr", a, x.reshape(len(x), -1).double())
+        pred = _ops.apply_g(view.program.output_g, pred + amap.B.reshape(len(x), -1).double())
+        f = f.reshape(len(x), -1).double()
+    err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-30)
-    tol = (rtol if rtol is not None else 1e4 * torch.finfo(x.dtype).eps) * max(scale, 1.0)
+    tol = (rtol if rtol is not None else min(1e4 * torch.finfo(x.dtype).eps, 1e-2)) * max(
+        scale, 1.0
+    )
     return Verification(err, err / scale, tol, err <= tol)
-
-
-def _model_output(view: SplineView, model: nn.Module, x: Tensor) -> Tensor:
-    """The model's own output, with the excluded g (softmax / log-softmax) undone."""
-    out = model(x)
-    g = view.program.output_g
-    if g is not None:
-        logits, _ = view.forward(x)  # g is invariant to a per-row constant: compare after g
-        ref = _ops.apply_g(g, logits)
-        if not torch.allclose(ref, out, rtol=1e-4, atol=1e-6):
-            raise AssertionError("the captured network does not reproduce the model's output")
-        return logits
-    return out

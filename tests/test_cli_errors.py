@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from splinelens import cli, sweep_report, train
 from splinelens import sweep as sweep_mod
-from splinelens import sweep_report, train
 from splinelens.cli import main
 
 LAMBDAS = "expected comma-separated non-negative numbers such as 0,0.01,0.1"
@@ -186,3 +188,102 @@ def test_warnings_are_one_line_each(tmp_path, capsys) -> None:
     assert main(["plot-sweep", str(tmp_path)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"splinelens: warning: {broken} is not a valid")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--device", "nonsense"], "--device: 'nonsense' is not a device"),
+        (["check", "--device", "meta"], "--device: 'meta' holds shapes, no data"),
+        (["check", "--device", "cuda"], "--device: cuda is not available on this machine"),
+        (["check", "--device", "cuda:0"], "--device: cuda is not available on this machine"),
+        (["check", "--device", "xla"], "--device: splinelens cannot run on xla"),
+        (["sweep", "--out", "s", "--device", "gpu"], "--device: 'gpu' is not a device"),
+        (["sweep", "--out", "s", "--device", "meta"], "--device: 'meta' holds shapes"),
+        (["sweep", "--out", "s", "--device", "cuda"], "--device: cuda is not available"),
+    ],
+)
+def test_device_is_checked_up_front(
+    tmp_path, capsys, monkeypatch, nothing_runs, argv, message
+) -> None:
+    """Also where torch has CUDA: the check asks torch whether this machine has it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _error(capsys, argv).startswith(message)
+    assert not (tmp_path / "s").exists()
+
+
+def test_check_resolves_auto(capsys, monkeypatch) -> None:
+    """``--device auto`` is cpu on a machine without CUDA (the view itself is not built here)."""
+    seen = []
+    fake = SimpleNamespace(layers=[], ok=True)
+    monkeypatch.setattr(cli, "SplineView", lambda model, x: seen.append(x.device) or fake)
+    monkeypatch.setattr(cli, "verify", lambda model, x: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["check", "--device", "auto", "--batch", "2"]) == 0
+    assert seen == [torch.device("cpu")]
+    assert ", cpu, float64" in capsys.readouterr().out
+
+
+def _state() -> dict[str, torch.Tensor]:
+    """The state dict of a freshly built digits MLP (what ``analyze`` loads into)."""
+    cfg = train.TrainConfig(dataset="digits", arch="mlp")
+    return train.make_model(cfg, train.load_data(cfg)).state_dict()
+
+
+def _bad_checkpoints(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Checkpoints that are not what the digits MLP needs, and the start of what is said."""
+    good = _state()
+    keys = list(good)
+    first, last = keys[0], keys[-1]
+    files = {
+        "garbage.pt": (b"\x80\x02garbage" * 20, "not a PyTorch checkpoint, or one holding"),
+        "empty.pt": (b"", "not a valid checkpoint (EOFError)"),
+        "truncated.pt": (None, "not a valid checkpoint (PytorchStreamReader"),
+        "garbage.safetensors": (b"garbage" * 20, "not a valid checkpoint (Error while"),
+        "list.pt": ([torch.zeros(2)], "holds a list, not a state dict"),
+        "numbers.pt": ({"a": 1}, "holds 'a': int, not a state dict (names to tensors)"),
+        "missing.pt": (dict(list(good.items())[1:]), f"missing keys {first};"),
+        "extra.pt": ({**good, "x.weight": torch.zeros(1)}, "unexpected keys x.weight;"),
+        "shape.pt": (
+            {**good, last: torch.zeros(3, 7)},
+            f"shape mismatch for key {last}: checkpoint (3, 7) vs model {tuple(good[last].shape)}",
+        ),
+    }
+    out = []
+    for name, (content, message) in files.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is None:
+            torch.save(good, path)
+            path.write_bytes(path.read_bytes()[:200])
+        else:
+            torch.save(content, path)
+        out.append((path, message))
+    return out
+
+
+def test_analyze_refuses_bad_checkpoints_in_one_line(tmp_path, capsys) -> None:
+    pytest.importorskip("safetensors")
+    argv = ["analyze", "--dataset", "digits", "--arch", "mlp", "--out", str(tmp_path / "a")]
+    for path, message in _bad_checkpoints(tmp_path):
+        line = _error(capsys, [*argv, "--checkpoint", str(path)])
+        assert line.startswith(f"{path}: {message}"), line
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_checkpoint_never_unpickles_objects(tmp_path) -> None:
+    """``weights_only``: a pickle that would call a function is refused, and nothing runs."""
+    marker = tmp_path / "made-by-the-pickle"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"0.weight": Payload()}, path)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="only tensors are loaded"):
+        train.load_checkpoint(model, path)
+    assert not marker.exists()

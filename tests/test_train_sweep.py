@@ -244,6 +244,13 @@ def test_run_ids_of_existing_sweeps_are_unchanged() -> None:
         ("test_subset", -5, "an integer >= 0"),
         ("threads", 0, "an integer >= 1"),
         ("lr", "fast", "not a number"),
+        ("epochs", True, "True is a bool, not an integer"),
+        ("seed", False, "False is a bool, not an integer"),
+        ("lr", True, "True is a bool, not a number"),
+        ("lam", True, "True is a bool, not a number"),
+        ("device", "gpu", "'gpu' is not a device"),
+        ("device", "meta", "'meta' holds shapes, no data"),
+        ("device", 0, "0 is not a device name"),
     ],
 )
 def test_config_refuses_values_out_of_range(field, value, expected) -> None:
@@ -283,3 +290,87 @@ def test_plot_sweep_skips_corrupt_records(tmp_path) -> None:
     assert all(any(str(p) in m and "skipped" in m for m in said) for p in bad)
     assert [r["lam"] for r in rows] == [2.0]
     assert (tmp_path / "fig3a.png").stat().st_size > 0
+
+
+def test_cuda_is_syntax_at_config_time_and_one_line_at_run_time(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = replace(BASE, device="cuda:1")  # a valid name, wherever it is written
+    with pytest.raises(ValueError, match=r"^device 'cuda:1': cuda is not available on this"):
+        train(cfg)
+    assert replace(BASE, device=torch.device("cpu")).device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """The record of a finished run of BASE, to corrupt."""
+    out = tmp_path_factory.mktemp("one-run")
+    run_sweep(BASE, [0.0], seeds=1, out=out)
+    return json.loads((out / "runs" / f"{run_id(BASE)}.json").read_text())
+
+
+def _set(record: dict, where: str, value) -> dict:
+    """A deep copy of ``record`` with ``where`` ("a.b", "history.0.c") set, or deleted (...)."""
+    record = json.loads(json.dumps(record))
+    keys = [int(k) if k.isdigit() else k for k in where.split(".")]
+    obj = record
+    for key in keys[:-1]:
+        obj = obj[key]
+    if value is ...:
+        del obj[keys[-1]]
+    else:
+        obj[keys[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "why"),
+    [
+        ("history.0.test_acc", ..., "no history[0].test_acc"),
+        ("history.1.test_acc", "0.9", "history[1].test_acc is '0.9', not a finite number"),
+        ("history.0.train_err", math.nan, "history[0].train_err is nan, not a finite number"),
+        ("history.0.epoch", None, "history[0].epoch is None, not a finite number"),
+        ("history.1", [0.5], "history[1] is [0.5], not an object"),
+        ("config.lam", "abc", "config.lam is 'abc', not a finite number >= 0"),
+        ("config.lam", -1.0, "config.lam is -1.0, not a finite number >= 0"),
+        ("config.lam", math.inf, "config.lam is inf, not a finite number >= 0"),
+        ("config.seed", True, "config.seed is True, not an integer"),
+        ("config.epochs", 2.5, "config.epochs is 2.5, not an integer"),
+        ("config.dataset", 7, "config.dataset is 7, not a name"),
+        ("test_acc", True, "test_acc is True, not a finite number"),
+        ("test_acc", math.nan, "test_acc is nan, not a finite number"),
+        ("best_test_acc", math.inf, "best_test_acc is inf, not a finite number"),
+        ("train_err", -math.inf, "train_err is -inf, not a finite number"),
+        pytest.param("train_err", 10**400, "train_err is 1000", id="train_err-beyond-float"),
+        ("train_err", ..., "no train_err"),
+    ],
+)
+def test_records_that_are_json_but_not_records_are_invalid(one_run, tmp_path, where, value, why):
+    """Named in a warning, re-run by the sweep, skipped by plot-sweep; never a crash."""
+    (tmp_path / "runs").mkdir()
+    path = tmp_path / "runs" / f"{run_id(BASE)}.json"
+    path.write_text(json.dumps(_set(one_run, where, value)))  # NaN and Infinity as JSON has them
+    with pytest.warns(sweep_mod.RunRecordWarning) as caught:
+        assert load_runs(tmp_path) == []
+    (said,) = [str(w.message) for w in caught]
+    assert said.startswith(f"{path} is not a valid run record ({why}")
+    assert "skipped" in said
+    with pytest.warns(sweep_mod.RunRecordWarning, match="it will be re-run"):
+        assert not sweep_mod._done(tmp_path, BASE)
+
+
+def test_sweep_reruns_and_plot_skips_a_record_with_nan(tmp_path, monkeypatch, capsys) -> None:
+    from splinelens.cli import main
+
+    run_sweep(BASE, [0.0, 1.0], seeds=1, out=tmp_path)
+    path = tmp_path / "runs" / f"{run_id(BASE)}.json"
+    path.write_text(json.dumps(_set(json.loads(path.read_text()), "test_acc", math.nan)))
+    assert main(["plot-sweep", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"{path} is not a valid run record (test_acc is nan" in err
+    assert "| 1 | 1 |" in (tmp_path / "table.md").read_text()  # lambda 1 alone
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c.lam) or real(c, *a))
+    with pytest.warns(sweep_mod.RunRecordWarning, match="re-run"):
+        rows = run_sweep(BASE, [0.0, 1.0], seeds=1, out=tmp_path)
+    assert calls == [0.0] and [r["status"] for r in rows] == ["finished"] * 2

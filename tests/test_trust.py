@@ -6,11 +6,14 @@ References are float64 forward passes and ``torch.func.jacrev`` (tolerance 1e-10
 
 from __future__ import annotations
 
+import functools
 import itertools
+import types
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import splinelens as sl
 from splinelens.regions import others, region_ids
@@ -457,3 +460,89 @@ def test_a_batch_of_one_is_checked_on_the_graph_not_on_samples() -> None:
         sl.affine_map(model, torch.full((1, 3), 10.0, dtype=F64))
     plain = mlp(3, 4, 2)
     assert_exact(plain, torch.randn(1, 3, dtype=F64))  # no branch: a batch of 1 is fine
+
+
+class Configured(nn.Module):
+    """A forward that reads settings from places other than submodules and parameters."""
+
+    slope = 0.2  # a class attribute
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+        self.cfg = types.SimpleNamespace(slope=0.1)
+        self.nested = [[[0.1]]]
+        self.acts = [nn.LeakyReLU(0.1)]  # a module outside _modules
+        self.act = functools.partial(F.leaky_relu, negative_slope=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        return (
+            F.leaky_relu(z, self.cfg.slope)
+            + F.leaky_relu(z, self.nested[0][0][0])
+            + self.acts[0](z)
+            + self.act(z)
+            + F.leaky_relu(z, type(self).slope)
+        )
+
+
+CHANGES = {
+    "config object": lambda m: setattr(m.cfg, "slope", 0.9),
+    "nested list": lambda m: m.nested[0][0].__setitem__(0, 0.9),
+    "module in a list": lambda m: setattr(m.acts[0], "negative_slope", 0.9),
+    "partial": lambda m: m.act.keywords.__setitem__("negative_slope", 0.9),
+    "class attribute": lambda m: setattr(type(m), "slope", 0.9),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_settings_read_from_objects_lists_partials_and_classes_are_followed(change: str) -> None:
+    cls = type("ConfiguredCopy", (Configured,), {})  # class attributes stay per test
+    model, x = cls().double().eval(), torch.randn(5, 3, dtype=F64)
+    view = sl.SplineView(model, x)
+    assert_exact(model, x)
+    CHANGES[change](model)
+    assert_exact(model, x)
+    with pytest.raises(sl.StaleCaptureError, match="changed its"):
+        view.affine_map(x)
+
+
+def test_changes_through_data_are_seen() -> None:
+    model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
+    amap = sl.affine_map(model, x)
+    _ = amap.output
+    model[0].weight.data.mul_(-1)  # no version bump
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+    model[2].weight.data[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'2\.weight' holds nan at index \(1, 1\)"):
+        sl.affine_map(model, x)
+
+
+def test_non_finite_tensor_attributes_are_named() -> None:
+    model, x = BufferNet(mlp(2, 16, 2)).eval(), torch.randn(3, 2, dtype=F64)
+    model.scale = model.scale.double()
+    sl.affine_map(model, x)
+    model.scale.fill_(float("inf"))
+    with pytest.raises(ValueError, match="'scale' holds inf"):
+        sl.affine_map(model, x)
+
+
+def test_lazy_modules_are_captured_after_their_first_forward() -> None:
+    model = nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.Linear(5, 2)).double().eval()
+    x = torch.randn(4, 3, dtype=F64)
+    assert sl.verify(model, x).ok
+    assert_exact(model, x)
+
+
+def test_verify_compares_after_the_output_nonlinearity_and_caps_its_tolerance() -> None:
+    model = nn.Sequential(mlp(3, 5, 4), nn.Softmax(-1)).eval()
+    x = torch.randn(4, 3, dtype=F64)
+    assert sl.verify(model, x).ok
+    model[0][1] = nn.LeakyReLU(0.5)
+    assert sl.verify(model, x).ok  # recaptured, still exact
+    half, xh = mlp(3, 5, 4).to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.no_grad():
+        scale = max(1.0, float(half(xh).abs().max()))
+    assert sl.verify(half, xh).tolerance <= 1e-2 * scale  # not 1e4 bf16 epsilons (78)
