@@ -147,7 +147,7 @@ def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
     except Exception as e:
         raise ValueError(
             f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
-            f"{type(e).__name__}: {_first_line(e)}. Pass inputs shaped as the model expects"
+            f"{type(e).__name__}: {_first_line(e)}. Pass inputs the model accepts (shape, dtype)"
         ) from e
 
 
@@ -213,11 +213,26 @@ class _Compiler:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._record_shape(nodes[self.input_name])
         if not self.batch.startswith("s"):
+            shape = tuple(nodes[self.input_name].meta["val"].shape)
+            hint = (
+                f"; x has shape {shape}: if that is one input, pass x[None]"
+                if len(shape) == 1
+                else ""
+            )
             raise UnsupportedOperationError(
                 "torch.export",
                 type(model).__name__,
                 "specialises on the batch size, so its graph cannot be reused across batches",
-                "avoid code that depends on x.shape[0] being a particular number",
+                "avoid code that depends on x.shape[0] being a particular number" + hint,
+            )
+        mutated = list(ep.graph_signature.buffers_to_mutate.values())
+        if mutated:
+            raise UnsupportedOperationError(
+                "in-place buffer update",
+                ", ".join(mutated),
+                "is changed by forward itself (a counter, running statistics, a cache), so the "
+                "network is not a fixed function of x",
+                "keep forward free of state updates (batchnorm: call model.eval())",
             )
 
     def compile(self) -> Program:

@@ -134,15 +134,42 @@ def float64_copy(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).double()
     for m in model.modules():
         for k, v in list(vars(m).items()):
-            if isinstance(v, Tensor) and v.is_floating_point():
-                setattr(m, k, v.double())
+            if k not in _REGISTERED:
+                setattr(m, k, _to_float64(v))
     return model
+
+
+_REGISTERED = ("_parameters", "_buffers", "_modules")
+
+
+def _to_float64(v: object, depth: int = 0) -> object:
+    """Floating tensors in v (also inside lists, tuples and dicts) as float64."""
+    if isinstance(v, Tensor):
+        return v.double() if v.is_floating_point() else v
+    if depth < 4 and type(v) in (list, tuple):
+        return type(v)(_to_float64(u, depth + 1) for u in v)
+    if depth < 4 and type(v) is dict:
+        return {k: _to_float64(u, depth + 1) for k, u in v.items()}
+    return v
 
 
 def _all_float_tensors(model: nn.Module) -> Iterator[Tensor]:
     yield from (t for _, t in model_tensors(model))
     for m in model.modules():
-        yield from (v for v in vars(m).values() if isinstance(v, Tensor) and v.is_floating_point())
+        for k, v in vars(m).items():
+            if k not in _REGISTERED:
+                yield from _float_tensors_in(v)
+
+
+def _float_tensors_in(v: object, depth: int = 0) -> Iterator[Tensor]:
+    if isinstance(v, Tensor) and v.is_floating_point():
+        yield v
+    elif depth < 4 and type(v) in (list, tuple):
+        for u in v:
+            yield from _float_tensors_in(u, depth + 1)
+    elif depth < 4 and type(v) is dict:
+        for u in v.values():
+            yield from _float_tensors_in(u, depth + 1)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

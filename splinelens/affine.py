@@ -104,6 +104,11 @@ class AffineMap:
         if not isinstance(z, Tensor) or tuple(z.shape) != (len(self.x), *self.start_shape):
             got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"z must have shape {(len(self.x), *self.start_shape)}, got {got}")
+        if z.dtype != self.x.dtype or z.device != self.x.device:
+            raise ValueError(
+                f"z is {z.dtype} on {z.device}; the map is {self.x.dtype} on "
+                f"{self.x.device}: call z.to(...) to match"
+            )
         check_finite("z", z)
         prog = self.view.program
         with torch.no_grad(), exact_matmul():

@@ -151,10 +151,16 @@ class PartitionCodes:
 
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
+        if (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
+            idx = int(idx)
+        if isinstance(idx, bool):
+            raise TypeError("index codes with an int, a slice, or an index tensor or list")
         if isinstance(idx, int):
             if not -len(self) <= idx < len(self):
                 raise IndexError(f"index {idx} out of range for {len(self)} codes")
             idx = slice(idx % len(self), idx % len(self) + 1)
+        if isinstance(idx, slice) and (idx.step or 1) < 0:  # torch slices go forward only
+            idx = torch.tensor(range(len(self))[idx], dtype=torch.long)
         return PartitionCodes(tuple(replace(c, data=c.data[idx]) for c in self.layers))
 
     def layer(self, key: int | str) -> LayerCodes:

@@ -188,7 +188,14 @@ def _one_hot(c: LayerCodes) -> Tensor:
 def _select(codes: PartitionCodes, layer: LayerSel) -> list[LayerCodes]:
     if layer is None:
         return list(codes.layers)
-    keys = [layer] if isinstance(layer, (int, str)) or hasattr(layer, "__index__") else list(layer)
+    if isinstance(layer, (int, str)) or hasattr(layer, "__index__"):
+        keys = [layer]
+    elif isinstance(layer, (list, tuple)):
+        keys = list(layer)
+    else:
+        raise TypeError(
+            f"layer must be an index, a name, a list of them or None, got {type(layer).__name__}"
+        )
     return [codes.layer(key) for key in keys]
 
 

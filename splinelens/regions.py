@@ -37,6 +37,8 @@ def region_stats(codes: PartitionCodes) -> list[dict[str, float | int | str]]:
     """Per layer, and cumulatively (the intersection of the partitions up to that layer): the
     number of distinct regions among the inputs, the fraction of inputs alone in their region,
     and the largest region's share of the inputs."""
+    if not codes.layers:  # an affine network: one region, no layers
+        return []
     rows = []
     cumulative = torch.zeros(len(codes), dtype=torch.long, device=codes.layers[0].data.device)
     for i, layer in enumerate(codes.layers):

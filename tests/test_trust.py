@@ -546,3 +546,44 @@ def test_verify_compares_after_the_output_nonlinearity_and_caps_its_tolerance() 
     with torch.no_grad():
         scale = max(1.0, float(half(xh).abs().max()))
     assert sl.verify(half, xh).tolerance <= 1e-2 * scale  # not 1e4 bf16 epsilons (78)
+
+
+class Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+class ListConstants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ws = [torch.randn(4, 2), torch.randn(2, 4)]  # tensors in a plain list
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.ws[0].T) @ self.ws[1].T
+
+
+def test_more_mistakes_get_plain_errors() -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match=r"calls.*changed by forward itself"):
+        sl.affine_map(Counter().eval(), torch.randn(3, 3))
+    with pytest.raises(sl.UnsupportedOperationError, match=r"pass x\[None\]"):
+        sl.affine_map(mlp(2, 4, 2), torch.randn(2, dtype=F64))
+    codes = sl.partition_codes(mlp(3, 5, 2), torch.randn(6, 3, dtype=F64))
+    assert torch.equal(codes[torch.tensor(2)].layers[0].data, codes[2].layers[0].data)
+    assert torch.equal(codes[::-1].layers[0].data, codes.layers[0].data.flip(0))
+    with pytest.raises(TypeError, match="layer must be"):
+        sl.partition_distance(codes, codes, layer=1.0)
+    amap = sl.affine_map(mlp(3, 5, 2), torch.randn(6, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"z is torch\.float32"):
+        amap(torch.randn(6, 3))
+
+
+def test_float64_copies_convert_tensors_in_containers() -> None:
+    part = sl.slice_partition(ListConstants().eval(), torch.zeros(2), torch.eye(2), (-2, 2, -2, 2))
+    assert len(part) > 1 and abs(part.areas.sum() - 16) < 1e-9
