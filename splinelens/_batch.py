@@ -107,7 +107,7 @@ class BatchSizes:
 
     def __str__(self) -> str:
         span = f"N >= {self.lo}" if self.hi is None else f"{self.lo} <= N <= {self.hi}"
-        return ", ".join([span, *map(str, self.guards)])
+        return ", ".join([span, *(str(g) for g in self.guards if not g.is_bound)])
 
 
 class _Guard:
@@ -119,6 +119,17 @@ class _Guard:
     def __call__(self, n: int) -> bool:
         value = self.expr.xreplace({self.sym: n})
         return bool(value) if value in (True, False) or value.is_Boolean else False
+
+    @property
+    def is_bound(self) -> bool:
+        """A plain bound such as N <= 70000 (already in the range)."""
+        e = self.expr
+        sides = (getattr(e, "lhs", None), getattr(e, "rhs", None))
+        return (
+            bool(e.is_Relational)
+            and self.sym in sides
+            and any(getattr(v, "is_number", False) for v in sides)
+        )
 
     def __str__(self) -> str:
         return str(self.expr).replace(str(self.sym), "N")

@@ -223,7 +223,7 @@ class _Compiler:
                 "torch.export",
                 type(model).__name__,
                 "specialises on the batch size, so its graph cannot be reused across batches",
-                "avoid code that depends on x.shape[0] being a particular number" + hint,
+                "Avoid code that depends on x.shape[0] being a particular number" + hint,
             )
         mutated = list(ep.graph_signature.buffers_to_mutate.values())
         if mutated:

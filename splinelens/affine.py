@@ -54,8 +54,10 @@ class AffineMap:
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: tuple = field(default=(), repr=False)  # the model's tensors when made
+    _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        self._model = self.view.model  # the map keeps its model alive (the view may not)
         self._weights = weights_fingerprint(self.view.model)
 
     def _check_unchanged(self) -> None:
@@ -129,10 +131,11 @@ class AffineMap:
             chunk_size = check_positive_int("chunk_size", chunk_size)
         self._check_unchanged()
         n, step = len(self.x), chunk_size or self.view._chunk_for_grad()
-        out = self.x.new_empty(n, len(rows), *self.start_shape)  # (N, R, *start_shape)
         fresh = self._states is None
         recorded = []
-        with exact_matmul():
+        # reverse mode needs autograd on, also inside torch.inference_mode() / no_grad()
+        with torch.inference_mode(False), exact_matmul():
+            out = self.x.new_empty(n, len(rows), *self.start_shape)  # (N, R, *start_shape)
             for s in range(0, n, step):
                 e = min(s + step, n)
                 recorded.append(self._chunk(s, e, rows, fresh, out[s:e]))
@@ -145,12 +148,15 @@ class AffineMap:
         prog = self.view.program
         states: dict[str, Tensor] = {}
         with torch.enable_grad():
+            x = _normal(self.x[s:e])
             if fresh:  # one pass: record the states and differentiate the same graph
-                env = prog.run(self.x[s:e], record=states, track=self.start, stop=self.end)
+                env = prog.run(x, record=states, track=self.start, stop=self.end)
             else:
                 leaf = self._node(self.z_start[s:e].detach().clone().requires_grad_(True))
-                states = self.view._slice_states(self.states, s, e)
-                env = prog.run(self.x[s:e], states=states, inject=(self.start, leaf), stop=self.end)
+                states = {
+                    k: _normal(v) for k, v in self.view._slice_states(self.states, s, e).items()
+                }
+                env = prog.run(x, states=states, inject=(self.start, leaf), stop=self.end)
             self._grads(env[self.end], env[self.start], rows, out)
         return (
             states,
@@ -191,6 +197,11 @@ class AffineMap:
 
     def _node(self, z: Tensor) -> Tensor:
         return self.view.program.from_sample(self.start, z)
+
+
+def _normal(t: Tensor) -> Tensor:
+    """An inference-mode tensor as a normal one (autograd cannot save inference tensors)."""
+    return t.clone() if t.is_inference() else t
 
 
 def _row(r: object, total: int) -> int:

@@ -168,6 +168,9 @@ class PartitionCodes:
         return self.layers[layer_index(key, [c.name for c in self.layers])]
 
     def to(self, device: torch.device | str) -> PartitionCodes:
+        """The codes on another device (not "meta": codes are data)."""
+        if torch.device(device).type == "meta":
+            raise ValueError("codes hold data; the meta device holds none: use cpu or cuda")
         return PartitionCodes(tuple(replace(c, data=c.data.to(device)) for c in self.layers))
 
     @staticmethod

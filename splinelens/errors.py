@@ -24,7 +24,7 @@ class UnsupportedOperationError(ValueError):
             "is not piecewise affine, so the network is not a max-affine spline operator (MASO)"
         )
         msg = f"{op} at {where or '<top level>'} {why}"
-        super().__init__(msg + (f". {fix}" if fix else ""))
+        super().__init__(msg + (f". {fix[0].upper()}{fix[1:]}" if fix else ""))
 
 
 class StaleCaptureError(ValueError):

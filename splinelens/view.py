@@ -28,6 +28,7 @@ from ._checks import (
     check_positive_int,
     layer_index,
     model_dtype,
+    model_tensors,
     unwrap_compiled,
 )
 from ._maso_ops import code_dtype
@@ -56,6 +57,12 @@ class SplineView:
         model = unwrap_compiled(model)
         check_input("example_input", example_input)
         check_dtype(model, example_input, "example_input")
+        inference = [name for name, t in model_tensors(model) if t.is_inference()]
+        if inference:
+            raise ValueError(
+                f"the model's {inference[0]} was created under torch.inference_mode(), which "
+                f"torch.export cannot trace; build or load the model outside inference mode"
+            )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
         self._finite = FiniteWatch()

@@ -587,3 +587,40 @@ def test_more_mistakes_get_plain_errors() -> None:
 def test_float64_copies_convert_tensors_in_containers() -> None:
     part = sl.slice_partition(ListConstants().eval(), torch.zeros(2), torch.eye(2), (-2, 2, -2, 2))
     assert len(part) > 1 and abs(part.areas.sum() - 16) < 1e-9
+
+
+def test_templates_are_exact_inside_inference_mode_and_no_grad() -> None:
+    model, x = mlp(4, 8, 3), torch.randn(5, 4, dtype=F64)
+    ref = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            amap = sl.affine_map(model, x)
+            assert torch.allclose(amap.A, ref, atol=TOL)
+            assert torch.allclose(amap.templates(rows=[1]), ref[:, 1:2], atol=TOL)
+            assert sl.verify(model, x).ok
+            xi = torch.randn(3, 4, dtype=F64)  # an inference tensor, used outside below
+    assert sl.affine_map(model, xi).A.shape == (3, 3, 4)
+    with torch.inference_mode():
+        frozen = mlp(4, 8, 3)
+    with pytest.raises(ValueError, match="inference_mode"):
+        sl.affine_map(frozen, x)
+
+
+def test_a_map_of_a_temporary_model_keeps_it() -> None:
+    x = torch.randn(5, 4, dtype=F64)
+    amap = sl.affine_map(mlp(4, 8, 3), x)
+    import gc
+
+    gc.collect()
+    assert amap.A.shape == (5, 3, 4)
+
+
+def test_writes_name_the_target(tmp_path) -> None:
+    codes = sl.partition_codes(mlp(4, 8, 3), torch.randn(5, 4, dtype=F64))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        codes.save(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="afile is a file"):
+        codes.save(tmp_path / "afile" / "c.npz")
+    with pytest.raises(ValueError, match="meta"):
+        codes.to("meta")
