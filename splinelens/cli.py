@@ -102,19 +102,25 @@ def _lambdas(text: str) -> list[float]:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"no values; {_LAMBDAS}")
     values: list[float] = []
-    for item in (t.strip() for t in text.split(",")):
+    items = [t.strip() for t in text.split(",")]
+    for item in items:
         value = _lambda(item, text)
         if value in values:
-            raise argparse.ArgumentTypeError(f"{item!r} appears twice in {text!r}; {_LAMBDAS}")
+            same = items[values.index(value)]
+            how = "appears twice" if same == item else f"equals {same!r} as a number"
+            raise argparse.ArgumentTypeError(f"{item!r} {how} in {text!r}; {_LAMBDAS}")
         values.append(value)
     return values
 
 
 def _lambda(item: str, text: str) -> float:
+    """One value of ``--lambdas`` (the whole ``text`` is quoted in errors)."""
+    from .train import parse_number
+
     if not item:
         raise argparse.ArgumentTypeError(f"an empty value in {text!r}; {_LAMBDAS}")
     try:
-        value = float(item)
+        value = parse_number(item)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{item!r} is not a number; {_LAMBDAS}") from None
     if not math.isfinite(value) or value < 0:
@@ -124,17 +130,23 @@ def _lambda(item: str, text: str) -> float:
 
 
 def _count(text: str) -> int:
-    """A positive integer (``--seeds``, ``--n``, ``--batch``).
+    """A positive integer that fits a C int, in plain digits (``--seeds``, ``--n``, ``--batch``).
 
     >>> _count("3")
     3
+    >>> _count("1_000")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected an integer >= 1 and <= 2147483647, got '1_000'
     """
+    from .train import INT_MAX, parse_number
+
     try:
-        value = int(text)
+        value = parse_number(text, int)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 and <= {INT_MAX}, got {text!r}")
     return value
 
 
@@ -182,6 +194,27 @@ def _out_dir(text: str) -> str:
     return text
 
 
+def _sweep_dir(text: str) -> str:
+    """``sweep --out``: an ``--out`` directory in which runs/, sweep.json and results.csv can be
+    written (not a file runs, nor a directory results.csv)."""
+    from .sweep import out_problem
+
+    why = out_problem(_out_dir(text))
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+def _data_dir(text: str) -> str:
+    """``--data-dir``: "" (the dataset's default) or an existing directory or archive; part of
+    a run's id, so a path that does not exist is refused even where a dataset ignores it."""
+    if text and not Path(text).exists():
+        raise argparse.ArgumentTypeError(
+            f"{text}: not found; expected an existing directory or archive"
+        )
+    return text
+
+
 def _existing(kind: str) -> Callable[[str], str]:
     """A path that must already exist as a ``kind`` ("file" or "directory")."""
 
@@ -210,7 +243,10 @@ def _analyses(text: str) -> tuple[str, ...]:
     return what
 
 
-_OPTION_TYPES: dict[str, Callable[[str], Any]] = {"device": _device}  # text fields with rules
+_OPTION_TYPES: dict[str, Callable[[str], Any]] = {  # text fields with rules
+    "device": _device,
+    "data_dir": _data_dir,
+}
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -239,9 +275,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep, unfinished
+    from .sweep import grid_problem, run_sweep, unfinished
     from .train import TrainConfig
 
+    why = grid_problem(len(args.lambdas), args.seeds)
+    if why:
+        raise ValueError(f"--seeds/--lambdas: {why}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     rows = run_sweep(
@@ -334,7 +373,7 @@ def _add_analyze(sub: Any) -> None:
         "--what", type=_analyses, default=",".join(ANALYSES), help="comma-separated subset"
     )
     an.add_argument("--n", type=_count, default=1000, help="test examples to analyse")
-    an.add_argument("--data-dir", default="")
+    an.add_argument("--data-dir", type=_data_dir, default="")
     an.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=True)
     an.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
     an.set_defaults(run=_analyze)
@@ -345,7 +384,7 @@ def _add_sweep(sub: Any) -> None:
     sweep.add_argument("--lambdas", type=_lambdas, default="0,0.01,0.1,1", help="comma-separated")
     sweep.add_argument("--seeds", type=_count, default=5, help="seeds 0..N-1 per lambda")
     sweep.add_argument(
-        "--out", required=True, type=_out_dir, help="sweep directory (re-run to resume)"
+        "--out", required=True, type=_sweep_dir, help="sweep directory (re-run to resume)"
     )
     sweep.add_argument("--backend", choices=["local", "ray"], default="local")
     sweep.add_argument("--address", default=None, help="Ray cluster address (default: local)")

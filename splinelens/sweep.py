@@ -4,8 +4,10 @@ Each (lambda, seed) is one run with a stable id (a hash of its full configuratio
 are written to ``DIR/runs/<id>.json`` (history and config) and gathered into ``DIR/results.csv``;
 every file is written to a temporary name and renamed, so an interrupted sweep leaves no
 half-written file, and re-running the same command skips finished runs. A record that is not
-valid (truncated, edited) is named in a warning and re-run. A diverged run (NaN loss) is
-recorded as failed with its reason.
+valid (truncated, edited: its config must hash to its name, its numbers follow from its
+history) is named in a warning and re-run. A diverged run (NaN loss) is recorded as failed with
+its reason. The runs of one folder differ only in lambda and seed: a sweep of other settings, or
+records of them, are refused.
 
 Several processes, on one machine or on many sharing the folder, may run the same sweep: each
 claims a run with the lock file ``DIR/runs/<id>.lock`` before training it, so no run is trained
@@ -24,19 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
 import os
-import reprlib
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ._io import Locks, atomic_path
+from ._records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
 from .train import (
     DivergedError,
     TrainConfig,
@@ -46,6 +46,8 @@ from .train import (
     summarize,
     train,
 )
+
+__all__ = ["COLUMNS", "MAX_RUNS", "RunRecordWarning", "load_runs", "run_id", "run_sweep"]
 
 COLUMNS = [
     "run_id",
@@ -64,17 +66,7 @@ COLUMNS = [
 ]
 
 
-_CONFIG_KEYS = ("dataset", "arch", "lam", "seed", "epochs")  # the config's columns in results.csv
-
-
-class RunRecordWarning(UserWarning):
-    """A run record that is not valid JSON or lacks what a record holds; it is re-run."""
-
-
-def run_id(cfg: TrainConfig) -> str:
-    """Stable id of a run: the hash of every field that defines its result."""
-    blob = json.dumps(cfg.identity(), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+MAX_RUNS = 1_000_000  # runs in one sweep: len(lambdas) * seeds (the grid is built in memory)
 
 
 def configs(base: TrainConfig, lambdas: Iterable[float], seeds: int) -> list[TrainConfig]:
@@ -118,9 +110,10 @@ def run_sweep(
     """
     if backend not in ("local", "ray"):
         raise ValueError(f"unknown backend {backend!r}; choose 'local' or 'ray'")
-    if seeds < 1:
-        raise ValueError(f"seeds: expected an integer >= 1, got {seeds!r}")
     out, lambdas, timeout = Path(out), list(map(float, lambdas)), _lock_timeout(lock_timeout)
+    why = grid_problem(len(lambdas), seeds) or out_problem(out)
+    if why:
+        raise ValueError(why)
     grid = configs(base, lambdas, seeds)  # refuses a bad lambda before anything is written
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, base)
@@ -140,6 +133,34 @@ def unfinished(
 ) -> list[TrainConfig]:
     """The runs of the sweep without a valid record (e.g. running in other processes)."""
     return [c for c in configs(base, lambdas, seeds) if not _done(Path(out), c, warn=False)]
+
+
+def grid_problem(n_lambdas: int, seeds: Any) -> str:
+    """What is wrong with a sweep of ``n_lambdas`` lambdas x ``seeds`` seeds ("" if nothing).
+
+    >>> grid_problem(4, 10**12)
+    '4 lambdas x 1000000000000 seeds is 4,000,000,000,000 runs; a sweep holds at most 1,000,000'
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        return f"seeds: expected an integer >= 1, got {seeds!r}"
+    if n_lambdas * seeds > MAX_RUNS:
+        total = n_lambdas * seeds
+        return (
+            f"{n_lambdas} lambdas x {seeds} seeds is {total:,} runs; "
+            f"a sweep holds at most {MAX_RUNS:,}"
+        )
+    return ""
+
+
+def out_problem(out: str | Path) -> str:
+    """What keeps directory ``out`` from holding a sweep's files ("" if nothing)."""
+    runs = Path(out) / "runs"
+    if runs.exists() and not runs.is_dir():
+        return f"{runs} is a file; a sweep keeps its runs in that directory"
+    for name in ("sweep.json", "results.csv"):
+        if (Path(out) / name).is_dir():
+            return f"{Path(out) / name} is a directory; a sweep writes that file"
+    return ""
 
 
 def _lock_timeout(seconds: float | None) -> float:
@@ -185,25 +206,53 @@ def _run_local(out: Path, todo: list[TrainConfig], locks: Locks, save: str | Non
 
 
 def _check_same_sweep(out: Path, base: TrainConfig) -> None:
-    """Refuse to mix runs of different settings (other than lambda and seed) in one folder."""
+    """Refuse to mix runs of different settings (other than lambda and seed) in one folder:
+    those of sweep.json, and those of the valid run records (sweep.json may have been removed)."""
+    old = _sweep_base(out)
+    changes = _differences(old, base) if old else ""
+    if not changes:
+        for path, rec in _valid_records(out):
+            changes = _differences(_config(rec), base)
+            if changes:
+                changes += f"; see {path}"
+                break
+    if changes:
+        raise ValueError(
+            f"{out} holds a sweep with other settings ({changes}); use another "
+            "--out, or the same settings to resume it"
+        )
+
+
+def _sweep_base(out: Path) -> TrainConfig | None:
+    """The base config in ``out/sweep.json``; None without the file, ValueError if invalid."""
     path = out / "sweep.json"
     if not path.exists():
-        return
+        return None
     try:
-        old = TrainConfig(**json.loads(path.read_text())["base"])
+        return TrainConfig(**json.loads(path.read_text())["base"])
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(
             f"{path} does not describe a sweep ({type(e).__name__}: {e}); "
             "remove it, or use another --out"
         ) from e
-    keys = [k for k in {**old.identity(), **base.identity()} if k not in ("lam", "seed")]
-    diff = [k for k in keys if getattr(old, k) != getattr(base, k)]
-    if diff:
-        changes = ", ".join(f"{k}: {getattr(old, k)!r} -> {getattr(base, k)!r}" for k in diff)
-        raise ValueError(
-            f"{out} holds a sweep with other settings ({changes}); use another "
-            "--out, or the same settings to resume it"
-        )
+
+
+def _differences(old: TrainConfig, new: TrainConfig) -> str:
+    """The settings apart from lambda and seed that differ, as "key: old -> new, ..."."""
+    keys = [k for k in {**old.identity(), **new.identity()} if k not in ("lam", "seed")]
+    diff = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    return ", ".join(f"{k}: {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in diff)
+
+
+def _config(rec: dict[str, Any]) -> TrainConfig:
+    """The config of a valid run record."""
+    return TrainConfig(**rec["config"])
+
+
+def _valid_records(out: Path, then: str = "") -> list[tuple[Path, dict[str, Any]]]:
+    """Each valid run record in ``out/runs`` with its path (invalid ones: warned ``then``)."""
+    found = ((p, read_record(p, then)) for p in sorted((out / "runs").glob("*.json")))
+    return [(p, rec) for p, rec in found if rec is not None]
 
 
 def _run_ray(
@@ -232,7 +281,7 @@ def _run_ray(
 def _done(out: Path, cfg: TrainConfig, warn: bool = True) -> bool:
     """Whether the run has a valid record (an invalid one is named in a warning)."""
     path = out / "runs" / f"{run_id(cfg)}.json"
-    return _read_record(path, "it will be re-run" if warn else "") is not None
+    return read_record(path, "it will be re-run" if warn else "") is not None
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:
@@ -240,98 +289,30 @@ def _finish(out: Path, record: dict[str, Any]) -> None:
     write_results(out)
 
 
-def _read_record(path: Path, then: str = "skipped") -> dict[str, Any] | None:
-    """The run record at ``path``; None if missing, or invalid (then, a warning ``then``)."""
-    try:
-        rec = json.loads(path.read_text())
-        why = _problem(rec, path.stem)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON
-        rec, why = None, f"{type(e).__name__}: {e}"
-    if not why:
-        return rec
-    if then:
-        msg = f"{path} is not a valid run record ({why}); {then}"
-        warnings.warn(msg, RunRecordWarning, stacklevel=3)
-    return None
-
-
-def _problem(rec: Any, stem: str) -> str:
-    """What is wrong with a run record; "" when it is valid."""
-    if not isinstance(rec, dict):
-        return f"a JSON {type(rec).__name__}, not an object"
-    missing = [k for k in ("run_id", "config", "status") if k not in rec]
-    if missing:
-        return f"no {', '.join(missing)}"
-    if rec["run_id"] != stem:
-        return f"run_id {rec['run_id']!r} is not the file's name"
-    why = _config_problem(rec["config"])
-    if why or rec["status"] == "failed":
-        return why
-    if rec["status"] != "finished":
-        return f"unknown status {rec['status']!r}"
-    return _finished_problem(rec)
-
-
-def _config_problem(config: Any) -> str:
-    """What is wrong with a record's config (the columns of results.csv); "" if nothing."""
-    if not isinstance(config, dict) or not set(_CONFIG_KEYS) <= config.keys():
-        return f"config lacks one of {', '.join(_CONFIG_KEYS)}"
-    for key in ("dataset", "arch"):
-        if not isinstance(config[key], str):
-            return _not(config, key, "a name", "config.")
-    if not (_is_number(config["lam"]) and config["lam"] >= 0):
-        return _not(config, "lam", "a finite number >= 0", "config.")
-    for key in ("seed", "epochs"):
-        if not (isinstance(config[key], int) and not isinstance(config[key], bool)):
-            return _not(config, key, "an integer", "config.")
-    return ""
-
-
-def _finished_problem(rec: dict[str, Any]) -> str:
-    """What is wrong with a finished run's numbers and history; "" if nothing."""
-    hist = rec.get("history")
-    if not (isinstance(hist, list) and hist):
-        return "a finished run without history"
-    for key in ("test_acc", "best_test_acc", "train_err"):
-        if not _is_number(rec.get(key)):
-            return _not(rec, key, "a finite number")
-    for i, step in enumerate(hist):
-        if not isinstance(step, dict):
-            return f"history[{i}] is {reprlib.repr(step)}, not an object"
-        for key in ("epoch", "test_acc", "train_err"):
-            if not _is_number(step.get(key)):
-                return _not(step, key, "a finite number", f"history[{i}].")
-    return ""
-
-
-def _not(obj: dict[str, Any], key: str, expected: str, where: str = "") -> str:
-    """``where.key`` is missing, or its value is not ``expected``: said in a few words."""
-    if key not in obj:
-        return f"no {where}{key}"
-    return f"{where}{key} is {reprlib.repr(obj[key])}, not {expected}"
-
-
-def _is_number(x: Any) -> bool:
-    """A finite int or float, not a bool (JSON's true is not 1.0; NaN is no result).
-
-    >>> [_is_number(x) for x in (1, 0.5, True, "1", float("nan"), None)]
-    [True, True, False, False, False, False]
-    """
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int beyond any float
-        return False
-
-
 def load_runs(out: str | Path) -> list[dict[str, Any]]:
-    """Every valid finished or failed run record of a sweep directory (others: warned, skipped)."""
-    paths = sorted((Path(out) / "runs").glob("*.json"))
-    records = (_read_record(p, "skipped (splinelens sweep re-runs it)") for p in paths)
-    return [r for r in records if r is not None]
+    """Every valid finished or failed run record of a sweep directory (others: warned, skipped).
+
+    Runs of different settings (apart from lambda and seed), among themselves or with
+    sweep.json, are not one sweep: a ValueError naming two such files and the settings.
+    """
+    found = _valid_records(Path(out), "skipped (splinelens sweep re-runs it)")
+    _check_one_sweep(Path(out), found)
+    return [rec for _, rec in found]
+
+
+def _check_one_sweep(out: Path, found: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse records whose settings differ from sweep.json's, or (without it) each other's."""
+    base = _sweep_base(out)
+    ref = (out / "sweep.json", base) if base else None
+    for path, rec in found:
+        cfg = _config(rec)
+        ref = ref or (path, cfg)
+        changes = _differences(ref[1], cfg)
+        if changes:
+            raise ValueError(
+                f"{ref[0]} and {path} are of different settings ({changes}); the runs of a "
+                "sweep differ only in lambda and seed: move the odd ones out, or plot them apart"
+            )
 
 
 def write_results(out: str | Path) -> list[dict[str, Any]]:
@@ -356,7 +337,7 @@ def _rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         row = {k: rec.get(k, "") for k in COLUMNS}
-        row.update({k: rec["config"][k] for k in _CONFIG_KEYS})
+        row.update({k: rec["config"][k] for k in CONFIG_KEYS})
         rows.append(row)
     return sorted(rows, key=lambda r: (r["lam"], r["seed"]))
 

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import pickle
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -82,17 +83,49 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
+INT_MAX = 2**31 - 1  # int fields fit a C int (torch, numpy and the OS take them as such)
+_THREADS_MAX = 1024  # torch starts that many OpenMP threads; 10**5 crashes the process
+
+
+def _ints(low: int, high: int = INT_MAX, note: str = "") -> tuple[type, Callable, str]:
+    """The rule of an int field in [low, high]."""
+    return (int, lambda v: low <= v <= high, f"an integer >= {low} and <= {high}{note}")
+
+
 _RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "lam": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
-    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "seed": _ints(0),
+    "epochs": _ints(1),
+    "batch_size": _ints(1),
     "lr": (float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "lr_decay": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "train_subset": (int, lambda v: v >= 0, "an integer >= 0 (0: all)"),
-    "test_subset": (int, lambda v: v >= 0, "an integer >= 0 (0: all)"),
-    "threads": (int, lambda v: v >= 1, "an integer >= 1"),
+    "train_subset": _ints(0, note=" (0: all)"),
+    "test_subset": _ints(0, note=" (0: all)"),
+    "threads": _ints(1, _THREADS_MAX),
 }
+
+# numbers as text: plain ASCII decimal notation (int() would also take "1_0" and "\u0663")
+_NUMBER_TEXT = {
+    int: re.compile(r"[+-]?[0-9]+"),
+    float: re.compile(
+        r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.I
+    ),
+}
+
+
+def parse_number(text: str, kind: type = float) -> Any:
+    """``text`` as an int or float, in plain decimal notation; else a ValueError.
+
+    >>> parse_number("1e-3"), parse_number("12", int)
+    (0.001, 12)
+    >>> parse_number("1_0", int)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid literal for int(): '1_0'
+    """
+    if not _NUMBER_TEXT[kind].fullmatch(text):
+        raise ValueError(f"invalid literal for {kind.__name__}(): {text!r}")
+    return kind(text)
 
 
 def field_value(name: str, value: Any) -> Any:
@@ -107,14 +140,14 @@ def field_value(name: str, value: Any) -> Any:
     >>> field_value("epochs", True)
     Traceback (most recent call last):
     ...
-    ValueError: True is a bool, not an integer; expected an integer >= 1
+    ValueError: True is a bool, not an integer; expected an integer >= 1 and <= 2147483647
     """
     kind, ok, what = _RULES[name]
     noun = "an integer" if kind is int else "a number"
     if isinstance(value, bool):  # int(True) == 1, but True is not a number of epochs
         raise ValueError(f"{value!r} is a bool, not {noun}; expected {what}")
-    try:
-        converted = kind(value)  # int("3") == 3, int(2.5) == 2: refused below
+    try:  # int("3") == 3, int(2.5) == 2: refused below
+        converted = parse_number(value, kind) if isinstance(value, str) else kind(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{value!r} is not {noun}; expected {what}") from None
     if kind is int and not isinstance(value, str) and converted != value:

@@ -49,10 +49,27 @@ def _error(capsys, argv: list[str], status: int = 2) -> str:
         (["--lambdas", "0,inf"], "--lambdas: 'inf' is not finite"),
         (["--lambdas=-1"], "--lambdas: '-1' is negative"),
         (["--lambdas", ""], f"--lambdas: no values; {LAMBDAS}"),
-        (["--lambdas", "0,0.1,0.10"], "--lambdas: '0.10' appears twice"),
-        (["--seeds", "0"], "--seeds: expected an integer >= 1, got '0'"),
-        (["--seeds", "two"], "--seeds: expected an integer >= 1, got 'two'"),
-        (["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
+        (["--lambdas", "0,0.1,0.1"], "--lambdas: '0.1' appears twice in '0,0.1,0.1'"),
+        (["--lambdas", "0,0.1,0.10"], "--lambdas: '0.10' equals '0.1' as a number"),
+        (["--lambdas", "0,1e-400"], "--lambdas: '1e-400' equals '0' as a number"),
+        (["--lambdas", "0,1_0"], "--lambdas: '1_0' is not a number"),
+        (["--seeds", "0"], "--seeds: expected an integer >= 1 and <= 2147483647, got '0'"),
+        (["--seeds", "two"], "--seeds: expected an integer >= 1 and <= 2147483647, got 'two'"),
+        (["--seeds", "1_0"], "--seeds: expected an integer >= 1 and <= 2147483647, got '1_0'"),
+        (
+            ["--seeds", "1000000000000"],
+            "--seeds: expected an integer >= 1 and <= 2147483647, got '1000000000000'",
+        ),
+        (["--seeds", "250001"], "--seeds/--lambdas: 4 lambdas x 250001 seeds is 1,000,004 runs"),
+        (["--epochs", "1_0"], "--epochs: '1_0' is not an integer"),
+        (["--lr", "1_0"], "--lr: '1_0' is not a number"),
+        (
+            ["--batch-size", "100000000000000000000"],
+            "--batch-size: expected an integer >= 1 and <= 2147483647, got '1000",
+        ),
+        (["--threads", "100000"], "--threads: expected an integer >= 1 and <= 1024"),
+        (["--data-dir", "/no/such/dir"], "--data-dir: /no/such/dir: not found; expected an"),
+        (["--epochs", "0"], "--epochs: expected an integer >= 1 and <= 2147483647, got '0'"),
         (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
         (["--batch-size", "-4"], "--batch-size: expected an integer >= 1"),
         (["--lr", "0"], "--lr: expected a finite number > 0, got '0'"),
@@ -87,6 +104,19 @@ def test_out_must_be_a_writable_directory(tmp_path, capsys, monkeypatch, nothing
     assert line.startswith(f"--out: {locked} is not writable")
 
 
+def test_sweep_out_must_hold_runs_and_results(tmp_path, capsys, nothing_runs) -> None:
+    """Checked before any work: not after training, as "File exists" or "Is a directory"."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "runs").write_text("")
+    line = _error(capsys, ["sweep", "--out", str(tmp_path / "a")])
+    runs = tmp_path / "a" / "runs"
+    assert line == f"--out: {runs} is a file; a sweep keeps its runs in that directory"
+    (tmp_path / "b" / "results.csv").mkdir(parents=True)
+    line = _error(capsys, ["sweep", "--out", str(tmp_path / "b")])
+    assert line.startswith(f"--out: {tmp_path / 'b' / 'results.csv'} is a directory")
+    assert not (tmp_path / "b" / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -94,6 +124,8 @@ def test_out_must_be_a_writable_directory(tmp_path, capsys, monkeypatch, nothing
         (["demo", "--lam", "-1"], "--lam: expected a finite number >= 0"),
         (["demo", "--lam", "inf"], "--lam: expected a finite number >= 0"),
         (["check", "--batch", "0"], "--batch: expected an integer >= 1"),
+        (["check", "--batch", "1_0"], "--batch: expected an integer >= 1"),
+        (["demo", "--epochs", "1_0"], "--epochs: '1_0' is not an integer"),
         (["plot-sweep", "/no/such/sweep"], "dir: /no/such/sweep: not found"),
         (["sweep"], "the following arguments are required: --out"),
         (["frobnicate"], "command: invalid choice: 'frobnicate'"),
@@ -109,6 +141,7 @@ def test_other_commands_refuse_bad_options(capsys, nothing_runs, argv, message) 
     [
         (["--checkpoint", "/no/such/w.pt"], "--checkpoint: /no/such/w.pt: not found"),
         (["--n", "0"], "--n: expected an integer >= 1"),
+        (["--data-dir", "/no/such/dir"], "--data-dir: /no/such/dir: not found"),
         (["--what", "templates,vibes"], "--what: 'vibes' is not an analysis"),
     ],
 )

@@ -243,6 +243,13 @@ def test_run_ids_of_existing_sweeps_are_unchanged() -> None:
         ("train_subset", -1, "an integer >= 0"),
         ("test_subset", -5, "an integer >= 0"),
         ("threads", 0, "an integer >= 1"),
+        ("threads", 1025, "an integer >= 1 and <= 1024"),
+        ("batch_size", 10**20, "an integer >= 1 and <= 2147483647"),
+        ("seed", 2**31, "an integer >= 0 and <= 2147483647"),
+        ("train_subset", 2**31, "an integer >= 0 and <= 2147483647 (0: all)"),
+        ("epochs", "1_0", "'1_0' is not an integer"),
+        ("epochs", "\u0663", "'\u0663' is not an integer"),  # an Arabic-Indic 3
+        ("lr", "1_0.5", "'1_0.5' is not a number"),
         ("lr", "fast", "not a number"),
         ("epochs", True, "True is a bool, not an integer"),
         ("seed", False, "False is a bool, not an integer"),
@@ -342,6 +349,16 @@ def _set(record: dict, where: str, value) -> dict:
         ("train_err", -math.inf, "train_err is -inf, not a finite number"),
         pytest.param("train_err", 10**400, "train_err is 1000", id="train_err-beyond-float"),
         ("train_err", ..., "no train_err"),
+        ("config.lam", 0.5, f"its config is that of run {run_id(replace(BASE, lam=0.5))}, not"),
+        ("config.epochs", 3, f"its config is that of run {run_id(replace(BASE, epochs=3))}"),
+        ("config.device", "gpu", "config.device: 'gpu' is not a device"),
+        ("config.lr", 0, "config.lr: expected a finite number > 0, got 0"),
+        ("config.colour", "red", "config.colour is not a setting of a run"),
+        ("test_acc", 0.123456, "test_acc is 0.123456, but its history gives"),
+        ("best_test_acc", 0.0, "best_test_acc is 0.0, but its history gives"),
+        ("train_err", 0.5, "train_err is 0.5, but its history gives"),
+        ("penalty", 1e6, "penalty is 1000000.0, but its history gives"),
+        ("history.1", ..., "1 epochs of history, but config.epochs is 2"),
     ],
 )
 def test_records_that_are_json_but_not_records_are_invalid(one_run, tmp_path, where, value, why):
@@ -374,3 +391,86 @@ def test_sweep_reruns_and_plot_skips_a_record_with_nan(tmp_path, monkeypatch, ca
     with pytest.warns(sweep_mod.RunRecordWarning, match="re-run"):
         rows = run_sweep(BASE, [0.0, 1.0], seeds=1, out=tmp_path)
     assert calls == [0.0] and [r["status"] for r in rows] == ["finished"] * 2
+
+
+def test_a_record_edited_under_its_own_name_is_rerun_not_trusted(tmp_path, monkeypatch) -> None:
+    """lam 0.5 -> 0 in the record of (0.5, 0): not reported under lambda 0, and re-run."""
+    run_sweep(BASE, [0.0, 0.5], seeds=1, out=tmp_path)
+    path = tmp_path / "runs" / f"{run_id(replace(BASE, lam=0.5))}.json"
+    path.write_text(json.dumps(_set(json.loads(path.read_text()), "config.lam", 0.0)))
+    with pytest.warns(
+        sweep_mod.RunRecordWarning, match=re.escape(f"{path} is not a valid run record")
+    ):
+        assert [r["config"]["lam"] for r in load_runs(tmp_path)] == [0.0]
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c.lam) or real(c, *a))
+    with pytest.warns(sweep_mod.RunRecordWarning, match="it will be re-run"):
+        rows = run_sweep(BASE, [0.0, 0.5], seeds=1, out=tmp_path)
+    assert calls == [0.5] and [r["lam"] for r in rows] == [0.0, 0.5]
+
+
+def test_a_folder_without_sweep_json_keeps_its_settings(tmp_path) -> None:
+    """sweep --epochs 1, rm sweep.json, sweep --epochs 2: refused, not mixed."""
+    one = replace(BASE, epochs=1)
+    run_sweep(one, [0.0], seeds=1, out=tmp_path)
+    (tmp_path / "sweep.json").unlink()
+    record = tmp_path / "runs" / f"{run_id(one)}.json"
+    with pytest.raises(
+        ValueError, match=re.escape(f"other settings (epochs: 1 -> 2; see {record})")
+    ):
+        run_sweep(BASE, [0.0], seeds=1, out=tmp_path)
+    assert [p.name for p in (tmp_path / "runs").glob("*.json")] == [record.name]
+    assert len(run_sweep(one, [0.0, 0.1], seeds=1, out=tmp_path)) == 2  # same settings: fine
+
+
+@pytest.mark.parametrize("with_sweep_json", [True, False])
+def test_runs_of_other_settings_are_not_plotted_together(tmp_path, with_sweep_json) -> None:
+    from splinelens.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_sweep(replace(BASE, epochs=1), [0.0], seeds=1, out=one)
+    run_sweep(BASE, [0.5], seeds=1, out=two)
+    odd = one / "runs" / f"{run_id(replace(BASE, lam=0.5))}.json"
+    odd.write_text((two / "runs" / odd.name).read_text())  # copied in from another sweep
+    own = one / "runs" / f"{run_id(replace(BASE, epochs=1))}.json"
+    epochs = {one / "sweep.json": 1, own: 1, odd: 2}
+    pair = [one / "sweep.json", odd] if with_sweep_json else sorted([own, odd])  # file order
+    if not with_sweep_json:
+        (one / "sweep.json").unlink()
+    changes = f"epochs: {epochs[pair[0]]} -> {epochs[pair[1]]}"
+    said = re.escape(f"{pair[0]} and {pair[1]} are of different settings ({changes})")
+    with pytest.raises(ValueError, match=said):
+        load_runs(one)
+    with pytest.raises(ValueError, match=said):
+        report(one)
+    assert main(["plot-sweep", str(one)]) == 2
+    assert not (one / "fig3a.png").exists()
+
+
+def test_a_sweep_of_too_many_runs_is_refused_before_anything_is_built(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(sweep_mod, "configs", lambda *a: pytest.fail("the grid was built"))
+    big = "2 lambdas x 600000 seeds is 1,200,000 runs; a sweep holds at most 1,000,000"
+    with pytest.raises(ValueError, match=big):
+        run_sweep(BASE, [0.0, 0.1], seeds=600_000, out=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"seeds: expected an integer >= 1, got 2\.0"):
+        run_sweep(BASE, [0.0], seeds=2.0, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_that_cannot_hold_a_sweep_is_refused_before_training(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(sweep_mod, "run_one", lambda *a: pytest.fail("trained"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "runs").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'a' / 'runs'} is a file")):
+        run_sweep(BASE, [0.0], seeds=1, out=tmp_path / "a")
+    (tmp_path / "b" / "results.csv").mkdir(parents=True)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'b' / 'results.csv'} is a directory")
+    ):
+        run_sweep(BASE, [0.0], seeds=1, out=tmp_path / "b")
+    assert not (tmp_path / "b" / "runs").exists()
