@@ -13,7 +13,7 @@ True
 from ._checks import LayerNotFoundError
 from .affine import AffineMap
 from .codes import CodesFileError, LayerCodes, PartitionCodes
-from .convex import ConvexityReport, convexity
+from .convex import ConvexityReport, convexity, make_input_convex
 from .distance import nearest_neighbors, partition_distance
 from .errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
 from .local import (
@@ -25,6 +25,7 @@ from .local import (
     sampled_local_complexity,
 )
 from .maso import MASO, NotAMasoError, check_masos, layer_maso
+from .penalty import orthogonality_penalty, template_penalty
 from .slices import LayerSlice, SlicePartition, slice_partition
 from .view import SplineView, Verification, affine_map, partition_codes, verify
 
@@ -53,12 +54,15 @@ __all__ = [
     "convexity",
     "layer_maso",
     "local_complexity",
+    "make_input_convex",
     "nearest_neighbors",
+    "orthogonality_penalty",
     "partition_codes",
     "partition_distance",
     "region_polytope",
     "region_radius",
     "sampled_local_complexity",
     "slice_partition",
+    "template_penalty",
     "verify",
 ]

@@ -96,3 +96,15 @@ def test_penalty_float32_has_no_cancellation() -> None:
     w = torch.randn(10, 2048) * 30
     exact = explicit_penalty(w.double())
     torch.testing.assert_close(orthogonality_penalty(w).double(), exact, rtol=1e-5, atol=0)
+
+
+def test_penalties_and_input_convexity_are_at_top_level() -> None:
+    import splinelens as sl
+    from splinelens import convex, penalty
+
+    assert sl.orthogonality_penalty is penalty.orthogonality_penalty
+    assert sl.template_penalty is penalty.template_penalty
+    assert sl.make_input_convex is convex.make_input_convex
+    w = torch.randn(4, 6, dtype=torch.float64)
+    ref = sum((w[a] @ w[b]) ** 2 for a in range(4) for b in range(4) if a != b)
+    assert torch.allclose(sl.orthogonality_penalty(w), ref)
