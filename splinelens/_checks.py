@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 Tensor = torch.Tensor
+_REGISTERED = ("_parameters", "_buffers", "_modules")  # a module's own bookkeeping
 
 
 class LayerNotFoundError(KeyError, IndexError):
@@ -83,13 +84,24 @@ def model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
 
 
 def model_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """Every floating tensor the model computes with: parameters, buffers and plain tensor
-    attributes of its modules (constants of the captured graph)."""
+    """Every floating tensor the model computes with: parameters, buffers and the tensor
+    attributes of its modules, also inside lists, tuples and dicts (constants of the graph)."""
     yield from model_tensors(model)
     for prefix, m in model.named_modules():
         for k, v in vars(m).items():
-            if isinstance(v, Tensor) and v.is_floating_point():
-                yield (f"{prefix}.{k}" if prefix else k), v
+            if k not in _REGISTERED:
+                yield from _float_tensors_in(f"{prefix}.{k}" if prefix else k, v)
+
+
+def _float_tensors_in(name: str, v: object, depth: int = 0) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(v, Tensor) and v.is_floating_point():
+        yield name, v
+    elif depth < 4 and type(v) in (list, tuple):
+        for i, u in enumerate(v):
+            yield from _float_tensors_in(f"{name}[{i}]", u, depth + 1)
+    elif depth < 4 and type(v) is dict:
+        for k, u in v.items():
+            yield from _float_tensors_in(f"{name}[{k!r}]", u, depth + 1)
 
 
 def weights_fingerprint(model: nn.Module) -> tuple[tuple, list[float]]:
@@ -111,16 +123,14 @@ def _sums(tensors: list[Tensor]) -> list[float]:
     return [float(p) for p in parts]
 
 
-class FiniteWatch:
-    """Checks, at every call, that a model's parameters, buffers and tensor attributes are
-    finite: one float64 sum per tensor, and a search for the bad entry only when one is not."""
-
-    def check(self, model: nn.Module) -> None:
-        named = list(model_state(model))
-        if all(map(math.isfinite, _sums([t for _, t in named]))):
-            return
-        for name, t in named:
-            check_finite(f"model parameter or buffer '{name}'", t.detach(), "the model diverged?")
+def check_model_finite(model: nn.Module) -> None:
+    """Refuse NaN or inf anywhere in the model's state, naming the tensor and the index: one
+    float64 sum per tensor, and a search for the bad entry only when a sum is not finite."""
+    named = list(model_state(model))
+    if all(map(math.isfinite, _sums([t for _, t in named]))):
+        return
+    for name, t in named:
+        check_finite(f"model parameter or buffer '{name}'", t.detach(), "the model diverged?")
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
@@ -129,7 +139,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
     Parameters, buffers and plain tensor attributes (constants used by ``forward``) are all
     converted, so a model whose weights are buffers works too.
     """
-    if all(t.dtype == torch.float64 for t in _all_float_tensors(model)):
+    if all(t.dtype == torch.float64 for _, t in model_state(model)):
         return model
     model = copy.deepcopy(model).double()
     for m in model.modules():
@@ -137,9 +147,6 @@ def float64_copy(model: nn.Module) -> nn.Module:
             if k not in _REGISTERED:
                 setattr(m, k, _to_float64(v))
     return model
-
-
-_REGISTERED = ("_parameters", "_buffers", "_modules")
 
 
 def _to_float64(v: object, depth: int = 0) -> object:
@@ -151,25 +158,6 @@ def _to_float64(v: object, depth: int = 0) -> object:
     if depth < 4 and type(v) is dict:
         return {k: _to_float64(u, depth + 1) for k, u in v.items()}
     return v
-
-
-def _all_float_tensors(model: nn.Module) -> Iterator[Tensor]:
-    yield from (t for _, t in model_tensors(model))
-    for m in model.modules():
-        for k, v in vars(m).items():
-            if k not in _REGISTERED:
-                yield from _float_tensors_in(v)
-
-
-def _float_tensors_in(v: object, depth: int = 0) -> Iterator[Tensor]:
-    if isinstance(v, Tensor) and v.is_floating_point():
-        yield v
-    elif depth < 4 and type(v) in (list, tuple):
-        for u in v:
-            yield from _float_tensors_in(u, depth + 1)
-    elif depth < 4 and type(v) is dict:
-        for u in v.values():
-            yield from _float_tensors_in(u, depth + 1)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:

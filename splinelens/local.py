@@ -87,8 +87,10 @@ def unit_distances(model: nn.Module, x: Tensor) -> list[Tensor]:
     Exact for the first layer; for deeper ones it is the distance to the unit's hyperplane as
     seen from x's region (the linearised local geometry). ``inf``: the unit is constant there.
     """
-    view = view_of(model, x)
-    view._check(x)
+    return _unit_distances(view_of(model, x), x)
+
+
+def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
     n_chunk, t = _batches(view, x)
     parts = [_constraints(view, x[i : i + n_chunk], t) for i in range(0, len(x), n_chunk)]
     return [torch.cat([p[layer].distances() for p in parts]) for layer in range(len(view.layers))]
@@ -133,10 +135,11 @@ def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -
     (torch.Size([4, 1, 3]), True)
     """
     radii = _radii(radii, x)
-    dists = unit_distances(model, x)
+    view = view_of(model, x)
+    dists = _unit_distances(view, x)
     counts = [(d[..., None] <= radii).sum(1) for d in dists]
     counts = torch.stack(counts, 1) if counts else radii.new_zeros(len(x), 0, len(radii)).long()
-    return LocalComplexity(radii, counts, tuple(la.name for la in view_of(model, x).layers))
+    return LocalComplexity(radii, counts, tuple(la.name for la in view.layers))
 
 
 def sampled_local_complexity(

@@ -149,8 +149,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     ``x`` (1 or more inputs; the first is used) fixes the values of skip connections from
     earlier layers, which enter the offsets; for a chain of layers the MASO does not depend on x.
     """
-    view = view_of(model, x)
-    view._check(x)
+    view = view_of(model, x)  # checks x
     la = view.layer(layer)
     start = _start_node(view, la)
     table = unit_table(view, la)

@@ -229,10 +229,8 @@ def _plane(
             f"got {tuple(directions.shape)}"
         )
     flat = directions.reshape(2, -1)
-    gram = flat @ flat.T  # (2, 2)
-    if float(torch.linalg.det(gram)) <= 1e-12 * float(gram[0, 0] * gram[1, 1]) or not bool(
-        (gram.diagonal() > 0).all()
-    ):
+    gram = flat @ flat.T  # (2, 2); det = |d1|^2 |d2|^2 sin^2(angle), 0 for a zero direction
+    if float(torch.linalg.det(gram)) <= 1e-12 * float(gram[0, 0] * gram[1, 1]):
         raise ValueError("directions must span a plane: one is zero or they are parallel")
     u0, u1, v0, v1 = (float(b) for b in bounds)
     if not (u0 < u1 and v0 < v1):

@@ -22,8 +22,8 @@ import torch.nn as nn
 from . import _ops
 from ._capture import capture, check_eval_mode
 from ._checks import (
-    FiniteWatch,
     check_finite,
+    check_model_finite,
     check_overflow,
     check_positive_int,
     layer_index,
@@ -65,12 +65,10 @@ class SplineView:
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        self._finite = FiniteWatch()
-        self._finite.check(model)
+        check_model_finite(model)
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
-        self.signature = tuple((la.name, la.kind, la.units, la.pieces) for la in self.layers)
         self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
         self._masos = {s.name: s.maso for s in self.program.steps if s.maso is not None}
 
@@ -107,15 +105,21 @@ class SplineView:
         ``start``/``end``: None (the input / the output before g), a layer index or a layer name
         (that layer's output). ``start=l-1, end=l`` is layer l's MASO A^(l)[x], B^(l)[x].
         """
+        self._check(x)
+        return self._affine_map(x, start, end)
+
+    def _affine_map(self, x: Tensor, start: LayerKey, end: LayerKey) -> AffineMap:
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
-        self._check(x)
         return AffineMap(self, x, s, e)
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
         self._check(x)
+        return self._partition_codes(x, batch_size)
+
+    def _partition_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
         batch_size = check_positive_int("batch_size", batch_size)
         parts = [self._codes(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return PartitionCodes.cat(parts)
@@ -150,21 +154,8 @@ class SplineView:
             return self.program.input_name if is_start else self.program.output_name
         return self.layer(key).node
 
-    def is_current(self) -> bool:
-        """Whether the model still has the structure it was captured with."""
-        return structure(self.model) == self.structure
-
     def _check(self, x: Tensor, name: str = "x") -> None:
         """Refuse what the capture cannot answer exactly: see ``check_input`` and the model."""
-        model = self.model
-        check_eval_mode(model)
-        now = structure(model)
-        if now != self.structure:
-            raise StaleCaptureError(
-                f"the model changed after this SplineView captured it: "
-                f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
-                f"(the plain functions such as sl.affine_map capture again by themselves)"
-            )
         check_input(name, x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -172,9 +163,21 @@ class SplineView:
                 f"captured for {self.input_shape}; pass a batch (N, "
                 f"{', '.join(map(str, self.input_shape))})"
             )
-        check_dtype(model, x, name)
-        self._finite.check(model)
-        self.program.batch.check(len(x))
+        check_dtype(self.model, x, name)
+        self._check_model(structure(self.model), len(x))
+
+    def _check_model(self, now: tuple, n: int) -> None:
+        """The model as captured (structure ``now``), in eval mode, finite; n in the batch range."""
+        model = self.model
+        check_eval_mode(model)
+        if now != self.structure:
+            raise StaleCaptureError(
+                f"the model changed after this SplineView captured it: "
+                f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
+                f"(the plain functions such as sl.affine_map capture again by themselves)"
+            )
+        check_model_finite(model)
+        self.program.batch.check(n)
 
     def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
         return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
@@ -251,7 +254,7 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
         view = SplineView(model, x)
         view._model = None  # the cache must not keep the model alive
         views.append(view)
-    view._check(x)
+    view._check_model(now if view.structure == now else structure(model), len(x))
     return view
 
 
@@ -259,12 +262,12 @@ def affine_map(
     model: nn.Module, x: Tensor, start: LayerKey = None, end: LayerKey = None
 ) -> AffineMap:
     """The exact affine map of x's region, A[x] and B[x] (see ``SplineView.affine_map``)."""
-    return view_of(model, x).affine_map(x, start, end)
+    return view_of(model, x)._affine_map(x, start, end)  # view_of checked x
 
 
 def partition_codes(model: nn.Module, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
     """Per-layer partition codes of x (see ``SplineView.partition_codes``)."""
-    return view_of(model, x).partition_codes(x, batch_size)
+    return view_of(model, x)._partition_codes(x, batch_size)  # view_of checked x
 
 
 def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verification:
@@ -277,7 +280,7 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
     if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
     view = view_of(model, x)
-    amap = view.affine_map(x)
+    amap = view._affine_map(x, None, None)
     with torch.no_grad():
         f = view.model(x)
         if not isinstance(f, Tensor):
