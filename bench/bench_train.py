@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from bench_core import _clock as clock  # run as: python bench/bench_train.py
 
-from splinelens.data import Data
-from splinelens.models import build_model
+from splinelens.paper.data import Data
+from splinelens.paper.models import build_model
+from splinelens.paper.train import TrainConfig, _epoch
 from splinelens.penalty import orthogonality_penalty
-from splinelens.train import TrainConfig, _epoch
 
 
 def fake_data(n: int, shape: tuple[int, int, int], device: str) -> Data:

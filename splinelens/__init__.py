@@ -10,13 +10,14 @@ max-affine spline operators is, for each input x, the affine map f(x) = A[x] x +
 True
 """
 
-from ._checks import LayerNotFoundError
-from .affine import AffineMap
-from .codes import CodesFileError, LayerCodes, PartitionCodes
-from .convex import ConvexityReport, convexity, make_input_convex
-from .distance import nearest_neighbors, partition_distance
-from .errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
-from .local import (
+from splinelens._checks import LayerNotFoundError
+from splinelens.affine import AffineMap
+from splinelens.codes import CodesFileError, LayerCodes, PartitionCodes
+from splinelens.distance import nearest_neighbors, partition_distance
+from splinelens.errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
+from splinelens.geometry.convexity import ConvexityReport, convexity, make_input_convex
+from splinelens.geometry.maso import MASO, NotAMasoError, check_masos, layer_maso
+from splinelens.geometry.region import (
     LocalComplexity,
     Polytope,
     local_complexity,
@@ -24,10 +25,9 @@ from .local import (
     region_radius,
     sampled_local_complexity,
 )
-from .maso import MASO, NotAMasoError, check_masos, layer_maso
-from .penalty import orthogonality_penalty, template_penalty
-from .slices import LayerSlice, SlicePartition, slice_partition
-from .view import SplineView, Verification, affine_map, partition_codes, verify
+from splinelens.geometry.slices import LayerSlice, SlicePartition, slice_partition
+from splinelens.penalty import orthogonality_penalty, template_penalty
+from splinelens.view import SplineView, Verification, affine_map, partition_codes, verify
 
 __version__ = "0.1.0"
 

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._checks import check_finite, check_overflow, check_positive_int, weights_fingerprint
-from ._precision import exact_matmul
+from splinelens._checks import check_finite, check_overflow, check_positive_int, weights_fingerprint
+from splinelens._precision import exact_matmul
 
 if TYPE_CHECKING:
-    from .view import SplineView
+    from splinelens.view import SplineView
 
 Tensor = torch.Tensor
 _GRAPH_BUDGET = 1 << 30  # bytes of retained activations per chunk when A is materialised

@@ -9,7 +9,7 @@
     splinelens --version
     splinelens --debug COMMAND ...                      # tracebacks (or SPLINELENS_DEBUG=1)
 
-The sweep's options are generated from ``TrainConfig``'s fields (see splinelens.train), and
+The sweep's options are generated from ``TrainConfig``'s fields (see splinelens.paper.train), and
 checked by the same rules as the Python API. A user error (a bad option, a missing file) is one
 line on stderr, ``splinelens: error: ...``, with exit status 2; an internal error also one line,
 with status 1; Ctrl-C exits with 130.
@@ -35,8 +35,8 @@ from typing import Any, NoReturn
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .view import SplineView, verify
+from splinelens import __version__
+from splinelens.view import SplineView, verify
 
 
 def _example_cnn() -> nn.Module:
@@ -57,7 +57,7 @@ def _example_cnn() -> nn.Module:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .train import resolve_device
+    from splinelens.paper.train import resolve_device
 
     dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
     model = _example_cnn().to(device, dtype)
@@ -115,7 +115,7 @@ def _lambdas(text: str) -> list[float]:
 
 def _lambda(item: str, text: str) -> float:
     """One value of ``--lambdas`` (the whole ``text`` is quoted in errors)."""
-    from .train import parse_number
+    from splinelens.paper.train import parse_number
 
     if not item:
         raise argparse.ArgumentTypeError(f"an empty value in {text!r}; {_LAMBDAS}")
@@ -139,7 +139,7 @@ def _count(text: str) -> int:
     ...
     argparse.ArgumentTypeError: expected an integer >= 1 and <= 2147483647, got '1_000'
     """
-    from .train import INT_MAX, parse_number
+    from splinelens.paper.train import INT_MAX, parse_number
 
     try:
         value = parse_number(text, int)
@@ -152,7 +152,7 @@ def _count(text: str) -> int:
 
 def _field(name: str) -> Callable[[str], Any]:
     """The option parser of TrainConfig field ``name``: the rules of ``train.field_value``."""
-    from .train import field_value
+    from splinelens.paper.train import field_value
 
     def parse(text: str) -> Any:
         try:
@@ -170,7 +170,7 @@ def _device(text: str) -> str:
     >>> _device("cpu")
     'cpu'
     """
-    from .train import resolve_device
+    from splinelens.paper.train import resolve_device
 
     try:
         resolve_device(text)
@@ -197,7 +197,7 @@ def _out_dir(text: str) -> str:
 def _sweep_dir(text: str) -> str:
     """``sweep --out``: an ``--out`` directory in which runs/, sweep.json and results.csv can be
     written (not a file runs, nor a directory results.csv)."""
-    from .sweep import out_problem
+    from splinelens.paper.sweep import out_problem
 
     why = out_problem(_out_dir(text))
     if why:
@@ -231,7 +231,7 @@ def _existing(kind: str) -> Callable[[str], str]:
 
 def _analyses(text: str) -> tuple[str, ...]:
     """``--what``: a comma-separated subset of the analyses."""
-    from .analyze import ANALYSES
+    from splinelens.paper.analyze import ANALYSES
 
     what = tuple(w.strip() for w in text.split(","))
     bad = [w for w in what if w not in ANALYSES]
@@ -251,9 +251,9 @@ _OPTION_TYPES: dict[str, Callable[[str], Any]] = {  # text fields with rules
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field (except lam and seed, which the sweep sets)."""
-    from .data import DATASETS
-    from .models import MODELS
-    from .train import TrainConfig
+    from splinelens.paper.data import DATASETS
+    from splinelens.paper.models import MODELS
+    from splinelens.paper.train import TrainConfig
 
     choices = {"dataset": sorted(DATASETS), "arch": sorted(MODELS)}
     for f in dataclasses.fields(TrainConfig):
@@ -275,8 +275,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import grid_problem, run_sweep, unfinished
-    from .train import TrainConfig
+    from splinelens.paper.sweep import grid_problem, run_sweep, unfinished
+    from splinelens.paper.train import TrainConfig
 
     why = grid_problem(len(args.lambdas), args.seeds)
     if why:
@@ -296,7 +296,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot_sweep(args: argparse.Namespace) -> int:
-    from .sweep_report import report
+    from splinelens.paper.report import report
 
     rows = report(args.dir)
     print((Path(args.dir) / "table.md").read_text())
@@ -305,7 +305,7 @@ def _plot_sweep(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from splinelens.paper.demo import run_demo
 
     page = run_demo(args.out, epochs=args.epochs, lam=args.lam)
     print(f"report: {page.resolve()}")
@@ -313,8 +313,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze
-    from .train import TrainConfig, load_checkpoint, load_data, make_model
+    from splinelens.paper.analyze import analyze
+    from splinelens.paper.train import TrainConfig, load_checkpoint, load_data, make_model
 
     cfg = TrainConfig(
         dataset=args.dataset,
@@ -358,9 +358,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_analyze(sub: Any) -> None:
-    from .analyze import ANALYSES
-    from .data import DATASETS
-    from .models import MODELS
+    from splinelens.paper.analyze import ANALYSES
+    from splinelens.paper.data import DATASETS
+    from splinelens.paper.models import MODELS
 
     an = sub.add_parser("analyze", help="the paper's analyses on a trained checkpoint")
     an.add_argument("--dataset", required=True, choices=sorted(DATASETS))

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import layer_index
-from ._io import atomic_path
+from splinelens._checks import layer_index
+from splinelens._io import atomic_path
 
 Tensor = torch.Tensor
 _FORMAT = "splinelens.partition_codes/2"  # /2 adds the row count and a sha256 per array

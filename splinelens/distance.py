@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive_int
-from .codes import LayerCodes, PartitionCodes, pack_bits, unpack_bits
+from splinelens._checks import check_positive_int
+from splinelens.codes import LayerCodes, PartitionCodes, pack_bits, unpack_bits
 
 Tensor = torch.Tensor
 LayerSel = int | str | Sequence[int | str] | None

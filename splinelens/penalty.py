@@ -36,7 +36,7 @@ def orthogonality_penalty(weight: Tensor) -> Tensor:
 def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:
     """The classifier layer: the submodule called ``name``, else the last ``nn.Linear``.
 
-    Models from ``splinelens.models`` name it ``classifier``.
+    Models from ``splinelens.paper.models`` name it ``classifier``.
     """
     if name is not None:
         layer = model.get_submodule(name)

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import _ops
-from ._capture import capture, check_eval_mode
-from ._checks import (
+from splinelens._capture import capture, check_eval_mode
+from splinelens._capture import registry as _ops
+from splinelens._capture.pieces import code_dtype
+from splinelens._capture.program import Layer
+from splinelens._checks import (
     check_finite,
     check_model_finite,
     check_overflow,
@@ -31,13 +33,11 @@ from ._checks import (
     model_tensors,
     unwrap_compiled,
 )
-from ._maso_ops import code_dtype
-from ._precision import exact_matmul
-from ._program import Layer
-from ._structure import describe_change, structure
-from .affine import _GRAPH_BUDGET, AffineMap
-from .codes import LayerCodes, PartitionCodes, pack_bits
-from .errors import StaleCaptureError
+from splinelens._precision import exact_matmul
+from splinelens._structure import describe_change, structure
+from splinelens.affine import _GRAPH_BUDGET, AffineMap
+from splinelens.codes import LayerCodes, PartitionCodes, pack_bits
+from splinelens.errors import StaleCaptureError
 
 Tensor = torch.Tensor
 LayerKey = int | str | None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import splinelens as sl
-from splinelens.regions import neighbor_stats, others, region_stats
-from splinelens.templates import bimodality, template_responses, template_stats
+from splinelens.paper.neighbors import neighbor_stats, others, region_stats
+from splinelens.paper.templates import bimodality, template_responses, template_stats
 from tests import zoo
 
 
@@ -86,7 +86,7 @@ def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splinelens import figures
+    from splinelens.paper import figures
 
     for shape in [(1, 6, 6), (3, 6, 6), (2, 30)]:
         x = torch.randn(2, *shape)
@@ -110,8 +110,8 @@ def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
 
 
 def test_templates_figure_for_chosen_classes(tmp_path) -> None:
-    from splinelens.analyze import templates_figure
-    from splinelens.data import Data
+    from splinelens.paper.analyze import templates_figure
+    from splinelens.paper.data import Data
 
     model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn", 6)
     data = Data(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import splinelens.convex as cv
+import splinelens.geometry.convexity as cv
 from tests import zoo
 
 

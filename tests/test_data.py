@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from splinelens.data import DataError, load_dataset, preprocess, read_idx
+from splinelens.paper.data import DataError, load_dataset, preprocess, read_idx
 
 
 def write_idx(path, array: np.ndarray) -> None:

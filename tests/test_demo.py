@@ -15,7 +15,7 @@ pytest.importorskip("mlxtend")
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from splinelens.demo import run_demo
+    from splinelens.paper.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, epochs=1, n_test=300)

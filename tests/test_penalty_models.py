@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-from splinelens.models import MODELS, build_model
+from splinelens.paper.models import MODELS, build_model
 from splinelens.penalty import classifier, orthogonality_penalty, template_penalty
 
 

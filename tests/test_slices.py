@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-from splinelens import _polygons as poly
+from splinelens.geometry import polygons as poly
 from tests import zoo
 
 
@@ -169,7 +169,7 @@ def test_bad_planes_are_refused(kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize("color", ["random", "class", "slope"])
 def test_slice_figure(tmp_path, anchor_mlp: nn.Module, color: str) -> None:
-    from splinelens.figures import slice_figure
+    from splinelens.paper.figures import slice_figure
 
     eye = torch.eye(2, dtype=torch.float64)
     part = sl.slice_partition(anchor_mlp, torch.zeros(2, dtype=torch.float64), eye, (0, 1, 0, 1))

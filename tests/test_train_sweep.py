@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from splinelens import sweep as sweep_mod
-from splinelens.sweep import load_runs, run_id, run_sweep
-from splinelens.sweep_report import report
-from splinelens.train import (
+from splinelens.paper import sweep as sweep_mod
+from splinelens.paper.report import report
+from splinelens.paper.sweep import load_runs, run_id, run_sweep
+from splinelens.paper.train import (
     DivergedError,
     TrainConfig,
     _batches,

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import splinelens as sl
-from splinelens.regions import others, region_ids
-from splinelens.templates import template_responses
+from splinelens.paper.neighbors import others, region_ids
+from splinelens.paper.templates import template_responses
 
 F64 = torch.float64
 TOL = 1e-10

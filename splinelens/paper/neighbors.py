@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive_int
-from .codes import PartitionCodes
-from .distance import nearest_neighbors
+from splinelens._checks import check_positive_int
+from splinelens.codes import PartitionCodes
+from splinelens.distance import nearest_neighbors
 
 Tensor = torch.Tensor
 

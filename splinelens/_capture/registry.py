@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._maso_ops import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, _adaptive_width
+from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, _adaptive_width
 
 # Linear in every activation argument (sums, concatenations, selections by constant condition).
 ADDITIVE = {"add", "sub", "rsub", "cat", "concat", "stack", "neg", "where", "masked_fill"}

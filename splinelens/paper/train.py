@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._io import atomic_path
-from .data import Data, load_dataset
-from .models import build_model
-from .penalty import classifier, orthogonality_penalty
+from splinelens._io import atomic_path
+from splinelens.paper.data import Data, load_dataset
+from splinelens.paper.models import build_model
+from splinelens.penalty import classifier, orthogonality_penalty
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .sweep import _write_text, load_runs
+from splinelens.paper.sweep import _write_text, load_runs
 
 
 def by_lambda(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._checks import check_positive_int
-from .view import view_of
+from splinelens._checks import check_positive_int
+from splinelens.view import view_of
 
 Tensor = torch.Tensor
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import figures
-from .convex import convexity, convexity_gap, make_input_convex
-from .data import Data
-from .regions import neighbor_stats, others, region_stats
-from .templates import bimodality, template_responses, template_stats
-from .view import partition_codes, view_of
+from splinelens.geometry.convexity import convexity, convexity_gap, make_input_convex
+from splinelens.paper import figures
+from splinelens.paper.data import Data
+from splinelens.paper.neighbors import neighbor_stats, others, region_stats
+from splinelens.paper.templates import bimodality, template_responses, template_stats
+from splinelens.view import partition_codes, view_of
 
 ANALYSES = ("templates", "bimodality", "neighbors", "regions", "convexity")
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._precision import exact_matmul
-from .errors import BatchSizeError
+from splinelens._precision import exact_matmul
+from splinelens.errors import BatchSizeError
 
 _BIG = 2**62  # an "until the end" slice bound
 

@@ -25,19 +25,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _polygons as poly
-from ._checks import (
+from splinelens._capture.program import Program
+from splinelens._checks import (
     check_finite,
     check_finite_numbers,
     float64_copy,
     model_dtype,
     unwrap_compiled,
 )
-from ._precision import exact_matmul
-from ._program import Program
-from ._units import UnitTable, _last_step, slot_differences, unit_table
-from .codes import PartitionCodes
-from .view import SplineView, view_of
+from splinelens._precision import exact_matmul
+from splinelens.codes import PartitionCodes
+from splinelens.geometry import polygons as poly
+from splinelens.geometry.units import UnitTable, _last_step, slot_differences, unit_table
+from splinelens.view import SplineView, view_of
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -139,7 +139,7 @@ class SlicePartition:
 
     def plot(self, ax: Axes | None = None, color: str = "random", layer: int = -1) -> Axes:
         """Draw the regions (after ``layer``) coloured by "class", "slope" or "random"."""
-        from .figures import plot_slice
+        from splinelens.paper.figures import plot_slice
 
         return plot_slice(self, ax, color, layer)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_path
+from splinelens._io import atomic_path
 
 Tensor = torch.Tensor
 _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

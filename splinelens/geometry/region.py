@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._checks import check_finite, check_positive_int
-from ._precision import exact_matmul
-from ._units import UnitTable, slot_tangents, unit_table
-from .view import SplineView, view_of
+from splinelens._checks import check_finite, check_positive_int
+from splinelens._precision import exact_matmul
+from splinelens.geometry.units import UnitTable, slot_tangents, unit_table
+from splinelens.view import SplineView, view_of
 
 Tensor = torch.Tensor
 _BUDGET = 1 << 28  # bytes of activations per batched pass

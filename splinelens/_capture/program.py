@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ._batch import BatchSizes
-from ._maso_ops import MasoOp
+from splinelens._capture.batch import BatchSizes
+from splinelens._capture.pieces import MasoOp
 
 Tensor = torch.Tensor
 

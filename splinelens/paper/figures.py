@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import layer_index
+from splinelens._checks import layer_index
 
 Tensor = torch.Tensor
 

@@ -17,17 +17,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .analyze import (
+from splinelens.paper.analyze import (
     bimodality_figure,
     convexity_example,
     partition_figures,
     templates_figure,
     write_json,
 )
-from .data import Data, load_dataset
-from .sweep import run_id, run_sweep
-from .sweep_report import report as sweep_report
-from .train import TrainConfig, load_checkpoint, make_model
+from splinelens.paper.data import Data, load_dataset
+from splinelens.paper.report import report as sweep_report
+from splinelens.paper.sweep import run_id, run_sweep
+from splinelens.paper.train import TrainConfig, load_checkpoint, make_model
 
 
 def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1000) -> Path:

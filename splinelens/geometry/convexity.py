@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from . import _ops
-from ._maso_ops import Clip, Pairwise, Pool, Reduce, Sign, eval_batch_norm
-from ._program import Program, Ref, Step, _refs
-from .view import view_of
+from splinelens._capture import registry as _ops
+from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign, eval_batch_norm
+from splinelens._capture.program import Program, Ref, Step, _refs
+from splinelens.view import view_of
 
 Tensor = torch.Tensor
 _BIAS_POS = {

@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 from torch._decomp import decomposition_table
 
-from . import _ops
-from ._batch import BatchSizes
-from ._maso_ops import eval_batch_norm
-from ._precision import exact_matmul
-from ._program import Layer, Program, Ref, Step
-from .errors import UnsupportedOperationError
+from splinelens._capture import registry as _ops
+from splinelens._capture.batch import BatchSizes
+from splinelens._capture.pieces import eval_batch_norm
+from splinelens._capture.program import Layer, Program, Ref, Step
+from splinelens._precision import exact_matmul
+from splinelens.errors import UnsupportedOperationError
 
 _RNN_DECOMPS = {
     op: decomposition_table[op]

@@ -35,9 +35,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ._io import Locks, atomic_path
-from ._records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
-from .train import (
+from splinelens._io import Locks, atomic_path
+from splinelens.paper.records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
+from splinelens.paper.train import (
     DivergedError,
     TrainConfig,
     load_data,

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._maso_ops import Clip, Pairwise, Reduce, Sign
-from ._precision import exact_matmul
-from ._program import Layer
-from ._units import UnitTable, _slots, slot_tangents, unit_table
-from .view import SplineView, view_of
+from splinelens._capture.pieces import Clip, Pairwise, Reduce, Sign
+from splinelens._capture.program import Layer
+from splinelens._precision import exact_matmul
+from splinelens.geometry.units import UnitTable, _slots, slot_tangents, unit_table
+from splinelens.view import SplineView, view_of
 
 Tensor = torch.Tensor
 _DENSE = 1 << 24  # slot-Jacobian entries up to which W is materialised

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._maso_ops import Clip, Pairwise, Pool, Reduce, Sign
-from ._precision import exact_matmul
-from ._program import Layer, Ref
+from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign
+from splinelens._capture.program import Layer, Ref
+from splinelens._precision import exact_matmul
 
 if TYPE_CHECKING:
-    from .view import SplineView
+    from splinelens.view import SplineView
 
 Tensor = torch.Tensor
 OUTPUT = "output"

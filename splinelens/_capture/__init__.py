@@ -1,0 +1,19 @@
+"""Graph capture: a model exported once, checked op by op, compiled into a frozen ``Program``.
+
+This package is the core's only door to ``torch.export``. Its interface (everything below) is
+what the rest of splinelens may import; its modules are, in data-flow order:
+
+* ``registry``: what every ATen operation is (affine, a MASO, the output nonlinearity, refused,
+  and why), the single table that capture, convexity and refusals read;
+* ``pieces``: the MASO nonlinearities, how each picks its affine piece and freezes it;
+* ``compiler``: export, canonicalisation, the walk that builds the program's steps and layers;
+* ``program``: the frozen program and its two generated executors, ``record`` and ``frozen``;
+* ``batch``: the batch sizes a capture holds for.
+"""
+
+from splinelens._capture.compiler import capture, check_eval_mode
+from splinelens._capture.pieces import code_dtype
+from splinelens._capture.program import Layer, Program, Ref, Step
+from splinelens._capture.registry import apply_g
+
+__all__ = ["Layer", "Program", "Ref", "Step", "apply_g", "capture", "check_eval_mode", "code_dtype"]

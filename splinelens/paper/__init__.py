@@ -1,0 +1,3 @@
+"""The paper's harness: its models and datasets, training and lambda-sweeps, analyses, figures,
+and the demo. Built on the library (``splinelens``), never imported by it.
+"""
