@@ -49,7 +49,7 @@ def main() -> None:
     fwd = clock(forward, args.repeats, 3)
     rows = {
         "structure check": clock(lambda: structure(model), args.repeats, 200),
-        "every check of a call (view._check)": clock(lambda: view._check(x), args.repeats, 50),
+        "every check of a call (view.check)": clock(lambda: view.check(x), args.repeats, 50),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, N = {args.batch}")
     print(f"one forward pass: {fwd * 1e3:.2f} ms")

@@ -16,10 +16,17 @@ from splinelens.codes import CodesFileError, LayerCodes, PartitionCodes
 from splinelens.distance import nearest_neighbors, partition_distance
 from splinelens.errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
 from splinelens.geometry.convexity import ConvexityReport, convexity, make_input_convex
-from splinelens.geometry.maso import MASO, NotAMasoError, check_masos, layer_maso
+from splinelens.geometry.maso import (
+    MASO,
+    LayerMasoCheck,
+    MasoCheck,
+    NotAMasoError,
+    check_masos,
+    layer_maso,
+)
 from splinelens.geometry.region import (
     LocalComplexity,
-    Polytope,
+    RegionPolytope,
     local_complexity,
     region_polytope,
     region_radius,
@@ -38,12 +45,14 @@ __all__ = [
     "CodesFileError",
     "ConvexityReport",
     "LayerCodes",
+    "LayerMasoCheck",
     "LayerNotFoundError",
     "LayerSlice",
     "LocalComplexity",
+    "MasoCheck",
     "NotAMasoError",
     "PartitionCodes",
-    "Polytope",
+    "RegionPolytope",
     "SlicePartition",
     "SplineView",
     "StaleCaptureError",

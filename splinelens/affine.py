@@ -21,18 +21,15 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
+from splinelens._capture import Program
 from splinelens._checks import check_finite, check_overflow, check_positive_int, weights_fingerprint
 from splinelens._precision import exact_matmul
 
-if TYPE_CHECKING:
-    from splinelens.view import SplineView
-
 Tensor = torch.Tensor
-_GRAPH_BUDGET = 1 << 30  # bytes of retained activations per chunk when A is materialised
 
 
 @dataclass
@@ -46,7 +43,8 @@ class AffineMap:
     per row; ``B`` first, two forward passes.
     """
 
-    view: SplineView
+    program: Program = field(repr=False)
+    model: nn.Module = field(repr=False)  # the map keeps its model alive (a cached view may not)
     x: Tensor  # (N, *input_shape)
     start: str
     end: str
@@ -54,15 +52,13 @@ class AffineMap:
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: tuple = field(default=(), repr=False)  # the model's tensors when made
-    _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._model = self.view.model  # the map keeps its model alive (the view may not)
-        self._weights = weights_fingerprint(self.view.model)
+        self._weights = weights_fingerprint(self.model)
 
     def _check_unchanged(self) -> None:
         """Refuse to finish a map whose model changed since (its states would be stale)."""
-        if weights_fingerprint(self.view.model) != self._weights:
+        if weights_fingerprint(self.model) != self._weights:
             raise ValueError(
                 "the model's parameters or buffers changed after this AffineMap was made; "
                 "compute a new one with sl.affine_map(model, x)"
@@ -85,11 +81,11 @@ class AffineMap:
 
     @property
     def start_shape(self) -> tuple[int, ...]:
-        return self.view.program.shapes[self.start]
+        return self.program.shapes[self.start]
 
     @property
     def end_shape(self) -> tuple[int, ...]:
-        return self.view.program.shapes[self.end]
+        return self.program.shapes[self.end]
 
     @functools.cached_property
     def B(self) -> Tensor:
@@ -112,12 +108,10 @@ class AffineMap:
                 f"{self.x.device}: call z.to(...) to match"
             )
         check_finite("z", z)
-        prog = self.view.program
+        prog, states = self.program, self.states
         with torch.no_grad(), exact_matmul():
-            env = prog.run(
-                self.x, states=self.states, inject=(self.start, self._node(z)), stop=self.end
-            )
-        return prog.per_sample(self.end, env[self.end])
+            values = prog.frozen(self.x, states, at={self.start: self._node(z)}, stop=self.end)
+        return prog.per_sample(self.end, values[self.end])
 
     def templates(self, rows: Sequence[int] | None = None, chunk_size: int | None = None) -> Tensor:
         """Rows of A (classes, end to end) for every input: (N, len(rows), *start_shape).
@@ -130,7 +124,7 @@ class AffineMap:
         if chunk_size is not None:
             chunk_size = check_positive_int("chunk_size", chunk_size)
         self._check_unchanged()
-        n, step = len(self.x), chunk_size or self.view._chunk_for_grad()
+        n, step = len(self.x), chunk_size or self.program.grad_chunk(self.x.element_size())
         fresh = self._states is None
         recorded = []
         # reverse mode needs autograd on, also inside torch.inference_mode() / no_grad()
@@ -145,28 +139,26 @@ class AffineMap:
 
     def _chunk(self, s: int, e: int, rows: list[int], fresh: bool, out: Tensor) -> tuple:
         """Rows of A for inputs s:e into ``out``; without states yet, record them in the pass."""
-        prog = self.view.program
-        states: dict[str, Tensor] = {}
+        prog = self.program
         with torch.enable_grad():
             x = _normal(self.x[s:e])
             if fresh:  # one pass: record the states and differentiate the same graph
-                env = prog.run(x, record=states, track=self.start, stop=self.end)
+                x = x.detach().requires_grad_(True)  # d(end)/d(start) only counts paths via start
+                values, states = prog.record(x, stop=self.end)
             else:
                 leaf = self._node(self.z_start[s:e].detach().clone().requires_grad_(True))
-                states = {
-                    k: _normal(v) for k, v in self.view._slice_states(self.states, s, e).items()
-                }
-                env = prog.run(x, states=states, inject=(self.start, leaf), stop=self.end)
-            self._grads(env[self.end], env[self.start], rows, out)
+                states = {k: _normal(v) for k, v in prog.slice_states(self.states, s, e).items()}
+                values = prog.frozen(x, states, at={self.start: leaf}, stop=self.end)
+            self._grads(values[self.end], values[self.start], rows, out)
         return (
             states,
-            prog.per_sample(self.start, env[self.start].detach()),
-            prog.per_sample(self.end, env[self.end].detach()),
+            prog.per_sample(self.start, values[self.start].detach()),
+            prog.per_sample(self.end, values[self.end].detach()),
         )
 
     def _grads(self, y: Tensor, leaf: Tensor, rows: list[int], out: Tensor) -> None:
         """Write d y[:, r] / d leaf for each row r into out, (n, R, *start_shape)."""
-        prog = self.view.program
+        prog = self.program
         y = prog.per_sample(self.end, y).reshape(len(out), -1)  # (n, R_total)
         for j, r in enumerate(rows):
             g = None
@@ -179,24 +171,23 @@ class AffineMap:
     def _recorded(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         self._check_unchanged()
         if self._states is None:
-            prog, states = self.view.program, {}
+            prog = self.program
             with torch.no_grad(), exact_matmul():
-                env = prog.run(self.x, record=states, stop=self.end)
-            self._states = states
-            self._z_start = prog.per_sample(self.start, env[self.start])
-            self._output = prog.per_sample(self.end, env[self.end])
+                values, self._states = prog.record(self.x, stop=self.end)
+            self._z_start = prog.per_sample(self.start, values[self.start])
+            self._output = prog.per_sample(self.end, values[self.end])
             check_overflow(self._output)
         assert self._z_start is not None and self._output is not None
         return self._states, self._z_start, self._output
 
     def _keep_records(self, recorded: list[tuple]) -> None:
-        self._states = self.view._cat_states([r[0] for r in recorded])
+        self._states = self.program.cat_states([r[0] for r in recorded])
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
 
     def _node(self, z: Tensor) -> Tensor:
-        return self.view.program.from_sample(self.start, z)
+        return self.program.from_sample(self.start, z)
 
 
 def _normal(t: Tensor) -> Tensor:

@@ -64,6 +64,13 @@ class LayerCodes:
         if problem:
             raise ValueError(f"LayerCodes {self.name!r}: {problem}")
 
+    @classmethod
+    def encode(cls, name: str, kind: str, pieces: int, states: Tensor) -> LayerCodes:
+        """The codes of every unit's state, (N, units) integers in [0, pieces): one packed bit
+        per unit for two pieces, else the smallest integer dtype that holds a state."""
+        data = pack_bits(states.bool()) if pieces == 2 else states.to(code_dtype(pieces))
+        return cls(name, kind, states.shape[1], pieces, data)
+
     def _problem(self) -> str:
         """What is inconsistent between the metadata and the data's dtype and shape ("" if ok)."""
         if not isinstance(self.name, str) or not isinstance(self.kind, str):
@@ -265,6 +272,11 @@ def _sha256(a: np.ndarray) -> str:
 def _describe(sig: tuple[str, str, int, int]) -> str:
     name, kind, units, pieces = sig
     return f"{name!r} ({kind}, {units} units, {pieces} pieces)"
+
+
+def code_dtype(pieces: int) -> torch.dtype:
+    """Smallest integer dtype that stores a state in [0, pieces)."""
+    return torch.uint8 if pieces <= 256 else torch.int16 if pieces <= 32768 else torch.int32
 
 
 def pack_bits(bits: Tensor) -> Tensor:

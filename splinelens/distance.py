@@ -98,7 +98,7 @@ def nearest_neighbors(
         if len(shard) == 0:
             continue
         ed = _encode(shard, layer, like=query)
-        step, qstep = _chunks(chunk_size, len(query), ed.bits.shape[1], use_faiss)
+        step, qstep = chunk_sizes(chunk_size, len(query), ed.bits.shape[1], use_faiss)
         qchunks = range(0, len(query), qstep)
         best += [None] * (len(qchunks) - len(best))
         for s in range(0, len(shard), step):
@@ -115,7 +115,9 @@ def nearest_neighbors(
     )
 
 
-def _chunks(chunk_size: int | None, n_query: int, nbytes: int, use_faiss: bool) -> tuple[int, int]:
+def chunk_sizes(
+    chunk_size: int | None, n_query: int, nbytes: int, use_faiss: bool
+) -> tuple[int, int]:
     """Database and query chunk sizes. FAISS: 65,536 codes against all queries. Torch: the
     unpacked bits (4 bytes each) and the (queries, codes) distances stay near 256 MiB."""
     if use_faiss:

@@ -19,10 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from splinelens._capture import capture, check_eval_mode
-from splinelens._capture import registry as _ops
-from splinelens._capture.pieces import code_dtype
-from splinelens._capture.program import Layer
+from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode
 from splinelens._checks import (
     check_finite,
     check_model_finite,
@@ -35,8 +32,8 @@ from splinelens._checks import (
 )
 from splinelens._precision import exact_matmul
 from splinelens._structure import describe_change, structure
-from splinelens.affine import _GRAPH_BUDGET, AffineMap
-from splinelens.codes import LayerCodes, PartitionCodes, pack_bits
+from splinelens.affine import AffineMap
+from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
 
 Tensor = torch.Tensor
@@ -69,8 +66,6 @@ class SplineView:
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
-        self._state_bdim = {layer.step: layer.state_bdim for layer in self.program.layers}
-        self._masos = {s.name: s.maso for s in self.program.steps if s.maso is not None}
 
     @property
     def model(self) -> nn.Module:
@@ -91,11 +86,10 @@ class SplineView:
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The network's output before g, (N, *out), and every MASO's state for x."""
-        self._check(x)
-        states: dict[str, Tensor] = {}
+        self.check(x)
         with torch.no_grad(), exact_matmul():
-            env = self.program.run(x, record=states)
-        out = self.program.per_sample(self.program.output_name, env[self.program.output_name])
+            values, states = self.program.record(x)
+        out = self.program.per_sample(self.program.output_name, values[self.program.output_name])
         check_overflow(out)
         return out, states
 
@@ -105,18 +99,18 @@ class SplineView:
         ``start``/``end``: None (the input / the output before g), a layer index or a layer name
         (that layer's output). ``start=l-1, end=l`` is layer l's MASO A^(l)[x], B^(l)[x].
         """
-        self._check(x)
+        self.check(x)
         return self._affine_map(x, start, end)
 
     def _affine_map(self, x: Tensor, start: LayerKey, end: LayerKey) -> AffineMap:
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
-        return AffineMap(self, x, s, e)
+        return AffineMap(self.program, self.model, x, s, e)
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
-        self._check(x)
+        self.check(x)
         return self._partition_codes(x, batch_size)
 
     def _partition_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
@@ -125,26 +119,14 @@ class SplineView:
         return PartitionCodes.cat(parts)
 
     def _codes(self, x: Tensor) -> PartitionCodes:
-        states: dict[str, Tensor] = {}
-        last = self.program.layers[-1].step if self.program.layers else None
+        prog = self.program
+        last = prog.layers[-1].step if prog.layers else None
         with torch.no_grad(), exact_matmul():
-            env = self.program.run(x, record=states, stop=last)
+            values, states = prog.record(x, stop=last)
         if last is not None:  # a nan there would have given wrong pieces on the way
-            value = env[last][0] if isinstance(env[last], tuple) else env[last]
-            check_overflow(value.movedim(self.program.bdims[last], 0))
-        return PartitionCodes(
-            tuple(self._layer_codes(la, states[la.step], len(x)) for la in self.program.layers)
-        )
-
-    def _unit_codes(self, layer: Layer, state: Tensor, n: int) -> Tensor:
-        """(N, units): each unit's code from its MASO's state for n inputs."""
-        return self._masos[layer.step].code(state).movedim(layer.state_bdim, 0).reshape(n, -1)
-
-    def _layer_codes(self, layer: Layer, state: Tensor, n: int) -> LayerCodes:
-        code = self._unit_codes(layer, state, n)  # (N, units)
-        binary = layer.pieces == 2  # one packed bit per unit, else the state index
-        data = pack_bits(code.bool()) if binary else code.to(code_dtype(layer.pieces))
-        return LayerCodes(layer.name, layer.kind, layer.units, layer.pieces, data)
+            value = values[last][0] if isinstance(values[last], tuple) else values[last]
+            check_overflow(value.movedim(prog.bdims[last], 0))
+        return layer_codes(prog, states, len(x))
 
     def _position(self, key: LayerKey, default: int) -> int:
         return default if key is None else self.layer(key).index
@@ -154,7 +136,7 @@ class SplineView:
             return self.program.input_name if is_start else self.program.output_name
         return self.layer(key).node
 
-    def _check(self, x: Tensor, name: str = "x") -> None:
+    def check(self, x: Tensor, name: str = "x") -> None:
         """Refuse what the capture cannot answer exactly: see ``check_input`` and the model."""
         check_input(name, x)
         if tuple(x.shape[1:]) != self.input_shape:
@@ -179,16 +161,15 @@ class SplineView:
         check_model_finite(model)
         self.program.batch.check(n)
 
-    def _slice_states(self, states: dict[str, Tensor], s: int, e: int) -> dict[str, Tensor]:
-        return {k: v.narrow(self._state_bdim[k], s, e - s) for k, v in states.items()}
 
-    def _cat_states(self, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        return {k: torch.cat([p[k] for p in parts], self._state_bdim[k]) for k in parts[0]}
-
-    def _chunk_for_grad(self) -> int:
-        per_sample = sum(math.prod(s) for s in self.program.shapes.values())
-        itemsize = next(iter(self.model.parameters()), torch.empty(0)).element_size()
-        return max(1, _GRAPH_BUDGET // max(1, 2 * per_sample * itemsize))
+def layer_codes(program: Program, states: dict[str, Tensor], n: int) -> PartitionCodes:
+    """The partition codes of n inputs from their recorded MASO states (Sec. 7, eq. (14))."""
+    return PartitionCodes(
+        tuple(
+            LayerCodes.encode(la.name, la.kind, la.pieces, program.unit_codes(la, states, n))
+            for la in program.layers
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -287,7 +268,7 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
             raise ValueError(f"the model returns a {type(f).__name__}, not one tensor")
         a = amap.A.reshape(len(x), -1, x[0].numel()).double()
         pred = torch.einsum("nrd,nd->nr", a, x.reshape(len(x), -1).double())
-        pred = _ops.apply_g(view.program.output_g, pred + amap.B.reshape(len(x), -1).double())
+        pred = apply_g(view.program.output_g, pred + amap.B.reshape(len(x), -1).double())
         f = f.reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-30)

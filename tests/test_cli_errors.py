@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splinelens import cli, sweep_report, train
+from splinelens import cli
 from splinelens.cli import main
+from splinelens.paper import report as sweep_report
 from splinelens.paper import sweep as sweep_mod
+from splinelens.paper import train
 
 LAMBDAS = "expected comma-separated non-negative numbers such as 0,0.01,0.1"
 
@@ -211,8 +213,8 @@ def test_the_installed_command_prints_one_line(tmp_path) -> None:
 
 
 def test_warnings_are_one_line_each(tmp_path, capsys) -> None:
+    from splinelens.paper.config import TrainConfig
     from splinelens.paper.sweep import run_sweep
-    from splinelens.paper.train import TrainConfig
 
     base = TrainConfig(dataset="digits", arch="mlp", epochs=1, train_subset=200, progress=False)
     run_sweep(base, [0.0, 0.1], seeds=1, out=tmp_path)

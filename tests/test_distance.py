@@ -68,12 +68,24 @@ def test_backends_agree_on_large_random_database() -> None:
     torch.testing.assert_close(d1, d2, atol=0, rtol=0)
 
 
-def test_distance_is_a_metric_on_codes(codes) -> None:
+@pytest.mark.parametrize("layer", [None, 2, "5", [1, 4]])
+def test_distance_is_a_metric_on_codes(codes, layer) -> None:
+    """d(a, a) = 0, d(a, b) = d(b, a) and d(a, c) <= d(a, b) + d(b, c) over every triple of 80
+    codes: the 60 random inputs and moves of 20 of them by 1e-6 to 1 (equal and close codes)."""
     _, db = codes
-    d = sl.partition_distance(db, db)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 2, 9, 7, generator=g, dtype=torch.float64)  # the fixture's inputs
+    step = torch.logspace(-6, 0, 20, dtype=torch.float64).view(20, 1, 1, 1)  # 1e-6 .. 1
+    near = x[:20] + step * torch.randn(20, 2, 9, 7, generator=g, dtype=torch.float64)
+    model = pool_zoo()
+    c = sl.PartitionCodes.cat([db, sl.partition_codes(model, near)])
+    d = sl.partition_distance(c, c, layer=layer)  # (80, 80)
     assert torch.all(d.diagonal() == 0)
     torch.testing.assert_close(d, d.T, atol=0, rtol=0)
     assert d.min() >= 0 and d.max() <= 1
+    via = d[:, :, None] + d[None, :, :]  # via[a, b, c] = d(a, b) + d(b, c)
+    assert torch.all(d[:, None, :] <= via + 1e-12)  # d(a, c) for every middle b
+    assert (d[:20, 60:].diagonal() == 0).any() and (d[:20, 60:].diagonal() > 0).any()
 
 
 def test_k_out_of_range(codes) -> None:
@@ -115,7 +127,7 @@ def test_negative_index_and_empty_query(codes) -> None:
 
 
 def test_torch_backend_bounds_the_distance_matrix() -> None:
-    from splinelens.distance import _chunks
+    from splinelens.distance import chunk_sizes
 
-    step, qstep = _chunks(None, 100_000, 2, use_faiss=False)  # tiny codes, many queries
+    step, qstep = chunk_sizes(None, 100_000, 2, use_faiss=False)  # tiny codes, many queries
     assert qstep <= 4096 and step * qstep * 24 <= 1 << 28

@@ -13,12 +13,42 @@ from tests import zoo
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_each_layer_equals_its_maso(name: str) -> None:
     model, x = zoo.build(name), zoo.inputs(name, n=3)
-    rows = sl.check_masos(model, x)
+    check = sl.check_masos(model, x)
     convex = [la for la in sl.SplineView(model, x).layers if la.kind not in _CONCAVE]
-    assert [r[0] for r in rows] == [la.name for la in convex]
-    for layer, err, same_code in rows:
-        assert err <= 1e-10, (layer, err)
-        assert same_code, layer
+    assert [la.name for la in check.layers] == [la.name for la in convex]
+    for layer in check.layers:
+        assert layer.max_abs_error <= 1e-10, (layer.name, layer.max_abs_error)
+        assert layer.codes_agree, layer.name
+    assert check.ok, str(check)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maso_check_tolerance_is_relative_to_the_layer_values(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).to(dtype).eval()
+    x = 100 * torch.randn(6, 3, dtype=dtype)
+    check = sl.check_masos(net, x)
+    with torch.no_grad():
+        scale = max(1.0, net[:2](x).abs().max().item(), net(x).abs().max().item())
+    rtol = min(1e4 * torch.finfo(dtype).eps, 1e-2)
+    assert check.tolerance == pytest.approx(rtol * scale, rel=1e-12)
+    assert check.ok and check.max_abs_error <= check.tolerance, str(check)
+    assert sl.check_masos(net, x, rtol=1e-3).tolerance == pytest.approx(1e-3 * scale, rel=1e-12)
+    with pytest.raises(ValueError, match="rtol must be a finite positive number"):
+        sl.check_masos(net, x, rtol=0.0)
+
+
+def test_maso_check_verdict_names_the_failing_layer() -> None:
+    good = sl.LayerMasoCheck("1", 1e-16, True)
+    check = sl.MasoCheck((good, sl.LayerMasoCheck("3", 0.5, True)), tolerance=1e-12)
+    assert not check.ok and check.max_abs_error == 0.5
+    assert str(check).splitlines() == [
+        "FAILED: 2 MASO layers, tolerance 1e-12",
+        "  '1': OK, max |MASO(h) - layer(h)| = 1e-16, argmax == code",
+        "  '3': FAILED, max |MASO(h) - layer(h)| = 0.5, argmax == code",
+    ]
+    assert not sl.MasoCheck((sl.LayerMasoCheck("1", 0.0, False),), 1e-12).ok  # codes differ
+    assert sl.MasoCheck((), 1e-12).ok  # no MASO layer: nothing to contradict
 
 
 _CONCAVE = {"hardtanh", "relu6", "clamp", "clip", "minimum", "fmin", "amin", "min", "clamp_max"}
@@ -29,7 +59,7 @@ def test_chain_masos_hold_at_other_inputs(name: str) -> None:
     """Without skips a layer's MASO is global: built at x, exact at any y, in any region."""
     model, x, y = zoo.build(name), zoo.inputs(name, n=1), zoo.inputs(name, n=6, seed=5)
     view = sl.SplineView(model, x)
-    env = view.program.run(y, record={})
+    env, _ = view.program.record(y)
     for la in view.layers:
         m = sl.layer_maso(model, x, la.index)
         start = view.program.layers[la.index - 1].node if la.index else view.program.input_name

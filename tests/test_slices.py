@@ -169,11 +169,11 @@ def test_bad_planes_are_refused(kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize("color", ["random", "class", "slope"])
 def test_slice_figure(tmp_path, anchor_mlp: nn.Module, color: str) -> None:
-    from splinelens.paper.figures import slice_figure
+    from splinelens.paper.figures import plot_slice, slice_figure
 
     eye = torch.eye(2, dtype=torch.float64)
     part = sl.slice_partition(anchor_mlp, torch.zeros(2, dtype=torch.float64), eye, (0, 1, 0, 1))
     out = slice_figure(part, tmp_path / "s.png", color)
     assert out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="color must be"):
-        part.plot(color="rainbow")
+        plot_slice(part, color="rainbow")

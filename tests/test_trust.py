@@ -338,10 +338,12 @@ def test_layer_keys_are_checked_everywhere() -> None:
 
 
 def test_slice_plot_layer_keys() -> None:
+    from splinelens.paper.figures import plot_slice
+
     part = sl.slice_partition(mlp(2, 4, 4, 2), torch.zeros(2), torch.eye(2), (-1, 1, -1, 1))
     with pytest.raises(IndexError, match="out of range"):
-        part.plot(layer=5)
-    part.plot(layer="1")
+        plot_slice(part, layer=5)
+    plot_slice(part, layer="1")
 
 
 @pytest.mark.parametrize("k", [0, -1, 11, 2.5])

@@ -12,8 +12,7 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 """
 
 from splinelens._capture.compiler import capture, check_eval_mode
-from splinelens._capture.pieces import code_dtype
-from splinelens._capture.program import Layer, Program, Ref, Step
+from splinelens._capture.program import Layer, Program, Ref, Step, refs_in
 from splinelens._capture.registry import apply_g
 
-__all__ = ["Layer", "Program", "Ref", "Step", "apply_g", "capture", "check_eval_mode", "code_dtype"]
+__all__ = ["Layer", "Program", "Ref", "Step", "apply_g", "capture", "check_eval_mode", "refs_in"]

@@ -15,11 +15,11 @@ capture stays valid while the model trains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import io
 import logging
-import operator
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,10 +28,13 @@ import torch
 import torch.nn as nn
 from torch._decomp import decomposition_table
 
-from splinelens._capture import registry as _ops
 from splinelens._capture.batch import BatchSizes
-from splinelens._capture.pieces import eval_batch_norm
+from splinelens._capture.batch_axis import BatchAxes, is_tensor
+from splinelens._capture.layers import maso_layer, unique_names
+from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
+from splinelens._capture.refusals import check_affine, check_along_batch, check_kind, error
+from splinelens._capture.registry import apply_g, info, make_maso, op_name
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
@@ -48,19 +51,6 @@ _MODE_DEPENDENT = (
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
 )
-_ACTIVATION_MODULES = {
-    "ReLU",
-    "LeakyReLU",
-    "PReLU",
-    "ReLU6",
-    "Hardtanh",
-    "MaxPool1d",
-    "MaxPool2d",
-    "MaxPool3d",
-    "AdaptiveMaxPool1d",
-    "AdaptiveMaxPool2d",
-    "AdaptiveMaxPool3d",
-}
 
 
 def check_eval_mode(model: nn.Module) -> None:
@@ -121,21 +111,21 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
     _check_runs(model, ex[:2])
     ep = _export(model, ex)
     prog = _Compiler(model, ep).compile()
-    prog.batch = BatchSizes.of(
+    batch = BatchSizes.of(
         ep,
         lambda m: _export(m, ex[:1], dynamic=False),
         model,
         ex,
         functools.partial(_output, prog),
     )
-    return prog
+    return dataclasses.replace(prog, batch=batch)
 
 
 def _output(prog: Program, x: torch.Tensor) -> torch.Tensor:
     """The program's output for x, after the output nonlinearity g (as the model returns it)."""
     with torch.no_grad(), exact_matmul():
-        out = prog.per_sample(prog.output_name, prog.run(x)[prog.output_name])
-    return _ops.apply_g(prog.output_g, out)
+        out = prog.per_sample(prog.output_name, prog.record(x)[0][prog.output_name])
+    return apply_g(prog.output_g, out)
 
 
 def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
@@ -192,7 +182,7 @@ def _export(
 
 
 class _Compiler:
-    """Walks the exported graph once: classifies, checks and builds the Program."""
+    """Walks the exported graph once: classifies and checks each op, builds steps and layers."""
 
     def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram) -> None:
         self.model, self.ep, self.gm = model, ep, ep.graph_module
@@ -203,17 +193,13 @@ class _Compiler:
                 "needs a forward(x) of one tensor"
             )
         self.input_name = sig.user_inputs[0]
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        self.batch = str(nodes[self.input_name].meta["val"].shape[0])
+        node = next(n for n in self.gm.graph.nodes if n.name == self.input_name)
+        self.axes = BatchAxes(node)
         self.act: set[str] = {self.input_name}
         self.steps: list[Step] = []
         self.layers: list[Layer] = []
-        self.g_node = ""
-        self.bdims: dict[str, int] = {self.input_name: 0}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._record_shape(nodes[self.input_name])
-        if not self.batch.startswith("s"):
-            shape = tuple(nodes[self.input_name].meta["val"].shape)
+        if not self.axes.dynamic:
+            shape = tuple(node.meta["val"].shape)
             hint = (
                 f"; x has shape {shape}: if that is one input, pass x[None]"
                 if len(shape) == 1
@@ -225,7 +211,7 @@ class _Compiler:
                 "specialises on the batch size, so its graph cannot be reused across batches",
                 "Avoid code that depends on x.shape[0] being a particular number" + hint,
             )
-        mutated = list(ep.graph_signature.buffers_to_mutate.values())
+        mutated = list(sig.buffers_to_mutate.values())
         if mutated:
             raise UnsupportedOperationError(
                 "in-place buffer update",
@@ -236,34 +222,30 @@ class _Compiler:
             )
 
     def compile(self) -> Program:
-        out = self._output(next(n for n in self.gm.graph.nodes if n.op == "output"))
-        g = None
-        if out.op == "call_function" and _ops.op_name(out.target) in _ops.OUTPUT_G:
-            g, self.g_node, out = _ops.op_name(out.target), out.name, out.args[0]
+        out, g = self._output(next(n for n in self.gm.graph.nodes if n.op == "output"))
         for node in self.gm.graph.nodes:
-            if node.op == "call_function" and node.name != self.g_node:
+            if node.op == "call_function" and (g is None or node is not g):
                 self._visit(node)
-        if out.name not in self.bdims:
+        if out.name not in self.axes.bdims:
             raise ValueError(
                 "the model's output does not depend on its input, or has no single batch dimension"
             )
+        sig = self.ep.graph_signature
         return Program(
-            self.steps,
+            canonicalise(tuple(self.steps)),
             self.input_name,
             out.name,
             self._params(),
             dict(self.ep.constants),
-            _unique_names(self.layers),
-            self.bdims,
-            self.shapes,
-            g,
-            {
-                **self.ep.graph_signature.inputs_to_parameters,
-                **self.ep.graph_signature.inputs_to_buffers,
-            },
+            unique_names(self.layers),
+            self.axes.bdims,
+            self.axes.shapes,
+            None if g is None else op_name(g.target),
+            {**sig.inputs_to_parameters, **sig.inputs_to_buffers},
         )
 
-    def _output(self, node: torch.fx.Node) -> torch.fx.Node:
+    def _output(self, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+        """The output node, and the output nonlinearity g's node if the model ends with one."""
         outs = node.args[0]
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
@@ -271,9 +253,12 @@ class _Compiler:
                 f"the model returns {len(outs)} values; splinelens needs forward(x) "
                 "to return one tensor (e.g. the logits)"
             )
-        return outs[0]
+        out = outs[0]
+        if out.op == "call_function" and info(op_name(out.target)).kind == "g":
+            return out.args[0], out
+        return out, None
 
-    def _params(self) -> list[tuple[str, nn.Module, str]]:
+    def _params(self) -> tuple[tuple[str, nn.Module, str], ...]:
         sig = self.ep.graph_signature
         out = []
         for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
@@ -281,277 +266,54 @@ class _Compiler:
             out.append((ph, self.model.get_submodule(owner_path), attr))
         for ph, cname in sig.inputs_to_lifted_tensor_constants.items():
             self.ep.constants.setdefault(ph, self.ep.constants[cname])
-        return out
+        return tuple(out)
 
     def _visit(self, node: torch.fx.Node) -> None:
+        name = op_name(node.target)
         deps = [a for a in node.all_input_nodes if a.name in self.act]
-        step = Step(node.name, node.target, _refs(node.args), _refs(node.kwargs))
-        name = _ops.op_name(node.target)
-        if not deps or not _is_tensor(node) or _ops.classify_name(name) == "shape":
-            self.steps.append(step)
-            return
-        kind = self._classify(node, name, deps)
-        self.act.add(node.name)
-        self._record_shape(node)
-        if kind == "maso":
-            self._add_maso(node, name, step)
-        elif name == "detach":  # detach would hide paths from autograd; it is the identity
-            step.fn = torch.ops.aten.alias.default
-        elif name == "_native_batch_norm_legit_no_training":
-            step.fn = eval_batch_norm
-        self.steps.append(step)
+        maso = None
+        if deps and is_tensor(node) and info(name).kind != "shape":
+            maso = self._activation(node, name, deps)
+        tuple_out = maso is not None and isinstance(node.meta["val"], (tuple, list))
+        args, kwargs = _refs(tuple(node.args)), _refs(dict(node.kwargs))
+        self.steps.append(Step(node.name, name, node.target, args, kwargs, maso, tuple_out))
 
-    def _classify(self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]) -> str:
-        kind = _ops.classify_name(name)
-        if name == "max" or name == "min":
-            kind = self._max_overload(node)
-        if kind == "g":
-            raise self._error(
-                node,
-                name,
-                "is excluded only as the model's final output "
-                "nonlinearity g (Sec. 2); here it is used inside the network",
-            )
-        if kind == "other":
-            raise self._refusal(node, name)
-        if not _floating(node):
-            raise self._error(
-                node,
-                name,
-                "turns activations into integers or booleans (a step "
-                "function), which is not piecewise affine",
-            )
+    def _activation(
+        self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]
+    ) -> MasoOp | None:
+        """Check an op on activations; its MASO (and layer) if it is a nonlinearity."""
+        kind = check_kind(node, name)
         if kind == "affine":
-            self._check_affine(node, name, deps)
-            self._check_batch_axis(node, name, deps)
-        if not self._has_batch(node):
-            raise self._error(
+            check_affine(node, name, self.act)
+            check_along_batch(node, name, deps[0], self.axes.bdims.get(deps[0].name))
+        if not self.axes.has_batch(node):
+            raise error(
                 node,
                 name,
                 "mixes the samples of the batch (its output has no batch dimension)",
                 "each input must pass through the network on its own",
             )
-        return kind
-
-    def _max_overload(self, node: torch.fx.Node) -> str:
-        overload = node.target._overloadname
-        if overload == "other":
-            return "maso"
-        if overload == "dim":
-            return "maso"
-        raise self._error(
-            node,
-            _ops.op_name(node.target),
-            "reduces over every dimension, the batch included",
-            "reduce over the feature dimensions only",
-        )
-
-    def _check_affine(self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]) -> None:
-        a = _ops.bound_args(node)
-        if name in _ops.PRODUCT_ARGS:
-            vals = list(a.values())
-            flat = [v for i in _ops.PRODUCT_ARGS[name] if i < len(vals) for v in _flat(vals[i])]
-            if sum(isinstance(v, torch.fx.Node) and v.name in self.act for v in flat) > 1:
-                raise self._error(
-                    node,
-                    name,
-                    "multiplies two activation-dependent tensors, which is not piecewise affine",
-                )
-            if name == "div" and _is_act(vals[1], self.act):
-                raise self._error(node, name, "divides by an activation, which is not affine")
-            if name == "div" and a.get("rounding_mode") is not None:
-                raise self._error(node, name, "rounds the quotient (a step function)")
-        elif name in ("where", "masked_fill"):
-            cond = a.get("condition", a.get("mask"))
-            if _is_act(cond, self.act):
-                raise self._error(
-                    node,
-                    name,
-                    "selects with a condition computed from the "
-                    "activations (a step function), which splinelens cannot split "
-                    "into MASO pieces",
-                    "use relu / max / clamp instead",
-                )
-        elif name in ("batch_norm", "dropout", "native_dropout") and a.get(
-            "train", a.get("training")
-        ):
-            raise self._error(node, name, "runs in training mode", "call model.eval()")
-
-    def _check_batch_axis(self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]) -> None:
-        """Refuse ops that move data along the batch axis (flip, roll, gather, partial slices)."""
-        a = _ops.bound_args(node)
-        src = deps[0]
-        b, val = self.bdims.get(src.name), src.meta.get("val")
-        if b is None or not isinstance(val, torch.Tensor) or name not in _ops.ALONG_DIM:
-            return
-        dims = a.get("dims", a.get("dim", a.get("shifts")))
-        if name == "roll" and not a.get("dims"):
-            dims = list(range(val.dim()))  # roll without dims works on the flattened tensor
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if b not in [d % val.dim() for d in dims if isinstance(d, int)]:
-            return
-        full = (
-            name == "slice"
-            and (a.get("start") in (None, 0))
-            and (a.get("step") in (None, 1))
-            and (a.get("end") is None or (isinstance(a.get("end"), int) and a["end"] >= 2**62))
-        )
-        if not full:
-            raise self._error(
-                node,
-                name,
-                "works along the batch dimension, so samples are mixed, reordered or dropped",
-                "each input must pass through the network on its own",
-            )
-
-    def _refusal(self, node: torch.fx.Node, name: str) -> UnsupportedOperationError:
-        if name in _ops.TRAINING_ONLY:
-            return self._error(
-                node,
-                name,
-                "uses batch statistics (training mode, or track_running_stats=False)",
-                "call model.eval(); batchnorm needs running statistics to be affine",
-            )
-        if name in _ops.NORMS:
-            return self._error(
-                node,
-                name,
-                "divides by a statistic of the activations, which is not piecewise affine",
-            )
-        return self._error(node, name, "")
-
-    def _add_maso(self, node: torch.fx.Node, name: str, step: Step) -> None:
-        src = node.args[0]
+        self.act.add(node.name)
+        self.axes.record(node)
+        if kind != "maso":
+            return None
         if name in ("max", "min") and node.target._overloadname == "other":
             name = "maximum" if name == "max" else "minimum"
-        maso = _ops.make_maso(name, node, tuple(src.meta["val"].shape))
-        step.maso, step.tuple_out = maso, isinstance(node.meta["val"], (tuple, list))
-        out = node
-        if step.tuple_out:
-            out = self._tuple_value(node, name)
-        if node.name not in self.bdims:
-            raise self._error(
-                node,
-                name,
-                "acts on a tensor without a single batch dimension "
-                "(the batch is merged with other dimensions)",
-                "keep the batch dimension separate, e.g. reshape to (N, ...) before it",
-            )
-        bdim = self.bdims[node.name]
-        if getattr(maso, "nd", 0) and bdim != 0:
-            raise self._error(node, name, "pools a tensor whose first dimension is not the batch")
-        if hasattr(maso, "dims") and any(
-            d % src.meta["val"].dim() == self.bdims[src.name] for d in maso.dims
-        ):
-            raise self._error(
-                node,
-                name,
-                "reduces over the batch dimension",
-                "reduce over the feature dimensions only",
-            )
-        state_bdim = bdim - (
-            sum(d % src.meta["val"].dim() < bdim for d in maso.dims)
-            if getattr(maso, "keepdim", False)
-            else 0
-        )
-        self.layers.append(
-            Layer(
-                len(self.layers),
-                _where(node, maso.kind),
-                maso.kind,
-                self.shapes[node.name],
-                _numel(self.shapes[node.name]),
-                maso.pieces,
-                out.name,
-                node.name,
-                state_bdim,
-            )
-        )
-
-    def _tuple_value(self, node: torch.fx.Node, name: str) -> torch.fx.Node:
-        users = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-        if 1 in users and users[1].users:
-            raise self._error(node, name, "uses the argmax indices as data")
-        if 0 not in users:
-            raise self._error(node, name, "has no used output")
-        return users[0]
-
-    def _record_shape(self, node: torch.fx.Node) -> None:
-        val = node.meta.get("val")
-        if isinstance(val, (tuple, list)):
-            val = val[0]
-        if not isinstance(val, torch.Tensor):
-            return
-        dims = [i for i, s in enumerate(val.shape) if str(s) == self.batch]
-        if len(dims) == 1:
-            b = dims[0]
-            self.bdims[node.name] = b
-            self.shapes[node.name] = tuple(int(s) for i, s in enumerate(val.shape) if i != b)
-
-    def _has_batch(self, node: torch.fx.Node) -> bool:
-        val = node.meta.get("val")
-        vals = val if isinstance(val, (tuple, list)) else (val,)
-        return any(
-            self.batch in str(s) for v in vals if isinstance(v, torch.Tensor) for s in v.shape
-        )
-
-    def _error(
-        self, node: torch.fx.Node, name: str, why: str, fix: str = ""
-    ) -> UnsupportedOperationError:
-        return UnsupportedOperationError(f"aten.{name}", _location(node), why, fix)
+        maso = make_maso(name, node, tuple(node.args[0].meta["val"].shape))
+        self.layers.append(maso_layer(node, name, maso, self.axes, len(self.layers)))
+        return maso
 
 
-def _module(node: torch.fx.Node) -> tuple[str, str]:
-    """(module path, class name) of the innermost module the node was traced in."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path, cls = list(stack.values())[-1] if stack else ("", "")
-    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return path, cls.rsplit(".", 1)[-1]
-
-
-def _location(node: torch.fx.Node) -> str:
-    path, cls = _module(node)
-    where = f"module '{path}' ({cls})" if path else "the model's forward"
-    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-    files = [ln.strip() for ln in trace if ln.strip().startswith("File ")]
-    return where + (f", {files[-1]}" if files else "")
-
-
-def _where(node: torch.fx.Node, kind: str) -> str:
-    path, cls = _module(node)
-    if path and cls in _ACTIVATION_MODULES:
-        return path
-    return f"{path}.{kind}" if path else kind
-
-
-def _unique_names(layers: list[Layer]) -> list[Layer]:
-    counts: dict[str, int] = {}
-    for layer in layers:
-        counts[layer.name] = counts.get(layer.name, 0) + 1
-    seen: dict[str, int] = {}
-    out = []
-    for layer in layers:
-        name = layer.name
-        if counts[name] > 1:
-            seen[name] = seen.get(name, -1) + 1
-            name = f"{name}[{seen[name]}]"
-        out.append(
-            Layer(
-                layer.index,
-                name,
-                layer.kind,
-                layer.shape,
-                layer.units,
-                layer.pieces,
-                layer.node,
-                layer.step,
-                layer.state_bdim,
-            )
-        )
-    return out
+def canonicalise(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+    """Replace ops by their canonical form (registry ``rewrite``): detach by alias (it would hide
+    paths from autograd), eval batchnorm by one with a one-multiply backward."""
+    return tuple(
+        dataclasses.replace(s, fn=info(s.op).rewrite) if info(s.op).rewrite else s for s in steps
+    )
 
 
 def _refs(a: Any) -> Any:
+    """Graph nodes inside arguments as ``Ref``s (the program's references to other values)."""
     if isinstance(a, torch.fx.Node):
         return Ref(a.name)
     if isinstance(a, (tuple, list)):
@@ -559,31 +321,3 @@ def _refs(a: Any) -> Any:
     if isinstance(a, dict):
         return {k: _refs(v) for k, v in a.items()}
     return a
-
-
-def _flat(v: Any) -> list[Any]:
-    return list(v) if isinstance(v, (tuple, list)) else [v]
-
-
-def _is_act(v: Any, act: set[str]) -> bool:
-    return any(isinstance(u, torch.fx.Node) and u.name in act for u in _flat(v))
-
-
-def _floating(node: torch.fx.Node) -> bool:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else (val,)
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-    return not tensors or tensors[0].dtype.is_floating_point
-
-
-def _is_tensor(node: torch.fx.Node) -> bool:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else (val,)
-    return any(isinstance(v, torch.Tensor) for v in vals)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -54,9 +54,9 @@ class Sign:
             return torch.where(state, z, z.new_tensor(t))
         if self.kind == "clamp_max":  # state True: above the cap, the constant piece
             return torch.where(state, z.new_tensor(t), z)
-        return z * self._factor(args, state)  # one multiply: its gradient is one multiply too
+        return z * self.factor(args, state)  # one multiply: its gradient is one multiply too
 
-    def _factor(self, args: Sequence[Any], state: Tensor) -> Tensor:
+    def factor(self, args: Sequence[Any], state: Tensor) -> Tensor:
         """The slope of each unit's piece: 1 above the threshold, the negative slope below."""
         z = args[0]
         if self.kind == "relu":
@@ -138,7 +138,7 @@ class Reduce:
     largest: bool
     pieces: int
 
-    def _flat(self, z: Tensor) -> Tensor:
+    def flat(self, z: Tensor) -> Tensor:
         dims = [d % z.dim() for d in self.dims]
         moved = z.movedim(dims, list(range(z.dim() - len(dims), z.dim())))
         return moved.flatten(z.dim() - len(dims))  # (..., prod(reduced dims))
@@ -151,12 +151,12 @@ class Reduce:
         return out
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        flat = self._flat(args[0])
+        flat = self.flat(args[0])
         value, idx = flat.max(-1) if self.largest else flat.min(-1)
         return self._shape(value, args[0]), idx
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
-        out = self._flat(args[0]).gather(-1, state.unsqueeze(-1)).squeeze(-1)
+        out = self.flat(args[0]).gather(-1, state.unsqueeze(-1)).squeeze(-1)
         return self._shape(out, args[0])
 
     def code(self, state: Tensor) -> Tensor:
@@ -226,7 +226,7 @@ class Pool:
     def _window(self, o: Tensor, i: int) -> tuple[Tensor, int]:
         if self.output_size:
             n_in, n_out = self.in_spatial[i], self.output_size[i]
-            return (o * n_in) // n_out, _adaptive_width(n_in, n_out)
+            return (o * n_in) // n_out, adaptive_width(n_in, n_out)
         return o * self.stride[i] - self.padding[i], self.kernel[i]
 
 
@@ -239,16 +239,11 @@ def _axis(v: Tensor, i: int, nd: int) -> Tensor:
     return v.view(*([1] * i), -1, *([1] * (nd - i - 1)))
 
 
-def _adaptive_width(n_in: int, n_out: int) -> int:
+def adaptive_width(n_in: int, n_out: int) -> int:
     return max(math.ceil((o + 1) * n_in / n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
 MasoOp = Sign | Clip | Pairwise | Reduce | Pool
-
-
-def code_dtype(pieces: int) -> torch.dtype:
-    """Smallest integer dtype that stores a state in [0, pieces)."""
-    return torch.uint8 if pieces <= 256 else torch.int16 if pieces <= 32768 else torch.int32
 
 
 class _EvalBatchNorm(torch.autograd.Function):
@@ -287,4 +282,6 @@ def eval_batch_norm(*args: Any) -> tuple[Tensor, None, None]:
 
     Arguments as that op's: (z, weight, bias, running_mean, running_var, momentum, eps).
     """
+    if not torch.is_grad_enabled():  # no backward: PyTorch's own op, without Function overhead
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(*args)[0], None, None
     return _EvalBatchNorm.apply(*args), None, None

@@ -1,22 +1,31 @@
-"""The captured network as a small program, and its interpreter.
+"""The captured network as a frozen program, and its two generated executors.
 
-A ``Program`` is the exported graph compiled once into a list of ``Step``s. ``run`` executes it in
-one of two modes:
+A ``Program`` is the exported graph compiled once into a tuple of frozen ``Step``s (each keeps its
+ATen name). It runs in two ways, each generated once per (nodes given, stop node) as straight-line
+Python, as ``torch.fx`` does, rather than interpreted node by node:
 
-* record (``states=None``): the real forward pass; each MASO step also stores the affine piece
-  it chose per unit in ``record``;
-* frozen (``states=...``): every MASO step applies the piece given in ``states``, so the program
-  is the affine network of x's region, ``A[x] z + B[x]`` (Sec. 4, eqs. (5)-(9)).
+* ``record(x)``: the real forward pass; each MASO step also returns the affine piece it chose per
+  unit (its *state*: ReLU masks, max-pool argmaxes);
+* ``frozen(x, states)``: every MASO step applies the piece given in ``states``, so the program is
+  the affine network of x's region, ``A[x] z + B[x]`` (Sec. 4, eqs. (5)-(9)).
 
-``inject`` replaces the value of one node (a layer output or the input) to evaluate the network
-from there; ``stop`` ends the run at a node.
+Both take ``at={node: value}`` (values given for some nodes: a start node, the input, or the
+affine prefix of a 2-D slice) and ``stop`` (the last node needed); steps whose values nothing
+needs are left out of the generated code.
 
->>> # Program objects are built by splinelens._capture.capture(model, example_input)
+>>> import torch, torch.nn as nn
+>>> from splinelens._capture import capture
+>>> prog = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4))
+>>> values, states = prog.record(torch.randn(5, 4))
+>>> frozen = prog.frozen(torch.zeros(5, 4), states)   # B[x]: the frozen network at zero
+>>> frozen[prog.output_name].shape
+torch.Size([5, 3])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +35,7 @@ from splinelens._capture.batch import BatchSizes
 from splinelens._capture.pieces import MasoOp
 
 Tensor = torch.Tensor
+States = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -35,16 +45,22 @@ class Ref:
     name: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
-    """One graph operation: what to call, on what, and, for MASOs, how to freeze it."""
+    """One graph operation: its ATen name, what to call on what, and for MASOs how to freeze it."""
 
     name: str
+    op: str  # the ATen packet name, e.g. "conv2d"
     fn: Callable[..., Any]
     args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    kwargs: Mapping[str, Any]
     maso: MasoOp | None = None
     tuple_out: bool = False  # the original op returned (values, indices)
+
+    @property
+    def refs(self) -> list[str]:
+        """Names of the nodes this step reads."""
+        return [r.name for r in refs_in((self.args, self.kwargs))]
 
 
 @dataclass(frozen=True)
@@ -67,89 +83,59 @@ class Layer:
     state_bdim: int = field(repr=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Program:
     """The compiled network: steps, where parameters live, layers, batch dims of the nodes."""
 
-    steps: list[Step]
+    steps: tuple[Step, ...]
     input_name: str
     output_name: str
-    params: list[tuple[str, torch.nn.Module, str]]  # (placeholder, owner module, attribute)
-    constants: dict[str, Tensor]
-    layers: list[Layer]
-    bdims: dict[str, int]  # node -> position of the batch dimension in its value
-    shapes: dict[str, tuple[int, ...]]  # node -> one sample's shape
+    params: tuple[tuple[str, torch.nn.Module, str], ...]  # (placeholder, owner module, attribute)
+    constants: Mapping[str, Tensor]
+    layers: tuple[Layer, ...]
+    bdims: Mapping[str, int]  # node -> position of the batch dimension in its value
+    shapes: Mapping[str, tuple[int, ...]]  # node -> one sample's shape
     output_g: str | None = None  # the excluded output nonlinearity, if any
-    param_fqn: dict[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
+    param_fqn: Mapping[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
     batch: BatchSizes = field(default_factory=lambda: BatchSizes(1, None))  # sizes it holds for
-    position: dict[str, int] = field(init=False, repr=False)  # step name -> index in steps
+    position: Mapping[str, int] = field(init=False, repr=False)  # step name -> index in steps
+    _code: dict = field(init=False, repr=False, compare=False)  # generated executors
 
     def __post_init__(self) -> None:
-        self.position = {s.name: i for i, s in enumerate(self.steps)}
+        object.__setattr__(self, "position", {s.name: i for i, s in enumerate(self.steps)})
+        object.__setattr__(self, "_code", {})
 
     def step(self, name: str) -> Step:
         """The step that computes node ``name``."""
         return self.steps[self.position[name]]
 
-    def run(
+    def record(
+        self, x: Tensor, *, at: Mapping[str, Tensor] | None = None, stop: str | None = None
+    ) -> tuple[dict[str, Any], States]:
+        """The forward pass on x: every computed node's value by name, and each MASO's state."""
+        self.batch.check(x.shape[0])
+        states: States = {}
+        values = self._executor("record", at, stop)(x, at or {}, states)
+        return values, states
+
+    def frozen(
         self,
         x: Tensor,
+        states: Mapping[str, Tensor],
         *,
-        states: dict[str, Tensor] | None = None,
-        record: dict[str, Tensor] | None = None,
-        inject: tuple[str, Tensor] | None = None,
-        track: str | None = None,
+        at: Mapping[str, Tensor] | None = None,
         stop: str | None = None,
-        preset: dict[str, Tensor] | None = None,
-        skip: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
-        """Execute the program on input ``x``; return every node's value by name.
-
-        ``track``: a node whose value is replaced by a fresh leaf that requires grad, so that
-        gradients of later nodes with respect to it can be taken after the run.
-        ``preset``: values given for some nodes (the input included); ``skip``: steps not to
-        execute (their values are preset or unused).
-        """
+        """The network with every MASO frozen at ``states``: every computed node's value."""
         self.batch.check(x.shape[0])
-        env: dict[str, Any] = dict(self.constants)
-        for name, owner, attr in self.params:
-            env[name] = getattr(owner, attr).detach()
-        env[self.input_name] = x
-        if inject is not None and inject[0] == self.input_name:
-            env[self.input_name] = inject[1]
-        if track == self.input_name:
-            env[track] = x.detach().requires_grad_(True)
-        env.update(preset or {})
-        for step in self.steps:
-            if step.name in skip:
-                pass
-            elif inject is not None and step.name == inject[0]:
-                env[step.name] = inject[1]
-            else:
-                env[step.name] = self._exec(step, env, states, record)
-            if step.name == track:
-                env[track] = env[track].detach().requires_grad_(True)
-            if step.name == stop:
-                break
-        return env
+        return self._executor("frozen", at, stop)(x, at or {}, states)
 
-    def _exec(
-        self,
-        step: Step,
-        env: dict[str, Any],
-        states: dict[str, Tensor] | None,
-        record: dict[str, Tensor] | None,
-    ) -> Any:
-        args = _resolve(step.args, env)
-        if step.maso is None:
-            return step.fn(*args, **_resolve(step.kwargs, env))
-        if states is not None:
-            value = step.maso.frozen(args, states[step.name])
-        else:
-            value, state = step.maso.forward(args)
-            if record is not None:
-                record[step.name] = state
-        return (value, None) if step.tuple_out else value
+    def _executor(self, mode: str, at: Mapping[str, Tensor] | None, stop: str | None) -> Callable:
+        key = (mode, frozenset(at or ()), stop)
+        fn = self._code.get(key)
+        if fn is None:
+            fn = self._code[key] = generate(self, mode, key[1], stop)
+        return fn
 
     def affine_prefix(self) -> tuple[frozenset[str], frozenset[str]]:
         """The batched steps before any MASO (affine in the input), and the nodes read later on.
@@ -159,7 +145,7 @@ class Program:
         after: set[str] = set()
         used: set[str] = set()
         for step in self.steps:
-            refs = {r.name for r in _refs((step.args, step.kwargs))}
+            refs = set(step.refs)
             if step.maso is not None or refs & after:
                 after.add(step.name)
                 used |= refs - after
@@ -178,22 +164,139 @@ class Program:
         """Inverse of ``per_sample``."""
         return value.movedim(0, self.bdims[node])
 
+    def slice_states(self, states: Mapping[str, Tensor], s: int, e: int) -> States:
+        """The states of inputs s:e."""
+        bdim = self._state_bdims()
+        return {k: v.narrow(bdim[k], s, e - s) for k, v in states.items()}
 
-def _refs(a: Any) -> list[Ref]:
+    def cat_states(self, parts: list[Mapping[str, Tensor]]) -> States:
+        """States of several batches, concatenated along the batch."""
+        bdim = self._state_bdims()
+        return {k: torch.cat([p[k] for p in parts], bdim[k]) for k in parts[0]}
+
+    def tile_states(self, states: Mapping[str, Tensor], t: int) -> States:
+        """The states repeated t times along the batch (t copies of the same inputs)."""
+        return self.cat_states([states] * t)
+
+    def unit_codes(self, layer: Layer, states: Mapping[str, Tensor], n: int) -> Tensor:
+        """(N, units): each unit's code (Sec. 7, eq. (14)) from its MASO's state for n inputs."""
+        maso = self.step(layer.step).maso
+        assert maso is not None
+        return maso.code(states[layer.step]).movedim(layer.state_bdim, 0).reshape(n, -1)
+
+    def grad_chunk(self, itemsize: int, budget: int = 1 << 30) -> int:
+        """Inputs per chunk that keep about ``budget`` bytes of activations alive for autograd."""
+        per_sample = sum(math.prod(s) for s in self.shapes.values())
+        return max(1, budget // max(1, 2 * per_sample * itemsize))
+
+    def _state_bdims(self) -> dict[str, int]:
+        return {layer.step: layer.state_bdim for layer in self.layers}
+
+
+def refs_in(a: Any) -> list[Ref]:
+    """Every ``Ref`` inside nested arguments."""
     if isinstance(a, Ref):
         return [a]
     if isinstance(a, (tuple, list)):
-        return [r for v in a for r in _refs(v)]
-    if isinstance(a, dict):
-        return [r for v in a.values() for r in _refs(v)]
+        return [r for v in a for r in refs_in(v)]
+    if isinstance(a, Mapping):
+        return [r for v in a.values() for r in refs_in(v)]
     return []
 
 
-def _resolve(a: Any, env: dict[str, Any]) -> Any:
-    if isinstance(a, Ref):
-        return env[a.name]
-    if isinstance(a, (tuple, list)):
-        return type(a)(_resolve(v, env) for v in a)
-    if isinstance(a, dict):
-        return {k: _resolve(v, env) for k, v in a.items()}
-    return a
+def generate(prog: Program, mode: str, at: frozenset[str], stop: str | None) -> Callable:
+    """Straight-line Python for one executor: ``f(x, at, states) -> values``."""
+    return _Writer(prog, mode, at, stop).function()
+
+
+class _Writer:
+    """Writes one executor's source: the live steps in order, one line (or two) each."""
+
+    def __init__(self, prog: Program, mode: str, at: frozenset[str], stop: str | None) -> None:
+        self.prog, self.mode, self.at = prog, mode, at
+        end = prog.position[stop] + 1 if stop is not None else len(prog.steps)
+        self.steps = prog.steps[:end]
+        self.names: dict[str, str] = {}  # node -> local variable
+        self.globals: dict[str, Any] = {}
+        self.live = self._live(stop)
+
+    def _live(self, stop: str | None) -> set[str]:
+        """Nodes to compute: the stop node, every MASO when recording, and what they read."""
+        roots = {stop or self.prog.output_name}
+        if self.mode == "record":
+            roots |= {s.name for s in self.steps if s.maso is not None}
+        live, todo = set(), [r for r in roots if r not in self.at]
+        steps = {s.name: s for s in self.steps}
+        while todo:
+            name = todo.pop()
+            if name in live:
+                continue
+            live.add(name)
+            if name in steps:
+                todo += [r for r in steps[name].refs if r not in self.at and r not in live]
+        return live
+
+    def function(self) -> Callable:
+        lines = [f"    {self._var(n)} = at[{n!r}]" for n in sorted(self.at)]
+        lines += self._leaves()
+        for step in self.steps:
+            if step.name in self.live and step.name not in self.at:
+                lines += self._step(step)
+        out = ", ".join(f"{n!r}: {v}" for n, v in self.names.items())
+        src = "def executor(x, at, states):\n" + "\n".join(lines) + f"\n    return {{{out}}}\n"
+        scope: dict[str, Any] = {}
+        exec(compile(src, f"<splinelens {self.mode} executor>", "exec"), self.globals, scope)
+        fn = scope["executor"]
+        fn.source = src  # for reading and debugging
+        return fn
+
+    def _leaves(self) -> list[str]:
+        """The input, parameters (read live from their modules) and constants that are read."""
+        prog, lines = self.prog, []
+        if prog.input_name in self.live:
+            lines.append(f"    {self._var(prog.input_name)} = x")
+        for ph, owner, attr in prog.params:
+            if ph in self.live:
+                owner_var = self._const(owner)
+                lines.append(f"    {self._var(ph)} = getattr({owner_var}, {attr!r}).detach()")
+        for name, value in prog.constants.items():
+            if name in self.live:
+                lines.append(f"    {self._var(name)} = {self._const(value)}")
+        return lines
+
+    def _step(self, step: Step) -> list[str]:
+        args = self._src(tuple(step.args))
+        out = self._var(step.name)
+        if step.maso is None:
+            call = [self._src(v) for v in step.args]
+            call += [f"{k}={self._src(v)}" for k, v in step.kwargs.items()]
+            return [f"    {out} = {self._const(step.fn)}({', '.join(call)})"]
+        maso = self._const(step.maso)
+        value = f"{out}_v" if step.tuple_out else out
+        if self.mode == "record":
+            lines = [f"    {value}, states[{step.name!r}] = {maso}.forward({args})"]
+        else:
+            lines = [f"    {value} = {maso}.frozen({args}, states[{step.name!r}])"]
+        return lines + ([f"    {out} = ({value}, None)"] if step.tuple_out else [])
+
+    def _var(self, node: str) -> str:
+        if node not in self.names:
+            self.names[node] = f"v{len(self.names)}"
+        return self.names[node]
+
+    def _const(self, value: Any) -> str:
+        name = f"c{len(self.globals)}"
+        self.globals[name] = value
+        return name
+
+    def _src(self, a: Any) -> str:
+        """Python source for an argument: node references become locals, objects globals."""
+        if isinstance(a, Ref):
+            return self._var(a.name)
+        if isinstance(a, tuple):
+            return "(" + "".join(f"{self._src(v)}, " for v in a) + ")"
+        if isinstance(a, list):
+            return "[" + ", ".join(self._src(v) for v in a) + "]"
+        if type(a) in (int, bool, str, type(None)) or (type(a) is float and math.isfinite(a)):
+            return repr(a)
+        return self._const(a)

@@ -1,186 +1,171 @@
-"""What kind of operation is this? The classification of every ATen operation splinelens meets.
+"""What every ATen operation is, to splinelens: the single table that capture, convexity and
+refusals read.
 
-An operation on activations is either affine in them (kept as it is), a MASO nonlinearity (one of
-``_maso_ops``), the output nonlinearity g (a trailing softmax, excluded as in Sec. 2), or refused.
+An operation on activations is affine in them (kept as it is), a MASO nonlinearity (one of the
+``pieces``), the output nonlinearity g (a trailing softmax, excluded as in Sec. 2), shape-only,
+or refused with the reason and the fix. Each entry also says how the op treats the batch axis and
+a convex input (Theorem 2), and what canonicalisation replaces it by.
 
->>> classify_name("conv2d"), classify_name("relu"), classify_name("gelu")
-('affine', 'maso', 'other')
+>>> info("conv2d").kind, info("relu").kind, info("gelu").kind
+('affine', 'maso', 'refused')
+>>> info("conv2d").coefficients, info("conv2d").bias
+('weights', 2)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, _adaptive_width
+from splinelens._capture.pieces import (
+    Clip,
+    MasoOp,
+    Pairwise,
+    Pool,
+    Reduce,
+    Sign,
+    adaptive_width,
+    eval_batch_norm,
+)
 
-# Linear in every activation argument (sums, concatenations, selections by constant condition).
-ADDITIVE = {"add", "sub", "rsub", "cat", "concat", "stack", "neg", "where", "masked_fill"}
 
-# Products: affine as long as at most one of these argument positions holds an activation.
-PRODUCT_ARGS: dict[str, tuple[int, ...]] = {
-    "mul": (0, 1),
-    "div": (1,),
-    "linear": (0, 1),
-    "conv1d": (0, 1),
-    "conv2d": (0, 1),
-    "conv3d": (0, 1),
-    "convolution": (0, 1),
-    "conv_transpose1d": (0, 1),
-    "conv_transpose2d": (0, 1),
-    "conv_transpose3d": (0, 1),
-    "addmm": (1, 2),
-    "mm": (0, 1),
-    "bmm": (0, 1),
-    "matmul": (0, 1),
-    "baddbmm": (1, 2),
-    "addmv": (1, 2),
-    "mv": (0, 1),
-    "einsum": (1,),
-}
+@dataclass(frozen=True)
+class OpInfo:
+    """One ATen operation (by packet name) as splinelens sees it.
+
+    ``kind``: "affine", "maso", "shape" (reads only the activation's shape), "g" (the output
+    nonlinearity) or "refused". ``operands``: for products, the argument positions of which at
+    most one may hold an activation. ``along_dim``: moves data along a ``dim`` argument (refused
+    along the batch axis). Theorem 2: ``coefficients`` names the constants that multiply a
+    convex input ("weights": every constant operand but the bias at ``bias``; "scalars": the
+    constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative;
+    ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity);
+    ``view``: a view or copy through which a parameter keeps its name. ``family``: the MASO
+    kind built by ``make_maso``. ``rewrite``: the function run in place of the op
+    (canonicalisation). ``why``/``fix``: the refusal.
+    """
+
+    name: str
+    kind: str
+    operands: tuple[int, ...] = ()
+    along_dim: bool = False
+    coefficients: str = ""
+    bias: int | None = None
+    signed: bool = False
+    view: bool = False
+    family: str = ""
+    rewrite: Callable[..., Any] | None = None
+    why: str = ""
+    fix: str = ""
+
+
+_TABLE: dict[str, OpInfo] = {}
+
+
+def _add(names: str, kind: str, **fields: Any) -> None:
+    for name in names.split():
+        _TABLE[name] = OpInfo(name, kind, **fields)
+
+
+def _set(names: str, **fields: Any) -> None:
+    """Add fields to entries already in the table."""
+    for name in names.split():
+        old = _TABLE[name]
+        _TABLE[name] = OpInfo(**{**old.__dict__, **fields})
+
 
 # Linear maps of one activation: shape changes, copies, padding, pooling by averages, eval norms.
-UNARY = {
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "permute",
-    "transpose",
-    "t",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "slice",
-    "select",
-    "narrow",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "unbind",
-    "clone",
-    "contiguous",
-    "alias",
-    "detach",
-    "_to_copy",
-    "to",
-    "type_as",
-    "flip",
-    "roll",
-    "repeat",
-    "tile",
-    "constant_pad_nd",
-    "pad",
-    "reflection_pad1d",
-    "reflection_pad2d",
-    "reflection_pad3d",
-    "replication_pad1d",
-    "replication_pad2d",
-    "replication_pad3d",
-    "dropout",
-    "native_dropout",
-    "feature_dropout",
-    "alpha_dropout",
-    "feature_alpha_dropout",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "_adaptive_avg_pool2d",
-    "_adaptive_avg_pool3d",
-    "mean",
-    "sum",
-    "upsample_nearest1d",
-    "upsample_nearest2d",
-    "upsample_nearest3d",
-    "upsample_bilinear2d",
-    "upsample_linear1d",
-    "pixel_shuffle",
-    "pixel_unshuffle",
-    "index_select",
-    "index",
-    "gather",
+_add(
+    "view reshape _unsafe_view permute transpose t flatten unflatten squeeze unsqueeze expand "
+    "slice select narrow split split_with_sizes chunk unbind clone contiguous alias _to_copy to "
+    "type_as flip roll repeat tile constant_pad_nd pad reflection_pad1d reflection_pad2d "
+    "reflection_pad3d replication_pad1d replication_pad2d replication_pad3d dropout "
+    "native_dropout feature_dropout alpha_dropout feature_alpha_dropout avg_pool1d avg_pool2d "
+    "avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
+    "_adaptive_avg_pool2d _adaptive_avg_pool3d mean sum upsample_nearest1d upsample_nearest2d "
+    "upsample_nearest3d upsample_bilinear2d upsample_linear1d pixel_shuffle pixel_unshuffle "
+    "index_select index gather batch_norm movedim swapaxes expand_as view_as reshape_as unfold "
+    "im2col col2im channel_shuffle lift_fresh_copy diagonal getitem squeeze_copy view_copy "
+    "permute_copy unsqueeze_copy expand_copy slice_copy select_copy",
+    "affine",
+)
+# detach would hide paths from autograd; it is the identity
+_add("detach", "affine", rewrite=torch.ops.aten.alias.default, view=True)
+_add(
     "_native_batch_norm_legit_no_training",
-    "batch_norm",
-    "movedim",
-    "swapaxes",
-    "expand_as",
-    "view_as",
-    "reshape_as",
-    "unfold",
-    "im2col",
-    "col2im",
-    "channel_shuffle",
-    "lift_fresh_copy",
-    "diagonal",
-    "getitem",
-    "squeeze_copy",
-    "view_copy",
-    "permute_copy",
-    "unsqueeze_copy",
-    "expand_copy",
-    "slice_copy",
-    "select_copy",
-}
-
+    "affine",
+    coefficients="bn_weight",
+    rewrite=eval_batch_norm,
+)
+_set("batch_norm", coefficients="bn_weight")
+_set(
+    "flip roll index_select gather narrow select slice split split_with_sizes chunk unbind "
+    "index diagonal unfold",
+    along_dim=True,
+)
+_set(
+    "t permute transpose view reshape _unsafe_view clone contiguous expand alias unsqueeze "
+    "squeeze flatten _to_copy",
+    view=True,
+)
+# Linear in every activation argument (sums, concatenations, selections by constant condition).
+_add("cat concat stack where masked_fill", "affine")
+_add("add sub rsub neg", "affine", signed=True)
+# Products: affine as long as at most one of these argument positions holds an activation.
+_add("linear", "affine", operands=(0, 1), coefficients="weights", bias=2)
+for _nd in ["1d", "2d", "3d"]:
+    _add(
+        f"conv{_nd} conv_transpose{_nd}", "affine", operands=(0, 1), coefficients="weights", bias=2
+    )
+_add("convolution", "affine", operands=(0, 1), coefficients="weights", bias=2)
+_add("mm bmm matmul mv", "affine", operands=(0, 1), coefficients="weights")
+_add("addmm baddbmm addmv", "affine", operands=(1, 2), coefficients="weights", bias=0, signed=True)
+_add("einsum", "affine", operands=(1,), coefficients="weights")
+_add("mul", "affine", operands=(0, 1), coefficients="scalars")
+_add("div", "affine", operands=(1,), coefficients="scalars")
 # Depend on an activation's shape only, never its values.
-SHAPE_ONLY = {
-    "sym_size",
-    "sym_numel",
-    "sym_stride",
-    "size",
-    "zeros_like",
-    "ones_like",
-    "empty_like",
-    "full_like",
-    "new_zeros",
-    "new_ones",
-    "new_empty",
-    "new_full",
-    "_assert_tensor_metadata",
-}
+_add(
+    "sym_size sym_numel sym_stride size zeros_like ones_like empty_like full_like new_zeros "
+    "new_ones new_empty new_full _assert_tensor_metadata",
+    "shape",
+)
+# The MASO nonlinearities, by family (``make_maso``).
+_add("relu leaky_relu prelu _prelu_kernel abs clamp_min clamp_max", "maso", family="sign")
+_add("hardtanh relu6 clamp", "maso", family="clip")
+_add(
+    "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
+    "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
+    "maso",
+    family="pool",
+)
+_add("amax amin max min", "maso", family="reduce")
+_add("maximum minimum fmax fmin", "maso", family="pairwise")
+_add(
+    "softmax _softmax log_softmax _log_softmax",
+    "g",
+    why="is excluded only as the model's final output nonlinearity g (Sec. 2); here it is "
+    "used inside the network",
+)
+_add(
+    "_native_batch_norm_legit _native_batch_norm_legit_functional",
+    "refused",
+    why="uses batch statistics (training mode, or track_running_stats=False)",
+    fix="call model.eval(); batchnorm needs running statistics to be affine",
+)
+_add(
+    "layer_norm native_layer_norm group_norm native_group_norm instance_norm",
+    "refused",
+    why="divides by a statistic of the activations, which is not piecewise affine",
+)
 
-# Ops that take a dimension and move data along it: refused along the batch dimension.
-ALONG_DIM = {
-    "flip",
-    "roll",
-    "index_select",
-    "gather",
-    "narrow",
-    "select",
-    "slice",
-    "split",
-    "split_with_sizes",
-    "chunk",
-    "unbind",
-    "index",
-    "diagonal",
-    "unfold",
-}
 
-SIGN = {"relu", "leaky_relu", "prelu", "_prelu_kernel", "abs", "clamp_min", "clamp_max"}
-CLIP = {"hardtanh", "relu6", "clamp"}
-POOL = {
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "max_pool1d_with_indices",
-    "max_pool2d_with_indices",
-    "max_pool3d_with_indices",
-    "adaptive_max_pool1d",
-    "adaptive_max_pool2d",
-    "adaptive_max_pool3d",
-}
-REDUCE = {"amax", "amin", "max", "min"}
-PAIRWISE = {"maximum", "minimum", "fmax", "fmin"}
-MASO = SIGN | CLIP | POOL | REDUCE | PAIRWISE
-OUTPUT_G = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+def info(name: str) -> OpInfo:
+    """The entry of an ATen packet name; unknown operations are refused (no reason known)."""
+    return _TABLE.get(name) or OpInfo(name, "refused")
 
 
 def apply_g(g: str | None, logits: torch.Tensor) -> torch.Tensor:
@@ -190,26 +175,11 @@ def apply_g(g: str | None, logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1) if "log" in g else torch.softmax(logits, -1)
 
 
-TRAINING_ONLY = {"_native_batch_norm_legit", "_native_batch_norm_legit_functional"}
-NORMS = {"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm"}
-
-
 def op_name(target: Any) -> str:
     """ATen packet name of a graph target: ``aten.conv2d.default`` -> ``conv2d``."""
     name = getattr(target, "__name__", str(target))
     packet = getattr(target, "_overloadpacket", None)
     return packet.__name__ if packet is not None else name.split(".")[0]
-
-
-def classify_name(name: str) -> str:
-    """'affine', 'maso', 'shape', 'g' or 'other' for an ATen packet name."""
-    if name in ADDITIVE or name in PRODUCT_ARGS or name in UNARY:
-        return "affine"
-    if name in MASO:
-        return "maso"
-    if name in SHAPE_ONLY:
-        return "shape"
-    return "g" if name in OUTPUT_G else "other"
 
 
 def bound_args(node: torch.fx.Node) -> dict[str, Any]:
@@ -239,14 +209,14 @@ def _ints(v: Any, nd: int, default: int | Sequence[int] | None = None) -> tuple[
 
 def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp:
     """The MASO of one graph node. ``in_shape``: the activation's concrete shape."""
-    a = bound_args(node)
-    if name in SIGN:
+    a, family = bound_args(node), info(name).family
+    if family == "sign":
         return _make_sign(name, a)
-    if name in CLIP:
+    if family == "clip":
         return _make_clip(name, a)
-    if name in PAIRWISE:
+    if family == "pairwise":
         return Pairwise("maximum" if name in ("maximum", "fmax") else "minimum")
-    if name in POOL:
+    if family == "pool":
         return _make_pool(name, a, in_shape)
     return _make_reduce(name, a, in_shape)
 
@@ -291,7 +261,7 @@ def _make_pool(name: str, a: dict[str, Any], in_shape: Sequence[int]) -> Pool:
     if name.startswith("adaptive"):
         out = _ints(a["output_size"], nd)
         out = tuple(o if o is not None else s for o, s in zip(out, spatial))
-        widths = [_adaptive_width(s, o) for s, o in zip(spatial, out)]
+        widths = [adaptive_width(s, o) for s, o in zip(spatial, out)]
         return Pool(name, nd, output_size=out, pieces=math.prod(widths), in_spatial=spatial)
     k = _ints(a["kernel_size"], nd)
     pool = Pool(

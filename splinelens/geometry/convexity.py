@@ -26,59 +26,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from splinelens._capture import registry as _ops
-from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign, eval_batch_norm
-from splinelens._capture.program import Program, Ref, Step, _refs
+from splinelens._capture import Program, Ref, Step, refs_in
+from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign
+from splinelens._capture.registry import info
 from splinelens.view import view_of
 
 Tensor = torch.Tensor
-_BIAS_POS = {
-    "linear": 2,
-    "addmm": 0,
-    "conv1d": 2,
-    "conv2d": 2,
-    "conv3d": 2,
-    "convolution": 2,
-    "conv_transpose1d": 2,
-    "conv_transpose2d": 2,
-    "conv_transpose3d": 2,
-    "addmv": 0,
-    "baddbmm": 0,
-}
-_PASS_THROUGH = {
-    "t",
-    "permute",
-    "transpose",
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "clone",
-    "contiguous",
-    "expand",
-    "alias",
-    "unsqueeze",
-    "squeeze",
-    "flatten",
-    "_to_copy",
-}
-_WEIGHTED = {
-    "linear",
-    "conv1d",
-    "conv2d",
-    "conv3d",
-    "convolution",
-    "conv_transpose1d",
-    "conv_transpose2d",
-    "conv_transpose3d",
-    "mm",
-    "bmm",
-    "matmul",
-    "addmm",
-    "mv",
-    "addmv",
-    "baddbmm",
-    "einsum",
-}
 
 
 @dataclass
@@ -105,7 +58,7 @@ def convexity(model: nn.Module, example_input: Tensor) -> ConvexityReport:
     """Check Theorem 2 on the model's graph, with its current parameter values."""
     view = view_of(model, example_input)
     with torch.no_grad():
-        env = view.program.run(example_input[:1])
+        env, _ = view.program.record(example_input[:1])
     return _Walk(view.program, env).run()
 
 
@@ -124,7 +77,7 @@ class _Walk:
 
     def run(self) -> ConvexityReport:
         for step in self.p.steps:
-            ins = [self.status[r.name] for r in _refs(step.args) if r.name in self.status]
+            ins = [self.status[r.name] for r in refs_in(step.args) if r.name in self.status]
             if not ins:
                 continue
             self.status[step.name] = (
@@ -139,7 +92,7 @@ class _Walk:
             return "other"
         if "convex" not in ins:
             return "affine"
-        name = "batch_norm" if step.fn is eval_batch_norm else _ops.op_name(step.fn)
+        name = step.op
         coeffs = self._coefficients(step, name)
         for r in coeffs:
             label = self._label(r)
@@ -158,19 +111,17 @@ class _Walk:
 
     def _coefficients(self, step: Step, name: str) -> list[Any]:
         """The constants that multiply a convex input: they must be nonnegative."""
-        acts = {r.name for r in _refs(step.args) if r.name in self.status}
-        consts = [r for r in _refs(step.args) if r.name not in acts]
-        if name in _WEIGHTED:
-            bias = (
-                step.args[_BIAS_POS[name]]
-                if name in _BIAS_POS and _BIAS_POS[name] < len(step.args)
-                else None
-            )
+        acts = {r.name for r in refs_in(step.args) if r.name in self.status}
+        consts = [r for r in refs_in(step.args) if r.name not in acts]
+        entry = info(name)
+        if entry.coefficients == "weights":
+            pos = entry.bias
+            bias = step.args[pos] if pos is not None and pos < len(step.args) else None
             scale = [step.kwargs["alpha"]] if "alpha" in step.kwargs else []
             return [r for r in consts if r != bias] + scale
-        if name in ("_native_batch_norm_legit_no_training", "batch_norm"):
+        if entry.coefficients == "bn_weight":
             return [step.args[1]] if isinstance(step.args[1], Ref) else []
-        if name in ("mul", "div"):
+        if entry.coefficients == "scalars":
             return [
                 a
                 for a in step.args
@@ -213,7 +164,7 @@ class _Walk:
             return str(ref)
         while ref.name not in self.p.param_fqn and ref.name in self.steps:
             st = self.steps[ref.name]
-            if _ops.op_name(st.fn) not in _PASS_THROUGH or not isinstance(st.args[0], Ref):
+            if not info(st.op).view or not isinstance(st.args[0], Ref):
                 break
             ref = st.args[0]
         return self.p.param_fqn.get(ref.name, ref.name)

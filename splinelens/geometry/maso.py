@@ -23,16 +23,16 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from splinelens._capture import Layer
 from splinelens._capture.pieces import Clip, Pairwise, Reduce, Sign
-from splinelens._capture.program import Layer
 from splinelens._precision import exact_matmul
-from splinelens.geometry.units import UnitTable, _slots, slot_tangents, unit_table
+from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of
 
 Tensor = torch.Tensor
@@ -87,7 +87,7 @@ class MASO(nn.Module):
             raise ValueError(
                 f"layer {self.name!r} is too large for dense slopes; use maso(h) / .pieces(h)"
             )
-        idx, scale, _, _ = self.table._tensors(self.W.device)
+        idx, scale, _, _ = self.table.tensors(self.W.device)
         return (self.W[idx] * scale.to(self.W)[..., None]).sum(2)
 
     @property
@@ -135,10 +135,10 @@ def _negative_slopes(view: SplineView, step, x: Tensor, k: int) -> np.ndarray:
     """(K,) the slope of each unit's piece below 0 (PReLU: per channel)."""
     prog = view.program
     with torch.no_grad(), exact_matmul():
-        env = prog.run(x[:1], stop=step.name, record={})
+        env, _ = prog.record(x[:1], stop=step.name)
     args = [env[a.name] if hasattr(a, "name") else a for a in step.args]
     z = args[0]
-    factor = step.maso._factor(args, torch.zeros_like(z, dtype=torch.bool))
+    factor = step.maso.factor(args, torch.zeros_like(z, dtype=torch.bool))
     factor = torch.broadcast_to(factor, z.shape)
     return prog.per_sample(step.args[0].name, factor).reshape(-1)[:k].cpu().double().numpy()
 
@@ -152,11 +152,11 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     view = view_of(model, x)  # checks x
     la = view.layer(layer)
     start = _start_node(view, la)
-    table = unit_table(view, la)
+    table = unit_table(view.program, la)
     in_shape = view.program.shapes[start]
-    x1, states = x[:1], {}
+    x1 = x[:1]
     with torch.no_grad(), exact_matmul():
-        view.program.run(x1, record=states, stop=table.step)  # x's pieces, frozen below
+        _, states = view.program.record(x1, stop=table.step)  # x's pieces, frozen below
 
     def pre(h: Tensor) -> Tensor:  # the frozen affine ops from h to the slots
         return _run_from(view, table, x1, states, start, h)
@@ -165,7 +165,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     d, s = math.prod(in_shape), table.idx.max() + 1
     if d * s <= _DENSE:
         basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)
-        ((_, dz),) = slot_tangents(view, [table], x1, basis, start=start)
+        ((_, dz),) = slot_tangents(view.program, [table], x1, basis, start=start)
         m.W = dz[0].T.contiguous()  # (S, D)
         m.b = pre(x.new_zeros(1, *in_shape))[0]  # (S,): the frozen ops at h = 0
     return m
@@ -182,30 +182,95 @@ def _run_from(
 ) -> Tensor:
     prog, n = view.program, len(h)
     with torch.no_grad(), exact_matmul():
-        env = prog.run(
+        env = prog.frozen(
             x1.expand(n, *x1.shape[1:]),
-            states=view._cat_states([states] * n),
-            inject=(start, prog.from_sample(start, h)),
+            prog.tile_states(states, n),
+            at={start: prog.from_sample(start, h)},
             stop=table.step,
         )
-    return _slots(view, table, env, n)
+    return slot_values(prog, table, env, n)
 
 
-def check_masos(model: nn.Module, x: Tensor) -> list[tuple[str, float, bool]]:
-    """For each MASO layer: (name, max |MASO(h(x)) - layer(x)|, argmax == partition code)."""
+@dataclass(frozen=True)
+class LayerMasoCheck:
+    """One layer against its MASO: the worst |MASO(h) - layer(h)| over the inputs, and whether
+    the MASO's argmax equals the layer's partition code at every input and unit."""
+
+    name: str
+    max_abs_error: float
+    codes_agree: bool
+
+
+@dataclass(frozen=True)
+class MasoCheck:
+    """How exactly every MASO layer equals its explicit form (``check_masos``).
+
+    ``ok``: every layer's argmax is its partition code and every error is at most ``tolerance``
+    (absolute: rtol times the largest |layer output|, at least 1, as in ``verify``).
+
+    >>> import torch, torch.nn as nn, splinelens as sl
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).double().eval()
+    >>> check = sl.check_masos(net, torch.randn(5, 3, dtype=torch.float64))
+    >>> check.ok, [layer.name for layer in check.layers]
+    (True, ['1', '3'])
+    >>> print(check)  # doctest: +ELLIPSIS
+    OK: 2 MASO layers, tolerance ...
+      '1': OK, max |MASO(h) - layer(h)| = ..., argmax == code
+      '3': OK, max |MASO(h) - layer(h)| = ..., argmax == code
+    """
+
+    layers: tuple[LayerMasoCheck, ...]
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """Every layer's codes agree and every error is within ``tolerance``."""
+        return all(self._holds(la) for la in self.layers)
+
+    @property
+    def max_abs_error(self) -> float:
+        """The worst error over all layers (0 when there is no MASO layer)."""
+        return max((la.max_abs_error for la in self.layers), default=0.0)
+
+    def _holds(self, la: LayerMasoCheck) -> bool:
+        return la.codes_agree and la.max_abs_error <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        head = f"{verdict}: {len(self.layers)} MASO layers, tolerance {self.tolerance:.3g}"
+        rows = [
+            f"  {la.name!r}: {'OK' if self._holds(la) else 'FAILED'}, max |MASO(h) - layer(h)| "
+            f"= {la.max_abs_error:.3g}, argmax {'==' if la.codes_agree else '!='} code"
+            for la in self.layers
+        ]
+        return "\n".join([head, *rows])
+
+
+def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoCheck:
+    """Each MASO layer of ``model`` at x against the network's own values (Sec. 3).
+
+    Per layer: max |MASO(h(x)) - layer(x)| and whether the MASO's argmax is x's partition code.
+    Layers that are no MASO (hardtanh, min-type ops) are skipped. The tolerance is relative to
+    the largest |layer output| (at least 1): by default 1e4 machine epsilons of x's dtype, at
+    most 1e-2, as in ``verify``.
+    """
+    if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
+        raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
     view = view_of(model, x)
-    states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
-        env = view.program.run(x, record=states)
-    out = []
+        env, states = view.program.record(x)
+    out, scale = [], 1.0
     for la in view.layers:
         try:
             m = layer_maso(model, x, la.index)
         except NotAMasoError:
             continue
         rows = [_one(view, m, env, states, la, x, i) for i in range(len(x))]
-        out.append((la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
-    return out
+        out.append(LayerMasoCheck(la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
+        values = env[la.node]
+        scale = max(scale, values.abs().max().item() if values.numel() else 0.0)
+    tol = rtol if rtol is not None else min(1e4 * torch.finfo(x.dtype).eps, 1e-2)
+    return MasoCheck(tuple(out), tol * scale)
 
 
 def _one(view, m, env, states, la, x, i) -> tuple[float, bool]:
@@ -214,7 +279,7 @@ def _one(view, m, env, states, la, x, i) -> tuple[float, bool]:
     prog, start = view.program, _start_node(view, la)
     h = prog.per_sample(start, env[start])[i : i + 1]
     ref = prog.per_sample(la.node, env[la.node])[i : i + 1]
-    code = view._unit_codes(la, states[la.step], len(x))[i]
+    code = prog.unit_codes(la, states, len(x))[i]
     with torch.no_grad():
         err = (mi(h) - ref.reshape(1, *mi.output_shape)).abs().max().item()
         same = bool((mi.argmax(h)[0].to(code.device) == code.long()).all())

@@ -24,7 +24,7 @@ def square(bounds: tuple[float, float, float, float]) -> tuple[Array, Array]:
     return V, np.array([4])
 
 
-def _next(n: Array, width: int) -> tuple[Array, Array]:
+def next_vertex(n: Array, width: int) -> tuple[Array, Array]:
     """Per polygon: the index of each vertex's successor, and which vertices are valid."""
     idx = np.arange(width)[None, :]  # (1, W)
     return np.where(idx + 1 < n[:, None], idx + 1, 0), valid(n, width)
@@ -43,7 +43,7 @@ def clip(V: Array, n: Array, s: Array) -> tuple[Array, Array]:
     already be exactly 0 (see ``snap``). Returns (V', n'); an empty part has n' < 3.
     """
     m, w = s.shape
-    nxt, valid = _next(n, w)
+    nxt, valid = next_vertex(n, w)
     Vn = np.take_along_axis(V, nxt[..., None], 1)  # (M, W, 2) successors
     sn = np.take_along_axis(s, nxt, 1)
     keep = valid & (s >= 0)
@@ -76,7 +76,7 @@ def extremes(s: Array, n: Array) -> tuple[Array, Array]:
 
 def areas(V: Array, n: Array) -> Array:
     """Shoelace areas (M,), positive for counter-clockwise polygons."""
-    nxt, valid = _next(n, V.shape[1])
+    nxt, valid = next_vertex(n, V.shape[1])
     Vn = np.take_along_axis(V, nxt[..., None], 1)
     cross = V[..., 0] * Vn[..., 1] - Vn[..., 0] * V[..., 1]
     return 0.5 * np.where(valid, cross, 0.0).sum(1)
@@ -89,7 +89,7 @@ def interior(V: Array, n: Array) -> Array:
 
 def edges(V: Array, n: Array) -> Array:
     """Every polygon's edges as segments, (E, 2, 2)."""
-    nxt, valid = _next(n, V.shape[1])
+    nxt, valid = next_vertex(n, V.shape[1])
     Vn = np.take_along_axis(V, nxt[..., None], 1)
     return np.stack([V[valid], Vn[valid]], 1)
 
@@ -104,7 +104,7 @@ def pad(V: Array, width: int) -> Array:
 
 def contains(V: Array, n: Array, pts: Array, tol: float = 0.0) -> Array:
     """Whether pts[i] (M, 2) lies in polygon i (boundary included, up to ``tol``): (M,)."""
-    nxt, valid = _next(n, V.shape[1])
+    nxt, valid = next_vertex(n, V.shape[1])
     Vn = np.take_along_axis(V, nxt[..., None], 1)
     e, d = Vn - V, pts[:, None, :] - V  # edge vectors, vertex -> point
     cross = e[..., 0] * d[..., 1] - e[..., 1] * d[..., 0]  # >= 0: left of the edge (inside)

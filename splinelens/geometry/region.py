@@ -51,14 +51,14 @@ class _Constraints:
 
 def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
     """Margins and squared gradient norms of every layer's constraints at x (one input batch)."""
-    tables = [unit_table(view, la) for la in view.layers]
+    tables = [unit_table(view.program, la) for la in view.layers]
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
     wins: list[Tensor] = []
     margins: list[Tensor] = []
     sums: list[Tensor] = []
     for s in range(0, d, chunk):
-        res = slot_tangents(view, tables, x, basis[s : s + chunk])
+        res = slot_tangents(view.program, tables, x, basis[s : s + chunk])
         if s == 0:
             for (z, _), table in zip(res, tables):
                 cand = table.values(z)  # (N, K, R), -inf for positions outside a window
@@ -180,14 +180,13 @@ def _radii(radii: Tensor | list[float], x: Tensor) -> Tensor:
 
 def _unit_codes(view: SplineView, x: Tensor) -> list[Tensor]:
     """Per layer, (N, K): every unit's piece for x."""
-    states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
-        view.program.run(x, record=states)
-    return [view._unit_codes(la, states[la.step], len(x)) for la in view.layers]
+        _, states = view.program.record(x)
+    return [view.program.unit_codes(la, states, len(x)) for la in view.layers]
 
 
 @dataclass(frozen=True)
-class Polytope:
+class RegionPolytope:
     """x's region as {y : A y <= b} (H-representation), one row per (unit, other piece).
 
     ``layer``/``unit``/``piece`` name each row's unit and the piece it keeps x away from.
@@ -205,7 +204,7 @@ class Polytope:
         lhs = y.reshape(len(y), -1).to(self.A) @ self.A.T
         return (lhs <= self.b + tol).all(1)
 
-    def minimal(self) -> Polytope:
+    def minimal(self) -> RegionPolytope:
         """The rows that are facets (the others are implied): one linear program per row."""
         from scipy.optimize import linprog
 
@@ -217,12 +216,12 @@ class Polytope:
             if res.status == 3 or (res.status == 0 and -res.fun > b[i] + 1e-9):
                 keep.append(i)  # unbounded or beyond b_i: the row cuts something off
         k = torch.as_tensor(keep, dtype=torch.long)
-        return Polytope(
+        return RegionPolytope(
             self.A[k], self.b[k], self.layer[k], self.unit[k], self.piece[k], self.input_shape
         )
 
 
-def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> Polytope:
+def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> RegionPolytope:
     """The H-representation of the region of one input x (1, *input_shape); for small models."""
     view = view_of(model, x)
     if len(x) != 1:
@@ -230,13 +229,13 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> P
     max_rows = check_positive_int("max_rows", max_rows)
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
-    tables = [unit_table(view, la) for la in view.layers]
-    res = slot_tangents(view, tables, x, basis)
+    tables = [unit_table(view.program, la) for la in view.layers]
+    res = slot_tangents(view.program, tables, x, basis)
     rows = [_layer_rows(i, z[0], dz[0], t, x) for i, ((z, dz), t) in enumerate(zip(res, tables))]
     if sum(len(r[0]) for r in rows) > max_rows:
         raise ValueError("the region has more than max_rows inequalities; raise max_rows")
     A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
-    return Polytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
+    return RegionPolytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
 
 
 def _layer_rows(li: int, z: Tensor, dz: Tensor, table: UnitTable, x: Tensor) -> tuple[Tensor, ...]:

@@ -36,11 +36,11 @@ from splinelens._checks import (
 from splinelens._precision import exact_matmul
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
-from splinelens.geometry.units import UnitTable, _last_step, slot_differences, unit_table
-from splinelens.view import SplineView, view_of
+from splinelens.geometry.units import UnitTable, last_step, slot_differences, unit_table
+from splinelens.view import SplineView, layer_codes, view_of
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
+    pass
 
 Tensor = torch.Tensor
 Array = np.ndarray
@@ -137,12 +137,6 @@ class SlicePartition:
     def _outputs(self, uv: Array) -> Array:
         return np.einsum("rck,rk->rc", self.logits, np.c_[uv, np.ones(len(uv))])
 
-    def plot(self, ax: Axes | None = None, color: str = "random", layer: int = -1) -> Axes:
-        """Draw the regions (after ``layer``) coloured by "class", "slope" or "random"."""
-        from splinelens.paper.figures import plot_slice
-
-        return plot_slice(self, ax, color, layer)
-
 
 def slice_partition(
     model: nn.Module,
@@ -170,7 +164,7 @@ def slice_partition(
     scale = max(abs(b) for b in bounds)
     layers = []
     for layer in view.layers:
-        V, n, parent = _cut(plane, unit_table(view, layer), V, n, scale)
+        V, n, parent = _cut(plane, unit_table(view.program, layer), V, n, scale)
         layers.append(LayerSlice(layer.name, V, n, parent))
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
     boundary = _decision_boundary(V, n, logits, scale)
@@ -181,17 +175,13 @@ def slice_partition(
 
 def _outputs(plane: _Plane, V: Array, n: Array) -> tuple[Array, PartitionCodes]:
     """Each region's output as functions of (u, v), (R, C, 3), and its partition code."""
-    view, table = plane.view, unit_table(plane.view, None)
+    prog, table = plane.view.program, unit_table(plane.view.program, None)
     logits, codes = [], []
     for s, e in _chunks(len(V), table, 1):
         uv = poly.interior(V[s:e], n[s:e])
         (coef,), states = plane.slots([table], uv)
         logits.append(coef)
-        codes.append(
-            PartitionCodes(
-                tuple(view._layer_codes(la, states[la.step], e - s) for la in view.layers)
-            )
-        )
+        codes.append(layer_codes(prog, states, e - s))
     return np.concatenate(logits), PartitionCodes.cat(codes)
 
 
@@ -269,10 +259,10 @@ class _Plane:
     def __init__(self, view: SplineView, origin: Tensor, dirs: Tensor) -> None:
         self.view, self.origin, self.dirs = view, origin, dirs
         prog = view.program
-        self.skip, needed = prog.affine_prefix()
+        _, needed = prog.affine_prefix()
         base = torch.stack([origin, origin + dirs[0], origin + dirs[1]])
         with torch.no_grad(), exact_matmul():
-            env = prog.run(base, record={})
+            env, _ = prog.record(base)
         vals = {k: prog.per_sample(k, env[k]) for k in needed}  # (3, *shape)
         self.base = {k: (v[0], v[1] - v[0], v[2] - v[0]) for k, v in vals.items()}
 
@@ -292,26 +282,16 @@ class _Plane:
         """Slot coefficients (a, b, c) per table, (m, S, 3), at cells with interior points uv."""
         prog, m = self.view.program, len(uv)
         uv_t = torch.as_tensor(uv, dtype=torch.float64, device=self.origin.device)
-        stop, states = _last_step(self.view, tables), {}
-        with torch.no_grad(), exact_matmul():
+        stop = last_step(prog, tables)
+        with torch.no_grad(), exact_matmul():  # the prefix's values are given: it does not run
             pre = self._preset(uv_t)
-            env0 = prog.run(
-                _dummy(pre, prog, len(uv), uv_t.device),
-                record=states,
-                stop=stop,
-                preset=pre,
-                skip=self.skip,
-            )
+            x0 = _dummy(pre, prog, len(uv), uv_t.device)
+            env0, states = prog.record(x0, at=pre, stop=stop)
             pre = self._preset(uv_t, shift=True)
-            env1 = prog.run(
-                _dummy(pre, prog, 2 * len(uv), uv_t.device),
-                states=self.view._cat_states([states] * 2),
-                stop=stop,
-                preset=pre,
-                skip=self.skip,
-            )
+            x1 = _dummy(pre, prog, 2 * len(uv), uv_t.device)
+            env1 = prog.frozen(x1, prog.tile_states(states, 2), at=pre, stop=stop)
         out = []
-        for z0, dz in slot_differences(self.view, tables, env0, env1, m, 2):
+        for z0, dz in slot_differences(prog, tables, env0, env1, m, 2):
             z0, dz = z0.cpu().numpy(), dz.cpu().numpy()  # (m, S), (m, 2, S)
             c = z0 - uv[:, 0:1] * dz[:, 0] - uv[:, 1:2] * dz[:, 1]
             out.append(np.stack([dz[:, 0], dz[:, 1], c], -1))
@@ -517,7 +497,7 @@ def _decision_boundary(V: Array, n: Array, logits: Array, scale: float) -> Array
 
 def _boundary_edges(P: Array, k: Array, logits: Array, i: int, tol: Array) -> Array:
     """Edges of class-i pieces lying on a line f_i = f_j with j > i (each edge counted once)."""
-    nxt, valid = poly._next(k, P.shape[1])
+    nxt, valid = poly.next_vertex(k, P.shape[1])
     Pn = np.take_along_axis(P, nxt[..., None], 1)
     d = logits[:, i : i + 1] - logits  # (m, C, 3): f_i - f_j
     g0 = np.einsum("mck,mwk->mcw", d, np.concatenate([P, np.ones_like(P[..., :1])], -1))

@@ -17,7 +17,7 @@ every earlier state frozen at x's: the exact local affine form of each unit's ca
 
 >>> import torch, torch.nn as nn, splinelens as sl
 >>> view = sl.SplineView(nn.Sequential(nn.Linear(2, 3), nn.ReLU()).eval(), torch.zeros(1, 2))
->>> table = unit_table(view, view.layers[0])
+>>> table = unit_table(view.program, view.layers[0])
 >>> table.idx.shape                      # (units, candidates, terms)
 (3, 2, 2)
 """
@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from splinelens._capture import Layer, Program, Ref
 from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign
-from splinelens._capture.program import Layer, Ref
 from splinelens._precision import exact_matmul
-
-if TYPE_CHECKING:
-    from splinelens.view import SplineView
 
 Tensor = torch.Tensor
 OUTPUT = "output"
@@ -61,13 +58,13 @@ class UnitTable:
     def values(self, z: Tensor, tangent: bool = False) -> Tensor:
         """Candidate values from slots z (..., S): (..., K, R), -inf where a window leaves the
         input. ``tangent``: z are slot derivatives, so no constants (and 0 where invalid)."""
-        idx, scale, const, valid = self._tensors(z.device)
+        idx, scale, const, valid = self.tensors(z.device)
         vals = (z[..., idx] * scale.to(z)).sum(-1)
         if tangent:
             return torch.where(valid, vals, 0.0)
         return torch.where(valid, vals + const.to(z), -math.inf)
 
-    def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cache = self.__dict__.setdefault("_cache", {})  # frozen dataclass: a plain dict cache
         if device not in cache:
             arrays = (self.idx.clip(0), self.scale, self.const, self.valid)
@@ -82,9 +79,8 @@ class UnitTable:
         return out
 
 
-def unit_table(view: SplineView, layer: Layer | None) -> UnitTable:
+def unit_table(prog: Program, layer: Layer | None) -> UnitTable:
     """The candidate table of a layer (``None``: the output, one unit choosing the top class)."""
-    prog = view.program
     if layer is None:
         c = math.prod(prog.shapes[prog.output_name])
         idx = np.stack([np.arange(c), np.full(c, -1)], 1)[None]  # (1, C, 2)
@@ -104,7 +100,7 @@ def unit_table(view: SplineView, layer: Layer | None) -> UnitTable:
     windows = (
         _pool_windows(maso, prog.shapes[step.args[0].name], layer)
         if isinstance(maso, Pool)
-        else _reduce_windows(maso, view, step)
+        else _reduce_windows(maso, prog, step)
     )
     sign = 1.0 if isinstance(maso, Pool) or maso.largest else -1.0
     return _table(step.name, step.args[:1], False, _terms(windows), [sign, 0.0], 0.0)
@@ -167,17 +163,17 @@ def _axis_windows(pool: Pool, i: int, n_out: int, n_in: int) -> tuple[np.ndarray
     return pos, (pos >= 0) & (pos < n_in)
 
 
-def _reduce_windows(maso: Reduce, view: SplineView, step: Any) -> np.ndarray:
-    prog, src = view.program, step.args[0].name
+def _reduce_windows(maso: Reduce, prog: Program, step: Any) -> np.ndarray:
+    src = step.args[0].name
     shape, b = prog.shapes[src], prog.bdims[src]
     ids = torch.arange(math.prod(shape)).view(shape).unsqueeze(b)  # a batch of one
-    flat = maso._flat(ids)  # (..., R) with the batch dimension among the kept ones
+    flat = maso.flat(ids)  # (..., R) with the batch dimension among the kept ones
     kept_b = b - sum(d % ids.dim() < b for d in maso.dims)
     return flat.movedim(kept_b, 0).reshape(-1, flat.shape[-1]).numpy()
 
 
 def slot_tangents(
-    view: SplineView,
+    prog: Program,
     tables: list[UnitTable],
     x: Tensor,
     dirs: Tensor,
@@ -189,41 +185,40 @@ def slot_tangents(
     nodes that reach the layers without passing through it keep their values for x). The frozen
     network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
     """
-    prog, m, t = view.program, len(x), len(dirs)
-    stop = _last_step(view, tables)
+    m, t = len(x), len(dirs)
+    stop = last_step(prog, tables)
     start = start or prog.input_name
-    states: dict[str, Tensor] = {}
     with torch.no_grad(), exact_matmul():
-        env0 = prog.run(x, record=states, stop=stop)
+        env0, states = prog.record(x, stop=stop)
         h0 = prog.per_sample(start, env0[start])
         moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *h0.shape[1:])
         xt = x.repeat(t, *[1] * (x.dim() - 1))
-        tiled = view._cat_states([states] * t)
-        env1 = prog.run(xt, states=tiled, inject=(start, prog.from_sample(start, moved)), stop=stop)
-    return slot_differences(view, tables, env0, env1, m, t)
+        at = {start: prog.from_sample(start, moved)}
+        env1 = prog.frozen(xt, prog.tile_states(states, t), at=at, stop=stop)
+    return slot_differences(prog, tables, env0, env1, m, t)
 
 
 def slot_differences(
-    view: SplineView, tables: list[UnitTable], env0: dict, env1: dict, m: int, t: int
+    prog: Program, tables: list[UnitTable], env0: dict, env1: dict, m: int, t: int
 ) -> list[tuple[Tensor, Tensor]]:
     """Slots of a run at m points and of a frozen run at t moves of each: [(z, dz (m, t, S))]."""
     out = []
     for table in tables:
-        z0, z1 = _slots(view, table, env0, m), _slots(view, table, env1, t * m)
+        z0, z1 = slot_values(prog, table, env0, m), slot_values(prog, table, env1, t * m)
         out.append((z0, (z1.view(t, m, -1) - z0).transpose(0, 1)))
     return out
 
 
-def _last_step(view: SplineView, tables: list[UnitTable]) -> str | None:
+def last_step(prog: Program, tables: list[UnitTable]) -> str | None:
+    """The last step the tables read (None: the output, or no table)."""
     names = {t.step for t in tables}
     if OUTPUT in names or not names:
         return None
-    return max(names, key=view.program.position.__getitem__)
+    return max(names, key=prog.position.__getitem__)
 
 
-def _slots(view: SplineView, table: UnitTable, env: dict[str, Any], m: int) -> Tensor:
+def slot_values(prog: Program, table: UnitTable, env: dict[str, Any], m: int) -> Tensor:
     """The slot values of one table in a run's environment, (m, S)."""
-    prog = view.program
     vals = [env[a.name] if isinstance(a, Ref) else a for a in table.operands]
     if table.elementwise:
         bdim = prog.bdims[table.step]

@@ -1,0 +1,145 @@
+"""Why an operation cannot be part of a piecewise-affine network, said where it happens.
+
+Each check reads the op's registry entry and the graph node, and raises
+``UnsupportedOperationError`` naming the ATen op, the module path and source line, the reason
+and the fix.
+
+>>> # used by splinelens._capture.compiler while it walks the exported graph
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from splinelens._capture.registry import OpInfo, bound_args, info
+from splinelens.errors import UnsupportedOperationError
+
+Node = torch.fx.Node
+
+
+def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperationError:
+    """The refusal of ``node`` (ATen op ``name``), located at its module and source line."""
+    return UnsupportedOperationError(f"aten.{name}", location(node), why, fix)
+
+
+def check_kind(node: Node, name: str) -> str:
+    """The op's kind ('affine' or 'maso'), or its refusal (g inside the net, refused, integer)."""
+    entry = info(name)
+    kind = entry.kind
+    if name in ("max", "min"):
+        kind = _max_overload(node, name)
+    if kind in ("g", "refused"):
+        raise error(node, name, entry.why, entry.fix)
+    if not _floating(node):
+        raise error(
+            node,
+            name,
+            "turns activations into integers or booleans (a step function), which is not "
+            "piecewise affine",
+        )
+    return kind
+
+
+def _max_overload(node: Node, name: str) -> str:
+    if node.target._overloadname in ("other", "dim"):
+        return "maso"
+    raise error(
+        node,
+        name,
+        "reduces over every dimension, the batch included",
+        "reduce over the feature dimensions only",
+    )
+
+
+def check_affine(node: Node, name: str, act: set[str]) -> None:
+    """Refuse affine-looking ops used non-affinely: products of two activations, division by one,
+    rounding, selections by an activation-dependent condition, training-mode batchnorm."""
+    entry, a = info(name), bound_args(node)
+    if entry.operands:
+        _check_product(node, name, entry, list(a.values()), act)
+        if name == "div" and a.get("rounding_mode") is not None:
+            raise error(node, name, "rounds the quotient (a step function)")
+    elif name in ("where", "masked_fill"):
+        if _is_act(a.get("condition", a.get("mask")), act):
+            raise error(
+                node,
+                name,
+                "selects with a condition computed from the activations (a step function), "
+                "which splinelens cannot split into MASO pieces",
+                "use relu / max / clamp instead",
+            )
+    elif name in ("batch_norm", "dropout", "native_dropout") and a.get("train", a.get("training")):
+        raise error(node, name, "runs in training mode", "call model.eval()")
+
+
+def _check_product(node: Node, name: str, entry: OpInfo, vals: list[Any], act: set[str]) -> None:
+    flat = [v for i in entry.operands if i < len(vals) for v in _flat(vals[i])]
+    if sum(isinstance(v, Node) and v.name in act for v in flat) > 1:
+        raise error(
+            node, name, "multiplies two activation-dependent tensors, which is not piecewise affine"
+        )
+    if name == "div" and _is_act(vals[1], act):
+        raise error(node, name, "divides by an activation, which is not affine")
+
+
+def check_along_batch(node: Node, name: str, src: Node, b: int | None) -> None:
+    """Refuse ops that move data along the batch axis ``b`` of ``src`` (flip, roll, gather,
+    partial slices): samples would be mixed, reordered or dropped."""
+    val = src.meta.get("val")
+    if b is None or not isinstance(val, torch.Tensor) or not info(name).along_dim:
+        return
+    a = bound_args(node)
+    dims = a.get("dims", a.get("dim", a.get("shifts")))
+    if name == "roll" and not a.get("dims"):
+        dims = list(range(val.dim()))  # roll without dims works on the flattened tensor
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if b not in [d % val.dim() for d in dims if isinstance(d, int)]:
+        return
+    end = a.get("end")
+    full = (
+        name == "slice"
+        and a.get("start") in (None, 0)
+        and a.get("step") in (None, 1)
+        and (end is None or (isinstance(end, int) and end >= 2**62))
+    )
+    if not full:
+        raise error(
+            node,
+            name,
+            "works along the batch dimension, so samples are mixed, reordered or dropped",
+            "each input must pass through the network on its own",
+        )
+
+
+def module_of(node: Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module the node was traced in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path, cls = list(stack.values())[-1] if stack else ("", "")
+    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path, cls.rsplit(".", 1)[-1]
+
+
+def location(node: Node) -> str:
+    """Where a node comes from: its module and the last source line of its stack trace."""
+    path, cls = module_of(node)
+    where = f"module '{path}' ({cls})" if path else "the model's forward"
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    files = [ln.strip() for ln in trace if ln.strip().startswith("File ")]
+    return where + (f", {files[-1]}" if files else "")
+
+
+def _flat(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (tuple, list)) else [v]
+
+
+def _is_act(v: Any, act: set[str]) -> bool:
+    return any(isinstance(u, Node) and u.name in act for u in _flat(v))
+
+
+def _floating(node: Node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+    return not tensors or tensors[0].dtype.is_floating_point
