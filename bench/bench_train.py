@@ -11,16 +11,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from bench_core import _clock as clock  # run as: python bench/bench_train.py
 
+from splinelens.paper.config import TrainConfig
 from splinelens.paper.data import Data
 from splinelens.paper.models import build_model
-from splinelens.paper.train import TrainConfig, _epoch
+from splinelens.paper.train import train_epoch
 from splinelens.penalty import orthogonality_penalty
+
+
+def clock(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of ``fn`` takes, the device's queue drained before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def fake_data(n: int, shape: tuple[int, int, int], device: str) -> Data:
@@ -60,7 +73,7 @@ def main() -> None:
     cfg = TrainConfig(batch_size=args.batch, progress=False)
     dev = torch.device(args.device)
     ours = {
-        lam: (lambda lam=lam: _epoch(model, opt, data, replace(cfg, lam=lam), gen, dev))
+        lam: (lambda lam=lam: train_epoch(model, opt, data, replace(cfg, lam=lam), gen, dev))
         for lam in (0.0, 0.1)
     }
     plain = lambda: plain_epoch(model, opt, data, args.batch, 0.1)  # noqa: E731

@@ -100,7 +100,8 @@ def test_penalty_float32_has_no_cancellation() -> None:
 
 def test_penalties_and_input_convexity_are_at_top_level() -> None:
     import splinelens as sl
-    from splinelens import convex, penalty
+    from splinelens import penalty
+    from splinelens.geometry import convexity as convex
 
     assert sl.orthogonality_penalty is penalty.orthogonality_penalty
     assert sl.template_penalty is penalty.template_penalty

@@ -21,9 +21,9 @@ import torch
 from splinelens._io import Locks
 from splinelens.cli import main
 from splinelens.paper import sweep as sweep_mod
+from splinelens.paper.config import TrainConfig
 from splinelens.paper.data import Data
 from splinelens.paper.sweep import configs, run_id, run_sweep
-from splinelens.paper.train import TrainConfig
 
 BASE = TrainConfig(
     dataset="digits", arch="mlp", epochs=1, train_subset=200, test_subset=100, progress=False

@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from splinelens.paper import sweep as sweep_mod
+from splinelens.paper.config import TrainConfig
 from splinelens.paper.report import report
 from splinelens.paper.sweep import load_runs, run_id, run_sweep
 from splinelens.paper.train import (
     DivergedError,
-    TrainConfig,
-    _batches,
     load_checkpoint,
     load_data,
     make_model,
     save_checkpoint,
     train,
 )
+from splinelens.paper.train import batch_indices as _batches
 
 BASE = TrainConfig(
     dataset="digits",

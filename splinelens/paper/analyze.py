@@ -10,8 +10,6 @@ architecture on a registered dataset); every function takes any ``nn.Module``.
 from __future__ import annotations
 
 import copy
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import torch.nn as nn
 from splinelens.geometry.convexity import convexity, convexity_gap, make_input_convex
 from splinelens.paper import figures
 from splinelens.paper.data import Data
+from splinelens.paper.files import write_csv, write_json
 from splinelens.paper.neighbors import neighbor_stats, others, region_stats
 from splinelens.paper.templates import bimodality, template_responses, template_stats
 from splinelens.view import partition_codes, view_of
@@ -79,23 +78,30 @@ def templates_figure(
         responses=resp.detach().numpy(),
         classes=top.numpy(),
     )  # the figure's data
-    st = template_stats(model, x[:200])
+    stats = _template_summary(model, x[:200])
+    write_json(out / "template_stats.json", stats)
+    return stats
+
+
+def _template_summary(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Means over ``x`` of |cos(A[x]_c, x)|, ||A[x]_c|| and |cos| between classes' templates."""
+    st = template_stats(model, x)
     gram = st["gram"]
     norms = gram.diagonal(dim1=1, dim2=2).sqrt()
     cosg = gram / (norms[:, :, None] * norms[:, None, :])
     off = ~torch.eye(gram.shape[1], dtype=torch.bool)
-    stats = {
+    return {
         "mean_abs_cos_with_x": float(st["cos"].abs().mean()),
         "mean_norm": float(st["norm"].mean()),
         "mean_abs_cos_between_classes": float(cosg[:, off].abs().mean()),
     }
-    write_json(out / "template_stats.json", stats)
-    return stats
 
 
 def bimodality_figure(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, lam: float
 ) -> dict[str, float]:
+    """Fig. 2 for the model trained with ``lam``: the histogram of template responses, one row
+    per input of them in ``responses_lam<lam>.csv``; returns Prop. 5's statistics."""
     r = template_responses(model, x)
     figures.plot_bimodality(r, y, out / f"bimodality_lam{lam:g}.png")
     write_csv(
@@ -111,6 +117,8 @@ def bimodality_figure(
 def partition_figures(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path
 ) -> tuple[list, list]:
+    """Fig. 4 for the first input (neighbors.png, the test indices in neighbors_grid.json), and
+    the per-layer neighbour and region statistics (neighbor_stats.csv, regions.csv)."""
     if len(x) < 2:
         raise ValueError("the partition analyses need at least 2 inputs (--n 2 or more)")
     codes = partition_codes(model, x)
@@ -124,12 +132,13 @@ def partition_figures(
         out / "neighbors_grid.json",
         {"query": 0, "layers": names, "neighbors": [i.tolist() for i in idx]},
     )
-    write_csv(out / "neighbors.csv", nb)
+    write_csv(out / "neighbor_stats.csv", nb)
     write_csv(out / "regions.csv", regions)
     return nb, regions
 
 
 def convexity_example(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Theorem 2 on ``model``: why it is not convex, and a constrained copy that is."""
     before = convexity(model, x)
     convex = copy.deepcopy(model)
     constrained = make_input_convex(convex, x)
@@ -142,14 +151,3 @@ def convexity_example(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         "is_convex_after": after.is_convex,
         "gap_after": convexity_gap(convex, x),
     }
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=float))
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)

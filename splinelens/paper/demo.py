@@ -22,12 +22,13 @@ from splinelens.paper.analyze import (
     convexity_example,
     partition_figures,
     templates_figure,
-    write_json,
 )
+from splinelens.paper.config import TrainConfig
 from splinelens.paper.data import Data, load_dataset
+from splinelens.paper.files import write_json, write_text
 from splinelens.paper.report import report as sweep_report
 from splinelens.paper.sweep import run_id, run_sweep
-from splinelens.paper.train import TrainConfig, load_checkpoint, make_model
+from splinelens.paper.train import load_checkpoint, make_model
 
 
 def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1000) -> Path:
@@ -42,13 +43,21 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     run_sweep(base, [0.0, lam], seeds=1, out=out / "sweep", checkpoints=True)
     models = {lm: _load(base, lm, data, out) for lm in (0.0, lam)}
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n_test]
+    facts: dict[str, Any] = {"epochs": epochs, "lam": lam, "n_test": len(pick)}
+    facts["test_indices"] = pick.tolist()
+    facts.update(_analyses(models, data, pick, out))
+    write_json(out / "results.json", facts)
+    page = out / "report.html"
+    write_text(page, render(facts))
+    return page
+
+
+def _analyses(
+    models: dict[float, nn.Module], data: Data, pick: torch.Tensor, out: Path
+) -> dict[str, Any]:
+    """Every analysis on the test examples ``pick``: its figures into ``out``, its facts."""
     x, y = data.test_x[pick], data.test_y[pick]  # the test set is stored class by class
-    facts: dict[str, Any] = {
-        "epochs": epochs,
-        "lam": lam,
-        "n_test": len(x),
-        "test_indices": pick.tolist(),
-    }
+    facts: dict[str, Any] = {}
     _say("templates (Sec. 5)")
     facts["templates"] = templates_figure(models[0.0], x, data, out)
     _say("template responses over the test set (Sec. 5.3)")
@@ -60,10 +69,7 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     _say("Figure 3 and convexity")
     facts["figure3"] = sweep_report(out / "sweep")
     facts["convexity"] = convexity_example(models[0.0], x[:200])
-    write_json(out / "results.json", facts)
-    page = out / "report.html"
-    page.write_text(render(facts))
-    return page
+    return facts
 
 
 def _say(msg: str) -> None:

@@ -4,7 +4,7 @@ A record is trusted only if it is a JSON object whose config rebuilds as a ``Tra
 the file's run id, and whose summary numbers are those of its own history: a truncated, edited or
 foreign record is named in a ``RunRecordWarning`` and counts as not finished.
 
->>> from splinelens.paper.train import TrainConfig
+>>> from splinelens.paper.config import TrainConfig
 >>> run_id(TrainConfig(dataset="digits", arch="mlp", epochs=1))
 '1922830b58b8'
 """
@@ -20,7 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from splinelens.paper.train import TrainConfig, summarize
+from splinelens.paper.config import TrainConfig
+from splinelens.paper.train import summarize
 
 CONFIG_KEYS = ("dataset", "arch", "lam", "seed", "epochs")  # the config's columns in results.csv
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))

@@ -3,23 +3,23 @@
 (a) test accuracy against lambda: the mean over seeds (dots), +/- one std (band), and the max
 over runs and epochs; (b) training error and test accuracy per epoch, lambda = 0 against the
 other lambdas (means over seeds). The table gives, per lambda, the mean, std and max of the
-final test accuracy (mean of the last 3 epochs) and Welch's t-test against lambda = 0.
+final test accuracy (mean of the last 3 epochs) and Welch's t-test against lambda = 0. The
+figures are drawn by ``figures``, each with the numbers it shows beside it as CSV.
 
 >>> # report(Path("runs/fmnist")) writes fig3a.png, fig3b.png, table.md and table.csv there
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from splinelens.paper.sweep import _write_text, load_runs
+from splinelens.paper import figures
+from splinelens.paper.files import write_csv, write_text
+from splinelens.paper.sweep import load_runs
 
 
 def by_lambda(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
@@ -71,74 +71,16 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return head + "".join(fmt.format(**r) for r in rows)
 
 
-def _xpos(lams: list[float]) -> list[float]:
-    """Lambda on a log axis with lambda = 0 placed one decade below the smallest non-zero."""
-    nonzero = [x for x in lams if x > 0]
-    low = min(nonzero) / 10 if nonzero else 1.0
-    return [math.log10(x if x > 0 else low) for x in lams]
-
-
-def figure_a(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lams = list(groups)
-    xs = _xpos(lams)
-    acc = [np.array([r["test_acc"] for r in groups[lam]]) for lam in lams]
-    mean = np.array([a.mean() for a in acc])
-    std = np.array([a.std(ddof=1) if len(a) > 1 else 0.0 for a in acc])  # as in the table
-    best = [max(h["test_acc"] for r in groups[lam] for h in r["history"]) for lam in lams]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.fill_between(xs, mean - std, mean + std, alpha=0.25, label="mean ± std")
-    ax.plot(xs, mean, "o-", label="mean over seeds")
-    ax.plot(xs, best, "^--", label="max over runs and epochs")
-    ax.set_xticks(xs, [f"{lam:g}" for lam in lams])
-    ax.set_xlabel("λ (orthogonality penalty)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def figure_b(groups: dict[float, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for lam, runs in groups.items():
-        hist = [r["history"] for r in runs]
-        n = min(len(h) for h in hist)
-        epochs = np.arange(1, n + 1)
-        style = {"lw": 2.5, "color": "k"} if lam == 0 else {"lw": 1.2}
-        for ax, key in ((ax1, "train_err"), (ax2, "test_acc")):
-            vals = np.mean([[h[e][key] for e in range(n)] for h in hist], axis=0)
-            ax.plot(epochs, vals, label=f"λ={lam:g}", **style)
-    ax1.set(xlabel="epoch", ylabel="training error", yscale="log")
-    ax2.set(xlabel="epoch", ylabel="test accuracy")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def report(out: str | Path) -> list[dict[str, Any]]:
-    """Write fig3a.png, fig3b.png, table.md and table.csv into the sweep directory."""
+    """Write fig3a.png, fig3b.png (with their data, fig3a.csv and fig3b.csv), table.md and
+    table.csv into the sweep directory; return the table's rows."""
     out = Path(out)
     groups = by_lambda(load_runs(out))
     if not groups:
         raise ValueError(f"{out} holds no finished runs (expected {out}/runs/*.json)")
     rows = table(groups)
-    figure_a(groups, out / "fig3a.png")
-    figure_b(groups, out / "fig3b.png")
-    _write_text(out / "table.md", _markdown(rows))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(out / "table.csv", buf.getvalue())
+    figures.plot_sweep_accuracy(groups, out / "fig3a.png")
+    figures.plot_sweep_curves(groups, out / "fig3b.png")
+    write_text(out / "table.md", _markdown(rows))
+    write_csv(out / "table.csv", rows)
     return rows

@@ -25,8 +25,6 @@ twice; the run of a process that died is taken over (at once on the same host, a
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -35,11 +33,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from splinelens._io import Locks, atomic_path
+from splinelens._io import Locks
+from splinelens.paper.config import TrainConfig
+from splinelens.paper.files import write_csv, write_json
 from splinelens.paper.records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
 from splinelens.paper.train import (
     DivergedError,
-    TrainConfig,
     load_data,
     runtime,
     save_checkpoint,
@@ -117,7 +116,7 @@ def run_sweep(
     grid = configs(base, lambdas, seeds)  # refuses a bad lambda before anything is written
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, base)
-    _write_json(out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds})
+    write_json(out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds})
     todo = [c for c in grid if not _done(out, c)]
     save = str(out.resolve() / "runs") if checkpoints else None
     with Locks(timeout) as locks:
@@ -285,7 +284,7 @@ def _done(out: Path, cfg: TrainConfig, warn: bool = True) -> bool:
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:
-    _write_json(out / "runs" / f"{record['run_id']}.json", record)
+    write_json(out / "runs" / f"{record['run_id']}.json", record)
     write_results(out)
 
 
@@ -324,11 +323,7 @@ def write_results(out: str | Path) -> list[dict[str, Any]]:
     while True:
         before = _record_stamps(out)
         rows = _rows(load_runs(out))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        _write_text(Path(out) / "results.csv", buf.getvalue())
+        write_csv(Path(out) / "results.csv", rows, COLUMNS)
         if _record_stamps(out) == before:
             return rows
 
@@ -350,12 +345,3 @@ def _record_stamps(out: str | Path) -> set[tuple[str, int, int]]:
             st = p.stat()
             stamps.add((p.name, st.st_mtime_ns, st.st_size))
     return stamps
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1))
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)

@@ -1,8 +1,9 @@
 """Training with the orthogonal-template penalty (Sec. 6): Adam with exponential decay.
 
 One run = one ``TrainConfig``; the data stays on the training device as tensors; per-epoch
-metrics go to the returned history. Run one from the shell with ``splinelens sweep`` (one lambda,
-one seed) or in Python:
+metrics go to the returned history. The settings and the rules they obey are in ``config``;
+here: the loop, the reproducible context it runs in, and checkpoints of its models. Run one from
+the shell with ``splinelens sweep`` (one lambda, one seed) or in Python:
 
 >>> cfg = TrainConfig(dataset="digits", arch="mlp", lam=0.1, epochs=1, progress=False)
 >>> result = train(cfg)
@@ -16,10 +17,9 @@ import contextlib
 import math
 import os
 import pickle
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,133 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from splinelens._io import atomic_path
+from splinelens.paper.config import TrainConfig, resolve_device
 from splinelens.paper.data import Data, load_dataset
 from splinelens.paper.models import build_model
 from splinelens.penalty import classifier, orthogonality_penalty
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines one training run (its id is a hash of these values)."""
-
-    dataset: str = "fashion-mnist"
-    arch: str = "small-cnn"
-    lam: float = 0.0  # weight of eq. (13)'s penalty
-    seed: int = 0
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3  # Adam's initial learning rate
-    lr_decay: float = 0.95  # per-epoch factor of the exponential decay
-    balanced: bool = False  # class-balanced batches: batch_size / C examples of each class
-    batchnorm: bool = True
-    bias: bool = True
-    train_subset: int = 0  # use the first N training examples (0: all)
-    test_subset: int = 0  # use the first N test examples (0: all)
-    data_dir: str = ""  # local dataset directory or archive ("" : the dataset's default)
-    device: str = "auto"  # "auto": cuda when available
-    bf16: bool = False  # bf16 autocast for the forward pass (GPU)
-    threads: int = 1  # torch CPU threads during the run (results may depend on it)
-    progress: bool = field(default=True, metadata={"identity": False})
-
-    def __post_init__(self) -> None:
-        """Normalise types (lam=1 and lam=1.0 are the same run, and the same id) and refuse
-        values out of range with a ValueError naming the field."""
-        for f in fields(self):
-            if f.name not in _RULES:
-                continue
-            try:
-                setattr(self, f.name, field_value(f.name, getattr(self, f.name)))
-            except ValueError as e:
-                raise ValueError(f"TrainConfig.{f.name}: {e}") from None
-        try:
-            self.device = device_name(self.device)
-        except ValueError as e:
-            raise ValueError(f"TrainConfig.device: {e}") from None
-
-    def identity(self) -> dict[str, object]:
-        """The fields that define the run's result (not how it is displayed or where it runs).
-
-        ``threads`` is left out at its default, so that runs keep the ids they had before the
-        field existed.
-        """
-        skip = {"progress", "device"} | ({"threads"} if self.threads == 1 else set())
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
-
-INT_MAX = 2**31 - 1  # int fields fit a C int (torch, numpy and the OS take them as such)
-_THREADS_MAX = 1024  # torch starts that many OpenMP threads; 10**5 crashes the process
-
-
-def _ints(low: int, high: int = INT_MAX, note: str = "") -> tuple[type, Callable, str]:
-    """The rule of an int field in [low, high]."""
-    return (int, lambda v: low <= v <= high, f"an integer >= {low} and <= {high}{note}")
-
-
-_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    "lam": (float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "seed": _ints(0),
-    "epochs": _ints(1),
-    "batch_size": _ints(1),
-    "lr": (float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "lr_decay": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "train_subset": _ints(0, note=" (0: all)"),
-    "test_subset": _ints(0, note=" (0: all)"),
-    "threads": _ints(1, _THREADS_MAX),
-}
-
-# numbers as text: plain ASCII decimal notation (int() would also take "1_0" and "\u0663")
-_NUMBER_TEXT = {
-    int: re.compile(r"[+-]?[0-9]+"),
-    float: re.compile(
-        r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.I
-    ),
-}
-
-
-def parse_number(text: str, kind: type = float) -> Any:
-    """``text`` as an int or float, in plain decimal notation; else a ValueError.
-
-    >>> parse_number("1e-3"), parse_number("12", int)
-    (0.001, 12)
-    >>> parse_number("1_0", int)
-    Traceback (most recent call last):
-    ...
-    ValueError: invalid literal for int(): '1_0'
-    """
-    if not _NUMBER_TEXT[kind].fullmatch(text):
-        raise ValueError(f"invalid literal for {kind.__name__}(): {text!r}")
-    return kind(text)
-
-
-def field_value(name: str, value: Any) -> Any:
-    """``value`` (a number or its text) as TrainConfig field ``name`` takes it, range-checked.
-
-    >>> field_value("lr", "0.01"), field_value("epochs", 3.0)
-    (0.01, 3)
-    >>> field_value("lr_decay", 1.5)
-    Traceback (most recent call last):
-    ...
-    ValueError: expected a number in (0, 1], got 1.5
-    >>> field_value("epochs", True)
-    Traceback (most recent call last):
-    ...
-    ValueError: True is a bool, not an integer; expected an integer >= 1 and <= 2147483647
-    """
-    kind, ok, what = _RULES[name]
-    noun = "an integer" if kind is int else "a number"
-    if isinstance(value, bool):  # int(True) == 1, but True is not a number of epochs
-        raise ValueError(f"{value!r} is a bool, not {noun}; expected {what}")
-    try:  # int("3") == 3, int(2.5) == 2: refused below
-        converted = parse_number(value, kind) if isinstance(value, str) else kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{value!r} is not {noun}; expected {what}") from None
-    if kind is int and not isinstance(value, str) and converted != value:
-        raise ValueError(f"{value!r} is not an integer; expected {what}")
-    if not ok(converted):
-        raise ValueError(f"expected {what}, got {value!r}")
-    return converted
 
 
 class DivergedError(RuntimeError):
@@ -163,83 +42,22 @@ class DivergedError(RuntimeError):
 
 @dataclass
 class RunResult:
+    """What ``train`` returns: the config, one history row per epoch and the trained model."""
+
     config: TrainConfig
     history: list[dict[str, float]]
     model: nn.Module
     runtime: dict[str, Any] = field(default_factory=dict)  # see ``runtime``
 
 
-_DEVICES = "expected auto, cpu, cuda, cuda:N or mps"
-
-
-def device_name(device: Any) -> str:
-    """``device`` as TrainConfig keeps it: "auto" or a device torch can parse (not "meta").
-
-    Only the syntax: whether this machine has the device is ``resolve_device``'s question.
-
-    >>> device_name("cuda:1"), device_name(torch.device("cpu"))
-    ('cuda:1', 'cpu')
-    >>> device_name("gpu")
-    Traceback (most recent call last):
-    ...
-    ValueError: 'gpu' is not a device; expected auto, cpu, cuda, cuda:N or mps
-    """
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):  # torch.device(0) would be cuda:0
-        raise ValueError(f"{device!r} is not a device name; {_DEVICES}")
-    if device == "auto":
-        return device
-    try:
-        parsed = torch.device(device)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{device!r} is not a device; {_DEVICES}") from None
-    if parsed.type == "meta":
-        raise ValueError(f"{device!r} holds shapes, no data: nothing can run on it; {_DEVICES}")
-    return device
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device of ``device`` ("auto": cuda when available, else cpu), which must exist
-    on this machine; else a one-line ValueError.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parsed = torch.device(device_name(device))
-    why = _unavailable(parsed)
-    if why:
-        raise ValueError(f"device {device!r}: {why}")
-    return parsed
-
-
-def _unavailable(device: torch.device) -> str:
-    """Why this machine cannot run on ``device``; "" when it can."""
-    if device.type == "cpu":
-        return ""
-    if device.type == "mps":
-        ok, count = torch.backends.mps.is_available(), 1
-    else:
-        backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
-        if not callable(getattr(backend, "is_available", None)):
-            return f"splinelens cannot run on {device.type}; {_DEVICES}"
-        ok = backend.is_available()
-        count = backend.device_count() if ok else 0
-    if not ok:
-        return f"{device.type} is not available on this machine (torch {torch.__version__})"
-    if device.index is not None and device.index >= count:
-        return f"this machine has {count} {device.type} device(s), numbered from 0"
-    return ""
-
-
 def load_data(cfg: TrainConfig) -> Data:
+    """The run's dataset, cut to ``cfg.train_subset`` / ``cfg.test_subset`` examples."""
     data = load_dataset(cfg.dataset, cfg.data_dir or None)
     return data.subset(cfg.train_subset or None, cfg.test_subset or None)
 
 
 def make_model(cfg: TrainConfig, data: Data) -> nn.Module:
+    """The run's untrained model, shaped for ``data`` (channels, image size, classes)."""
     c, h, _ = data.shape
     return build_model(cfg.arch, c, h, data.num_classes, cfg.batchnorm, cfg.bias)
 
@@ -311,28 +129,38 @@ def _train(cfg: TrainConfig, data: Data | None, device: torch.device) -> RunResu
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
-    epochs = range(1, cfg.epochs + 1)
-    bar = _progress(epochs, cfg)
+    bar = _progress(range(1, cfg.epochs + 1), cfg)
     for epoch in bar:
-        t0 = time.perf_counter()
-        loss, err, pen = _epoch(model, opt, data, cfg, gen, device)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss,
-            "train_err": err,
-            "penalty": pen,
-            "test_acc": evaluate(model, data.test_x, data.test_y),
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
-        }
+        row = {"epoch": epoch, **_epoch_metrics(model, opt, data, cfg, gen, device)}
         history.append(row)
         sched.step()
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{row['test_acc']:.4f}")
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
     return RunResult(cfg, history, model, runtime(cfg))
 
 
-def _epoch(
+def _epoch_metrics(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    device: torch.device,
+) -> dict[str, float]:
+    """Train one epoch; its row of the history (without the epoch number)."""
+    t0 = time.perf_counter()
+    loss, err, pen = train_epoch(model, opt, data, cfg, gen, device)
+    return {
+        "train_loss": loss,
+        "train_err": err,
+        "penalty": pen,
+        "test_acc": evaluate(model, data.test_x, data.test_y),
+        "lr": opt.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def train_epoch(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     data: Data,
@@ -340,11 +168,13 @@ def _epoch(
     gen: torch.Generator,
     device: torch.device,
 ) -> tuple[float, float, float]:
-    """One pass over the training set; returns mean loss, training error, last penalty."""
+    """One pass over the training set (cross-entropy + ``cfg.lam`` x eq. (13)'s penalty, one Adam
+    step per batch of ``batch_indices``); returns the mean loss, the training error and the
+    penalty after the pass. Raises DivergedError if the loss stops being finite."""
     model.train()
     head = classifier(model)
     tot_loss = tot_wrong = seen = 0.0
-    for idx in _batches(data.train_y, cfg, gen):
+    for idx in batch_indices(data.train_y, cfg, gen):
         x, y = data.train_x[idx], data.train_y[idx]  # (B, C, H, W), (B,)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
@@ -366,8 +196,15 @@ def _epoch(
     return tot_loss / seen, tot_wrong / seen, float(pen)
 
 
-def _batches(y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
-    """Index batches for one epoch: a shuffle, or class-balanced draws (batch/C per class)."""
+def batch_indices(y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[Tensor]:
+    """Index batches of the labels ``y`` for one epoch: a shuffle split into batches of
+    ``cfg.batch_size``, or with ``cfg.balanced`` class-balanced draws (batch/C of each class).
+
+    >>> y = torch.tensor([0, 0, 1, 1, 1, 1])
+    >>> cfg = TrainConfig(batch_size=4, balanced=True)
+    >>> [sorted(y[b].tolist()) for b in batch_indices(y, cfg, torch.Generator().manual_seed(0))]
+    [[0, 0, 1, 1]]
+    """
     n = len(y)
     if not cfg.balanced:
         perm = torch.randperm(n, generator=gen).to(y.device)
@@ -398,6 +235,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float
 
 
 def _progress(epochs: range, cfg: TrainConfig):
+    """``epochs`` wrapped in a tqdm bar when ``cfg.progress`` and tqdm is installed."""
     if not cfg.progress:
         return epochs
     try:
@@ -504,4 +342,5 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 def is_finite(x: float) -> bool:
+    """Neither NaN nor infinite."""
     return not (math.isnan(x) or math.isinf(x))
