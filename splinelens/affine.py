@@ -157,16 +157,33 @@ class AffineMap:
         )
 
     def _grads(self, y: Tensor, leaf: Tensor, rows: list[int], out: Tensor) -> None:
-        """Write d y[:, r] / d leaf for each row r into out, (n, R, *start_shape)."""
-        prog = self.program
-        y = prog.per_sample(self.end, y).reshape(len(out), -1)  # (n, R_total)
-        for j, r in enumerate(rows):
-            g = None
-            if y.requires_grad:  # else end does not depend on start: A = 0
-                (g,) = torch.autograd.grad(
-                    y[:, r].sum(), leaf, allow_unused=True, retain_graph=j < len(rows) - 1
-                )
-            out[:, j] = 0 if g is None else prog.per_sample(self.start, g)
+        """Write d y[:, r] / d leaf for each row r into out, (n, R, *start_shape): several rows
+        per vmapped backward pass where every op's backward batches, else one row per pass."""
+        prog, n = self.program, len(out)
+        y = prog.per_sample(self.end, y).reshape(n, -1)  # (n, R_total)
+        if not y.requires_grad:  # end does not depend on start: A = 0
+            out.zero_()
+            return
+        step = prog.rows_per_pass(n, out.element_size()) if prog.batched_rows else 1
+        for s in range(0, len(rows), step):
+            chunk = rows[s : s + step]
+            seeds = y.new_zeros(len(chunk), *y.shape)  # (r, n, R_total): one-hot per row
+            seeds[torch.arange(len(chunk)), :, torch.tensor(chunk)] = 1
+            last, batched = s + step >= len(rows), step > 1
+            (g,) = torch.autograd.grad(
+                y,
+                leaf,
+                seeds if batched else seeds[0],
+                retain_graph=not last,
+                is_grads_batched=batched,
+                allow_unused=True,
+            )
+            if g is not None and not batched:
+                g = g.unsqueeze(0)
+            if g is None:
+                out[:, s : s + len(chunk)] = 0
+            else:  # (r, *leaf.shape) -> (n, r, *start_shape)
+                out[:, s : s + len(chunk)] = g.movedim(1 + prog.bdims[self.start], 0)
 
     def _recorded(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         self._check_unchanged()

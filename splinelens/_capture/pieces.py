@@ -200,6 +200,25 @@ class Pool:
 
     def code(self, state: Tensor) -> Tensor:
         """Position of the argmax inside its window (row-major in window coordinates)."""
+        if self._tiled():  # each input position lies in one window: a lookup table
+            cache = self.__dict__.setdefault("_tables", {})
+            if state.device not in cache:
+                plane = torch.arange(math.prod(self.in_spatial), device=state.device)
+                cache[state.device] = self._positions(plane)
+            return cache[state.device].take(state)
+        return self._positions(state)
+
+    def _tiled(self) -> bool:
+        """Windows tile the plane: fixed, stride = kernel, no padding, no dilation."""
+        return (
+            not self.output_size
+            and self.stride == self.kernel
+            and not any(self.padding)
+            and all(d == 1 for d in self.dilation)
+        )
+
+    def _positions(self, state: Tensor) -> Tensor:
+        """The position of input index ``state`` inside its window, computed axis by axis."""
         idx = state.to(torch.int32)  # flat index into the input plane; int32 halves the traffic
         tiled = not self.output_size and self.stride == self.kernel and not any(self.padding)
         pos = torch.zeros((), dtype=torch.int32, device=state.device)

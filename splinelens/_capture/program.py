@@ -33,6 +33,7 @@ import torch
 
 from splinelens._capture.batch import BatchSizes
 from splinelens._capture.pieces import MasoOp
+from splinelens._capture.registry import info
 
 Tensor = torch.Tensor
 States = dict[str, Tensor]
@@ -183,6 +184,18 @@ class Program:
         maso = self.step(layer.step).maso
         assert maso is not None
         return maso.code(states[layer.step]).movedim(layer.state_bdim, 0).reshape(n, -1)
+
+    @property
+    def batched_rows(self) -> bool:
+        """Whether rows of A are best differentiated in one vmapped backward pass: every op's
+        backward batches under vmap (registry ``vmap_backward``)."""
+        return all(info(s.op).vmap_backward for s in self.steps)
+
+    def rows_per_pass(self, n: int, itemsize: int, budget: int = 1 << 28) -> int:
+        """Rows of A per vmapped backward pass for n inputs: the rows' gradients of every node
+        stay near ``budget`` bytes."""
+        per_sample = sum(math.prod(s) for s in self.shapes.values())
+        return max(1, budget // max(1, n * per_sample * itemsize))
 
     def grad_chunk(self, itemsize: int, budget: int = 1 << 30) -> int:
         """Inputs per chunk that keep about ``budget`` bytes of activations alive for autograd."""

@@ -46,7 +46,8 @@ class OpInfo:
     ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity);
     ``view``: a view or copy through which a parameter keeps its name. ``family``: the MASO
     kind built by ``make_maso``. ``rewrite``: the function run in place of the op
-    (canonicalisation). ``why``/``fix``: the refusal.
+    (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
+    backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
     """
 
     name: str
@@ -59,6 +60,7 @@ class OpInfo:
     view: bool = False
     family: str = ""
     rewrite: Callable[..., Any] | None = None
+    vmap_backward: bool = True
     why: str = ""
     fix: str = ""
 
@@ -144,6 +146,13 @@ _add(
 )
 _add("amax amin max min", "maso", family="reduce")
 _add("maximum minimum fmax fmin", "maso", family="pairwise")
+# Backward passes that vmap loops over (``Program.batched_rows``).
+_set(
+    "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d "
+    "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
+    "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
+    vmap_backward=False,
+)
 _add(
     "softmax _softmax log_softmax _log_softmax",
     "g",
