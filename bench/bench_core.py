@@ -48,7 +48,8 @@ def small_cnn() -> nn.Module:
     return model.eval()
 
 
-def _clock(fn: Callable[[], object], device: str) -> float:
+def clock(fn: Callable[[], object], device: str) -> float:
+    """Seconds one call of ``fn`` takes, the device's queue drained before and after."""
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -64,7 +65,7 @@ def ratio(
     """Median over repeats of time(ours) / time(base), the two run back to back each repeat
     (so that a shared, noisy machine slows both alike). One warm-up call each first."""
     ours(), base()
-    return statistics.median(_clock(ours, device) / _clock(base, device) for _ in range(repeats))
+    return statistics.median(clock(ours, device) / clock(base, device) for _ in range(repeats))
 
 
 def baselines(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:

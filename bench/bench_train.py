@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from bench_core import clock
 
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.data import Data
 from splinelens.paper.models import build_model
 from splinelens.paper.train import train_epoch
 from splinelens.penalty import orthogonality_penalty
-
-
-def clock(fn: Callable[[], object], device: str) -> float:
-    """Seconds one call of ``fn`` takes, the device's queue drained before and after."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def fake_data(n: int, shape: tuple[int, int, int], device: str) -> Data:

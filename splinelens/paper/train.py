@@ -131,7 +131,9 @@ def _train(cfg: TrainConfig, data: Data | None, device: torch.device) -> RunResu
     history: list[dict[str, float]] = []
     bar = _progress(range(1, cfg.epochs + 1), cfg)
     for epoch in bar:
-        row = {"epoch": epoch, **_epoch_metrics(model, opt, data, cfg, gen, device)}
+        t0 = time.perf_counter()
+        loss, err, pen = train_epoch(model, opt, data, cfg, gen, device)
+        row = {"epoch": epoch, **_epoch_row(model, opt, data, (loss, err, pen), t0)}
         history.append(row)
         sched.step()
         if hasattr(bar, "set_postfix"):
@@ -139,17 +141,12 @@ def _train(cfg: TrainConfig, data: Data | None, device: torch.device) -> RunResu
     return RunResult(cfg, history, model, runtime(cfg))
 
 
-def _epoch_metrics(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    data: Data,
-    cfg: TrainConfig,
-    gen: torch.Generator,
-    device: torch.device,
+def _epoch_row(
+    model: nn.Module, opt: torch.optim.Optimizer, data: Data, train: tuple, t0: float
 ) -> dict[str, float]:
-    """Train one epoch; its row of the history (without the epoch number)."""
-    t0 = time.perf_counter()
-    loss, err, pen = train_epoch(model, opt, data, cfg, gen, device)
+    """An epoch's row of the history (without the epoch number): its (loss, error, penalty)
+    on the training set, test accuracy, learning rate, and seconds since ``t0``."""
+    loss, err, pen = train
     return {
         "train_loss": loss,
         "train_err": err,
