@@ -18,12 +18,19 @@ import copy
 import math
 import operator
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from splinelens._structure import added_attributes, module_list
+
 Tensor = torch.Tensor
 _REGISTERED = ("_parameters", "_buffers", "_modules")  # a module's own bookkeeping
+_CONTAINERS = frozenset({list, tuple, dict})  # looked into for tensors (model_state)
+_NO_TENSORS = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device})
+_NATIVE_SUM = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_DIVERGED = "the model diverged?"
 
 
 class LayerNotFoundError(KeyError, IndexError):
@@ -72,9 +79,9 @@ def check_finite_numbers(name: str, values: Sequence[float]) -> None:
 
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Every floating parameter and buffer of ``model``, with its qualified name."""
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and t.is_floating_point():
-            yield name, t
+    params, buffers, _ = _state(model, attributes=False)
+    yield from params
+    yield from buffers
 
 
 def model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
@@ -86,51 +93,157 @@ def model_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device] | None:
 def model_state(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Every floating tensor the model computes with: parameters, buffers and the tensor
     attributes of its modules, also inside lists, tuples and dicts (constants of the graph)."""
-    yield from model_tensors(model)
-    for prefix, m in model.named_modules():
-        for k, v in vars(m).items():
-            if k not in _REGISTERED:
-                yield from _float_tensors_in(f"{prefix}.{k}" if prefix else k, v)
+    params, buffers, attributes = _state(model)
+    yield from params
+    yield from buffers
+    yield from attributes
 
 
-def _float_tensors_in(name: str, v: object, depth: int = 0) -> Iterator[tuple[str, Tensor]]:
-    if isinstance(v, Tensor) and v.is_floating_point():
-        yield name, v
-    elif depth < 4 and type(v) in (list, tuple):
-        for i, u in enumerate(v):
-            yield from _float_tensors_in(f"{name}[{i}]", u, depth + 1)
-    elif depth < 4 and type(v) is dict:
-        for k, u in v.items():
-            yield from _float_tensors_in(f"{name}[{k!r}]", u, depth + 1)
+def _state(model: nn.Module, attributes: bool = True) -> tuple[list, list, list]:
+    """model_state as three lists (parameters, buffers, attributes) from one walk of the tree:
+    each parameter and buffer once (as ``named_parameters`` and ``named_buffers``)."""
+    params: list[tuple[str, Tensor]] = []
+    buffers: list[tuple[str, Tensor]] = []
+    attrs: list[tuple[str, Tensor]] = []
+    seen_params: set[int] = set()
+    seen_buffers: set[int] = set()
+    for prefix, m in module_list(model):
+        dot = f"{prefix}." if prefix else ""
+        _registered(m._parameters, dot, seen_params, params)
+        _registered(m._buffers, dot, seen_buffers, buffers)
+        if attributes:
+            d = vars(m)
+            items = added_attributes(d)  # (nn.Module's own hold no tensors)
+            for k, v in d.items() if items is None else items:
+                if type(v) not in _NO_TENSORS and k not in _REGISTERED:
+                    _float_tensors_in(dot + k, v, attrs)
+    return params, buffers, attrs
 
 
-def weights_fingerprint(model: nn.Module) -> tuple[tuple, list[float]]:
-    """Identities and per-tensor sums of the model's state: any change of its values (in place,
-    through ``.data``, or by replacement) changes it, short of a change that keeps every sum."""
-    named = list(model_state(model))
-    ids = tuple((name, id(t), t._version, t.data_ptr()) for name, t in named)
-    return ids, _sums([t for _, t in named])
+def _registered(d: dict[str, Tensor | None], dot: str, seen: set[int], out: list) -> None:
+    """Append the floating tensors of a ``_parameters`` or ``_buffers`` dict not seen before."""
+    for k, t in d.items():
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedTensorMixin):
+            out.append((dot + k, t))
 
 
-def _sums(tensors: list[Tensor]) -> list[float]:
-    """Each tensor's sum in float64, with one synchronisation per device."""
-    if not tensors:
-        return []
-    parts = [t.detach().sum(dtype=torch.float64) for t in tensors]
-    devices = {p.device for p in parts}
-    if len(devices) == 1:
-        return torch.stack(parts).tolist()
-    return [float(p) for p in parts]
+def _float_tensors_in(name: str, v: object, out: list, depth: int = 0) -> None:
+    """Append the floating tensors in v (also inside lists, tuples and dicts) with their names."""
+    if isinstance(v, Tensor):
+        if v.is_floating_point():
+            out.append((name, v))
+    elif depth < 4 and type(v) in _CONTAINERS:
+        if type(v) is not dict and _NO_TENSORS.issuperset(map(type, v)):
+            return  # kernel sizes, strides, paddings
+        items = v.items() if type(v) is dict else enumerate(v)
+        for k, u in items:
+            if type(u) not in _NO_TENSORS:
+                key = repr(k) if type(v) is dict else k
+                _float_tensors_in(f"{name}[{key}]", u, out, depth + 1)
+
+
+class WeightsFingerprint(NamedTuple):
+    """The model's state as ``check_model`` saw it: equal fingerprints mean unchanged weights.
+
+    ``ids`` is (name, id, version counter, data pointer) of every floating tensor of
+    ``model_state``; ``sums`` is each tensor's sum in its own dtype (float32 for float32 weights:
+    10x cheaper than float64), or in a wider one where that sum overflows. A change is seen if
+    it replaces a tensor, goes through an in-place op (the version counter), moves its data, or
+    alters a sum in the tensor's own dtype: a write through ``.data`` is seen by the sum alone,
+    so one that keeps every sum (a swap of two entries, a change below the sum's rounding) is
+    not.
+    """
+
+    ids: tuple[tuple[str, int, int, int], ...]
+    sums: tuple[float, ...]
+
+
+def check_model(model: nn.Module) -> WeightsFingerprint:
+    """Refuse NaN or inf anywhere in the model's state, naming the tensor and the index, and
+    return its fingerprint, in one pass: one sum per tensor in its own dtype, one synchronisation
+    per device, and a search for the bad entry only where a sum is not finite (a sum that
+    overflows while every entry is finite is not refused).
+
+    >>> import torch.nn as nn
+    >>> net = nn.Linear(2, 1)
+    >>> before = check_model(net)
+    >>> with torch.no_grad():
+    ...     net.weight.data[0, 0] += 1.0  # through .data: no version bump, but the sum moves
+    >>> check_model(net) == before
+    False
+    >>> net.weight.data[0, 1] = float("inf")
+    >>> check_model(net)
+    Traceback (most recent call last):
+    ...
+    ValueError: model parameter or buffer 'weight' holds inf at index (0, 1); ...
+    """
+    return _fingerprint(model, check=True)
+
+
+def weights_fingerprint(model: nn.Module) -> WeightsFingerprint:
+    """``check_model``'s fingerprint without the check (a non-finite sum stays in it)."""
+    return _fingerprint(model, check=False)
 
 
 def check_model_finite(model: nn.Module) -> None:
-    """Refuse NaN or inf anywhere in the model's state, naming the tensor and the index: one
-    float64 sum per tensor, and a search for the bad entry only when a sum is not finite."""
-    named = list(model_state(model))
-    if all(map(math.isfinite, _sums([t for _, t in named]))):
-        return
-    for name, t in named:
-        check_finite(f"model parameter or buffer '{name}'", t.detach(), "the model diverged?")
+    """Refuse NaN or inf anywhere in the model's state (``check_model`` without its result)."""
+    _fingerprint(model, check=True)
+
+
+def _fingerprint(model: nn.Module, check: bool) -> WeightsFingerprint:
+    params, buffers, attributes = _state(model)
+    named = params + buffers + attributes
+    sums = _sums([t for _, t in named])
+    if not all(map(math.isfinite, sums)):
+        for i, (name, t) in enumerate(named):
+            if not math.isfinite(sums[i]):
+                if check:  # NaN or inf entries, or only a sum that overflows?
+                    check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
+                sums[i] = _wide_sum(t.detach())
+    try:
+        ids = tuple([(name, id(t), t._version, t.data_ptr()) for name, t in named])
+    except RuntimeError:  # inference tensors have no version counter
+        ids = tuple([(name, id(t), _version(t), t.data_ptr()) for name, t in named])
+    return WeightsFingerprint(ids, tuple(sums))
+
+
+def _wide_sum(t: Tensor) -> float:
+    """The sum of a tensor whose sum overflows its dtype, in a wider one (float64 as a sum of
+    ``t * 2**-64``): float32 for 16-bit floats (65504 at most), float64 for float32."""
+    if t.dtype == torch.float64:
+        return float(t.mul(2.0**-64).sum())
+    return float(t.sum(dtype=torch.float32 if t.element_size() < 4 else torch.float64))
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+def _sums(tensors: list[Tensor]) -> list[float]:
+    """Each tensor's sum in its own dtype, with one synchronisation per device."""
+    if not tensors:
+        return []
+    with torch.no_grad():
+        parts = [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
+    try:
+        return torch.stack(parts).tolist()  # (promoted to the widest dtype: exact)
+    except RuntimeError:  # on several devices
+        return _stack_per_device(parts)
+
+
+def _stack_per_device(parts: list[Tensor]) -> list[float]:
+    """The values of 0-d tensors on several devices: one stack and one ``tolist`` per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(parts):
+        by_device.setdefault(p.device, []).append(i)
+    sums = [0.0] * len(parts)
+    for idx in by_device.values():
+        for i, s in zip(idx, torch.stack([parts[i] for i in idx]).tolist(), strict=True):
+            sums[i] = s
+    return sums
 
 
 def float64_copy(model: nn.Module) -> nn.Module:

@@ -4,12 +4,15 @@ A capture (``torch.export``) freezes the graph of the model as it was: which sub
 their settings (strides, slopes, ``inplace``...), hooks, plain tensor attributes (exported as
 constants) and the identity, shape and dtype of parameters and buffers. Parameter *values* are
 read live at every call, so training in place keeps a capture valid; anything else that changes
-invalidates it. ``structure(model)`` records all of that as nested tuples; ``describe_change``
-names the first difference.
+invalidates it. ``structure(model)`` records all of that as a ``Structure``: nested tuples of
+plain values in which objects appear by id, and the objects behind the ids, held weakly;
+``describe_change`` names the first difference.
 
 >>> import torch.nn as nn
 >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
 >>> before = structure(net)
+>>> before == structure(net)
+True
 >>> net[1] = nn.Sigmoid()
 >>> describe_change(before, structure(net))
 "module '1' was replaced (ReLU -> Sigmoid)"
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import types
 import weakref
 from typing import Any
@@ -31,30 +35,110 @@ _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persi
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
 _PLAIN_TYPES = frozenset(_PLAIN)
 _DEPTH = 6  # how deep attribute values are looked into
-_DICTS = (dict, collections.OrderedDict)
+_DICTS = frozenset({dict, collections.OrderedDict})
+_EAGER = frozenset({torch.Tensor, nn.Parameter})  # not lazy: has a shape
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
     "_global_forward_hooks_always_called",
     "_global_forward_hooks_with_kwargs",
 )
+# What nn.Module.__init__ sets, in its order. Most modules hold it as it was made (hook dicts
+# empty, flags unset); its image is then a constant, cheap to make and to compare (_attrs).
+_BASE = {k: v for k, v in vars(nn.Module()).items() if k not in _OWN}
+_BASE_KEYS = list(vars(nn.Module()))
+_BASE_FAST = all(  # (else the fast path is never taken)
+    type(v) in _PLAIN_TYPES or (type(v) in _DICTS and not v) for v in _BASE.values()
+)
+_base_values = operator.itemgetter(*_BASE)
+_BASE_VALUES = _base_values(_BASE)
+_BASE_IMAGE = tuple((k, () if type(v) in _DICTS else v) for k, v in _BASE.items())
 
 
-def structure(model: nn.Module) -> tuple:
-    """Everything about ``model`` that its captured graph depends on, as comparable tuples."""
-    mods = tuple(
-        (name, _Same(m), type(m), _attrs(m), _tensors(m._parameters), _tensors(m._buffers))
-        for name, m in model.named_modules(remove_duplicate=False)
+class Structure:
+    """What ``structure`` returns: ``tree``, nested tuples of plain values in which objects
+    (modules, parameters, hooks...) appear as their ids, and ``objects``, id -> weak reference.
+    Two are equal when their trees are and all their objects are alive: an id is reused only
+    after its object died, so equal ids of live objects are the same objects. Holding one never
+    keeps the model alive."""
+
+    __slots__ = ("objects", "tree")
+
+    def __init__(self, tree: tuple, objects: dict[int, weakref.ref]) -> None:
+        self.tree, self.objects = tree, objects
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Structure)
+            and self.tree == other.tree
+            and self.alive()
+            and other.alive()
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def alive(self) -> bool:
+        """Whether every object it refers to still exists."""
+        return not [r for r in self.objects.values() if r() is None]
+
+    def dead(self) -> set[int]:
+        """The ids of the objects that no longer exist (a later object may have the id)."""
+        return {i for i, r in self.objects.items() if r() is None}
+
+
+def structure(model: nn.Module) -> Structure:
+    """Everything about ``model`` that its captured graph depends on, cheap to compare."""
+    objects: dict[int, weakref.ref] = {}
+    modules = module_list(model, remove_duplicate=False)
+    rows = tuple([_row(name, m, objects) for name, m in modules])
+    hooks = tuple([tuple(getattr(_module, h, ())) for h in _GLOBAL_HOOKS])
+    return Structure((rows, hooks), objects)
+
+
+def _row(name: str, m: nn.Module, objects: dict, depth: int = 0) -> tuple:
+    """(name, id, class, attributes, parameters, buffers) of one module."""
+    objects[id(m)] = weakref.ref(m)
+    params, buffers = m._parameters, m._buffers
+    return (
+        name,
+        id(m),
+        type(m),
+        _attrs(m, objects, depth),
+        _tensors(params, objects, depth) if params else (),
+        _tensors(buffers, objects, depth) if buffers else (),
     )
-    hooks = tuple(tuple(getattr(_module, h, {})) for h in _GLOBAL_HOOKS)
-    return mods, hooks
 
 
-def describe_change(old: tuple, new: tuple) -> str:
+def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules(remove_duplicate=...))``, in the same order, without its
+    nested generators."""
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        if remove_duplicate:
+            if id(m) in seen:
+                return
+            seen.add(id(m))
+        out.append((prefix, m))
+        for name, sub in m._modules.items():
+            if sub is not None:
+                visit(f"{prefix}.{name}" if prefix else name, sub)
+
+    visit("", model)
+    return out
+
+
+def describe_change(old: Structure, new: Structure) -> str:
     """A short sentence naming the first difference between two ``structure`` results."""
-    if old[1] != new[1]:
+    if old.tree[1] != new.tree[1]:
         return "a global module hook was registered or removed"
-    before, after = {m[0]: m for m in old[0]}, {m[0]: m for m in new[0]}
+    dead = old.dead() | new.dead()  # replaced objects: their ids may be equal, they are not
+
+    def differs(a: Any, b: Any) -> bool:
+        return a != b or _mentions(a, dead)
+
+    before, after = {m[0]: m for m in old.tree[0]}, {m[0]: m for m in new.tree[0]}
     for name in after:
         if name not in before:
             return f"module '{name}' was added"
@@ -62,17 +146,17 @@ def describe_change(old: tuple, new: tuple) -> str:
         n = after.get(name)
         if n is None:
             return f"module '{name}' was removed"
-        if o[1:3] != n[1:3]:
+        if differs(o[1:3], n[1:3]):
             kind = f"{o[2].__name__} -> {n[2].__name__}" if o[2] is not n[2] else "another one"
             return f"module '{_label(name)}' was replaced ({kind})"
-        if o[3] != n[3]:
-            which = "attribute(s)" if o[3][0] != n[3][0] else "class attribute(s)"
-            i = 0 if o[3][0] != n[3][0] else 1
-            keys = _keys(o[3][i], n[3][i])
+        if differs(o[3], n[3]):
+            i = 0 if differs(o[3][0], n[3][0]) else 1
+            which = "attribute(s)" if i == 0 else "class attribute(s)"
+            keys = _keys(o[3][i], n[3][i], differs)
             return f"module '{_label(name)}' changed its {which} {', '.join(keys)}"
         for what, i in (("parameter", 4), ("buffer", 5)):
-            if o[i] != n[i]:
-                keys = _keys(o[i], n[i])
+            if differs(o[i], n[i]):
+                keys = _keys(o[i], n[i], differs)
                 where = f"{name}." if name else ""
                 names = ", ".join(f"'{where}{k}'" for k in keys)
                 return f"{what}(s) {names} re-registered or changed shape / dtype / device"
@@ -83,66 +167,125 @@ def _label(name: str) -> str:
     return name or "<top level>"
 
 
-def _keys(a: tuple, b: tuple) -> list[str]:
+def _keys(a: tuple, b: tuple, differs: Any) -> list[str]:
     """The names that differ between two tuples of (name, value) pairs."""
     da, db = dict(a), dict(b)
-    return sorted(da.keys() ^ db.keys() | {k for k in da.keys() & db.keys() if da[k] != db[k]})
+    changed = {k for k in da.keys() & db.keys() if differs(da[k], db[k])}
+    return sorted(da.keys() ^ db.keys() | changed)
 
 
-def _attrs(m: nn.Module, depth: int = 0) -> tuple:
+def _mentions(image: Any, ids: set[int]) -> bool:
+    """Whether an image holds one of these ids."""
+    if type(image) is tuple:
+        return any(_mentions(u, ids) for u in image)
+    return type(image) is int and image in ids
+
+
+def _keep(obj: Any, objects: dict[int, weakref.ref]) -> int:
+    """id(obj), with obj in ``objects``: weakly, or held if it has no weak references."""
+    try:
+        objects[id(obj)] = weakref.ref(obj)
+    except TypeError:  # a few builtins (SimpleNamespace, object())
+        objects[id(obj)] = _Held(obj)
+    return id(obj)
+
+
+class _Held(weakref.ref):
+    """Holds an object without weak references: a reference (to this class) that never dies."""
+
+    __slots__ = ("obj",)
+
+    def __new__(cls, obj: Any) -> _Held:
+        self = super().__new__(cls, _Held)
+        self.obj = obj
+        return self
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__(_Held)
+
+
+def _attrs(m: nn.Module, objects: dict, depth: int = 0) -> tuple:
     """The module's own attributes (settings by value, hooks by key, objects by identity and
     contents), and the plain class attributes of classes of your own."""
-    own = tuple((k, _value(v, depth)) for k, v in vars(m).items() if k not in _OWN)
-    return own, _class_attrs(type(m))
+    d = vars(m)
+    added = added_attributes(d)
+    if added is not None:  # most modules: the image of nn.Module's attributes is a constant
+        own = _BASE_IMAGE + _pairs(added, objects, depth)
+    else:
+        own = _pairs([kv for kv in d.items() if kv[0] not in _OWN], objects, depth)
+    mine = _user_classes(type(m).__mro__)
+    return own, _class_attrs(mine) if mine else ()
 
 
-def _class_attrs(cls: type) -> tuple:
+def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
+    """The (name, value) attributes of a module (``vars(m)``) after those nn.Module.__init__
+    sets, if those are still as it set them (no hooks, flags unset): most modules'; else None.
+
+    >>> added_attributes(vars(nn.Linear(2, 3)))
+    [('in_features', 2), ('out_features', 3)]
+    """
+    n = len(_BASE_KEYS)
+    keys = list(d)
+    if _BASE_FAST and keys[:n] == _BASE_KEYS and _base_values(d) == _BASE_VALUES:
+        return [(k, d[k]) for k in keys[n:]]
+    return None
+
+
+def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:
+    """(name, _value(value)) of each (name, value), with its commonest cases inline."""
+    out = []
+    for k, v in items:
+        kind = type(v)
+        if kind in _PLAIN_TYPES:
+            out.append((k, v))
+        elif kind is tuple and depth < _DEPTH and _PLAIN_TYPES.issuperset(map(type, v)):
+            out.append((k, ("tuple", v)))  # kernel sizes, strides, paddings
+        else:
+            out.append((k, _value(v, objects, depth)))
+    return tuple(out)
+
+
+def _class_attrs(classes: tuple[type, ...]) -> tuple:
+    """Read at every call: a class attribute can change."""
     return tuple(
-        (k, v)
-        for c in cls.__mro__
-        if not c.__module__.startswith(("torch.", "builtins"))
-        for k, v in vars(c).items()
-        if type(v) in _PLAIN_TYPES and not k.startswith("__")
+        [
+            (k, v)
+            for c in classes
+            for k, v in vars(c).items()
+            if type(v) in _PLAIN_TYPES and not k.startswith("__")
+        ]
     )
 
 
-class _Same:
-    """Compares equal only to the very same object, which it holds weakly: a replaced object
-    that was freed compares unequal (its id may be reused, its weak reference is dead), and a
-    cached capture never keeps the model alive."""
-
-    __slots__ = ("ref", "strong")
-
-    def __init__(self, obj: Any) -> None:
-        try:
-            self.ref, self.strong = weakref.ref(obj), None
-        except TypeError:  # no weak references (a few builtins): hold it
-            self.ref, self.strong = None, obj
-
-    def get(self) -> Any:
-        return self.ref() if self.ref is not None else self.strong
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Same):
-            return False
-        obj = self.get()
-        return obj is not None and obj is other.get()
-
-    __hash__ = None  # type: ignore[assignment]
+@functools.lru_cache(maxsize=1024)
+def _user_classes(mro: tuple[type, ...]) -> tuple[type, ...]:
+    """The classes of your own in an MRO (torch's own modules have none)."""
+    return tuple(c for c in mro if not c.__module__.startswith(("torch.", "builtins")))
 
 
-def _tensors(d: dict[str, Any], depth: int = 0) -> tuple:
-    return tuple((k, None if t is None else _tensor(t, depth)) for k, t in d.items())
+def _tensors(d: dict[str, Any], objects: dict, depth: int = 0) -> tuple:
+    """(name, _tensor(t)) of each registered parameter or buffer, with the common case inline."""
+    out = []
+    for k, t in d.items():
+        if type(t) in _EAGER and not vars(t):
+            objects[id(t)] = weakref.ref(t)
+            out.append((k, (id(t), t.shape, t.dtype, t.device, ())))
+        else:
+            out.append((k, None if t is None else _tensor(t, objects, depth)))
+    return tuple(out)
 
 
-def _tensor(t: torch.Tensor, depth: int) -> tuple:
-    if isinstance(t, nn.parameter.UninitializedTensorMixin):  # lazy: no shape yet
-        return ("lazy", _Same(t))
-    extra = _value(vars(t), depth + 1) if vars(t) else ()  # attributes set on a parameter
-    return (_Same(t), t.shape, t.dtype, t.device, extra)
+def _tensor(t: torch.Tensor, objects: dict, depth: int) -> tuple:
+    """(id, shape, dtype, device, attributes set on it) of a tensor; ("lazy", id) if lazy."""
+    objects[id(t)] = weakref.ref(t)
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):  # no shape yet
+        return ("lazy", id(t))
+    extra = vars(t)  # attributes set on a parameter
+    image = _value(extra, objects, depth + 1) if extra else ()
+    return (id(t), t.shape, t.dtype, t.device, image)
 
 
-def _value(v: Any, depth: int = 0) -> Any:
+def _value(v: Any, objects: dict, depth: int = 0) -> Any:
     """A comparable image of an attribute's value: plain values themselves, containers and
     plain objects (config objects, partials, closures) by their contents, down to _DEPTH."""
     kind = type(v)
@@ -150,29 +293,43 @@ def _value(v: Any, depth: int = 0) -> Any:
         return v
     if kind in _DICTS and not v:  # most of a module's attributes: its empty hook dicts
         return ()
+    if depth < _DEPTH:  # containers of plain values (kernel sizes...), as _image makes them
+        if kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, v.values())):
+            return ("dict", tuple(v.items()))
+        if (kind is tuple or kind is list) and _PLAIN_TYPES.issuperset(map(type, v)):
+            return (kind.__name__, tuple(v))
+    return _image(v, objects, depth)
+
+
+def _image(v: Any, objects: dict, depth: int) -> Any:
+    """``_value`` of anything else."""
+    kind = type(v)
     if isinstance(v, _PLAIN):
         return v
     if depth >= _DEPTH:
-        return _Same(v)
+        return ("same", _keep(v, objects))
     d = depth + 1
     if isinstance(v, dict):  # hook dicts: handles are never reused
-        return ("dict", tuple((k, _value(u, d)) for k, u in v.items()))
+        return ("dict", tuple((k, _value(u, objects, d)) for k, u in v.items()))
     if isinstance(v, (tuple, list)):
-        return (kind.__name__, tuple(_value(u, d) for u in v))
+        return (kind.__name__, tuple(_value(u, objects, d) for u in v))
     if isinstance(v, torch.Tensor):
-        return ("tensor", *_tensor(v, d))
+        return ("tensor", *_tensor(v, objects, d))
     if isinstance(v, nn.Module):  # a module outside _modules (in a list, say)
-        return ("module", _Same(v), kind, _attrs(v, d), _tensors(v._parameters, d))
+        return ("module", *_row("", v, objects, d)[1:])
     if isinstance(v, functools.partial):
-        return ("partial", _Same(v.func), _value(v.args, d), _value(v.keywords, d))
+        args, keywords = _value(v.args, objects, d), _value(v.keywords, objects, d)
+        return ("partial", _keep(v.func, objects), args, keywords)
     if isinstance(v, types.FunctionType):
         cells = tuple(_cell(c) for c in v.__closure__ or ())
-        return ("function", _Same(v), _value((v.__defaults__, v.__kwdefaults__, cells), d))
+        inputs = _value((v.__defaults__, v.__kwdefaults__, cells), objects, d)
+        return ("function", _keep(v, objects), inputs)
     if isinstance(v, types.MethodType):
-        return ("method", _Same(v.__func__), _Same(v.__self__))
+        return ("method", _keep(v.__func__, objects), _keep(v.__self__, objects))
     if hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType)):
-        return ("object", _Same(v), _value(vars(v), d))  # SimpleNamespace, dataclasses, ...
-    return _Same(v)
+        # SimpleNamespace, dataclasses, ...
+        return ("object", _keep(v, objects), _value(vars(v), objects, d))
+    return ("same", _keep(v, objects))
 
 
 def _cell(c: Any) -> Any:

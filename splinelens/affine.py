@@ -26,7 +26,13 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
-from splinelens._checks import check_finite, check_overflow, check_positive_int, weights_fingerprint
+from splinelens._checks import (
+    WeightsFingerprint,
+    check_finite,
+    check_overflow,
+    check_positive_int,
+    weights_fingerprint,
+)
 from splinelens._precision import exact_matmul
 
 Tensor = torch.Tensor
@@ -51,10 +57,11 @@ class AffineMap:
     _states: dict[str, Tensor] | None = field(default=None, repr=False)
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
-    _weights: tuple = field(default=(), repr=False)  # the model's tensors when made
+    _weights: WeightsFingerprint | None = field(default=None, repr=False)  # when made
 
     def __post_init__(self) -> None:
-        self._weights = weights_fingerprint(self.model)
+        if self._weights is None:  # (a view passes the fingerprint of the check it just did)
+            self._weights = weights_fingerprint(self.model)
 
     def _check_unchanged(self) -> None:
         """Refuse to finish a map whose model changed since (its states would be stale)."""
@@ -67,16 +74,19 @@ class AffineMap:
     @property
     def states(self) -> dict[str, Tensor]:
         """The piece every MASO unit uses for x, by graph node (masks, argmax indices)."""
+        self._check_unchanged()
         return self._recorded()[0]
 
     @property
     def z_start(self) -> Tensor:
         """The start node's value for x, (N, *start_shape)."""
+        self._check_unchanged()
         return self._recorded()[1]
 
     @property
     def output(self) -> Tensor:
         """The end node's value for x, (N, *end_shape): f(x) end to end."""
+        self._check_unchanged()
         return self._recorded()[2]
 
     @property
@@ -90,7 +100,9 @@ class AffineMap:
     @functools.cached_property
     def B(self) -> Tensor:
         """Offsets, (N, *end_shape): the frozen network with z_start = 0."""
-        return self(self.z_start.new_zeros(len(self.x), *self.start_shape))
+        self._check_unchanged()
+        z0 = self._recorded()[1]
+        return self._apply(z0.new_zeros(len(self.x), *self.start_shape))
 
     @functools.cached_property
     def A(self) -> Tensor:
@@ -108,7 +120,11 @@ class AffineMap:
                 f"{self.x.device}: call z.to(...) to match"
             )
         check_finite("z", z)
-        prog, states = self.program, self.states
+        self._check_unchanged()
+        return self._apply(z)
+
+    def _apply(self, z: Tensor) -> Tensor:
+        prog, states = self.program, self._recorded()[0]
         with torch.no_grad(), exact_matmul():
             values = prog.frozen(self.x, states, at={self.start: self._node(z)}, stop=self.end)
         return prog.per_sample(self.end, values[self.end])
@@ -146,8 +162,9 @@ class AffineMap:
                 x = x.detach().requires_grad_(True)  # d(end)/d(start) only counts paths via start
                 values, states = prog.record(x, stop=self.end)
             else:
-                leaf = self._node(self.z_start[s:e].detach().clone().requires_grad_(True))
-                states = {k: _normal(v) for k, v in prog.slice_states(self.states, s, e).items()}
+                all_states, z_start, _ = self._recorded()
+                leaf = self._node(z_start[s:e].detach().clone().requires_grad_(True))
+                states = {k: _normal(v) for k, v in prog.slice_states(all_states, s, e).items()}
                 values = prog.frozen(x, states, at={self.start: leaf}, stop=self.end)
             self._grads(values[self.end], values[self.start], rows, out)
         return (
@@ -186,7 +203,7 @@ class AffineMap:
                 out[:, s : s + len(chunk)] = g.movedim(1 + prog.bdims[self.start], 0)
 
     def _recorded(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        self._check_unchanged()
+        """States, z_start and output, recorded on first use (callers check the weights)."""
         if self._states is None:
             prog = self.program
             with torch.no_grad(), exact_matmul():

@@ -22,7 +22,7 @@ import torch.nn as nn
 from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode
 from splinelens._checks import (
     check_finite,
-    check_model_finite,
+    check_model,
     check_overflow,
     check_positive_int,
     layer_index,
@@ -62,7 +62,7 @@ class SplineView:
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        check_model_finite(model)
+        self.weights = check_model(model)  # the fingerprint of the last check
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
@@ -106,7 +106,7 @@ class SplineView:
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
-        return AffineMap(self.program, self.model, x, s, e)
+        return AffineMap(self.program, self.model, x, s, e, _weights=self.weights)
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
@@ -158,7 +158,7 @@ class SplineView:
                 f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
                 f"(the plain functions such as sl.affine_map capture again by themselves)"
             )
-        check_model_finite(model)
+        self.weights = check_model(model)  # one pass: finite, and the maps' fingerprint
         self.program.batch.check(n)
 
 

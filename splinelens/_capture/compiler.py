@@ -34,7 +34,7 @@ from splinelens._capture.layers import maso_layer, unique_names
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_affine, check_along_batch, check_kind, error
-from splinelens._capture.registry import apply_g, info, make_maso, op_name
+from splinelens._capture.registry import apply_g, final_ir, info, make_maso, op_name
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
@@ -167,7 +167,7 @@ def _export(
         with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)
-            return ep.run_decompositions(_RNN_DECOMPS)
+            return ep if final_ir(ep) else ep.run_decompositions(_RNN_DECOMPS)
     except UnsupportedOperationError:
         raise
     except Exception as e:  # torch.export raises many types; keep its message

@@ -172,6 +172,29 @@ _add(
 )
 
 
+# Overloads that ``ExportedProgram.run_decompositions`` leaves as they are (no training-IR form,
+# no in-place variant, no decomposition in the table splinelens passes): a graph made of these
+# only is final as exported, and its decomposition pass (about 0.6 s on first use) is skipped.
+_FINAL_IR = frozenset(
+    f"aten.{name}"
+    for name in (
+        "linear.default conv1d.default conv2d.default conv3d.default conv_transpose2d.input "
+        "relu.default leaky_relu.default hardtanh.default relu6.default clamp.default "
+        "prelu.default abs.default add.Tensor sub.Tensor mul.Tensor div.Tensor neg.default "
+        "max_pool1d.default max_pool2d.default max_pool3d.default avg_pool2d.default "
+        "adaptive_avg_pool2d.default amax.default maximum.default minimum.default cat.default "
+        "stack.default pad.default view.default permute.default transpose.int select.int "
+        "slice.Tensor unsqueeze.default squeeze.dim sum.dim_IntList mean.dim matmul.default "
+        "sym_size.int zeros.default ones.default detach.default softmax.int log_softmax.int"
+    ).split()  # noqa: SIM905
+)
+
+
+def final_ir(ep: torch.export.ExportedProgram) -> bool:
+    """Whether every op of an exported graph is in its final form (see ``_FINAL_IR``)."""
+    return all(str(n.target) in _FINAL_IR for n in ep.graph.nodes if n.op == "call_function")
+
+
 def info(name: str) -> OpInfo:
     """The entry of an ATen packet name; unknown operations are refused (no reason known)."""
     return _TABLE.get(name) or OpInfo(name, "refused")

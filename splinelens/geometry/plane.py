@@ -121,6 +121,9 @@ class Plane:
     ) -> tuple[list[tuple[Array, Array]], dict[str, Tensor]]:
         """Slot coefficients (a, b, c) per table, (m, S, 3), at cells with interior points uv."""
         prog, m = self.view.program, len(uv)
+        if m == 1:  # run two copies: a batch of 1 would need a capture checked at N = 1
+            out, states = self.slots(tables, np.concatenate([uv, uv]))
+            return [c[:1] for c in out], prog.slice_states(states, 0, 1)
         uv_t = torch.as_tensor(uv, dtype=torch.float64, device=self.origin.device)
         stop = last_step(prog, tables)
         with torch.no_grad(), exact_matmul():  # the prefix's values are given: it does not run

@@ -1,0 +1,204 @@
+"""The per-call checks are cheap and still exact (issue 10): the weights' fingerprint and
+finiteness check in one pass of native-dtype sums, and the structure's fast paths.
+
+References: ``named_parameters`` / ``named_buffers`` for the walk, ``Tensor.sum`` in the
+tensor's own dtype for the sums (compared exactly), the general image of ``_structure._value``
+for its inline fast paths; timings against a forward pass and float64 sums in the same process.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+from splinelens import _checks, _structure
+from splinelens._checks import check_model, check_model_finite, model_state, weights_fingerprint
+from splinelens._structure import Structure, describe_change, structure
+from tests import zoo
+
+
+def mnist_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(256, 10)).eval()
+
+
+# 1. One pass: finite, and a fingerprint that sees changes ---------------------------------------
+
+
+def test_the_fingerprint_is_stable_and_sees_every_kind_of_change() -> None:
+    model = mnist_mlp()
+    before = check_model(model)
+    assert check_model(model) == before == weights_fingerprint(model)
+    assert hash(before) == hash(check_model(model))
+    changes: dict[str, Callable[[], object]] = {
+        "through .data": lambda: model[1].weight.data.mul_(-1),  # no version bump
+        "in place": lambda: model[3].bias.add_(1.0),
+        "replaced": lambda: setattr(model[5], "weight", nn.Parameter(model[5].weight.clone())),
+        ".data rebound": lambda: setattr(model[5].bias, "data", model[5].bias.data.clone()),
+    }
+    for name, change in changes.items():
+        now = check_model(model)
+        with torch.no_grad():
+            change()
+        assert check_model(model) != now, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sums_are_taken_in_the_tensors_own_dtype(dtype: torch.dtype) -> None:
+    model = zoo.build("small_cnn", dtype=dtype)
+    fp = check_model(model)
+    named = list(model_state(model))
+    assert fp.sums == tuple(float(t.detach().sum()) for _, t in named)
+    assert [name for name, *_ in fp.ids] == [name for name, _ in named]
+
+
+def test_the_walk_matches_named_parameters_buffers_and_attributes() -> None:
+    model = zoo.build("small_cnn")
+    model.again = model[0]  # a module twice: its parameters once
+    model[4].weight = model[0].weight  # a parameter twice: once
+    model.consts = [torch.ones(2), (torch.zeros(3), 4), {"k": torch.full((1,), 2.0)}]
+    model.stride = (2, 2)
+    registered = (*model.named_parameters(), *model.named_buffers())
+    reference = [n for n, t in registered if t.is_floating_point()]
+    attributes = ["consts[0]", "consts[1][0]", "consts[2]['k']"]
+    assert [n for n, _ in model_state(model)] == reference + attributes
+
+
+# 2. Refusals stay exact -------------------------------------------------------------------------
+
+
+class Holder(nn.Module):
+    def __init__(self, t: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("big", t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.ones(300, 300, dtype=torch.float16),  # sums to 90000 > 65504
+        torch.full((4,), 3e38),  # float32
+        torch.full((4,), 1e308, dtype=torch.float64),
+    ],
+    ids=["float16", "float32", "float64"],
+)
+def test_a_finite_tensor_whose_sum_overflows_is_not_refused(t: torch.Tensor) -> None:
+    model = Holder(t)
+    assert not torch.isfinite(t.sum())
+    fp = check_model(model)
+    check_model_finite(model)
+    assert all(map(math.isfinite, fp.sums))
+    model.big.data[1] = 0  # a change that keeps the overflow is still seen
+    assert check_model(model) != fp
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_entries_are_named_with_their_index(dtype: torch.dtype, value: float) -> None:
+    model = zoo.build("small_cnn", dtype=dtype)
+    model[1].running_var[3] = value
+    match = r"'1\.running_var' holds -?(nan|inf) at index \(3,\)"
+    with pytest.raises(ValueError, match=match):
+        check_model(model)
+    with pytest.raises(ValueError, match=match):
+        check_model_finite(model)
+    weights_fingerprint(model)  # no check: no refusal
+
+
+def test_tensor_attributes_made_in_inference_mode_have_no_version_but_a_fingerprint() -> None:
+    model = zoo.build("mlp")
+    with torch.inference_mode():
+        model.scale = torch.ones(3, dtype=torch.float64)
+    fp = check_model(model)
+    assert fp.ids[-1][0] == "scale" and fp.ids[-1][2] == -1
+    with torch.inference_mode():
+        model.scale.mul_(2)
+    assert check_model(model) != fp
+
+
+def test_sums_on_several_devices_come_back_in_order() -> None:
+    parts = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float64), torch.tensor(-3.0)]
+    assert _checks._stack_per_device(parts) == [1.5, 2.0, -3.0]
+
+
+# 3. The structure's fast paths agree with its general image -------------------------------------
+
+MODULES = {
+    "linear": lambda: nn.Linear(3, 4),
+    "conv": lambda: nn.Conv2d(3, 4, 3, padding=(1, 2)),
+    "batchnorm": lambda: nn.BatchNorm2d(4),
+    "maxpool": lambda: nn.MaxPool2d(2, ceil_mode=True),
+    "lazy": lambda: nn.LazyLinear(3),
+    "attention": lambda: nn.MultiheadAttention(4, 2),
+    "transformer": lambda: nn.TransformerEncoderLayer(8, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_fast_attribute_images_equal_the_general_ones(name: str) -> None:
+    for m in MODULES[name]().modules():
+        objects: dict = {}
+        items = [kv for kv in vars(m).items() if kv[0] not in _structure._OWN]
+        general = tuple((k, _structure._value(v, objects)) for k, v in items)
+        assert _structure._attrs(m, objects)[0] == general
+        for d in (m._parameters, m._buffers):
+            ref = tuple(
+                (k, t if t is None else _structure._tensor(t, objects, 0)) for k, t in d.items()
+            )
+            assert _structure._tensors(d, objects) == ref
+
+
+class EarlyAttribute(nn.Module):
+    def __init__(self) -> None:
+        self.slope = 0.1  # set before nn.Module.__init__: first in vars()
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+def test_changes_outside_the_fast_paths_are_seen() -> None:
+    model = EarlyAttribute()
+    before = structure(model)
+    assert structure(model) == before
+    model.slope = 0.2
+    assert "attribute(s) slope" in describe_change(before, structure(model))
+    model = nn.Conv2d(3, 4, 3)
+    before = structure(model)
+    model.stride = [1, 1]  # same values, a list
+    assert structure(model) != before
+    model.stride = (1, 1)
+    assert structure(model) == before
+
+
+def test_hooks_added_and_removed_and_flags_set() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    before = structure(model)
+    handle = model[1].register_forward_hook(lambda m, i, o: o)
+    assert "_forward_hooks" in describe_change(before, structure(model))
+    handle.remove()
+    assert structure(model) == before
+    model[0].register_full_backward_hook(lambda m, gi, go: None).remove()
+    assert "_is_full_backward_hook" in describe_change(before, structure(model))
+
+
+def test_an_object_that_died_never_matches_even_if_its_id_is_reused() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    now = structure(model)
+
+    class Gone:
+        pass
+
+    gone = Gone()
+    dead = weakref.ref(gone)
+    del gone
+    then = Structure(now.tree, {**now.objects, id(model[1]): dead})  # as if model[1] was freed
+    assert then != now and not then.alive()
+    assert describe_change(then, now) == "module '1' was replaced (another one)"
