@@ -66,6 +66,7 @@ class SplineView:
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
+        self.dtype = model_dtype(model)  # holds while the structure does (it records dtypes)
 
     @property
     def model(self) -> nn.Module:
@@ -115,6 +116,8 @@ class SplineView:
 
     def _partition_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
         batch_size = check_positive_int("batch_size", batch_size)
+        if len(x) <= batch_size:
+            return self._codes(x)
         parts = [self._codes(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return PartitionCodes.cat(parts)
 
@@ -145,8 +148,9 @@ class SplineView:
                 f"captured for {self.input_shape}; pass a batch (N, "
                 f"{', '.join(map(str, self.input_shape))})"
             )
-        check_dtype(self.model, x, name)
-        self._check_model(structure(self.model), len(x))
+        now = structure(self.model)
+        check_dtype(self.model, x, name, self.dtype if now == self.structure else None)
+        self._check_model(now, len(x))
 
     def _check_model(self, now: tuple, n: int) -> None:
         """The model as captured (structure ``now``), in eval mode, finite; n in the batch range."""
@@ -202,9 +206,15 @@ def check_input(name: str, x: object) -> None:
     check_finite(name, x)
 
 
-def check_dtype(model: nn.Module, x: Tensor, name: str = "x") -> None:
-    """x must have the dtype and device of the model's parameters and buffers."""
-    dt = model_dtype(model)
+def check_dtype(
+    model: nn.Module,
+    x: Tensor,
+    name: str = "x",
+    known: tuple[torch.dtype, torch.device] | None = None,
+) -> None:
+    """x must have the dtype and device of the model's parameters and buffers (``known``: the
+    model's, if already known)."""
+    dt = known or model_dtype(model)
     if dt is not None and (dt[0] != x.dtype or dt[1] != x.device):
         raise ValueError(
             f"{name} is {x.dtype} on {x.device} but the model's parameters are "
@@ -225,11 +235,11 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
     """
     model = unwrap_compiled(model)
     check_input("x", x)
-    check_dtype(model, x)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     now = structure(model)
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
     views[:] = [v for v in views if v.structure == now]
+    check_dtype(model, x, known=views[0].dtype if views else None)
     view = next((v for v in views if v.program.batch.accepts(len(x))), None)
     if view is None:
         view = SplineView(model, x)
