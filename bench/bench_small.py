@@ -8,7 +8,9 @@ a baseline run back to back in the same repeat (median over repeats):
 * A (all classes) / a per-class ``autograd.grad`` loop (target <= 1.5), and A / ``vmap(jacrev)``
   (target < 1).
 
-Each splinelens call goes through a held ``SplineView`` (its per-call checks included). Run:
+Each splinelens call goes through a held ``SplineView`` (its per-call checks included); two
+rows per case show codes and B from ``Program.record`` / ``Program.frozen`` alone, without the
+checks (what the executors cost). Run:
 
     python bench/bench_small.py [--repeats 30] [--batches 1 8]
 """
@@ -26,6 +28,7 @@ import torch.nn as nn
 from bench_core import baselines, small_cnn
 
 import splinelens as sl
+from splinelens.view import layer_codes
 
 
 def mlp(*widths: int) -> nn.Module:
@@ -51,31 +54,40 @@ def ratio(ours: Callable[[], object], base: Callable[[], object], repeats: int) 
     return statistics.median(best(ours) / best(base) for _ in range(repeats))
 
 
+def unchecked(view: sl.SplineView, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Codes and B from the program's executors alone, without the per-call checks."""
+    prog = view.program
+    last = prog.layers[-1].step
+
+    def codes() -> object:
+        with torch.no_grad():
+            return layer_codes(prog, prog.record(x, stop=last)[1], len(x))
+
+    def offsets() -> object:
+        with torch.no_grad():
+            values, states = prog.record(x)
+            zero = torch.zeros_like(values[prog.input_name])
+            return prog.frozen(x, states, at={prog.input_name: zero})[prog.output_name]
+
+    return {"codes": codes, "B": offsets}
+
+
 def rows(name: str, model: nn.Module, shape: tuple[int, ...], n: int, repeats: int) -> list:
     x = torch.randn(n, *shape)
     base = baselines(model, x)
     view = sl.SplineView(model, x)
+    bare = unchecked(view, x)
+    cases = [  # (measure, ours, baseline, target)
+        ("codes / forward", lambda: view.partition_codes(x), "forward", "<= 3"),
+        ("B / forward", lambda: view.affine_map(x).B, "forward", "<= 4"),
+        ("A / grad loop", lambda: view.affine_map(x).A, "grad_loop", "<= 1.5"),
+        ("A / vmap(jacrev)", lambda: view.affine_map(x).A, "jacrev", "< 1"),
+        ("codes, no checks / forward", bare["codes"], "forward", "(executor)"),
+        ("B, no checks / forward", bare["B"], "forward", "(executor)"),
+    ]
     return [
-        (
-            f"{name} N={n}: codes / forward",
-            ratio(lambda: view.partition_codes(x), base["forward"], repeats),
-            "<= 3",
-        ),
-        (
-            f"{name} N={n}: B / forward",
-            ratio(lambda: view.affine_map(x).B, base["forward"], repeats),
-            "<= 4",
-        ),
-        (
-            f"{name} N={n}: A / grad loop",
-            ratio(lambda: view.affine_map(x).A, base["grad_loop"], repeats),
-            "<= 1.5",
-        ),
-        (
-            f"{name} N={n}: A / vmap(jacrev)",
-            ratio(lambda: view.affine_map(x).A, base["jacrev"], repeats),
-            "< 1",
-        ),
+        (f"{name} N={n}: {what}", ratio(ours, base[b], repeats), target)
+        for what, ours, b, target in cases
     ]
 
 

@@ -163,7 +163,9 @@ class WeightsFingerprint(NamedTuple):
     sums: tuple[float, ...]
 
 
-def check_model(model: nn.Module) -> WeightsFingerprint:
+def check_model(
+    model: nn.Module, named: list[tuple[str, Tensor]] | None = None
+) -> WeightsFingerprint:
     """Refuse NaN or inf anywhere in the model's state, naming the tensor and the index, and
     return its fingerprint, in one pass: one sum per tensor in its own dtype, one synchronisation
     per device, and a search for the bad entry only where a sum is not finite (a sum that
@@ -181,13 +183,18 @@ def check_model(model: nn.Module) -> WeightsFingerprint:
     Traceback (most recent call last):
     ...
     ValueError: model parameter or buffer 'weight' holds inf at index (0, 1); ...
+
+    ``named``: the model's ``model_state`` if already known (it is while the model's
+    ``structure`` is unchanged, which records those tensors by identity).
     """
-    return _fingerprint(model, check=True)
+    return _fingerprint(model, check=True, named=named)
 
 
-def weights_fingerprint(model: nn.Module) -> WeightsFingerprint:
+def weights_fingerprint(
+    model: nn.Module, named: list[tuple[str, Tensor]] | None = None
+) -> WeightsFingerprint:
     """``check_model``'s fingerprint without the check (a non-finite sum stays in it)."""
-    return _fingerprint(model, check=False)
+    return _fingerprint(model, check=False, named=named)
 
 
 def check_model_finite(model: nn.Module) -> None:
@@ -195,9 +202,12 @@ def check_model_finite(model: nn.Module) -> None:
     _fingerprint(model, check=True)
 
 
-def _fingerprint(model: nn.Module, check: bool) -> WeightsFingerprint:
-    params, buffers, attributes = _state(model)
-    named = params + buffers + attributes
+def _fingerprint(
+    model: nn.Module, check: bool, named: list[tuple[str, Tensor]] | None = None
+) -> WeightsFingerprint:
+    if named is None:
+        params, buffers, attributes = _state(model)
+        named = params + buffers + attributes
     sums = _sums([t for _, t in named])
     if not all(map(math.isfinite, sums)):
         for i, (name, t) in enumerate(named):

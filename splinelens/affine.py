@@ -34,6 +34,7 @@ from splinelens._checks import (
     weights_fingerprint,
 )
 from splinelens._precision import exact_matmul
+from splinelens._structure import structure
 
 Tensor = torch.Tensor
 
@@ -58,6 +59,7 @@ class AffineMap:
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: WeightsFingerprint | None = field(default=None, repr=False)  # when made
+    _tensors: tuple | None = field(default=None, repr=False)  # (structure, its named tensors)
 
     def __post_init__(self) -> None:
         if self._weights is None:  # (a view passes the fingerprint of the check it just did)
@@ -65,7 +67,12 @@ class AffineMap:
 
     def _check_unchanged(self) -> None:
         """Refuse to finish a map whose model changed since (its states would be stale)."""
-        if weights_fingerprint(self.model) != self._weights:
+        named = None
+        if self._tensors is not None:  # the tensors are known while the structure holds
+            captured, named = self._tensors
+            if structure(self.model) != captured:
+                named = ()  # a fingerprint of nothing: unequal, refused below
+        if weights_fingerprint(self.model, named) != self._weights:
             raise ValueError(
                 "the model's parameters or buffers changed after this AffineMap was made; "
                 "compute a new one with sl.affine_map(model, x)"

@@ -27,6 +27,7 @@ from splinelens._checks import (
     check_positive_int,
     layer_index,
     model_dtype,
+    model_state,
     model_tensors,
     unwrap_compiled,
 )
@@ -66,6 +67,7 @@ class SplineView:
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
+        self.state = list(model_state(model))  # its tensors, as long as the structure holds
         self.dtype = model_dtype(model)  # holds while the structure does (it records dtypes)
 
     @property
@@ -107,7 +109,15 @@ class SplineView:
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
-        return AffineMap(self.program, self.model, x, s, e, _weights=self.weights)
+        return AffineMap(
+            self.program,
+            self.model,
+            x,
+            s,
+            e,
+            _weights=self.weights,
+            _tensors=(self.structure, self.state),
+        )
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
@@ -162,7 +172,7 @@ class SplineView:
                 f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
                 f"(the plain functions such as sl.affine_map capture again by themselves)"
             )
-        self.weights = check_model(model)  # one pass: finite, and the maps' fingerprint
+        self.weights = check_model(model, self.state)  # finite, and the maps' fingerprint
         self.program.batch.check(n)
 
 

@@ -1,0 +1,136 @@
+"""The capture package: one op registry, a frozen program, two generated executors.
+
+Executors are checked against the model's own forward pass and against torch.func.jacrev
+(float64, stated tolerances); the registry against what the compiler and convexity read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+from splinelens._capture import capture
+from splinelens._capture.registry import final_ir, info
+from tests import zoo
+
+NAMES = sorted(zoo.ZOO)
+
+
+def test_registry_answers_what_each_op_is() -> None:
+    assert info("conv2d").kind == "affine" and info("conv2d").coefficients == "weights"
+    assert info("conv2d").bias == 2 and info("addmm").bias == 0 and info("addmm").signed
+    assert info("relu").family == "sign" and info("max_pool2d").family == "pool"
+    assert info("hardtanh").family == "clip" and info("amax").family == "reduce"
+    assert info("softmax").kind == "g" and "final output" in info("softmax").why
+    assert info("layer_norm").kind == "refused" and "statistic" in info("layer_norm").why
+    assert info("gelu").kind == "refused" and info("no_such_op").kind == "refused"
+    assert info("flip").along_dim and not info("linear").along_dim
+    assert info("detach").rewrite is torch.ops.aten.alias.default
+    assert info("view").view and info("detach").view and not info("linear").view
+
+
+def test_every_maso_entry_has_a_family_and_every_refusal_says_why() -> None:
+    from splinelens._capture.registry import _TABLE
+
+    for name, entry in _TABLE.items():
+        assert entry.name == name
+        assert (entry.kind == "maso") == bool(entry.family), name
+        if entry.kind in ("g", "refused"):
+            assert entry.why, name
+
+
+def _export(name: str) -> torch.export.ExportedProgram:
+    model, x = zoo.build(name), zoo.inputs(name, n=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+
+def _ops(ep: torch.export.ExportedProgram) -> list[str]:
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def test_graphs_kept_as_exported_are_what_the_decomposition_pass_gives() -> None:
+    """A graph that skips the decomposition pass (``final_ir``) is the graph that pass gives;
+    graphs with batchnorm, flatten, ... go through it."""
+    kept = []
+    for name in NAMES:
+        ep = _export(name)
+        if final_ir(ep):
+            kept.append(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert _ops(ep) == _ops(ep.run_decompositions({})), name
+    assert "mlp" in kept and "small_cnn" not in kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_record_is_the_forward_pass_and_frozen_at_x_reproduces_it(name: str) -> None:
+    model, x = zoo.build(name), zoo.inputs(name, n=5)
+    prog = capture(model, x)
+    with torch.no_grad():
+        values, states = prog.record(x)
+        frozen = prog.frozen(x, states)
+        ref = zoo.logits(model, x)
+    out = prog.per_sample(prog.output_name, values[prog.output_name])
+    again = prog.per_sample(prog.output_name, frozen[prog.output_name])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-12)
+    assert set(states) == {la.step for la in prog.layers}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_frozen_from_the_input_is_affine_with_jacrev_slopes(name: str) -> None:
+    """frozen(x, states, at={input: z}) = A[x] z + B[x], A from torch.func.jacrev."""
+    model, x = zoo.build(name), zoo.inputs(name, n=3)
+    prog = capture(model, x)
+    z = torch.randn_like(x)
+    with torch.no_grad():
+        _, states = prog.record(x)
+        fz = prog.frozen(x, states, at={prog.input_name: z})[prog.output_name]
+        f0 = prog.frozen(x, states, at={prog.input_name: torch.zeros_like(x)})[prog.output_name]
+    jac = zoo.jacobian(model, x).reshape(len(x), -1, x[0].numel())  # (N, C, D)
+    pred = torch.einsum("ncd,nd->nc", jac, z.reshape(len(x), -1))
+    got = (prog.per_sample(prog.output_name, fz - f0)).reshape(len(x), -1)
+    torch.testing.assert_close(got, pred, rtol=1e-9, atol=1e-9)
+
+
+def test_executors_are_straight_line_code_without_unneeded_steps() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    prog = capture(net.eval(), x)
+    first = prog.layers[0]
+    with torch.no_grad():
+        prog.record(x, stop=first.step)
+        values, states = prog.record(x)
+        prog.frozen(x, states, at={first.node: values[first.node]})
+    record = prog._code[("record", frozenset(), first.step)].source
+    frozen = prog._code[("frozen", frozenset({first.node}), None)].source
+    assert "for " not in record and "while " not in record and "if " not in record
+    assert record.count(".forward(") == 1 and "linear_1" not in record  # stops at layer 1
+    assert "c0.forward" not in frozen and frozen.count(".frozen(") == 1  # layer 1 is given
+
+
+def test_the_program_and_its_steps_are_frozen() -> None:
+    prog = capture(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval(), torch.randn(2, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prog.steps = ()  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prog.steps[0].fn = None  # type: ignore[misc]
+    assert all(isinstance(s.op, str) and s.op for s in prog.steps)  # ATen names kept
+
+
+def test_rows_of_a_are_exact_in_vmapped_and_looped_backward() -> None:
+    """MLPs take rows in vmapped passes, CNNs one by one: both equal jacrev."""
+    for name in ("mlp", "small_cnn"):
+        model, x = zoo.build(name), zoo.inputs(name, n=3)
+        amap = sl.affine_map(model, x)
+        jac = zoo.jacobian(model, x)
+        torch.testing.assert_close(amap.A.reshape(jac.shape), jac, rtol=1e-10, atol=1e-10)
+    assert capture(zoo.build("mlp"), zoo.inputs("mlp")).batched_rows
+    assert not capture(zoo.build("small_cnn"), zoo.inputs("small_cnn")).batched_rows
