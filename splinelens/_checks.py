@@ -191,10 +191,14 @@ def check_model(
 
 
 def weights_fingerprint(
-    model: nn.Module, named: list[tuple[str, Tensor]] | None = None
+    model: nn.Module, named: list[tuple[str, Tensor]] | None = None, wide: bool = False
 ) -> WeightsFingerprint:
-    """``check_model``'s fingerprint without the check (a non-finite sum stays in it)."""
-    return _fingerprint(model, check=False, named=named)
+    """``check_model``'s fingerprint without the check (a non-finite sum stays in it).
+
+    ``wide``: sums in float64 (10x the cost for float32 weights), which see a change of any one
+    entry of a float32 or 16-bit tensor, however small: for maps whose states are recorded.
+    """
+    return _fingerprint(model, check=False, named=named, wide=wide)
 
 
 def check_model_finite(model: nn.Module) -> None:
@@ -203,12 +207,15 @@ def check_model_finite(model: nn.Module) -> None:
 
 
 def _fingerprint(
-    model: nn.Module, check: bool, named: list[tuple[str, Tensor]] | None = None
+    model: nn.Module,
+    check: bool,
+    named: list[tuple[str, Tensor]] | None = None,
+    wide: bool = False,
 ) -> WeightsFingerprint:
     if named is None:
         params, buffers, attributes = _state(model)
         named = params + buffers + attributes
-    sums = _sums([t for _, t in named])
+    sums = _sums([t for _, t in named], wide)
     if not all(map(math.isfinite, sums)):
         for i, (name, t) in enumerate(named):
             if not math.isfinite(sums[i]):
@@ -234,12 +241,13 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _sums(tensors: list[Tensor]) -> list[float]:
+def _sums(tensors: list[Tensor], wide: bool = False) -> list[float]:
     """Each tensor's sum in its own dtype, with one synchronisation per device."""
     if not tensors:
         return []
     with torch.no_grad():
-        parts = [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
+        native = _NATIVE_SUM if not wide else _NATIVE_SUM & {torch.float64}
+        parts = [t.sum() if t.dtype in native else t.sum(dtype=torch.float64) for t in tensors]
     try:
         return torch.stack(parts).tolist()  # (promoted to the widest dtype: exact)
     except RuntimeError:  # on several devices

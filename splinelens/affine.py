@@ -60,19 +60,27 @@ class AffineMap:
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: WeightsFingerprint | None = field(default=None, repr=False)  # when made
     _tensors: tuple | None = field(default=None, repr=False)  # (structure, its named tensors)
+    _recorded_weights: WeightsFingerprint | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self._weights is None:  # (a view passes the fingerprint of the check it just did)
             self._weights = weights_fingerprint(self.model)
 
     def _check_unchanged(self) -> None:
-        """Refuse to finish a map whose model changed since (its states would be stale)."""
+        """Refuse to finish a map whose model changed since it was made.
+
+        Before the states are recorded, the fingerprint of the view's check (sums in each
+        tensor's own dtype) is compared; from then on, float64 sums taken when they were
+        recorded, which see any change of any entry: states and weights never mix.
+        """
         named = None
         if self._tensors is not None:  # the tensors are known while the structure holds
             captured, named = self._tensors
             if structure(self.model) != captured:
                 named = ()  # a fingerprint of nothing: unequal, refused below
-        if weights_fingerprint(self.model, named) != self._weights:
+        wide = self._recorded_weights is not None
+        then = self._recorded_weights if wide else self._weights
+        if weights_fingerprint(self.model, named, wide=wide) != then:
             raise ValueError(
                 "the model's parameters or buffers changed after this AffineMap was made; "
                 "compute a new one with sl.affine_map(model, x)"
@@ -218,6 +226,7 @@ class AffineMap:
             self._z_start = prog.per_sample(self.start, values[self.start])
             self._output = prog.per_sample(self.end, values[self.end])
             check_overflow(self._output)
+            self._note_weights()
         assert self._z_start is not None and self._output is not None
         return self._states, self._z_start, self._output
 
@@ -226,6 +235,12 @@ class AffineMap:
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
+        self._note_weights()
+
+    def _note_weights(self) -> None:
+        """The weights the states were recorded with, in float64 sums (see _check_unchanged)."""
+        named = self._tensors[1] if self._tensors is not None else None
+        self._recorded_weights = weights_fingerprint(self.model, named, wide=True)
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)

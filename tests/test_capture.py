@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-from splinelens._capture import capture
-from splinelens._capture.registry import final_ir, info
+from splinelens._capture import capture, entries, final_ir, info
 from tests import zoo
 
 NAMES = sorted(zoo.ZOO)
@@ -35,10 +34,9 @@ def test_registry_answers_what_each_op_is() -> None:
 
 
 def test_every_maso_entry_has_a_family_and_every_refusal_says_why() -> None:
-    from splinelens._capture.registry import _TABLE
-
-    for name, entry in _TABLE.items():
-        assert entry.name == name
+    for entry in entries():
+        name = entry.name
+        assert info(name) is entry
         assert (entry.kind == "maso") == bool(entry.family), name
         if entry.kind in ("g", "refused"):
             assert entry.why, name
@@ -134,3 +132,72 @@ def test_rows_of_a_are_exact_in_vmapped_and_looped_backward() -> None:
         torch.testing.assert_close(amap.A.reshape(jac.shape), jac, rtol=1e-10, atol=1e-10)
     assert capture(zoo.build("mlp"), zoo.inputs("mlp")).batched_rows
     assert not capture(zoo.build("small_cnn"), zoo.inputs("small_cnn")).batched_rows
+
+
+class _Branches(nn.Module):
+    """Two parallel ReLU layers concatenated: neither layer feeds the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f1, self.f2, self.f3 = nn.Linear(3, 5), nn.Linear(3, 4), nn.Linear(9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f3(torch.cat([torch.relu(self.f1(x)), torch.relu(self.f2(x))], 1))
+
+
+def _stacked(m: _Branches) -> nn.Module:
+    """The same network as one ReLU layer of 9 units."""
+    first = nn.Linear(3, 9)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([m.f1.weight, m.f2.weight]))
+        first.bias.copy_(torch.cat([m.f1.bias, m.f2.bias]))
+    return nn.Sequential(first, nn.ReLU(), m.f3).double().eval()
+
+
+def test_region_geometry_of_parallel_layers_equals_the_stacked_network() -> None:
+    torch.manual_seed(0)
+    m = _Branches().double().eval()
+    s, x = _stacked(m), torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(sl.region_radius(m, x), sl.region_radius(s, x), rtol=1e-12, atol=0)
+    lc_m = sl.local_complexity(m, x, [0.3]).counts.sum(1)  # (N, radii): over both layers
+    assert torch.equal(lc_m, sl.local_complexity(s, x, [0.3]).counts.sum(1))
+    assert len(sl.region_polytope(m, x[:1]).b) == len(sl.region_polytope(s, x[:1]).b)
+    assert sl.check_masos(m, x).ok
+
+
+class _PoolBranch(nn.Module):
+    """A max-pool returning its indices in one branch, a ReLU in the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 2 * 2 + 2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = torch.nn.functional.max_pool2d(self.c1(x), 2, return_indices=True)
+        return self.fc(torch.cat([a.flatten(1), torch.relu(self.c2(x)).flatten(1)], 1))
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_a_map_between_parallel_layers_is_constant(first: str) -> None:
+    """Layer 1 (the ReLU branch) does not depend on layer 0 (the pool): A = 0, B = layer 1."""
+    torch.manual_seed(0)
+    m, x = _PoolBranch().double().eval(), torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    amap = sl.affine_map(m, x, start=0, end=1)
+    a, b = (amap.A, amap.B) if first == "A" else (amap.B, amap.A)[::-1]
+    assert not a.any()
+    torch.testing.assert_close(b, torch.relu(m.c2(x)), rtol=0, atol=1e-15)
+    assert sl.layer_maso(m, x, 1) is not None
+
+
+def test_a_map_refuses_after_any_change_of_its_weights_once_states_are_recorded() -> None:
+    """float64 sums see a change of one float32 entry below the float32 sum's rounding."""
+    net = nn.Sequential(nn.Linear(4, 2000), nn.ReLU(), nn.Linear(2000, 2)).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    x = torch.randn(3, 4)
+    amap = sl.affine_map(net, x)
+    _ = amap.B  # states recorded
+    net[0].weight.data[0, 0] += 1e-7  # through .data: no version bump; float32 sum unchanged
+    with pytest.raises(ValueError, match="changed after this AffineMap was made"):
+        _ = amap.A

@@ -12,7 +12,27 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 """
 
 from splinelens._capture.compiler import capture, check_eval_mode
+from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign
 from splinelens._capture.program import Layer, Program, Ref, Step, refs_in
-from splinelens._capture.registry import apply_g
+from splinelens._capture.registry import OpInfo, apply_g, entries, final_ir, info
 
-__all__ = ["Layer", "Program", "Ref", "Step", "apply_g", "capture", "check_eval_mode", "refs_in"]
+__all__ = [
+    "Clip",
+    "Layer",
+    "MasoOp",
+    "OpInfo",
+    "Pairwise",
+    "Pool",
+    "Program",
+    "Reduce",
+    "Ref",
+    "Sign",
+    "Step",
+    "apply_g",
+    "capture",
+    "check_eval_mode",
+    "entries",
+    "final_ir",
+    "info",
+    "refs_in",
+]

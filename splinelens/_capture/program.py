@@ -217,6 +217,11 @@ def refs_in(a: Any) -> list[Ref]:
     return []
 
 
+def _needed(users: list[str], live: set[str]) -> bool:
+    """A step is computed if nothing reads it (callers may) or a computed step reads it."""
+    return not users or any(u in live for u in users)
+
+
 def generate(prog: Program, mode: str, at: frozenset[str], stop: str | None) -> Callable:
     """Straight-line Python for one executor: ``f(x, at, states) -> values``."""
     return _Writer(prog, mode, at, stop).function()
@@ -234,20 +239,19 @@ class _Writer:
         self.live = self._live(stop)
 
     def _live(self, stop: str | None) -> set[str]:
-        """Nodes to compute: the stop node, every MASO when recording, and what they read."""
-        roots = {stop or self.prog.output_name}
-        if self.mode == "record":
-            roots |= {s.name for s in self.steps if s.maso is not None}
-        live, todo = set(), [r for r in roots if r not in self.at]
-        steps = {s.name: s for s in self.steps}
-        while todo:
-            name = todo.pop()
-            if name in live:
-                continue
-            live.add(name)
-            if name in steps:
-                todo += [r for r in steps[name].refs if r not in self.at and r not in live]
-        return live
+        """Nodes to compute: every step up to ``stop`` and what they read, except the given
+        nodes (``at``) and steps whose values only given nodes read (nothing else needs them)."""
+        users: dict[str, list[str]] = {}
+        for s in self.steps:
+            for r in s.refs:
+                users.setdefault(r, []).append(s.name)
+        live: set[str] = set()
+        for s in reversed(self.steps):  # a step's users come after it
+            if s.name not in self.at and _needed(users.get(s.name, []), live):
+                live.add(s.name)
+        leaves = [self.prog.input_name, *(p[0] for p in self.prog.params), *self.prog.constants]
+        live |= {n for n in leaves if n not in self.at and any(u in live for u in users.get(n, []))}
+        return live | ({self.prog.input_name} - self.at)  # the input is always returned
 
     def function(self) -> Callable:
         lines = [f"    {self._var(n)} = at[{n!r}]" for n in sorted(self.at)]

@@ -193,6 +193,11 @@ def final_ir(ep: torch.export.ExportedProgram) -> bool:
     return all(str(n.target) in _FINAL_IR for n in ep.graph.nodes if n.op == "call_function")
 
 
+def entries() -> tuple[OpInfo, ...]:
+    """Every entry of the table, in the order they were added."""
+    return tuple(_TABLE.values())
+
+
 def info(name: str) -> OpInfo:
     """The entry of an ATen packet name; unknown operations are refused (no reason known)."""
     return _TABLE.get(name) or OpInfo(name, "refused")

@@ -26,9 +26,18 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from splinelens._capture import Program, Ref, Step, refs_in
-from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign
-from splinelens._capture.registry import info
+from splinelens._capture import (
+    Clip,
+    Pairwise,
+    Pool,
+    Program,
+    Reduce,
+    Ref,
+    Sign,
+    Step,
+    info,
+    refs_in,
+)
 from splinelens.view import view_of
 
 Tensor = torch.Tensor

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._capture import Layer
-from splinelens._capture.pieces import Clip, Pairwise, Reduce, Sign
+from splinelens._capture import Clip, Layer, Pairwise, Reduce, Sign
 from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of

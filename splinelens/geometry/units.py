@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splinelens._capture import Layer, Program, Ref
-from splinelens._capture.pieces import Clip, Pairwise, Pool, Reduce, Sign
+from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign
 from splinelens._precision import exact_matmul
 
 Tensor = torch.Tensor
