@@ -10,8 +10,8 @@ Python, as ``torch.fx`` does, rather than interpreted node by node:
   the affine network of x's region, ``A[x] z + B[x]`` (Sec. 4, eqs. (5)-(9)).
 
 Both take ``at={node: value}`` (values given for some nodes: a start node, the input, or the
-affine prefix of a 2-D slice) and ``stop`` (the last node needed); steps whose values nothing
-needs are left out of the generated code.
+affine prefix of a 2-D slice) and ``stop`` (the last node needed). Every step up to ``stop``
+runs except the given ones and those only given nodes read (a slice's prefix runs once).
 
 >>> import torch, torch.nn as nn
 >>> from splinelens._capture import capture
