@@ -79,7 +79,7 @@ class Structure:
 
     def alive(self) -> bool:
         """Whether every object it refers to still exists."""
-        return not [r for r in self.objects.values() if r() is None]
+        return all(r() is not None for r in self.objects.values())
 
     def dead(self) -> set[int]:
         """The ids of the objects that no longer exist (a later object may have the id)."""

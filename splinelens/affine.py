@@ -34,7 +34,7 @@ from splinelens._checks import (
     weights_fingerprint,
 )
 from splinelens._precision import exact_matmul
-from splinelens._structure import structure
+from splinelens._structure import Structure, structure
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,8 @@ class AffineMap:
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: WeightsFingerprint | None = field(default=None, repr=False)  # when made
-    _tensors: tuple | None = field(default=None, repr=False)  # (structure, its named tensors)
+    _structure: Structure | None = field(default=None, repr=False)  # the capture's
+    _state: list[tuple[str, Tensor]] | None = field(default=None, repr=False)  # its tensors
     _recorded_weights: WeightsFingerprint | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,14 +74,11 @@ class AffineMap:
         tensor's own dtype) is compared; from then on, float64 sums taken when they were
         recorded, which see any change of any entry: states and weights never mix.
         """
-        named = None
-        if self._tensors is not None:  # the tensors are known while the structure holds
-            captured, named = self._tensors
-            if structure(self.model) != captured:
-                named = ()  # a fingerprint of nothing: unequal, refused below
         wide = self._recorded_weights is not None
         then = self._recorded_weights if wide else self._weights
-        if weights_fingerprint(self.model, named, wide=wide) != then:
+        # the capture's tensor list is the model's while its structure holds
+        moved = self._structure is not None and structure(self.model) != self._structure
+        if moved or weights_fingerprint(self.model, self._state, wide=wide) != then:
             raise ValueError(
                 "the model's parameters or buffers changed after this AffineMap was made; "
                 "compute a new one with sl.affine_map(model, x)"
@@ -239,8 +237,7 @@ class AffineMap:
 
     def _note_weights(self) -> None:
         """The weights the states were recorded with, in float64 sums (see _check_unchanged)."""
-        named = self._tensors[1] if self._tensors is not None else None
-        self._recorded_weights = weights_fingerprint(self.model, named, wide=True)
+        self._recorded_weights = weights_fingerprint(self.model, self._state, wide=True)
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)

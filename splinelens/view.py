@@ -32,7 +32,7 @@ from splinelens._checks import (
     unwrap_compiled,
 )
 from splinelens._precision import exact_matmul
-from splinelens._structure import describe_change, structure
+from splinelens._structure import Structure, describe_change, structure
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
@@ -116,7 +116,8 @@ class SplineView:
             s,
             e,
             _weights=self.weights,
-            _tensors=(self.structure, self.state),
+            _structure=self.structure,
+            _state=self.state,
         )
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
@@ -159,17 +160,19 @@ class SplineView:
                 f"{', '.join(map(str, self.input_shape))})"
             )
         now = structure(self.model)
-        check_dtype(self.model, x, name, self.dtype if now == self.structure else None)
-        self._check_model(now, len(x))
+        same = now == self.structure
+        check_dtype(self.model, x, name, self.dtype if same else None)
+        self._check_model(len(x), None if same else now)
 
-    def _check_model(self, now: tuple, n: int) -> None:
-        """The model as captured (structure ``now``), in eval mode, finite; n in the batch range."""
+    def _check_model(self, n: int, changed: Structure | None = None) -> None:
+        """The model as captured (``changed``: its structure now, where it differs), in eval
+        mode, finite; n in the batch range."""
         model = self.model
         check_eval_mode(model)
-        if now != self.structure:
+        if changed is not None:
             raise StaleCaptureError(
                 f"the model changed after this SplineView captured it: "
-                f"{describe_change(self.structure, now)}. Make a new sl.SplineView(model, x) "
+                f"{describe_change(self.structure, changed)}. Make a new sl.SplineView(model, x) "
                 f"(the plain functions such as sl.affine_map capture again by themselves)"
             )
         self.weights = check_model(model, self.state)  # finite, and the maps' fingerprint
@@ -255,7 +258,7 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
         view = SplineView(model, x)
         view._model = None  # the cache must not keep the model alive
         views.append(view)
-    view._check_model(now if view.structure == now else structure(model), len(x))
+    view._check_model(len(x))  # a cached view matched ``now``; a new one was just recorded
     return view
 
 

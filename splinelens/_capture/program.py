@@ -24,6 +24,7 @@ torch.Size([5, 3])
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -167,12 +168,12 @@ class Program:
 
     def slice_states(self, states: Mapping[str, Tensor], s: int, e: int) -> States:
         """The states of inputs s:e."""
-        bdim = self._state_bdims()
+        bdim = self._state_bdims
         return {k: v.narrow(bdim[k], s, e - s) for k, v in states.items()}
 
     def cat_states(self, parts: list[Mapping[str, Tensor]]) -> States:
         """States of several batches, concatenated along the batch."""
-        bdim = self._state_bdims()
+        bdim = self._state_bdims
         return {k: torch.cat([p[k] for p in parts], bdim[k]) for k in parts[0]}
 
     def tile_states(self, states: Mapping[str, Tensor], t: int) -> States:
@@ -185,7 +186,7 @@ class Program:
         assert maso is not None
         return maso.code(states[layer.step]).movedim(layer.state_bdim, 0).reshape(n, -1)
 
-    @property
+    @functools.cached_property
     def batched_rows(self) -> bool:
         """Whether rows of A are best differentiated in one vmapped backward pass: every op's
         backward batches under vmap (registry ``vmap_backward``)."""
@@ -194,14 +195,18 @@ class Program:
     def rows_per_pass(self, n: int, itemsize: int, budget: int = 1 << 28) -> int:
         """Rows of A per vmapped backward pass for n inputs: the rows' gradients of every node
         stay near ``budget`` bytes."""
-        per_sample = sum(math.prod(s) for s in self.shapes.values())
-        return max(1, budget // max(1, n * per_sample * itemsize))
+        return max(1, budget // max(1, n * self._values_per_sample * itemsize))
 
     def grad_chunk(self, itemsize: int, budget: int = 1 << 30) -> int:
         """Inputs per chunk that keep about ``budget`` bytes of activations alive for autograd."""
-        per_sample = sum(math.prod(s) for s in self.shapes.values())
-        return max(1, budget // max(1, 2 * per_sample * itemsize))
+        return max(1, budget // max(1, 2 * self._values_per_sample * itemsize))
 
+    @functools.cached_property
+    def _values_per_sample(self) -> int:
+        """Entries of every node's value for one input."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    @functools.cached_property
     def _state_bdims(self) -> dict[str, int]:
         return {layer.step: layer.state_bdim for layer in self.layers}
 
