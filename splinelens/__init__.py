@@ -34,6 +34,14 @@ from splinelens.geometry.region import (
 )
 from splinelens.geometry.slices import LayerSlice, SlicePartition, slice_partition
 from splinelens.penalty import orthogonality_penalty, template_penalty
+from splinelens.smooth import (
+    ApproximationError,
+    SplineActivation,
+    SplineFit,
+    approximation_error,
+    fit_activation,
+    splinify,
+)
 from splinelens.view import SplineView, Verification, affine_map, partition_codes, verify
 
 __version__ = "0.1.0"
@@ -41,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MASO",
     "AffineMap",
+    "ApproximationError",
     "BatchSizeError",
     "CodesFileError",
     "ConvexityReport",
@@ -54,13 +63,17 @@ __all__ = [
     "PartitionCodes",
     "RegionPolytope",
     "SlicePartition",
+    "SplineActivation",
+    "SplineFit",
     "SplineView",
     "StaleCaptureError",
     "UnsupportedOperationError",
     "Verification",
     "affine_map",
+    "approximation_error",
     "check_masos",
     "convexity",
+    "fit_activation",
     "layer_maso",
     "local_complexity",
     "make_input_convex",
@@ -72,6 +85,7 @@ __all__ = [
     "region_radius",
     "sampled_local_complexity",
     "slice_partition",
+    "splinify",
     "template_penalty",
     "verify",
 ]

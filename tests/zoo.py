@@ -224,6 +224,47 @@ def with_softmax() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(dim=-1))
 
 
+def splined_gelu_mlp() -> nn.Module:
+    """sl.splinify of a GELU / sigmoid MLP (few pieces: a few hundred regions in a slice)."""
+    from splinelens import splinify
+
+    net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 3))
+    return splinify(net.eval(), pieces=5)
+
+
+def splined_tanh_cnn() -> nn.Module:
+    from splinelens import splinify
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.SiLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    return splinify(net.eval(), pieces=4)
+
+
+class SmoothFunctional(nn.Module):
+    """Functional smooth activations in forward (torch.tanh, F.elu with alpha, x.sigmoid())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(F.elu(self.b(h), 0.5).sigmoid() + F.relu(h))
+
+
+def splined_functional() -> nn.Module:
+    from splinelens import splinify
+
+    return splinify(SmoothFunctional().eval(), pieces=4, example_input=torch.randn(2, 5))
+
+
 ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp": (mlp, (6,)),
     "small_cnn": (small_cnn, (3, 8, 8)),
@@ -238,6 +279,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv3d": (conv3d, (1, 4, 4, 4)),
     "softmax_output": (with_softmax, (4,)),
     "decoder": (Decoder, (2, 4, 4)),
+    "splined_gelu_mlp": (splined_gelu_mlp, (6,)),
+    "splined_tanh_cnn": (splined_tanh_cnn, (3, 8, 8)),
+    "splined_functional": (splined_functional, (5,)),
 }
 
 

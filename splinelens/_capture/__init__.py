@@ -6,17 +6,28 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 * ``registry``: what every ATen operation is (affine, a MASO, the output nonlinearity, refused,
   and why), the single table that capture, convexity and refusals read;
 * ``pieces``: the MASO nonlinearities, how each picks its affine piece and freezes it;
+* ``spline_op``: the spline activation op that ``sl.splinify`` puts in place of smooth ones;
 * ``compiler``: export, canonicalisation, the walk that builds the program's steps and layers;
 * ``program``: the frozen program and its two generated executors, ``record`` and ``frozen``;
 * ``batch``: the batch sizes a capture holds for.
 """
 
 from splinelens._capture.compiler import capture, check_eval_mode
-from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign
+from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, Spline
 from splinelens._capture.program import Layer, Program, Ref, Step, refs_in
 from splinelens._capture.registry import OpInfo, apply_g, entries, final_ir, info
+from splinelens._capture.spline_op import (
+    CellTables,
+    as_op,
+    cell_tables,
+    evaluate,
+    is_continuous,
+    piece_index,
+    spline_activation,
+)
 
 __all__ = [
+    "CellTables",
     "Clip",
     "Layer",
     "MasoOp",
@@ -27,12 +38,19 @@ __all__ = [
     "Reduce",
     "Ref",
     "Sign",
+    "Spline",
     "Step",
     "apply_g",
+    "as_op",
     "capture",
+    "cell_tables",
     "check_eval_mode",
     "entries",
+    "evaluate",
     "final_ir",
     "info",
+    "is_continuous",
+    "piece_index",
     "refs_in",
+    "spline_activation",
 ]

@@ -35,6 +35,7 @@ from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_affine, check_along_batch, check_kind, error
 from splinelens._capture.registry import apply_g, final_ir, info, make_maso, op_name
+from splinelens._capture.spline_op import splines_as_ops
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
@@ -166,7 +167,8 @@ def _export(
     try:
         with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)
+            with splines_as_ops():
+                ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)
             return ep if final_ir(ep) else ep.run_decompositions(_RNN_DECOMPS)
     except UnsupportedOperationError:
         raise

@@ -23,6 +23,7 @@ _ACTIVATION_MODULES = {
     "PReLU",
     "ReLU6",
     "Hardtanh",
+    "SplineActivation",
     "MaxPool1d",
     "MaxPool2d",
     "MaxPool3d",

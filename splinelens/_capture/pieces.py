@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from splinelens._capture.spline_op import affine_piece, piece_index
+
 Tensor = torch.Tensor
 
 
@@ -262,7 +264,30 @@ def adaptive_width(n_in: int, n_out: int) -> int:
     return max(math.ceil((o + 1) * n_in / n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
-MasoOp = Sign | Clip | Pairwise | Reduce | Pool
+@dataclass
+class Spline:
+    """A spline activation (``sl.splinify``): K affine pieces split by K-1 knots, one unit each.
+
+    Arguments as ``spline_activation``'s: (z, knots, slopes, intercepts, cells, cell_slopes,
+    cell_intercepts, inv_step, first); the state is the piece, k = bucketize(z, knots).
+    """
+
+    kind: str
+    pieces: int
+
+    def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        z, knots, cells = args[0], args[1], args[4]
+        state = piece_index(z, knots, cells, args[7], args[8])
+        return self.frozen(args, state), state
+
+    def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
+        return affine_piece(args[0], args[2], args[3], state)
+
+    def code(self, state: Tensor) -> Tensor:
+        return state
+
+
+MasoOp = Sign | Clip | Pairwise | Reduce | Pool | Spline
 
 
 class _EvalBatchNorm(torch.autograd.Function):

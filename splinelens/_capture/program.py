@@ -111,6 +111,13 @@ class Program:
         """The step that computes node ``name``."""
         return self.steps[self.position[name]]
 
+    def leaf(self, name: str) -> Tensor:
+        """The live value of a parameter, buffer or constant node (detached)."""
+        for ph, owner, attr in self.params:
+            if ph == name:
+                return getattr(owner, attr).detach()
+        return self.constants[name]
+
     def record(
         self, x: Tensor, *, at: Mapping[str, Tensor] | None = None, stop: str | None = None
     ) -> tuple[dict[str, Any], States]:

@@ -81,7 +81,13 @@ def _check_product(node: Node, name: str, entry: OpInfo, vals: list[Any], act: s
             node, name, "multiplies two activation-dependent tensors, which is not piecewise affine"
         )
     if name == "div" and _is_act(vals[1], act):
-        raise error(node, name, "divides by an activation, which is not affine")
+        raise error(
+            node,
+            name,
+            "divides by an activation, which is not affine",
+            "softsign x / (1 + |x|)? sl.splinify(model) replaces nn.Softsign / F.softsign by a "
+            "certified spline",
+        )
 
 
 def check_along_batch(node: Node, name: str, src: Node, b: int | None) -> None:

@@ -28,6 +28,7 @@ from splinelens._capture.pieces import (
     Pool,
     Reduce,
     Sign,
+    Spline,
     adaptive_width,
     eval_batch_norm,
 )
@@ -146,6 +147,7 @@ _add(
 )
 _add("amax amin max min", "maso", family="reduce")
 _add("maximum minimum fmax fmin", "maso", family="pairwise")
+_add("spline_activation", "maso", family="spline")  # splinelens' own op (``sl.splinify``)
 # Backward passes that vmap loops over (``Program.batched_rows``).
 _set(
     "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d "
@@ -164,6 +166,31 @@ _add(
     "refused",
     why="uses batch statistics (training mode, or track_running_stats=False)",
     fix="call model.eval(); batchnorm needs running statistics to be affine",
+)
+_SPLINIFY = (
+    "sl.splinify(model) replaces it by a certified piecewise-affine approximation (its "
+    "error bound is the spline's .sup_error); capture the network it returns"
+)
+_add(
+    "sigmoid tanh gelu silu mish elu celu selu softplus log_sigmoid log_sigmoid_forward "
+    "hardswish rnn_tanh rnn_tanh_cell",
+    "refused",
+    why="is a smooth activation, not piecewise affine (Sec. 4: it is approximated arbitrarily "
+    "closely by an affine spline, but is not one)",
+    fix=_SPLINIFY,
+)
+_add(
+    "hardsigmoid softshrink",
+    "refused",
+    why="is piecewise affine, but not an op the capture reads",
+    fix="sl.splinify(model) represents it exactly (sup_error 0); capture the network it returns",
+)
+_add(
+    "exp log log1p expm1 sqrt rsqrt pow sin cos erf erfc reciprocal",
+    "refused",
+    why="is a smooth function of the activations, not piecewise affine",
+    fix="if it belongs to an activation, use the activation's module or function (torch.tanh, "
+    "F.gelu, ...), which " + _SPLINIFY,
 )
 _add(
     "layer_norm native_layer_norm group_norm native_group_norm instance_norm",
@@ -185,7 +212,9 @@ _FINAL_IR_NAMES = (
     "slice.Tensor unsqueeze.default squeeze.dim sum.dim_IntList mean.dim matmul.default "
     "sym_size.int zeros.default ones.default detach.default softmax.int log_softmax.int"
 )
-_FINAL_IR = frozenset(f"aten.{name}" for name in _FINAL_IR_NAMES.split())
+_FINAL_IR = frozenset(f"aten.{name}" for name in _FINAL_IR_NAMES.split()) | {
+    "splinelens.spline_activation.default"
+}
 
 
 def final_ir(ep: torch.export.ExportedProgram) -> bool:
@@ -253,6 +282,8 @@ def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp
         return Pairwise("maximum" if name in ("maximum", "fmax") else "minimum")
     if family == "pool":
         return _make_pool(name, a, in_shape)
+    if family == "spline":
+        return Spline("spline", int(node.args[2].meta["val"].shape[0]))
     return _make_reduce(name, a, in_shape)
 
 

@@ -2,8 +2,9 @@
 
 A network is a globally convex MASO of its input when the affine maps of layers 2..L have
 nonnegative weights and every nonlinearity after layer 1 is convex and non-decreasing (ReLU,
-leaky ReLU with slope in [0, 1], max-pooling, max). Layer 1 may use any convex activation
-(abs too). ``convexity`` walks the graph and says where and why a network is not convex;
+leaky ReLU with slope in [0, 1], max-pooling, max, spline activations whose slopes are
+nonnegative and increasing, as ``sl.splinify`` makes of softplus). Layer 1 may use any convex
+activation (abs too). ``convexity`` walks the graph and says where and why a network is not convex;
 ``make_input_convex`` constrains a model to satisfy Theorem 2; ``convexity_gap`` checks it
 numerically (every region's affine map must be a global lower bound of f).
 
@@ -34,6 +35,7 @@ from splinelens._capture import (
     Reduce,
     Ref,
     Sign,
+    Spline,
     Step,
     info,
     refs_in,
@@ -206,6 +208,9 @@ def _shape_of(maso: Any, env: dict[str, Any], step: Step) -> tuple[bool, bool]:
         return True, maso.kind == "maximum"
     if isinstance(maso, Clip):
         return True, False
+    if isinstance(maso, Spline):  # convex: slopes increase; non-decreasing: slopes >= 0
+        slopes = env[step.args[2].name]
+        return bool((slopes >= 0).all()), bool((slopes[1:] >= slopes[:-1]).all())
     if isinstance(maso, Sign):
         if maso.kind in ("relu", "clamp_min"):
             return True, True

@@ -6,7 +6,8 @@ slopes (K, R, D) and offsets (K, R) as dense tensors for small layers, and as an
 frozen affine ops before the nonlinearity) for large ones.
 
 Pieces: ReLU [0, z], leaky ReLU / PReLU [a z, z] (a <= 1), abs [-z, z], clamp(min=t) [t, z],
-max-pooling and max over dims: the window's entries, maximum(a, b): [b, a]. Hardtanh, min-type
+max-pooling and max over dims: the window's entries, maximum(a, b): [b, a], a convex spline
+activation (``sl.splinify``): its own pieces [s_r z + b_r]. Hardtanh, min-type
 ops and slopes above 1 are piecewise affine but concave somewhere, so they are no MASO: they are
 refused here (their partitions, codes and affine maps stay exact elsewhere in splinelens).
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._capture import Clip, Layer, Pairwise, Reduce, Sign
+from splinelens._capture import Clip, Layer, Pairwise, Reduce, Sign, Spline
 from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of
@@ -113,6 +114,8 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
             f"layer {layer.name!r} ({maso.kind}) is piecewise affine but not convex in its "
             "input, so it is no MASO (Propositions 1-4 cover max-affine operators only)"
         )
+    if isinstance(maso, Spline):
+        return _spline_pieces(view, step, table, layer), False
     if isinstance(maso, Pairwise):  # [b, a]: the argmax is 1 where a wins, as in the codes
         rev = {"idx": table.idx[:, ::-1].copy(), "scale": table.scale[:, ::-1].copy()}
         return replace(table, **rev), True
@@ -128,6 +131,22 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
     scale = np.stack([np.stack([slope, 0 * slope], 1), np.stack([1 + 0 * slope, 0 * slope], 1)], 1)
     valid = np.ones((k, 2), bool)
     return replace(table, idx=idx, scale=scale, const=np.zeros((k, 2)), valid=valid), False
+
+
+def _spline_pieces(view: SplineView, step, table: UnitTable, layer: Layer) -> UnitTable:
+    """A spline activation's own pieces [s_r z + b_r], when they form a convex function."""
+    slopes = view.program.leaf(step.args[2].name).double().cpu().numpy()  # (R,)
+    if (np.diff(slopes) < 0).any():
+        raise NotAMasoError(
+            f"layer {layer.name!r} (spline activation) has slopes that decrease somewhere: it "
+            "is piecewise affine but not convex, so it is no MASO (only convex approximants, "
+            "such as softplus's, are)"
+        )
+    intercepts = view.program.leaf(step.args[3].name).double().cpu().numpy()
+    r = len(slopes)
+    scale = np.broadcast_to(np.stack([slopes, np.zeros(r)], 1), table.scale.shape).copy()
+    const = np.broadcast_to(intercepts, table.const.shape).copy()
+    return replace(table, scale=scale, const=const)
 
 
 def _negative_slopes(view: SplineView, step, x: Tensor, k: int) -> np.ndarray:

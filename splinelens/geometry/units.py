@@ -7,6 +7,7 @@ chooses piece r where candidate r is the largest, candidate r being
 an argmax of affine functions of the slots, whatever the op:
 
 * ReLU-like (threshold t): [t, z] (state z > t);  hardtanh: [lo - z, 0, z - hi];
+* spline activations with knots t_1 < ... < t_{R-1}: [r z - (t_1 + ... + t_r)] for r < R;
 * max-pool / max over dims: the window's entries; min-type ops: the entries negated.
 
 Ties go to the lowest candidate; the boundaries are what matters for geometry (``slices``,
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign
+from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign, Spline
 from splinelens._precision import exact_matmul
 
 Tensor = torch.Tensor
@@ -92,6 +93,8 @@ def unit_table(prog: Program, layer: Layer | None) -> UnitTable:
         return _table(step.name, step.args[:1], True, _terms(idx), [1.0, 0.0], [maso.threshold, 0])
     if isinstance(maso, Clip):
         return _clip_table(step, k)
+    if isinstance(maso, Spline):
+        return _spline_table(step, prog.leaf(step.args[1].name), k)
     if isinstance(maso, Pairwise):
         sign = 1.0 if maso.kind == "maximum" else -1.0
         ops = (step.args[0], step.args[maso.bound_arg])
@@ -129,6 +132,17 @@ def _clip_table(step: Any, k: int) -> UnitTable:
     idx = np.stack([np.stack([lo, ar], 1), np.stack([none, none], 1), np.stack([ar, hi], 1)], 1)
     scale = [[1.0, -1.0], [0.0, 0.0], [1.0, -1.0]]
     return _table(step.name, tuple(step.args[:3]), True, idx, scale, 0.0)
+
+
+def _spline_table(step: Any, knots: Tensor, k: int) -> UnitTable:
+    """Candidates r z - (t_1 + ... + t_r), r = 0..R-1: a convex max-affine function whose argmax
+    is the piece, switching from r-1 to r exactly at knot t_r (ties to the lower piece)."""
+    t = knots.double().cpu().numpy()  # (R-1,)
+    r = len(t) + 1
+    idx = _terms(np.broadcast_to(np.arange(k)[:, None], (k, r)))
+    const = -np.concatenate([[0.0], np.cumsum(t)])
+    scale = np.stack([np.arange(r, dtype=np.float64), np.zeros(r)], 1)  # (R, 2)
+    return _table(step.name, step.args[:1], True, idx, scale, const)
 
 
 def _pool_windows(pool: Pool, in_shape: tuple[int, ...], layer: Layer) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""How far a splinified network is from the smooth one, measured on inputs.
+
+``approximation_error(model, splined, x)`` runs both networks on x and reports the largest and
+mean absolute differences of the outputs, the same relative to each sample's output scale
+(max_c |f(x)_c|), and how often the top-1 class agrees. The certified bounds of the single
+activations (``SplineActivation.sup_error``) say how good each spline is on all of R; this says
+what they add up to through a trained network.
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+>>> err = sl.approximation_error(net, sl.splinify(net, tol=1e-4), torch.randn(64, 4))
+>>> err.max_abs < 1e-3, err.top1_agreement
+(True, 1.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ApproximationError:
+    """|f(x) - f~(x)| over n inputs: max and mean, absolute and relative to max_c |f(x)_c|;
+    the fraction of inputs whose top-1 class agrees (None for outputs without classes)."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    top1_agreement: float | None
+    n: int
+
+
+def approximation_error(
+    model: nn.Module, splined: nn.Module, x: Tensor, batch_size: int = 1024
+) -> ApproximationError:
+    """Compare ``model`` and ``splined`` (``sl.splinify(model)``) on inputs x (N, ...)."""
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError("x must hold a batch of inputs, shape (N, ...) with N >= 1")
+    diffs, rels, agree = [], [], []
+    with torch.no_grad():
+        for chunk in x.split(batch_size):
+            f, g = model(chunk), splined(chunk)
+            if f.shape != g.shape:
+                raise ValueError(
+                    f"the outputs differ in shape: {tuple(f.shape)} vs {tuple(g.shape)}"
+                )
+            d = (f - g).abs().reshape(len(chunk), -1)  # (n, C)
+            scale = f.abs().reshape(len(chunk), -1).amax(1).clamp_min(torch.finfo(f.dtype).tiny)
+            diffs.append(d)
+            rels.append(d.amax(1) / scale)
+            if f.dim() == 2 and f.shape[1] > 1:
+                agree.append(f.argmax(1) == g.argmax(1))
+    d, rel = torch.cat(diffs).double(), torch.cat(rels).double()
+    return ApproximationError(
+        float(d.max()),
+        float(d.mean()),
+        float(rel.max()),
+        float(rel.mean()),
+        float(torch.cat(agree).double().mean()) if agree else None,
+        len(x),
+    )

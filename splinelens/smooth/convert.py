@@ -1,0 +1,213 @@
+"""``splinify``: a copy of a network in which every smooth activation is a certified spline.
+
+The paper (Sec. 4, after Theorem 2) notes that sigmoid, arctan and friends "can be approximated
+arbitrarily closely by an affine spline operator but not by a MASO". ``splinify`` does it for a
+whole PyTorch network: each activation module (``nn.GELU``, ``nn.Tanh``, ...) becomes a
+``SplineActivation`` whose certified sup-norm error over all of R is ``.sup_error``;
+``nn.RNN(nonlinearity="tanh")`` becomes an unrolled ``SplineRNN``; functional calls inside
+``forward`` (``torch.tanh``, ``F.gelu``, ``x.sigmoid()``) are redirected, by forward hooks on the
+copy, to splines the hooks keep (``functional_splines(splined)`` lists them). The result is
+piecewise affine, so every spline tool of splinelens is exact for it; the input model is left
+untouched.
+
+>>> import torch, torch.nn as nn, splinelens as sl
+>>> net = nn.Sequential(nn.Linear(2, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+>>> splined = sl.splinify(net, tol=1e-2)
+>>> splined[1]
+SplineActivation(gelu, pieces=..., sup_error=...)
+>>> splined[1].sup_error <= 1e-2
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from splinelens._capture import as_op
+from splinelens.smooth.fit import fit_activation
+from splinelens.smooth.module import SplineActivation
+from splinelens.smooth.rnn import SplineRNN
+
+Tensor = torch.Tensor
+
+# Activation modules: class -> (activation name, its parameters read from the module).
+_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict[str, float]]]] = {
+    nn.Sigmoid: lambda m: ("sigmoid", {}),
+    nn.Tanh: lambda m: ("tanh", {}),
+    nn.GELU: lambda m: ("gelu_tanh" if m.approximate == "tanh" else "gelu", {}),
+    nn.SiLU: lambda m: ("silu", {}),
+    nn.Mish: lambda m: ("mish", {}),
+    nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
+    nn.CELU: lambda m: ("celu", {"alpha": m.alpha}),
+    nn.SELU: lambda m: ("selu", {}),
+    nn.Softplus: lambda m: ("softplus", {"beta": m.beta, "threshold": m.threshold}),
+    nn.LogSigmoid: lambda m: ("logsigmoid", {}),
+    nn.Softsign: lambda m: ("softsign", {}),
+    nn.Hardswish: lambda m: ("hardswish", {}),
+    nn.Hardsigmoid: lambda m: ("hardsigmoid", {}),
+    nn.Softshrink: lambda m: ("softshrink", {"lambd": m.lambd}),
+    nn.Tanhshrink: lambda m: ("tanhshrink", {}),
+}
+
+# Functional calls: function -> (activation name, names of its arguments after the input).
+_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    **{f: ("tanh", ()) for f in (torch.tanh, torch.Tensor.tanh, torch.tanh_, torch.Tensor.tanh_)},
+    **{
+        f: ("sigmoid", ())
+        for f in (
+            torch.sigmoid,
+            torch.Tensor.sigmoid,
+            torch.sigmoid_,
+            torch.Tensor.sigmoid_,
+            torch.special.expit,
+        )
+    },
+    F.gelu: ("gelu", ("approximate",)),
+    F.silu: ("silu", ("inplace",)),
+    F.mish: ("mish", ("inplace",)),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.celu: ("celu", ("alpha", "inplace")),
+    F.selu: ("selu", ("inplace",)),
+    F.softplus: ("softplus", ("beta", "threshold")),
+    F.logsigmoid: ("logsigmoid", ()),
+    F.softsign: ("softsign", ()),
+    F.hardswish: ("hardswish", ("inplace",)),
+    F.hardsigmoid: ("hardsigmoid", ("inplace",)),
+    F.softshrink: ("softshrink", ("lambd",)),
+    F.tanhshrink: ("tanhshrink", ()),
+}
+_IN_PLACE = {torch.tanh_, torch.Tensor.tanh_, torch.sigmoid_, torch.Tensor.sigmoid_}
+
+
+def splinify(
+    model: nn.Module,
+    tol: float | None = 1e-3,
+    *,
+    pieces: int | None = None,
+    example_input: Tensor | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with every smooth activation replaced by a certified spline.
+
+    ``tol``: each spline uses the fewest pieces whose certified sup-norm error over R is at
+    most ``tol``; ``pieces``: exactly that many pieces (K, tails included) instead. Functional
+    calls in ``forward`` are fitted on the copy's first call; ``example_input`` makes that call
+    here, so the copy's structure is final when it is returned (do it, or call the copy once,
+    before capturing it with ``torch.export`` yourself; splinelens' own tools run it first).
+    """
+    if pieces is not None:
+        tol = None
+    if (tol is None) == (pieces is None):
+        raise ValueError("give tol (a certified error bound) or pieces (the number of pieces)")
+    splined = copy.deepcopy(model)
+    budget = {"tol": tol, "pieces": pieces}
+    _replace_modules(splined, budget)
+    redirect = Redirect(budget)
+    splined.register_forward_pre_hook(redirect.enter)
+    splined.register_forward_hook(redirect.exit, always_call=True)
+    if example_input is not None:
+        with torch.no_grad():
+            splined(example_input)
+    return splined
+
+
+def functional_splines(splined: nn.Module) -> dict[str, SplineActivation]:
+    """The splines that stand for functional calls in ``splined``'s forward, by name."""
+    return {
+        k: v
+        for hook in splined._forward_pre_hooks.values()
+        if isinstance(getattr(hook, "__self__", None), Redirect)
+        for k, v in hook.__self__.splines.items()
+    }
+
+
+def spline_for(name: str, params: dict[str, Any], budget: dict[str, Any]) -> SplineActivation:
+    """The spline of activation ``name`` with ``params`` under ``budget`` (tol or pieces)."""
+    fit = fit_activation(name, tol=budget["tol"], pieces=budget["pieces"], **params)
+    return SplineActivation.from_fit(fit)
+
+
+def _replace_modules(model: nn.Module, budget: dict[str, Any]) -> None:
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            new = _replacement(child, budget)
+            if new is not None:
+                setattr(parent, child_name, new)
+
+
+def _replacement(m: nn.Module, budget: dict[str, Any]) -> nn.Module | None:
+    if type(m) in _MODULES:
+        name, params = _MODULES[type(m)](m)
+        return spline_for(name, params, budget)
+    if type(m) is nn.RNN and m.nonlinearity == "tanh":
+        return SplineRNN.of(m, spline_for("tanh", {}, budget))
+    return None
+
+
+class Redirect:
+    """Forward hooks that run the copy's forward under ``_Functional``, which sends smooth
+    functional activations to splines (picklable, so the splined model can be saved)."""
+
+    def __init__(self, budget: dict[str, Any]) -> None:
+        self.budget = budget
+        self.splines = nn.ModuleDict()  # not a submodule: nn.Sequential would call it
+        self.modes: list[TorchFunctionMode] = []
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        mode = _Functional(self.splines, self.budget)
+        mode.__enter__()
+        self.modes.append(mode)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.modes:
+            self.modes.pop().__exit__(None, None, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"budget": self.budget, "splines": self.splines, "modes": []}
+
+
+class _Functional(TorchFunctionMode):
+    """Replaces calls to smooth activation functions by the matching spline module."""
+
+    def __init__(self, splines: nn.ModuleDict, budget: dict[str, Any]) -> None:
+        super().__init__()
+        self.splines, self.budget = splines, budget
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _FUNCTIONS or not args or not isinstance(args[0], Tensor):
+            return func(*args, **kwargs)
+        name, params, inplace = _call(func, args, kwargs)
+        out = self._spline(name, params, args[0])(args[0])
+        return args[0].copy_(out) if inplace else out
+
+    def _spline(self, name: str, params: dict[str, Any], z: Tensor) -> SplineActivation:
+        key = "_".join([name, *(f"{k}{v}" for k, v in sorted(params.items()))]).replace(".", "p")
+        if key not in self.splines:
+            if as_op():
+                raise RuntimeError(
+                    f"the splinified model calls {name} in forward for the first time while "
+                    "being captured; run it once on an input first (or pass example_input "
+                    "to splinify)"
+                )
+            self.splines[key] = spline_for(name, params, self.budget)
+        if self.splines[key].knots.device != z.device:
+            self.splines[key].to(z.device)
+        return self.splines[key]
+
+
+def _call(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(activation name, its parameters, in place) of a functional activation call."""
+    name, arg_names = _FUNCTIONS[func]
+    bound = dict(zip(arg_names, args[1:]))
+    bound.update({k: v for k, v in kwargs.items() if k in arg_names})
+    inplace = func in _IN_PLACE or bool(bound.pop("inplace", False))
+    if name == "gelu":
+        name = "gelu_tanh" if bound.pop("approximate", "none") == "tanh" else "gelu"
+    return name, {k: float(v) for k, v in bound.items()}, inplace

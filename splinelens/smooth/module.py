@@ -1,0 +1,123 @@
+"""``SplineActivation``: a continuous piecewise-affine activation module, one unit of K pieces.
+
+It holds its knots (K-1,), slopes (K,) and intercepts (K,) as float64 buffers, which keep
+float64 when the model is cast (``model.float()`` moves them, never rounds them), and the
+certified sup-norm error of the smooth activation it replaces (``sup_error``; 0 for one built
+by hand). Its forward is one ``splinelens.spline_activation`` op, so the capture sees one unit
+per entry, and codes store each unit's piece.
+
+>>> act = SplineActivation(torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0]),
+...                        torch.tensor([-1.0, 0.0, 1.0]), name="hardtanh")
+>>> act
+SplineActivation(hardtanh, pieces=3, sup_error=0)
+>>> act(torch.tensor([-2.0, 0.5, 3.0]))
+tensor([-1.0000,  0.5000,  1.0000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from splinelens._capture import as_op, cell_tables, evaluate, is_continuous, spline_activation
+
+Tensor = torch.Tensor
+_TABLES = ("cells", "cell_slopes", "cell_intercepts")
+
+
+class SplineActivation(nn.Module):
+    """p(z) = slopes[k] * z + intercepts[k] elementwise, k = bucketize(z, knots) (Sec. 4: an
+    affine spline; a MASO only when the slopes increase). ``sup_error``: a certified bound of
+    sup over R of |f - p| for the activation f it stands for; ``activation``: f's name."""
+
+    knots: Tensor
+    slopes: Tensor
+    intercepts: Tensor
+
+    def __init__(
+        self,
+        knots: Tensor,
+        slopes: Tensor,
+        intercepts: Tensor,
+        *,
+        name: str = "spline",
+        sup_error: float = 0.0,
+    ) -> None:
+        super().__init__()
+        knots, slopes, intercepts = (
+            torch.as_tensor(t).double() for t in (knots, slopes, intercepts)
+        )
+        _check(knots, slopes, intercepts)
+        self.register_buffer("knots", knots.clone())  # (K-1,)
+        self.register_buffer("slopes", slopes.clone())  # (K,)
+        self.register_buffer("intercepts", intercepts.clone())  # (K,)
+        self.activation, self.sup_error = name, float(sup_error)
+        self._build_tables()
+
+    @classmethod
+    def from_fit(cls, fit: Any) -> SplineActivation:
+        """From a ``SplineFit`` (``fit_activation``): its pieces, name and certified error."""
+        return cls(fit.knots, fit.slopes, fit.intercepts, name=fit.name, sup_error=fit.sup_error)
+
+    @property
+    def pieces(self) -> int:
+        """K, the number of affine pieces (the two unbounded tails included)."""
+        return len(self.slopes)
+
+    def forward(self, z: Tensor) -> Tensor:
+        fn = spline_activation if as_op() else evaluate  # one graph node when captured
+        return fn(
+            z,
+            self.knots,
+            self.slopes,
+            self.intercepts,
+            self.cells,
+            self.cell_slopes,
+            self.cell_intercepts,
+            self.inv_step,
+            self.first,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}"
+
+    def _build_tables(self) -> None:
+        tables = cell_tables(self.knots, self.slopes, self.intercepts)
+        for name in _TABLES:
+            self.register_buffer(name, getattr(tables, name), persistent=False)
+        self.inv_step, self.first = tables.inv_step, tables.first
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SplineActivation:
+        """Move buffers where ``fn`` sends tensors (``.to(device)``, ``.cuda()``), never casting
+        them: the knots and pieces stay float64 (cast at the call to the input's dtype)."""
+        device = fn(torch.zeros((), dtype=torch.float64, device=self.knots.device)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        _check(self.knots, self.slopes, self.intercepts)
+        self._build_tables()  # the lookup tables follow the loaded knots
+
+
+def _check(knots: Tensor, slopes: Tensor, intercepts: Tensor) -> None:
+    """Refuse what is not a continuous piecewise-affine function of one variable."""
+    if knots.dim() != 1 or slopes.shape != (len(knots) + 1,) or intercepts.shape != slopes.shape:
+        raise ValueError(
+            f"a spline needs knots (K-1,), slopes (K,) and intercepts (K,); got shapes "
+            f"{tuple(knots.shape)}, {tuple(slopes.shape)}, {tuple(intercepts.shape)}"
+        )
+    if not all(bool(torch.isfinite(t).all()) for t in (knots, slopes, intercepts)):
+        raise ValueError("a spline's knots, slopes and intercepts must be finite")
+    if len(knots) and not bool((knots[1:] > knots[:-1]).all()):
+        raise ValueError("a spline's knots must be strictly increasing")
+    if not is_continuous(knots, slopes, intercepts):
+        raise ValueError(
+            "a spline activation must be continuous: adjacent pieces must meet at each knot "
+            "(slopes[k] * knots[k] + intercepts[k] == slopes[k+1] * knots[k] + intercepts[k+1])"
+        )

@@ -1,0 +1,471 @@
+"""Splinified networks: spline activations, the conversion, and every spline tool on the result,
+against float64 references (bucketize, explicit piece sums, jacrev, forward hooks)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import splinelens as sl
+from splinelens._capture import cell_tables, piece_index
+from splinelens.geometry.convexity import convexity_gap
+from splinelens.smooth import SplineRNN
+from splinelens.smooth.convert import functional_splines
+from tests import zoo
+
+F64 = torch.float64
+
+
+def _random_spline(k: int, seed: int, dyadic: bool = True) -> sl.SplineActivation:
+    """A random continuous spline with k pieces (knots on a 1/64 grid, or arbitrary floats)."""
+    g = torch.Generator().manual_seed(seed)
+    knots = torch.sort(torch.randn(k - 1, generator=g, dtype=F64) * 2).values
+    if dyadic:
+        knots = torch.unique(torch.round(knots * 64) / 64)
+    slopes = torch.randn(len(knots) + 1, generator=g, dtype=F64)
+    values = torch.cumsum(torch.cat([knots.new_zeros(1), (knots.diff() * slopes[1:-1])]), 0)
+    intercepts = torch.cat([values - slopes[:-1] * knots, (values - slopes[1:] * knots)[-1:]])
+    return sl.SplineActivation(knots, slopes, intercepts)
+
+
+def _near_knots(knots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The knots in ``dtype`` and their two neighbouring floats, plus random values."""
+    t = knots.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.randn(500, generator=g, dtype=F64) * 4).to(dtype)
+    up, down = torch.nextafter(t, t + 1), torch.nextafter(t, t - 1)
+    return torch.cat([t, up, down, noise, t.new_tensor([0.0, -1e30, 1e30])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("dyadic", [True, False])
+def test_piece_index_is_bucketize(dtype: torch.dtype, dyadic: bool) -> None:
+    """The table lookup finds bucketize's piece, at the knots and the floats beside them too."""
+    act = _random_spline(40, seed=1, dyadic=dyadic)
+    assert (len(act.cells) > 0) == dyadic  # the fast path is taken exactly for dyadic knots
+    z = _near_knots(act.knots, dtype)
+    k = piece_index(z, act.knots, act.cells, act.inv_step, act.first)
+    assert torch.equal(k, torch.bucketize(z, act.knots.to(dtype)))
+
+
+@pytest.mark.parametrize("dyadic", [True, False])
+def test_forward_is_the_explicit_piece(dyadic: bool) -> None:
+    act = _random_spline(30, seed=2, dyadic=dyadic)
+    z = _near_knots(act.knots, F64)
+    k = torch.bucketize(z, act.knots)
+    expected = act.slopes[k] * z + act.intercepts[k]
+    torch.testing.assert_close(act(z), expected, rtol=1e-15, atol=1e-14)  # addcmul may fuse
+    torch.testing.assert_close(act(z.float()), expected.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_spline_stays_float64_and_survives_saving() -> None:
+    act = _random_spline(12, seed=3)
+    net = nn.Sequential(nn.Linear(2, 3), act).float()
+    assert net[1].knots.dtype == F64 and net[0].weight.dtype == torch.float32
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    other = nn.Sequential(nn.Linear(2, 3), _random_spline(12, seed=4))
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    z = torch.randn(50, dtype=F64)
+    assert torch.equal(other[1](z), act(z))  # the lookup tables follow the loaded knots
+
+
+@pytest.mark.parametrize(
+    ("knots", "slopes", "intercepts", "match"),
+    [
+        ([0.0, 1.0], [1.0, 2.0], [0.0, 0.0, 0.0], "shapes"),
+        ([1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], "increasing"),
+        ([0.0], [0.0, 1.0], [0.0, 1.0], "continuous"),
+        ([float("nan")], [0.0, 1.0], [0.0, 0.0], "finite"),
+    ],
+)
+def test_bad_splines_are_refused(knots, slopes, intercepts, match: str) -> None:
+    t = [torch.tensor(v, dtype=F64) for v in (knots, slopes, intercepts)]
+    with pytest.raises(ValueError, match=match):
+        sl.SplineActivation(*t)
+
+
+def test_cell_tables_are_empty_for_knots_off_any_grid() -> None:
+    tables = cell_tables(
+        torch.tensor([0.1, 0.3], dtype=F64), torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64)
+    )
+    assert len(tables.cells) == 0
+
+
+class _Functional(nn.Module):
+    """Functional and method activations of every kind, with parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        h = F.gelu(self.b(h), approximate="tanh").sigmoid()
+        return self.c(F.elu(h, 0.5) + F.softplus(h, beta=2.0))
+
+
+class _RNNNet(nn.Module):
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 4, **kwargs)
+        self.fc = nn.Linear(4 * (2 if kwargs.get("bidirectional") else 1), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+_SMOOTH = {
+    "gelu_mlp": lambda: nn.Sequential(
+        nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 3)
+    ),
+    "every_module": lambda: nn.Sequential(
+        nn.Linear(4, 6),
+        *[m for a in _ALL_MODULES for m in (a, nn.Linear(6, 6))],
+        nn.Linear(6, 2),
+    ),
+    "functional": _Functional,
+    "rnn": lambda: _RNNNet(num_layers=2, batch_first=True),
+}
+_ALL_MODULES = [
+    nn.Sigmoid(), nn.Tanh(), nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Mish(), nn.ELU(0.7),
+    nn.CELU(1.3), nn.SELU(), nn.Softplus(2.0), nn.LogSigmoid(), nn.Softsign(), nn.Hardswish(),
+    nn.Hardsigmoid(), nn.Softshrink(0.3), nn.Tanhshrink(),
+]  # fmt: skip
+_SHAPES = {"gelu_mlp": (4,), "every_module": (4,), "functional": (4,), "rnn": (5, 3)}
+
+
+def _smooth(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _SMOOTH[name]().double().eval()
+
+
+@pytest.mark.parametrize("name", list(_SMOOTH))
+def test_splinified_network_is_exact_for_every_tool(name: str) -> None:
+    """A, B against jacrev and the output; one code entry per unit, the piece of its
+    pre-activation; the original model untouched; the error within what the bounds allow."""
+    model = _smooth(name)
+    before = copy.deepcopy(model.state_dict())
+    splined = sl.splinify(model, tol=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, sl.SplineActivation) for m in model.modules())
+    x = torch.randn(5, *_SHAPES[name], dtype=F64)
+    amap = sl.affine_map(splined, x)
+    jac = torch.stack([torch.func.jacrev(lambda xi: splined(xi[None])[0])(xi) for xi in x])
+    torch.testing.assert_close(amap.A, jac, rtol=0, atol=1e-12)
+    torch.testing.assert_close(amap.output, splined(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.einsum("ncd,nd->nc", amap.A.flatten(2), x.flatten(1)) + amap.B,
+        splined(x),
+        rtol=0,
+        atol=1e-12,
+    )
+    err = sl.approximation_error(model, splined, x)
+    assert 0 < err.max_abs < 0.05
+
+
+def _pre_activations(
+    splined: nn.Module, x: torch.Tensor
+) -> list[tuple[torch.Tensor, sl.SplineActivation]]:
+    """Every spline module's input, in call order (forward pre-hooks)."""
+    seen: list = []
+    mods = [m for m in splined.modules() if isinstance(m, sl.SplineActivation)]
+    mods += list(functional_splines(splined).values())
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append((a[0], m))) for m in mods]
+    try:
+        splined(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["gelu_mlp", "functional", "rnn"])
+def test_codes_are_the_pieces_of_the_pre_activations(name: str) -> None:
+    splined = sl.splinify(_smooth(name), tol=1e-2)
+    x = torch.randn(7, *_SHAPES[name], dtype=F64)
+    codes = sl.partition_codes(splined, x)
+    calls = _pre_activations(splined, x)
+    assert len(codes.layers) == len(calls)
+    for layer, (z, act) in zip(codes.layers, calls):
+        assert layer.pieces == act.pieces and layer.units == z[0].numel()
+        assert torch.equal(layer.data.long(), torch.bucketize(z, act.knots).flatten(1))
+
+
+def test_one_unit_per_activation_not_one_per_relu() -> None:
+    splined = sl.splinify(_smooth("gelu_mlp"), pieces=16)
+    view = sl.SplineView(splined, torch.randn(2, 4, dtype=F64))
+    assert [(la.units, la.pieces) for la in view.layers] == [(8, 16), (8, 16)]
+
+
+def test_rnn_unrolled_equals_torch_rnn() -> None:
+    for kwargs in (
+        {},
+        {"batch_first": True, "num_layers": 2},
+        {"bidirectional": True},
+        {"bias": False},
+    ):
+        torch.manual_seed(0)
+        rnn = nn.RNN(3, 4, **kwargs).double().eval()
+        unrolled = SplineRNN.of(rnn, nn.Tanh())
+        for x in (torch.randn(2, 5, 3, dtype=F64), torch.randn(5, 3, dtype=F64)):
+            layers = rnn.num_layers * (2 if rnn.bidirectional else 1)
+            n = x.shape[0 if rnn.batch_first else 1] if x.dim() == 3 else 1
+            h0 = torch.randn(layers, n, 4, dtype=F64)
+            h0 = h0 if x.dim() == 3 else h0[:, 0]
+            for a, b in zip(unrolled(x, h0), rnn(x, h0)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert dict(unrolled.named_parameters()).keys() == dict(rnn.named_parameters()).keys()
+
+
+def test_every_activation_module_is_replaced_with_its_parameters() -> None:
+    splined = sl.splinify(_smooth("every_module"), tol=1e-2)
+    acts = [m for m in splined.modules() if isinstance(m, sl.SplineActivation)]
+    assert len(acts) == len(_ALL_MODULES)
+    assert [a.activation for a in acts] == [
+        "sigmoid", "tanh", "gelu", "gelu_tanh", "silu", "mish", "elu", "celu", "selu",
+        "softplus", "logsigmoid", "softsign", "hardswish", "hardsigmoid", "softshrink",
+        "tanhshrink",
+    ]  # fmt: skip
+    z = torch.linspace(-6, 6, 2001, dtype=F64)
+    for act, mod in zip(acts, _ALL_MODULES):
+        assert (act(z) - mod(z)).abs().max() <= act.sup_error + 1e-15, act
+        assert act.sup_error <= 1e-2
+        assert f"pieces={act.pieces}" in repr(act) and act.activation in repr(act)
+    exact = [a for a in acts if a.activation in ("hardsigmoid", "softshrink")]
+    assert all(a.sup_error == 0 for a in exact)
+
+
+def test_functional_splines_are_kept_and_saved(tmp_path) -> None:
+    splined = sl.splinify(
+        _smooth("functional"), tol=1e-2, example_input=torch.randn(2, 4, dtype=F64)
+    )
+    names = sorted(functional_splines(splined))
+    assert names == ["elu_alpha0p5", "gelu_tanh", "sigmoid", "softplus_beta2p0", "tanh"]
+    path = tmp_path / "splined.pt"
+    torch.save(splined, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(4, 4, dtype=F64)
+    assert torch.equal(loaded(x), splined(x))
+    assert torch.equal(copy.deepcopy(splined)(x), splined(x))
+
+
+def test_splined_model_moves_in_dtype_and_stays_exact_in_float32() -> None:
+    splined = sl.splinify(_smooth("gelu_mlp"), tol=1e-3).float()
+    x = torch.randn(6, 4)
+    out = splined(x)
+    ref = sl.splinify(_smooth("gelu_mlp"), tol=1e-3)(x.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    amap = sl.affine_map(splined, x)
+    torch.testing.assert_close(amap.output, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.GELU(),
+        nn.Tanh(),
+        nn.Sigmoid(),
+        nn.SiLU(),
+        nn.Softplus(),
+        nn.ELU(),
+        nn.Hardswish(),
+        nn.Softsign(),
+        nn.Hardsigmoid(),
+    ],
+)
+def test_smooth_activations_are_refused_with_the_way_out(module: nn.Module) -> None:
+    net = nn.Sequential(nn.Linear(3, 4), module, nn.Linear(4, 2)).eval()
+    with pytest.raises(sl.UnsupportedOperationError, match="splinify"):
+        sl.SplineView(net, torch.randn(2, 3))
+
+
+def test_rnn_tanh_is_refused_with_the_way_out() -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match="splinify"):
+        sl.SplineView(_RNNNet(batch_first=True).eval(), torch.randn(2, 5, 3))
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h * torch.sigmoid(h))  # a gate: a product of two activations
+
+
+class _Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.n, self.b = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.gelu(self.n(self.a(x))))
+
+
+class _Softmaxed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.softmax(torch.tanh(self.a(x)), -1))
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (_Gated, "multiplies two activation"),
+        (_Normed, "divides by a statistic"),
+        (_Softmaxed, "inside the network"),
+    ],
+)
+def test_what_splinify_cannot_fix_is_still_refused(model, match: str) -> None:
+    splined = sl.splinify(model().eval(), tol=1e-2)
+    with pytest.raises(sl.UnsupportedOperationError, match=match):
+        sl.SplineView(splined, torch.randn(2, 4))
+
+
+def test_softplus_network_with_nonnegative_weights_is_convex() -> None:
+    """Theorem 2: softplus's spline is convex and non-decreasing, so it is a MASO."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 8), nn.Softplus(), nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 2)
+    )
+    splined = sl.splinify(net.double().eval(), tol=1e-2)
+    x = torch.randn(20, 3, dtype=F64)
+    assert not sl.convexity(splined, x).is_convex  # negative weights after layer 1
+    sl.make_input_convex(splined, x)
+    assert sl.convexity(splined, x).is_convex
+    assert convexity_gap(splined, x) <= 1e-12
+    check = sl.check_masos(splined, x)
+    assert check.ok
+    tanh = sl.splinify(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval(), tol=1e-2
+    )
+    report = sl.convexity(tanh, x)
+    assert not report.is_convex
+    with pytest.raises(sl.NotAMasoError, match="not convex"):
+        sl.layer_maso(tanh, x, 0)
+
+
+def test_layer_maso_of_a_convex_spline_is_the_layer() -> None:
+    splined = sl.splinify(
+        nn.Sequential(nn.Linear(3, 5), nn.Softplus(), nn.Linear(5, 2)).double().eval(), pieces=12
+    )
+    x = torch.randn(1, 3, dtype=F64)
+    maso = sl.layer_maso(splined, x, 0)
+    h = torch.randn(40, 3, dtype=F64)
+    torch.testing.assert_close(maso(h), splined[1](splined[0](h)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(maso.argmax(h), torch.bucketize(splined[0](h), splined[1].knots))
+
+
+def test_approximation_error_is_the_explicit_difference() -> None:
+    model = _smooth("gelu_mlp")
+    splined = sl.splinify(model, pieces=8)
+    x = torch.randn(300, 4, dtype=F64)
+    err = sl.approximation_error(model, splined, x, batch_size=64)
+    f, g = model(x).detach(), splined(x).detach()
+    d = (f - g).abs()
+    assert err.max_abs == pytest.approx(float(d.max()), rel=1e-12)
+    assert err.mean_abs == pytest.approx(float(d.mean()), rel=1e-12)
+    assert err.max_rel == pytest.approx(float((d.amax(1) / f.abs().amax(1)).max()), rel=1e-12)
+    assert err.top1_agreement == pytest.approx(float((f.argmax(1) == g.argmax(1)).double().mean()))
+    assert err.n == 300
+    with pytest.raises(ValueError, match="batch"):
+        sl.approximation_error(model, splined, x[:0])
+
+
+def test_error_falls_with_pieces() -> None:
+    """Through a network the output error follows the activations' bounds: about 1/K^2."""
+    model = _smooth("gelu_mlp")
+    x = torch.randn(500, 4, dtype=F64)
+    errs = [
+        sl.approximation_error(model, sl.splinify(model, pieces=k), x).max_abs
+        for k in (8, 16, 32, 64)
+    ]
+    ratios = np.array(errs[:-1]) / np.array(errs[1:])
+    assert (ratios > 2.5).all() and (ratios < 6.5).all(), errs
+
+
+def test_splinify_needs_a_budget() -> None:
+    with pytest.raises(ValueError, match="tol"):
+        sl.splinify(nn.Tanh(), tol=None)
+
+
+def test_slices_of_a_splinified_network_match_grid_samples() -> None:
+    """Regions of a 2-D slice: same region iff same code, one cut per knot crossed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    splined = sl.splinify(net.double().eval(), pieces=6)
+    part = sl.slice_partition(splined, torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+    keys = np.concatenate([la.data.numpy() for la in part.codes.layers], 1)
+    assert len(np.unique(keys, axis=0)) == len(part) > 20
+    uv = np.random.default_rng(0).uniform(-3, 3, (3000, 2))
+    region = part.locate(uv)
+    got = sl.partition_codes(splined, part.to_input(uv))
+    sampled = np.concatenate([la.data.numpy() for la in got.layers], 1)
+    assert (sampled == keys[region]).all()
+    first = part.layers[0]  # layer 1 alone: lines z_k = t, one per unit and knot crossed
+    w, b = splined[0].weight.detach(), splined[0].bias.detach()
+    assert len(first) == zoo_line_arrangement(w, b, splined[1].knots, 3.0)
+
+
+def zoo_line_arrangement(w: torch.Tensor, b: torch.Tensor, knots: torch.Tensor, h: float) -> int:
+    """Regions of [-h, h]^2 cut by the lines w_k . u + b_k = t: 1 + lines + crossings inside
+    (lines in general position), counted explicitly."""
+    lines = [(k, w[k].numpy(), float(t - b[k])) for k in range(len(w)) for t in knots.numpy()]
+    inside = [ln for ln in lines if _crosses_box(*ln[1:], h)]
+    crossings = 0
+    for i in range(len(inside)):
+        for j in range(i + 1, len(inside)):
+            (k1, a1, c1), (k2, a2, c2) = inside[i], inside[j]
+            if k1 == k2:  # one unit's lines are parallel
+                continue
+            p = np.linalg.solve(np.stack([a1, a2]), np.array([c1, c2]))
+            crossings += bool((np.abs(p) < h).all())
+    return 1 + len(inside) + crossings
+
+
+def _crosses_box(a: np.ndarray, c: float, h: float) -> bool:
+    corners = np.array([[-h, -h], [-h, h], [h, -h], [h, h]]) @ a - c
+    return corners.min() < 0 < corners.max()
+
+
+def test_region_radius_on_a_splinified_network() -> None:
+    """The radius is the distance to the nearest knot of any unit; the polytope is x's region."""
+    torch.manual_seed(1)
+    splined = sl.splinify(
+        nn.Sequential(nn.Linear(3, 6), nn.Sigmoid(), nn.Linear(6, 2)).double().eval(), pieces=10
+    )
+    x = torch.randn(4, 3, dtype=F64)
+    r = sl.region_radius(splined, x)
+    w, b, knots = splined[0].weight.detach(), splined[0].bias.detach(), splined[1].knots
+    z = x @ w.T + b  # (N, 6)
+    dist = ((z[:, :, None] - knots).abs() / w.norm(dim=1)[None, :, None]).flatten(1).amin(1)
+    torch.testing.assert_close(r, dist, rtol=1e-10, atol=0)
+    poly = sl.region_polytope(splined, x[:1])
+    y = x[:1] + 3 * r[0] * torch.randn(300, 3, dtype=F64)
+    same = (
+        sl.partition_distance(
+            sl.partition_codes(splined, y), sl.partition_codes(splined, x[:1])
+        ).reshape(-1)
+        == 0
+    )
+    assert 0 < same.sum() < len(y)
+    assert (poly.contains(y) == same).all()
+    per_unit = ((z[:, :, None] - knots).abs() / w.norm(dim=1)[None, :, None]).amin(2)  # (N, 6)
+    lc = sl.local_complexity(splined, x, [0.1, 0.5])
+    explicit = (per_unit[..., None] <= torch.tensor([0.1, 0.5], dtype=F64)).sum(1)
+    assert torch.equal(lc.counts[:, 0], explicit)
+
+
+def test_zoo_has_splinified_networks() -> None:
+    assert {"splined_gelu_mlp", "splined_tanh_cnn", "splined_functional"} <= set(zoo.ZOO)
