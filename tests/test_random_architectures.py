@@ -23,7 +23,7 @@ class Residual(nn.Module):
 def _activation(draw, width: int, image: bool) -> nn.Module:
     kind = draw(
         st.sampled_from(
-            ["relu", "leaky", "prelu", "abs", "hardtanh", "relu6", "none"]
+            ["relu", "leaky", "prelu", "abs", "hardtanh", "relu6", "none", "spline"]
             + (["maxpool"] if image else [])
         )
     )
@@ -33,6 +33,10 @@ def _activation(draw, width: int, image: bool) -> nn.Module:
         return nn.PReLU(draw(st.sampled_from([1, width])), init=0.1)
     if kind == "hardtanh":
         return nn.Hardtanh(-draw(st.sampled_from([0.1, 1.0])), draw(st.sampled_from([0.2, 2.0])))
+    if kind == "spline":  # a certified spline of a smooth activation (sl.splinify's unit)
+        name = draw(st.sampled_from(["tanh", "gelu", "softplus", "sigmoid", "elu"]))
+        fit = sl.fit_activation(name, pieces=draw(st.sampled_from([3, 6, 17])))
+        return sl.SplineActivation.from_fit(fit)
     if kind == "maxpool":
         return nn.MaxPool2d(draw(st.sampled_from([2, 3])), 1, padding=1)
     return {"relu": nn.ReLU(), "abs": zoo.Abs(), "relu6": nn.ReLU6(), "none": nn.Identity()}[kind]

@@ -133,21 +133,10 @@ def affine_piece(z: Tensor, slopes: Tensor, intercepts: Tensor, k: Tensor) -> Te
     return torch.addcmul(lookup(intercepts.to(dt), k), lookup(slopes.to(dt), k), z)
 
 
-@torch.library.custom_op("splinelens::spline_activation", mutates_args=())
-def spline_activation(
-    z: Tensor,
-    knots: Tensor,
-    slopes: Tensor,
-    intercepts: Tensor,
-    cells: Tensor,
-    cell_slopes: Tensor,
-    cell_intercepts: Tensor,
-    inv_step: float,
-    first: int,
-) -> Tensor:
-    """``evaluate`` as one op, for graph capture; see the module docstring."""
-    args = (knots, slopes, intercepts, cells, cell_slopes, cell_intercepts, inv_step, first)
-    return evaluate(z, *args)
+# ``evaluate`` as one op, for graph capture (``evaluate`` itself stays a plain function)
+spline_activation = torch.library.custom_op("splinelens::spline_activation", mutates_args=())(
+    evaluate
+)
 
 
 @spline_activation.register_fake
