@@ -141,7 +141,9 @@ def reference_table() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/spline_fit.csv"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "spline_fit.csv"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
