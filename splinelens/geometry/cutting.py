@@ -36,9 +36,10 @@ def cut(
         sel = np.nonzero(r >= 0)[0]
         row[parents] = -1
         coef = pair_coef[order[s:e]][r[sel]]  # (m, R, 3)
-        cells.split(
-            sel, *_argmax_pieces(cells.V[sel], cells.n[sel], coef, table.valid[unit], scale)
+        pieces = _argmax_pieces(
+            cells.V[sel], cells.n[sel], coef, table.valid[unit], scale, table.chain
         )
+        cells.split(sel, *pieces)
     return cells.arrays()
 
 
@@ -103,19 +104,20 @@ def _tolerance(coef: Array, scale: float) -> Array:
 
 
 def _argmax_pieces(
-    V: Array, n: Array, coef: Array, valid: Array, scale: float
+    V: Array, n: Array, coef: Array, valid: Array, scale: float, chain: bool = False
 ) -> tuple[Array, list[tuple[Array, Array]]]:
     """Split cells (m, W, 2) by the argmax of candidates coef (m, R, 3).
 
     Returns, per cell, whether it really splits (m,), and for each candidate its piece
     {candidate i >= every other; > every earlier one} as (V, n) with n < 3 where it is empty.
+    ``chain``: the candidates' slopes increase in one slot (a spline unit), so candidate i wins
+    where it beats i - 1 and i + 1 (the max is convex in the slot): 2 cuts per piece, not R - 1.
     """
     pieces = []
-    for i in np.nonzero(valid)[0]:
+    ids = np.nonzero(valid)[0]
+    for i in ids:
         P, k, alive = V, n.copy(), np.ones(len(V), dtype=bool)
-        for j in np.nonzero(valid)[0]:
-            if j == i:
-                continue
+        for j in (j for j in ids if j != i and (not chain or abs(j - i) == 1)):
             d = coef[:, i] - coef[:, j]  # (m, 3): candidate i minus candidate j
             tol = _tolerance(d, scale)
             g = poly.values(P, d)

@@ -26,7 +26,7 @@ every earlier state frozen at x's: the exact local affine form of each unit's ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ class UnitTable:
     scale: np.ndarray
     const: np.ndarray
     valid: np.ndarray
+    chain: bool = False  # slopes increase along the candidates: neighbours decide the argmax
 
     @property
     def units(self) -> int:
@@ -142,7 +143,7 @@ def _spline_table(step: Any, knots: Tensor, k: int) -> UnitTable:
     idx = _terms(np.broadcast_to(np.arange(k)[:, None], (k, r)))
     const = -np.concatenate([[0.0], np.cumsum(t)])
     scale = np.stack([np.arange(r, dtype=np.float64), np.zeros(r)], 1)  # (R, 2)
-    return _table(step.name, step.args[:1], True, idx, scale, const)
+    return replace(_table(step.name, step.args[:1], True, idx, scale, const), chain=True)
 
 
 def _pool_windows(pool: Pool, in_shape: tuple[int, ...], layer: Layer) -> np.ndarray:
