@@ -469,3 +469,15 @@ def test_region_radius_on_a_splinified_network() -> None:
 
 def test_zoo_has_splinified_networks() -> None:
     assert {"splined_gelu_mlp", "splined_tanh_cnn", "splined_functional"} <= set(zoo.ZOO)
+
+
+def test_a_repeated_piece_has_no_maso_form() -> None:
+    """Two pieces on one line: the codes see the knot between them, a max of pieces cannot."""
+    act = sl.SplineActivation(
+        torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.zeros(4)
+    )
+    net = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2)).double().eval()
+    x = torch.randn(5, 3, dtype=F64)
+    with pytest.raises(sl.NotAMasoError, match="pieces 0 and 1 lie on one line"):
+        sl.layer_maso(net, x, 0)
+    assert sl.check_masos(net, x).layers == ()  # skipped, like other layers without a MASO form

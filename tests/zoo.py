@@ -244,7 +244,7 @@ def splined_tanh_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * 4 * 4, 3),
     )
-    return splinify(net.eval(), pieces=5)  # SiLU's 4-piece fit repeats a piece (a tie)
+    return splinify(net.eval(), pieces=5)  # (SiLU's 4-piece fit repeats a piece: no MASO form)
 
 
 class SmoothFunctional(nn.Module):

@@ -143,6 +143,14 @@ def _spline_pieces(view: SplineView, step, table: UnitTable, layer: Layer) -> Un
             "such as softplus's, are)"
         )
     intercepts = view.program.leaf(step.args[3].name).double().cpu().numpy()
+    same = (np.diff(slopes) == 0) & (np.diff(intercepts) == 0)
+    if same.any():
+        r = int(np.nonzero(same)[0][0])
+        raise NotAMasoError(
+            f"layer {layer.name!r} (spline activation): pieces {r} and {r + 1} lie on one line, "
+            "so a max over its pieces cannot tell them apart while its partition codes do "
+            f"(knot {r}); it has no MASO form with the same partition"
+        )
     r = len(slopes)
     scale = np.broadcast_to(np.stack([slopes, np.zeros(r)], 1), table.scale.shape).copy()
     const = np.broadcast_to(intercepts, table.const.shape).copy()
