@@ -1,7 +1,16 @@
-"""Orthogonal templates (Sec. 6): the penalty of eq. (13) and a one-line way to use it.
+"""Orthogonal templates (Sec. 6): the penalty of eq. (13), its reference code's variant, and a
+one-line way to use them.
 
 The last linear layer's rows W_c are the templates' final factor; the paper adds
-lambda * sum over c1 != c2 of <W_c1, W_c2>^2 to the cross-entropy to make them orthogonal.
+lambda * sum over c1 != c2 of <W_c1, W_c2>^2 to the cross-entropy to make them orthogonal
+(``kind="eq13"``, the printed equation). The paper's reference code (RandallBalestriero/DNN,
+``ortho_loss2``) computes something else: with W (D inputs, C classes),
+mean over the C x C entries of (W^T W - diag(mean over D of W * W))^2, that is
+
+    [ sum over c1 != c2 of <w_c1, w_c2>^2  +  (1 - 1/D)^2 sum over c of ||w_c||^4 ] / C^2
+
+(``kind="reference"``): the off-diagonal terms scaled by 1/C^2, plus a fourth-power decay of the
+rows' norms. ``kind="row-norm"`` is that diagonal term alone.
 
 >>> import torch, torch.nn as nn
 >>> w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
@@ -21,16 +30,31 @@ import torch.nn as nn
 Tensor = torch.Tensor
 
 
-def orthogonality_penalty(weight: Tensor) -> Tensor:
-    """Eq. (13) without lambda: sum over c1 != c2 of <W_c1, W_c2>^2, for a (C, D) weight.
+PENALTY_KINDS = ("eq13", "reference", "row-norm")
 
-    Exactly the paper's formula (the 2018 code subtracted the mean of squares from the
-    diagonal instead). Rows beyond the first dimension are flattened: a (C, ...) weight works.
+
+def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
+    """The penalty without lambda, for a (C, D) classifier weight (rows: classes).
+
+    ``eq13``: sum over c1 != c2 of <W_c1, W_c2>^2, exactly the printed eq. (13).
+    ``reference``: the reference code's ``ortho_loss2`` on W^T (its (D, C) layout), its
+    normalisation and diagonal included; ``row-norm``: only its diagonal term,
+    (1 - 1/D)^2 sum_c ||W_c||^4 / C^2. Rows beyond the first dimension are flattened.
+
+    >>> w = torch.tensor([[1.0, 0.0], [1.0, 1.0]])   # C = 2, D = 2
+    >>> [round(float(orthogonality_penalty(w, k)), 4) for k in PENALTY_KINDS]
+    [2.0, 0.8125, 0.3125]
     """
     w = weight.reshape(weight.shape[0], -1)  # (C, D)
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
-    off = gram - torch.diag_embed(gram.diagonal())  # zero the diagonal (no cancellation)
-    return off.pow(2).sum()
+    sq = gram.diagonal()  # (C,): ||W_c||^2
+    if kind == "eq13":
+        return (gram - torch.diag_embed(sq)).pow(2).sum()  # the diagonal zeroed exactly
+    if kind == "reference":
+        return (gram - torch.diag_embed(sq / w.shape[1])).pow(2).mean()
+    if kind == "row-norm":
+        return (sq * (1 - 1 / w.shape[1])).pow(2).sum() / len(sq) ** 2
+    raise ValueError(f"unknown penalty kind {kind!r}; choose one of {', '.join(PENALTY_KINDS)}")
 
 
 def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:
@@ -52,6 +76,9 @@ def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:
     return layer
 
 
-def template_penalty(model: nn.Module, lam: float, name: str | None = None) -> Tensor:
-    """lam * eq. (13) on the model's classifier weight: ``loss = ce + template_penalty(m, 0.1)``."""
-    return lam * orthogonality_penalty(classifier(model, name).weight)
+def template_penalty(
+    model: nn.Module, lam: float, name: str | None = None, kind: str = "eq13"
+) -> Tensor:
+    """lam * the penalty (eq. (13) by default) on the model's classifier weight:
+    ``loss = ce + template_penalty(m, 0.1)``; ``kind`` as in ``orthogonality_penalty``."""
+    return lam * orthogonality_penalty(classifier(model, name).weight, kind)

@@ -109,3 +109,53 @@ def test_penalties_and_input_convexity_are_at_top_level() -> None:
     w = torch.randn(4, 6, dtype=torch.float64)
     ref = sum((w[a] @ w[b]) ** 2 for a in range(4) for b in range(4) if a != b)
     assert torch.allclose(sl.orthogonality_penalty(w), ref)
+
+
+def explicit_reference(w: torch.Tensor) -> torch.Tensor:
+    """ortho_loss2 of the paper's code on W = w^T (D, C), by explicit sums: the mean over the
+    C x C entries of (sum_d W[d, i] W[d, j] - [i == j] (1/D) sum_d W[d, i]^2)^2."""
+    big_w = w.T
+    d, c = big_w.shape
+    total = w.new_zeros(())
+    for i in range(c):
+        for j in range(c):
+            entry = sum(big_w[k, i] * big_w[k, j] for k in range(d))
+            if i == j:
+                entry = entry - sum(big_w[k, i] ** 2 for k in range(d)) / d
+            total = total + entry**2
+    return total / (c * c)
+
+
+def explicit_row_norm(w: torch.Tensor) -> torch.Tensor:
+    """Only the diagonal term of the reference code: sum_c ((1 - 1/D) ||w_c||^2)^2 / C^2."""
+    c, d = w.shape
+    return sum(((1 - 1 / d) * torch.dot(w[i], w[i])) ** 2 for i in range(c)) / (c * c)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (10, 16), (7, 1), (1, 5)])
+def test_reference_and_row_norm_penalties_are_the_explicit_sums(shape) -> None:
+    w = torch.randn(*shape, dtype=torch.float64)
+    got = orthogonality_penalty(w, "reference")
+    torch.testing.assert_close(got, explicit_reference(w), rtol=1e-12, atol=1e-12)
+    got = orthogonality_penalty(w, "row-norm")
+    torch.testing.assert_close(got, explicit_row_norm(w), rtol=1e-12, atol=1e-12)
+    c = w.shape[0]  # reference = eq13 / C^2 + the row-norm term
+    torch.testing.assert_close(
+        orthogonality_penalty(w, "reference"),
+        orthogonality_penalty(w) / c**2 + orthogonality_penalty(w, "row-norm"),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_penalty_kinds_differ_where_they_should() -> None:
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    rows = q[:5] * 3.0  # orthogonal rows of norm 3
+    assert orthogonality_penalty(rows, "eq13") < 1e-10  # eq. (13) ignores the norms
+    assert orthogonality_penalty(rows, "reference") == pytest.approx((1 - 1 / 8) ** 2 * 81 / 5)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    for kind in ("eq13", "reference", "row-norm"):
+        expected = 0.5 * orthogonality_penalty(net[2].weight, kind)
+        torch.testing.assert_close(template_penalty(net, 0.5, kind=kind), expected)
+    with pytest.raises(ValueError, match="eq13, reference, row-norm"):
+        orthogonality_penalty(rows, "l2")

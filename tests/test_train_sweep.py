@@ -185,6 +185,28 @@ def test_cli_sweep_and_plot(tmp_path) -> None:
     assert main(["sweep", "--dataset", "imagenet", "--out", str(out)]) == 2
 
 
+def test_penalty_kind_is_a_setting_with_a_results_column(tmp_path) -> None:
+    """--penalty picks the variant; eq13 keeps old ids; lambda 0 is one run for every kind;
+    results.csv says which penalty each row used (older records: eq13)."""
+    from splinelens.cli import main
+
+    assert run_id(replace(BASE, lam=0.1, penalty_kind="eq13")) == run_id(replace(BASE, lam=0.1))
+    assert run_id(replace(BASE, lam=0.1, penalty_kind="reference")) != run_id(
+        replace(BASE, lam=0.1)
+    )
+    assert run_id(replace(BASE, penalty_kind="row-norm")) == run_id(BASE)  # lam 0
+    with pytest.raises(ValueError, match="penalty_kind: expected one of eq13, reference"):
+        TrainConfig(penalty_kind="l2")
+    out = tmp_path / "ref"
+    args = ["sweep", "--dataset", "digits", "--arch", "mlp", "--lambdas", "0,0.5", "--seeds"]
+    args += ["1", "--epochs", "1", "--train-subset", "200", "--no-progress", "--out", str(out)]
+    assert main([*args, "--penalty", "reference"]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["penalty_kind"] for r in rows] == ["reference", "reference"]
+    assert main([*args[:-2], "--out", str(tmp_path / "x"), "--penalty", "l2"]) == 2
+
+
 def test_run_id_does_not_depend_on_number_types() -> None:
     assert run_id(replace(BASE, lam=1)) == run_id(replace(BASE, lam=1.0))
     assert TrainConfig(lam=1, lr=1).lam == 1.0 and isinstance(TrainConfig(lr=1).lr, float)

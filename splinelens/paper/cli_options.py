@@ -27,6 +27,7 @@ from splinelens.paper.config import (
     parse_number,
     resolve_device,
 )
+from splinelens.penalty import PENALTY_KINDS
 
 _LAMBDAS = "expected comma-separated non-negative numbers such as 0,0.01,0.1"
 
@@ -193,7 +194,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     from splinelens.paper.data import DATASETS
     from splinelens.paper.models import MODELS
 
-    choices = {"dataset": sorted(DATASETS), "arch": sorted(MODELS)}
+    choices = {"dataset": sorted(DATASETS), "arch": sorted(MODELS), "penalty_kind": PENALTY_KINDS}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("lam", "seed"):
             continue
@@ -203,7 +204,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         else:
             plain = str if isinstance(f.default, str) else field_option(f.name)
             p.add_argument(
-                flag,
+                *([flag, "--penalty"] if f.name == "penalty_kind" else [flag]),
                 type=_OPTION_TYPES.get(f.name, plain),
                 default=f.default,
                 choices=choices.get(f.name),

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from splinelens.penalty import PENALTY_KINDS
+
 
 @dataclass
 class TrainConfig:
@@ -28,7 +30,8 @@ class TrainConfig:
 
     dataset: str = "fashion-mnist"
     arch: str = "small-cnn"
-    lam: float = 0.0  # weight of eq. (13)'s penalty
+    lam: float = 0.0  # weight of the template penalty
+    penalty_kind: str = "eq13"  # eq13 (printed), reference (the 2018 code), row-norm (its diagonal)
     seed: int = 0
     epochs: int = 30
     batch_size: int = 64
@@ -55,6 +58,11 @@ class TrainConfig:
                 setattr(self, f.name, field_value(f.name, getattr(self, f.name)))
             except ValueError as e:
                 raise ValueError(f"TrainConfig.{f.name}: {e}") from None
+        if self.penalty_kind not in PENALTY_KINDS:
+            raise ValueError(
+                f"TrainConfig.penalty_kind: expected one of {', '.join(PENALTY_KINDS)}, "
+                f"got {self.penalty_kind!r}"
+            )
         try:
             self.device = device_name(self.device)
         except ValueError as e:
@@ -63,10 +71,12 @@ class TrainConfig:
     def identity(self) -> dict[str, object]:
         """The fields that define the run's result (not how it is displayed or where it runs).
 
-        ``threads`` is left out at its default, so that runs keep the ids they had before the
-        field existed.
+        ``threads`` and ``penalty_kind`` are left out at their defaults, so that runs keep the
+        ids they had before those fields existed (``penalty_kind`` also at lam = 0, where it
+        changes nothing: every penalty's lambda = 0 arm is one run).
         """
         skip = {"progress", "device"} | ({"threads"} if self.threads == 1 else set())
+        skip |= {"penalty_kind"} if self.penalty_kind == "eq13" or self.lam == 0 else set()
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

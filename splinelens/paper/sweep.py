@@ -53,6 +53,7 @@ COLUMNS = [
     "dataset",
     "arch",
     "lam",
+    "penalty_kind",
     "seed",
     "epochs",
     "status",
@@ -333,8 +334,9 @@ def _rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rec in records:
         row = {k: rec.get(k, "") for k in COLUMNS}
         row.update({k: rec["config"][k] for k in CONFIG_KEYS})
+        row["penalty_kind"] = rec["config"].get("penalty_kind", "eq13")  # older records: eq13
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["lam"], r["seed"]))
+    return sorted(rows, key=lambda r: (r["penalty_kind"], r["lam"], r["seed"]))
 
 
 def _record_stamps(out: str | Path) -> set[tuple[str, int, int]]:

@@ -178,7 +178,7 @@ def train_epoch(
         loss = F.cross_entropy(logits.float(), y)
         total = loss
         if cfg.lam:  # without the penalty, its value is only logged, once per epoch
-            pen = orthogonality_penalty(head.weight)
+            pen = orthogonality_penalty(head.weight, cfg.penalty_kind)
             total = loss + cfg.lam * pen
         if not torch.isfinite(total):
             raise DivergedError(f"loss became {total.item()} (lam={cfg.lam}, seed={cfg.seed})")
@@ -189,7 +189,7 @@ def train_epoch(
         tot_wrong += (logits.argmax(1) != y).sum().item()
         seen += len(y)
     with torch.no_grad():
-        pen = orthogonality_penalty(head.weight)
+        pen = orthogonality_penalty(head.weight, cfg.penalty_kind)
     return tot_loss / seen, tot_wrong / seen, float(pen)
 
 
