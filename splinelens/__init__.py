@@ -24,6 +24,7 @@ from splinelens.geometry.maso import (
     check_masos,
     layer_maso,
 )
+from splinelens.geometry.matching import TemplateMatchingGap, template_matching_gap
 from splinelens.geometry.region import (
     LocalComplexity,
     RegionPolytope,
@@ -67,6 +68,7 @@ __all__ = [
     "SplineFit",
     "SplineView",
     "StaleCaptureError",
+    "TemplateMatchingGap",
     "UnsupportedOperationError",
     "Verification",
     "affine_map",
@@ -86,6 +88,7 @@ __all__ = [
     "sampled_local_complexity",
     "slice_partition",
     "splinify",
+    "template_matching_gap",
     "template_penalty",
     "verify",
 ]
