@@ -32,8 +32,9 @@ Run (missing arms are skipped with a note, so it works on a sweep still in progr
         [--n 200] [--gap-n 100] [--gap-m 200] [--lam 1] [--kind eq13] [--prop5-all]
         [--threads 2]
 
-The defaults take about 14 minutes on this 2-core machine (Prop. 5: ~14 s per model at n = 200,
-the gap: ~40 s per model at 100 x 200); n = 500 and a 200 x 200 gap would take about 30.
+The defaults take about 6 minutes on 2 free CPU cores (Prop. 5: ~2.5 s per model, Fig. 4: ~3 s,
+the gap: ~22 s per model at 100 x 200), two to three times that on a shared machine; n = 500
+and a 200 x 200 gap would take about 12 minutes on free cores.
 """
 
 from __future__ import annotations
