@@ -204,7 +204,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         else:
             plain = str if isinstance(f.default, str) else field_option(f.name)
             p.add_argument(
-                *([flag, "--penalty"] if f.name == "penalty_kind" else [flag]),
+                flag,
+                *([f.metadata["alias"]] if "alias" in f.metadata else []),
                 type=_OPTION_TYPES.get(f.name, plain),
                 default=f.default,
                 choices=choices.get(f.name),

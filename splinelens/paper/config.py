@@ -31,7 +31,9 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     arch: str = "small-cnn"
     lam: float = 0.0  # weight of the template penalty
-    penalty_kind: str = "eq13"  # eq13 (printed), reference (the 2018 code), row-norm (its diagonal)
+    penalty_kind: str = field(  # eq13 (printed), reference (the 2018 code), row-norm (diagonal)
+        default="eq13", metadata={"alias": "--penalty"}
+    )
     seed: int = 0
     epochs: int = 30
     batch_size: int = 64
