@@ -1,7 +1,8 @@
 """Which part of the template penalty, if any, matters? Three penalties against one control.
 
-Reads three finished sweeps of the paper's small CNN on Fashion-MNIST (2,000 training and 2,000
-test images, 12 epochs, 5 seeds; ``splinelens sweep --checkpoints``), one folder per penalty kind
+Reads three finished sweeps of one dataset and architecture (RESULTS.md: the paper's small CNN on
+Fashion-MNIST and CIFAR-10, its large CNN on CIFAR-10 on a GPU; ``splinelens sweep
+--checkpoints``), one folder per penalty kind
 (``splinelens.penalty``): ``eq13`` (eq. (13) as printed), ``reference`` (the 2018 code's
 ``ortho_loss2``) and ``row-norm`` (its diagonal term alone). The lambda = 0 runs, in the eq13
 folder, are the control of every arm (kind, lambda > 0). Writes into --out:
@@ -30,7 +31,7 @@ Run (missing arms are skipped with a note, so it works on a sweep still in progr
 
     python bench/exp_penalty_kinds.py [--runs runs/penalty-kinds] [--out results/penalty-kinds]
         [--n 200] [--gap-n 100] [--gap-m 200] [--lam 1] [--kind eq13] [--prop5-all]
-        [--threads 2]
+        [--threads 2] [--device cuda]
 
 The defaults take about 6 minutes on 2 free CPU cores (Prop. 5: ~2.5 s per model, Fig. 4: ~3 s,
 the gap: ~22 s per model at 100 x 200), two to three times that on a shared machine; n = 500
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from scipy import optimize, stats
 
 import splinelens as sl
@@ -104,11 +106,12 @@ def load_arms(root: Path) -> tuple[Arms, list[str]]:
     return {k: arms[k] for k in keep}, notes
 
 
-def load_model(rec: dict[str, Any]) -> nn.Module:
-    """The run's trained model, float64, in eval mode."""
-    cfg = rec["config"]
-    model = build_model(cfg["arch"], 1, 28, 10, cfg["batchnorm"], cfg["bias"])
-    return load_checkpoint(model, rec["ckpt"]).double().eval()
+def load_model(rec: dict[str, Any], data: Data) -> nn.Module:
+    """The run's trained model, shaped for ``data``, float64, in eval mode, on data's device."""
+    cfg, (c, h, _) = rec["config"], data.shape
+    model = build_model(cfg["arch"], c, h, data.num_classes, cfg["batchnorm"], cfg["bias"])
+    model = load_checkpoint(model, rec["ckpt"]).double().eval()
+    return model.to(data.train_x.device)
 
 
 def arm_name(key: tuple[str, float]) -> str:
@@ -161,7 +164,7 @@ def detectable(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
 # ----------------------------------------------------------------------------- 1. arms
 def weight_stats(rec: dict[str, Any]) -> dict[str, float]:
     """The classifier rows W_c of a checkpoint: mean norm, mean |cos| between rows, eq. (13)."""
-    w = load_model(rec).classifier.weight.detach()
+    w = load_file(rec["ckpt"])["classifier.weight"].double()  # (C, D)
     norms = w.norm(dim=1)
     cos = (w @ w.T) / (norms[:, None] * norms[None])
     off = ~torch.eye(len(w), dtype=torch.bool)
@@ -326,7 +329,7 @@ def prop5_models(arms: Arms, data: Data, n: int) -> list[dict[str, Any]]:
     rows = []
     for (kind, lam), recs in arms.items():
         for rec in recs:
-            model = load_model(rec)
+            model = load_model(rec, data)
             for split, (x, y) in splits.items():
                 got = prop5_one(model, x[:n].double(), y[:n])
                 rows.append(
@@ -381,7 +384,7 @@ def fig4_one(model: nn.Module, data: Data, n: int) -> list[dict[str, Any]]:
     picks = [("input (Euclidean)", eucl.topk(K_NEIGHBOURS, largest=False).indices)]
     for i, layer in enumerate(codes_tr.layers):
         _, idx = sl.nearest_neighbors(codes_q, codes_tr, layer=i, k=K_NEIGHBOURS)
-        picks.append((layer.name, idx))
+        picks.append((layer.name, idx.to(eucl.device)))
     rows = []
     for depth, (name, idx) in enumerate(picks):
         rank = (eucl[:, None, :] < eucl.gather(1, idx)[..., None]).sum(-1) + 1  # (n, k)
@@ -460,7 +463,7 @@ def gap_one(model: nn.Module, x: torch.Tensor, cands: torch.Tensor) -> dict[str,
 def input_convex(rec: dict[str, Any], data: Data) -> tuple[nn.Module, dict[str, float]]:
     """A copy of the run's model made input-convex (Theorem 2) and fine-tuned on its training
     set; returns it (float64, eval) and its accuracies before and after fine-tuning."""
-    model = load_model(rec).float()
+    model = load_model(rec, data).float()
     sl.make_input_convex(model, data.train_x[:2])
     before = evaluate(model, data.test_x, data.test_y)
     torch.manual_seed(0)
@@ -539,6 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", default="eq13", choices=KINDS, help="penalty of parts 3-4")
     p.add_argument("--prop5-all", action="store_true", help="Prop. 5 on every arm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device", default="cpu", help="where the float64 analyses run (cuda: TF32 off)"
+    )
     return p.parse_args(argv)
 
 
@@ -563,7 +569,8 @@ def part_prop5(arms: Arms, data: Data, n: int, out: Path) -> list[dict[str, Any]
 
 def part_fig4(chosen: Arms, data: Data, n: int, out: Path) -> list[dict[str, Any]]:
     per_seed = {
-        arm_name(k): [fig4_one(load_model(r), data, n) for r in recs] for k, recs in chosen.items()
+        arm_name(k): [fig4_one(load_model(r, data), data, n) for r in recs]
+        for k, recs in chosen.items()
     }
     rows, slopes = fig4_summary(per_seed)
     write_csv(out / "fig4.csv", rows)
@@ -575,7 +582,7 @@ def part_fig4(chosen: Arms, data: Data, n: int, out: Path) -> list[dict[str, Any
 def part_gap(chosen: Arms, data: Data, n: int, m: int, out: Path) -> dict[str, Any]:
     x, cands = data.test_x[:n].double(), data.train_x[:m].double()
     rows = [
-        gap_summary(arm_name(k), [gap_one(load_model(r), x, cands) for r in recs])
+        gap_summary(arm_name(k), [gap_one(load_model(r, data), x, cands) for r in recs])
         for k, recs in chosen.items()
     ]
     model, convex = input_convex(chosen[CONTROL][0], data)
@@ -608,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     arms, notes = load_arms(args.runs)
     if CONTROL not in arms:
         sys.exit(f"no finished lambda = 0 runs under {args.runs}/eq13: nothing to compare against")
-    data = load_data(TrainConfig(**arms[CONTROL][0]["config"]))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    data = load_data(TrainConfig(**arms[CONTROL][0]["config"])).to(args.device)
     every = list(arms) if args.prop5_all else [CONTROL, *((k, args.lam) for k in KINDS)]
     some = select(arms, every, notes, "Prop. 5")
     chosen = select(arms, [CONTROL, (args.kind, args.lam)], notes, "Fig. 4 and the gap")
