@@ -71,8 +71,9 @@ class AffineMap:
         """Refuse to finish a map whose model changed since it was made.
 
         Before the states are recorded, the fingerprint of the view's check (sums in each
-        tensor's own dtype) is compared; from then on, float64 sums taken when they were
-        recorded, which see any change of any entry: states and weights never mix.
+        tensor's own dtype) is compared; from then on, sums of the weights' bit patterns taken
+        when they were recorded, which see any change of any one entry: states and weights
+        never mix.
         """
         wide = self._recorded_weights is not None
         then = self._recorded_weights if wide else self._weights
@@ -236,7 +237,7 @@ class AffineMap:
         self._note_weights()
 
     def _note_weights(self) -> None:
-        """The weights the states were recorded with, in float64 sums (see _check_unchanged)."""
+        """The weights the states were recorded with, as bit-pattern sums (_check_unchanged)."""
         self._recorded_weights = weights_fingerprint(self.model, self._state, wide=True)
 
     def _node(self, z: Tensor) -> Tensor:

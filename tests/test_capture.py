@@ -191,7 +191,7 @@ def test_a_map_between_parallel_layers_is_constant(first: str) -> None:
 
 
 def test_a_map_refuses_after_any_change_of_its_weights_once_states_are_recorded() -> None:
-    """float64 sums see a change of one float32 entry below the float32 sum's rounding."""
+    """Bit-pattern sums see a change of one float32 entry below the float32 sum's rounding."""
     net = nn.Sequential(nn.Linear(4, 2000), nn.ReLU(), nn.Linear(2000, 2)).eval()
     with torch.no_grad():
         net[0].weight.fill_(1.0)
@@ -201,3 +201,28 @@ def test_a_map_refuses_after_any_change_of_its_weights_once_states_are_recorded(
     net[0].weight.data[0, 0] += 1e-7  # through .data: no version bump; float32 sum unchanged
     with pytest.raises(ValueError, match="changed after this AffineMap was made"):
         _ = amap.A
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_a_recorded_map_refuses_one_ulp_in_any_dtype_even_when_sums_are_kept(dtype) -> None:
+    """One entry one ulp up, in float64 too (where a float64 sum rounds the change away), and a
+    zero-sum change of two entries (the float sums of any width stay equal): both refused."""
+    net = nn.Sequential(nn.Linear(4, 3000), nn.ReLU(), nn.Linear(3000, 2)).to(dtype).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1024.0)
+    x = torch.randn(3, 4, dtype=dtype)
+    for change in ("one ulp", "zero sum"):
+        amap = sl.affine_map(net, x)
+        _ = amap.B  # states recorded
+        w = net[0].weight.data  # through .data: no version bump
+        before = w.sum(dtype=torch.float64)
+        if change == "one ulp":
+            w[0, 0] = w[0, 0].nextafter(torch.tensor(2048.0, dtype=dtype))
+        else:
+            w[0, 0] += 64.0  # (exact in every dtype here: 1088 and 960)
+            w[0, 1] -= 64.0
+        assert change == "one ulp" or w.sum(dtype=torch.float64) == before
+        assert (w != 1024.0).any()
+        with pytest.raises(ValueError, match="changed after this AffineMap was made"):
+            _ = amap.A
+        net[0].weight.data.fill_(1024.0)
