@@ -23,15 +23,16 @@ folder, are the control of every arm (kind, lambda > 0). Writes into --out:
    test queries, and their Euclidean rank among all training inputs (divided by the training set
    size); a linear slope over the layer index with its CI over seeds (``fig4_slopes.csv``).
 4. ``gap.csv/.md``: Corollary 1's template matching gap (``sl.template_matching_gap``) for the
-   same arms and for an input-convex copy of the control's seed-0 model
+   same arms and for an input-convex copy of each of the control's models
    (``sl.make_input_convex``, fine-tuned briefly), relative to the mean |f(x)|.
-5. ``run.json``: command, sizes, seeds, timings, versions, notes on missing arms.
+5. ``run.json``: command, sizes, seeds, timings, versions, notes on missing arms
+   (``run-PARTS.json`` when --parts runs only some parts).
 
 Run (missing arms are skipped with a note, so it works on a sweep still in progress):
 
     python bench/exp_penalty_kinds.py [--runs runs/penalty-kinds] [--out results/penalty-kinds]
         [--n 200] [--gap-n 100] [--gap-m 200] [--lam 1] [--kind eq13] [--prop5-all]
-        [--threads 2] [--device cuda]
+        [--threads 2] [--device cuda] [--parts arms,prop5,fig4,gap]
 
 The defaults take about 6 minutes on 2 free CPU cores (Prop. 5: ~2.5 s per model, Fig. 4: ~3 s,
 the gap: ~22 s per model at 100 x 200), two to three times that on a shared machine; n = 500
@@ -69,7 +70,7 @@ KINDS = ("eq13", "reference", "row-norm")
 LAMBDAS = (0.01, 0.1, 0.22, 0.67, 1.0, 2.0)
 CONTROL = ("control", 0.0)
 K_NEIGHBOURS = 5
-FT_EPOCHS, FT_LR, FT_BATCH = 5, 1e-3, 64  # fine-tuning of the input-convex copy
+FT_EPOCHS, FT_LR, FT_BATCH = 5, 1e-3, 64  # fine-tuning of the input-convex copies
 Arms = dict[tuple[str, float], list[dict[str, Any]]]
 
 
@@ -488,7 +489,7 @@ def gap_summary(arm: str, per_seed: list[dict[str, float]]) -> dict[str, Any]:
     return row
 
 
-def gap_markdown(rows: list[dict[str, Any]], n: int, m: int, convex: dict[str, Any]) -> str:
+def gap_markdown(rows: list[dict[str, Any]], n: int, m: int, convex: list[dict[str, Any]]) -> str:
     keys = ("mean", "median", "p95", "max", "changes_class")
     head = ["arm", "models", "gap/mean|f| mean", "median", "95th pct", "max", "class changes"]
     lines = [
@@ -502,11 +503,13 @@ def gap_markdown(rows: list[dict[str, Any]], n: int, m: int, convex: dict[str, A
         lines.append(
             _md_row([r["arm"], str(r["models"]), *(_fmt_ci(r, k, fmt=".3g") for k in keys)])
         )
+    acc = [c["test_acc"] for c in convex]
     lines.append(
-        "\nInput-convex copy of the control's seed-0 model: test accuracy "
-        f"{convex['test_acc_before']:.4f} "
-        f"right after make_input_convex, {convex['test_acc']:.4f} after {FT_EPOCHS} epochs of "
-        f"fine-tuning (Adam {FT_LR:g}); convexity check: {convex['is_convex']}."
+        f"\nInput-convex copies of the control's models (seeds {[c['seed'] for c in convex]}): "
+        f"test accuracy {np.mean([c['test_acc_before'] for c in convex]):.4f} right after "
+        f"make_input_convex, {np.mean(acc):.4f} (min {min(acc):.4f}, max {max(acc):.4f}) after "
+        f"{FT_EPOCHS} epochs of fine-tuning (Adam {FT_LR:g}); convexity check: "
+        f"{all(c['is_convex'] for c in convex)} for all."
     )
     return "\n".join(lines) + "\n"
 
@@ -542,6 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", default="eq13", choices=KINDS, help="penalty of parts 3-4")
     p.add_argument("--prop5-all", action="store_true", help="Prop. 5 on every arm")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--parts", default="arms,prop5,fig4,gap", help="comma-separated subset of the four parts"
+    )
     p.add_argument(
         "--device", default="cpu", help="where the float64 analyses run (cuda: TF32 off)"
     )
@@ -579,16 +585,19 @@ def part_fig4(chosen: Arms, data: Data, n: int, out: Path) -> list[dict[str, Any
     return rows
 
 
-def part_gap(chosen: Arms, data: Data, n: int, m: int, out: Path) -> dict[str, Any]:
+def part_gap(chosen: Arms, data: Data, n: int, m: int, out: Path) -> list[dict[str, Any]]:
+    """The gap for the chosen arms, and for an input-convex counterpart of every control model."""
     x, cands = data.test_x[:n].double(), data.train_x[:m].double()
     rows = [
         gap_summary(arm_name(k), [gap_one(load_model(r, data), x, cands) for r in recs])
         for k, recs in chosen.items()
     ]
-    model, convex = input_convex(chosen[CONTROL][0], data)
-    rows.append(
-        gap_summary("input-convex (control seed 0, fine-tuned)", [gap_one(model, x, cands)])
-    )
+    convex, gaps = [], []
+    for rec in chosen[CONTROL]:
+        model, info = input_convex(rec, data)
+        convex.append({"seed": rec["config"]["seed"], **info})
+        gaps.append(gap_one(model, x, cands))
+    rows.append(gap_summary("input-convex copies of the control (fine-tuned)", gaps))
     write_csv(out / "gap.csv", rows)
     write_text(out / "gap.md", gap_markdown(rows, n, m, convex))
     return convex
@@ -620,20 +629,25 @@ def main(argv: list[str] | None = None) -> None:
     every = list(arms) if args.prop5_all else [CONTROL, *((k, args.lam) for k in KINDS)]
     some = select(arms, every, notes, "Prop. 5")
     chosen = select(arms, [CONTROL, (args.kind, args.lam)], notes, "Fig. 4 and the gap")
-    timings, t0 = {}, time.perf_counter()
+    timings, results, t0 = {}, {}, time.perf_counter()
+    parts = args.parts.split(",")
     for name, part in (
         ("arms", lambda: part_arms(arms, args.out)),
         ("prop5", lambda: part_prop5(some, data, args.n, args.out)),
         ("fig4", lambda: part_fig4(chosen, data, args.n, args.out)),
         ("gap", lambda: part_gap(chosen, data, args.gap_n, args.gap_m, args.out)),
     ):
+        if name not in parts:
+            continue
         start = time.perf_counter()
-        result = part()
+        results[name] = part()
         timings[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: {timings[name]} s", flush=True)
     timings["total"] = round(time.perf_counter() - t0, 1)
-    info = run_info(args, data, arms) | {"timings_s": timings, "input_convex": result}
-    write_json(args.out / "run.json", info | {"notes": notes})
+    info = run_info(args, data, arms) | {"timings_s": timings}
+    info |= {"input_convex": results["gap"]} if "gap" in results else {}
+    name = "run.json" if len(parts) == 4 else f"run-{'-'.join(parts)}.json"  # keep the full one
+    write_json(args.out / name, info | {"notes": notes})
     print("\n".join(notes))
 
 
