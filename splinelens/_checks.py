@@ -244,7 +244,8 @@ def _version(t: Tensor) -> int:
 
 
 def _sums(tensors: list[Tensor], wide: bool = False) -> list[float]:
-    """Each tensor's sum in its own dtype, with one synchronisation per device."""
+    """Each tensor's sum in its own dtype (``wide``: of its bit patterns, ``_bit_sum``), with one
+    synchronisation per device."""
     if not tensors:
         return []
     with torch.no_grad():
