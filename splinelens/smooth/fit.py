@@ -12,18 +12,8 @@ interpolation error of piece j; about a density sqrt|f''|), forced knots (where 
 The vertex values then solve a minimax LP (HiGHS) on a grid, the tails' errors included, moving
 them off the curve: a best approximation, about half the interpolant's error.
 
-Certificate (what ``sup_error`` is). With p affine on an inner piece [a, b] and f' Lipschitz there
-(|f''| <= M, the catalogue's proven bound), e = f - p has |e''| <= M, so between neighbouring grid
-points x_i < x_i+1 (gap g) e differs from its chord by at most g^2/8 M, and the chord lies between
-e(x_i) and e(x_i+1): sup_[a,b] |e| <= max_grid |e| + g^2/8 M. The grid includes a and b and is fine
-enough that g^2/8 M <= 1% of the LP's error; 64 eps (1 + |f| + |p|'s terms) covers float64
-rounding (PyTorch's own float64 f included). On a tail (-inf, t] the error is r(x) - d, d the
-constant offset of p from the asymptote; r is monotone beyond t and tends to 0, so the sup is
-exactly max(|d|, |r(t) - d|). ``sup_error`` is the max over all pieces. Softplus: PyTorch returns
-x itself (the right asymptote) for beta*x > threshold, so the right tail starts at threshold/beta
-at the latest; there its error -d is already counted, and the bound holds for both the smooth f
-and PyTorch's. It bounds the error in exact arithmetic; evaluating p at a huge |x| in float64
-adds the rounding of slope*x, a few eps*|x|.
+Certificate: ``sup_error`` is computed by ``splinelens.smooth.certificate`` (its docstring says
+how and why it bounds the error on all of R).
 
 >>> fit = fit_activation("gelu", pieces=16)
 >>> fit.pieces, tuple(fit.knots.shape)
@@ -52,15 +42,14 @@ from splinelens.smooth.activations import (
     activation,
     activation_function,
 )
+from splinelens.smooth.certificate import bound, residual
 
 __all__ = ["ACTIVATIONS", "SplineFit", "activation_function", "certify", "fit_activation"]
 
 Tensor = torch.Tensor
 F64 = torch.float64
-EPS = torch.finfo(F64).eps
 MAX_PIECES = 4096  # largest K fitted (the LP grows like K)
 LP_POINTS = 16  # grid points per inner piece in the minimax LP
-SLACK = 0.01  # certificate grid: g^2/8 * M <= SLACK * the LP's error
 PILOT = 512  # pieces of the fine mesh that seeds the knot placement
 Params = tuple[tuple[str, float], ...]
 
@@ -164,7 +153,7 @@ def _fit_pieces(name: str, params: Params, k: int) -> SplineFit:
     knots = _on_grid(_layout(spec, k), spec.switch)  # (k-1,)
     values = _best_values(spec, knots)  # (k-1,)
     slopes, intercepts = _coefficients(spec, knots, values)
-    err = _certify(spec, knots, slopes, intercepts)
+    err = bound(spec, knots, slopes, intercepts)
     return SplineFit(name, knots, slopes, intercepts, err)
 
 
@@ -203,13 +192,7 @@ def _switch_floor(c: Curve) -> float:
     """|r(switch)|/2: a right tail starting at or before the switch has at least this error."""
     if math.isinf(c.switch):
         return 0.0
-    return _residual(c, torch.tensor([c.switch], dtype=F64), 1).abs().item() / 2
-
-
-def _residual(c: Curve, x: Tensor, side: int) -> Tensor:
-    """r(x) = f(x) - asymptote(x) on the left (side -1) or right (side 1)."""
-    slope, intercept = c.left if side < 0 else c.right
-    return c.f(x) - (slope * x + intercept)
+    return residual(c, torch.tensor([c.switch], dtype=F64), 1).abs().item() / 2
 
 
 def _tail_knot(c: Curve, side: int, level: float) -> float:
@@ -221,7 +204,7 @@ def _tail_knot(c: Curve, side: int, level: float) -> float:
     x0 = c.x_left if side < 0 else c.x_right
     d = torch.cat([torch.zeros(1, dtype=F64), torch.logspace(-4, 12, 255, dtype=F64)])  # (256,)
     for rnd in range(2):
-        ok = torch.nonzero(_residual(c, x0 + side * d, side).abs() / 2 <= level).flatten()
+        ok = torch.nonzero(residual(c, x0 + side * d, side).abs() / 2 <= level).flatten()
         i = int(ok[0]) if ok.numel() else d.numel() - 1
         if i == 0 or rnd == 1:
             break
@@ -313,7 +296,7 @@ def _best_values(c: Curve, knots: Tensor) -> Tensor:
     fk = c.f(knots)  # (n,)
     x = knots[:-1, None] + lam * knots.diff()[:, None]  # (n-1, P)
     res = (c.f(x) - (fk[:-1, None] + lam * fk.diff()[:, None])).flatten()  # (G,)
-    ends = torch.cat([_residual(c, knots[:1], -1), _residual(c, knots[-1:], 1)])  # (2,)
+    ends = torch.cat([residual(c, knots[:1], -1), residual(c, knots[-1:], 1)])  # (2,)
     scale = max(res.abs().max().item(), ends.abs().max().item(), 1e-300)
     b = torch.cat([res, -res, torch.stack([-ends[0], ends[0], -ends[1], ends[1]])]) / scale
     cost = [0.0] * n + [1.0]
@@ -367,56 +350,4 @@ def certify(fit: SplineFit, **params: float) -> float:
     )
     if slopes[0] != spec.left[0] or slopes[-1] != spec.right[0]:
         return math.inf
-    return _certify(spec, knots, slopes, intercepts)
-
-
-def _certify(c: Curve, knots: Tensor, slopes: Tensor, intercepts: Tensor) -> float:
-    """The module docstring's bound: cells (pieces cut at forced knots), exact tails."""
-    lo = min(knots[0].item(), c.x_left, c.switch)  # PyTorch's f = x beyond its switch
-    hi = max(knots[-1].item(), c.x_right)
-    more = [t for t in (*c.forced, c.switch) if lo < t < hi]
-    cuts = torch.cat([knots, torch.tensor([lo, hi, *more], dtype=F64)]).unique()  # sorted
-    cuts = cuts[(cuts >= lo) & (cuts <= hi)]
-    a, b = cuts[:-1], cuts[1:]  # (m,) cells: p affine, f' Lipschitz on each
-    piece = torch.bucketize((a + b) / 2, knots)  # (m,) p's piece on each cell
-    s, c0 = slopes[piece], intercepts[piece]
-    rough = _cell_errors(c, a, b, s, c0, torch.full_like(a, LP_POINTS - 1))[0]  # sizes the grid
-    tails = [_tail_error(c, -1, lo, intercepts[0]), _tail_error(c, 1, hi, intercepts[-1])]
-    target = max(rough.max().item() if a.numel() else 0.0, *tails, 1e-300)
-    curv = c.curvature(a, b)  # (m,) bound of |f''| on each cell
-    h = (8 * SLACK * target / curv.clamp(min=1e-300)).sqrt()
-    n = ((b - a) / h).ceil().clamp(min=1, max=1e6)  # (m,) grid intervals per cell
-    emax, mag = _cell_errors(c, a, b, s, c0, n)
-    gap = (b - a) / n  # g^2/8 M bounds e between grid points (module docstring)
-    excess = torch.where(a >= c.switch, _residual(c, a, 1).abs(), 0.0)  # PyTorch's f = x there
-    inner = emax + gap**2 / 8 * curv + 64 * EPS * (1 + mag) + excess
-    return max(inner.max().item() if a.numel() else 0.0, *tails)
-
-
-def _cell_errors(
-    c: Curve, a: Tensor, b: Tensor, s: Tensor, c0: Tensor, n: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(m,) max |f - (s x + c0)| on n+1 even grid points of each [a, b] (ends included), and
-    the max of |f| + |s x| + |c0| there (the rounding scale)."""
-    n = n.long()
-    cell = torch.repeat_interleave(torch.arange(a.numel()), n + 1)  # (N,)
-    i = torch.arange(cell.numel()) - (torch.cumsum(n + 1, 0) - (n + 1))[cell]
-    x = torch.where(i == n[cell], b[cell], a[cell] + (i / n[cell]) * (b - a)[cell])  # (N,)
-    fx, sx = c.f(x), s[cell] * x
-    e = (fx - (sx + c0[cell])).abs()
-    mag = fx.abs() + sx.abs() + c0[cell].abs()
-    emax = torch.zeros_like(a).scatter_reduce(0, cell, e, "amax")
-    return emax, torch.zeros_like(a).scatter_reduce(0, cell, mag, "amax")
-
-
-def _tail_error(c: Curve, side: int, t: float, intercept: Tensor) -> float:
-    """max(|d|, |r(t) - d|) + rounding: the sup of |r - d| beyond the end t, d = p - asymptote.
-
-    Right of PyTorch's softplus switch f = x and the error is -d: counted too.
-    """
-    slope, b = c.left if side < 0 else c.right
-    x = torch.tensor([t], dtype=F64)
-    d = intercept.reshape(1) - b  # constant: the tail has the asymptote's slope
-    r = _residual(c, x, side)
-    margin = 64 * EPS * (1 + c.f(x).abs() + abs(slope * t) + abs(b) + intercept.abs())
-    return (torch.maximum(d.abs(), (r - d).abs()) + margin).item()
+    return bound(spec, knots, slopes, intercepts)
