@@ -69,7 +69,8 @@ class Sign:
         return torch.where(state, z.new_ones(()), slope.to(z.dtype))
 
     def code(self, state: Tensor) -> Tensor:
-        return state.to(torch.uint8)
+        """The unit codes, 0 or 1: the boolean state itself (packed as bits without a copy)."""
+        return state
 
 
 @dataclass
