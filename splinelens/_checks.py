@@ -151,20 +151,64 @@ class WeightsFingerprint(NamedTuple):
     """The model's state as ``check_model`` saw it: equal fingerprints mean unchanged weights.
 
     ``ids`` is (name, id, version counter, data pointer) of every floating tensor of
-    ``model_state``; ``sums`` is each tensor's sum in its own dtype (float32 for float32 weights:
-    10x cheaper than float64), or in a wider one where that sum overflows. A change is seen if
-    it replaces a tensor, goes through an in-place op (the version counter), moves its data, or
-    alters a sum in the tensor's own dtype: a write through ``.data`` is seen by the sum alone,
-    so one that keeps every sum (a swap of two entries, a change below the sum's rounding) is
-    not.
+    ``model_state``. ``sums`` is each tensor's sum in its own dtype (float32 for float32 weights:
+    10x cheaper than float64), or in a wider one where that sum overflows; ``bits``, in the
+    wide fingerprint (``ModelTensors``), the sum of its bit patterns. A change is seen if it
+    replaces a tensor, goes through an in-place op (the version counter), moves its data, or
+    alters a sum: a write through ``.data`` is seen by the sums alone. The bit sums see a change
+    of any one entry, the float sums sign flips and scalings; a change that keeps both (a
+    permutation of a tensor's entries) is not seen.
     """
 
     ids: tuple[tuple[str, int, int, int], ...]
     sums: tuple[float, ...]
+    bits: tuple[int, ...] = ()
+
+
+class ModelTensors:
+    """A model's floating tensors (``model_state``, as (name, tensor)) and their wide fingerprint
+    (``weights_fingerprint(..., wide=True)``), with the integer views of their bit patterns made
+    once: two reductions per tensor per call. The views are made again whenever a tensor's
+    storage moved (``.data`` re-bound, ``set_``).
+
+    >>> net = nn.Linear(2, 1)
+    >>> tensors = ModelTensors(list(model_state(net)))
+    >>> before = tensors.check()
+    >>> net.weight.data[0, 0] += 1e-7  # through .data: no version bump
+    >>> tensors.fingerprint() == before
+    False
+    """
+
+    def __init__(self, named: list[tuple[str, Tensor]]) -> None:
+        self.named = named
+        self._key: list[tuple] = []
+        self._ints: list[tuple[Tensor, torch.dtype]] = []  # (integer view, dtype of its sum)
+
+    def fingerprint(self) -> WeightsFingerprint:
+        """The wide fingerprint of the tensors now (non-finite entries allowed)."""
+        return _fingerprint(None, check=False, named=self.named, ints=self._views())
+
+    def check(self) -> WeightsFingerprint:
+        """``fingerprint()``, refusing NaN or inf as ``check_model`` does, from the same pass."""
+        return _fingerprint(None, check=True, named=self.named, ints=self._views())
+
+    def check_finite(self) -> None:
+        """Refuse NaN or inf as ``check_model`` does (its float sums alone: half the pass)."""
+        _fingerprint(None, check=True, named=self.named)
+
+    def ids(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(name, id, version counter, data pointer) of each tensor, as in a fingerprint."""
+        return _ids(self.named)
+
+    def _views(self) -> list[tuple[Tensor, torch.dtype]]:
+        key = [(t.data_ptr(), t.shape, t.dtype) for _, t in self.named]
+        if key != self._key:
+            self._key, self._ints = key, [_int_view(t) for _, t in self.named]
+        return self._ints
 
 
 def check_model(
-    model: nn.Module, named: list[tuple[str, Tensor]] | None = None
+    model: nn.Module, named: list[tuple[str, Tensor]] | None = None, wide: bool = False
 ) -> WeightsFingerprint:
     """Refuse NaN or inf anywhere in the model's state, naming the tensor and the index, and
     return its fingerprint, in one pass: one sum per tensor in its own dtype, one synchronisation
@@ -185,9 +229,12 @@ def check_model(
     ValueError: model parameter or buffer 'weight' holds inf at index (0, 1); ...
 
     ``named``: the model's ``model_state`` if already known (it is while the model's
-    ``structure`` is unchanged, which records those tensors by identity).
+    ``structure`` is unchanged, which records those tensors by identity). ``wide``: return
+    ``weights_fingerprint(..., wide=True)`` instead, from the same pass.
     """
-    return _fingerprint(model, check=True, named=named)
+    if not wide:
+        return _fingerprint(model, check=True, named=named)
+    return ModelTensors(_named(model, named)).check()
 
 
 def weights_fingerprint(
@@ -195,12 +242,15 @@ def weights_fingerprint(
 ) -> WeightsFingerprint:
     """``check_model``'s fingerprint without the check (a non-finite sum stays in it).
 
-    ``wide``: the sums of each tensor's bit patterns (as integers of its width, wrapping), which
-    see a change of any one entry of any floating dtype, however small, for about 1.3x the cost
-    of a float32 sum (a float64 sum of float32 weights costs 5-10x, and misses changes below its
-    rounding in float64 tensors): for maps whose states are recorded.
+    ``wide``: also the sums of each tensor's bit patterns (as integers of its width, wrapping),
+    which see a change of any one entry of any floating dtype, however small (a float64 sum of
+    float32 weights costs 5-10x a float32 sum, and misses changes below its rounding in float64
+    tensors); the float sums see what the bit sums can miss (a sign flip of an even number of
+    entries adds a multiple of the modulus): for maps whose states are recorded.
     """
-    return _fingerprint(model, check=False, named=named, wide=wide)
+    if wide:
+        return ModelTensors(_named(model, named)).fingerprint()
+    return _fingerprint(model, check=False, named=named)
 
 
 def check_model_finite(model: nn.Module) -> None:
@@ -208,27 +258,40 @@ def check_model_finite(model: nn.Module) -> None:
     _fingerprint(model, check=True)
 
 
+def _named(model: nn.Module, named: list[tuple[str, Tensor]] | None) -> list[tuple[str, Tensor]]:
+    """``named`` if given, else the model's ``model_state`` as a list."""
+    if named is not None:
+        return named
+    params, buffers, attributes = _state(model)
+    return params + buffers + attributes
+
+
 def _fingerprint(
-    model: nn.Module,
+    model: nn.Module | None,
     check: bool,
     named: list[tuple[str, Tensor]] | None = None,
-    wide: bool = False,
+    ints: list[tuple[Tensor, torch.dtype]] | None = None,
 ) -> WeightsFingerprint:
-    if named is None:
-        params, buffers, attributes = _state(model)
-        named = params + buffers + attributes
-    sums = _sums([t for _, t in named], wide)
+    """Native-dtype sums (``check``: refusing non-finite entries) of ``named`` or the model's,
+    and the bit-pattern sums of ``ints`` (``_int_view`` of each)."""
+    named = _named(model, named)  # type: ignore[arg-type]
+    sums = _sums([t for _, t in named])
     if not all(map(math.isfinite, sums)):
         for i, (name, t) in enumerate(named):
             if not math.isfinite(sums[i]):
                 if check:  # NaN or inf entries, or only a sum that overflows?
                     check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
                 sums[i] = _wide_sum(t.detach())
+    bits = tuple(_stacked([v.sum(dtype=dt) for v, dt in ints])) if ints else ()
+    return WeightsFingerprint(_ids(named), tuple(sums), bits)
+
+
+def _ids(named: list[tuple[str, Tensor]]) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, id, version counter, data pointer) of each tensor."""
     try:
-        ids = tuple([(name, id(t), t._version, t.data_ptr()) for name, t in named])
+        return tuple([(name, id(t), t._version, t.data_ptr()) for name, t in named])
     except RuntimeError:  # inference tensors have no version counter
-        ids = tuple([(name, id(t), _version(t), t.data_ptr()) for name, t in named])
-    return WeightsFingerprint(ids, tuple(sums))
+        return tuple([(name, id(t), _version(t), t.data_ptr()) for name, t in named])
 
 
 def _wide_sum(t: Tensor) -> float:
@@ -243,14 +306,11 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _sums(tensors: list[Tensor], wide: bool = False) -> list[float]:
-    """Each tensor's sum in its own dtype (``wide``: of its bit patterns, ``_bit_sum``), with one
-    synchronisation per device."""
+def _sums(tensors: list[Tensor]) -> list[float]:
+    """Each tensor's sum in its own dtype, with one synchronisation per device."""
     if not tensors:
         return []
     with torch.no_grad():
-        if wide:
-            return _stacked([_bit_sum(t) for t in tensors])
         parts = [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
     return _stacked(parts)
 
@@ -264,20 +324,21 @@ _BITS = {
 }
 
 
-def _bit_sum(t: Tensor) -> Tensor:
-    """The sum of ``t``'s bit patterns modulo 2^(8 x element size), as a 0-d int64 tensor:
-    a change of any one entry changes it (the difference of two patterns is nonzero and smaller
-    than the modulus).
+def _int_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
+    """``t``'s bit patterns as integers of its width, and the dtype their sum is taken in: the
+    sum modulo 2^32 (2^64 for 8-byte floats) changes with any one entry (the difference of two
+    patterns is nonzero and smaller than the modulus). (An int64 sum of int32s is 5x slower.)
 
     >>> a = torch.tensor([1.0, 2.0])
-    >>> b = torch.tensor([1.0, 2.0]).nextafter(torch.tensor(3.0))  # one ulp up each
-    >>> bool(_bit_sum(a) != _bit_sum(b))
+    >>> b = a.nextafter(torch.tensor(3.0))  # one ulp up each
+    >>> v, dt = _int_view(a)
+    >>> bool(v.sum(dtype=dt) != _int_view(b)[0].sum(dtype=dt))
     True
     """
     ints = _BITS.get(t.element_size()) if t.is_floating_point() else None
     if ints is None:  # (no such floating tensors in PyTorch today)
-        return t.detach().sum(dtype=torch.float64).view(torch.int64)
-    return t.detach().view(ints[0]).sum(dtype=ints[1]).to(torch.int64)
+        return t.detach(), torch.float64
+    return t.detach().view(ints[0]), ints[1]
 
 
 def _stacked(parts: list[Tensor]) -> list[float]:

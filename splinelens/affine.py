@@ -27,16 +27,20 @@ import torch.nn as nn
 
 from splinelens._capture import Program
 from splinelens._checks import (
+    ModelTensors,
     WeightsFingerprint,
     check_finite,
     check_overflow,
     check_positive_int,
-    weights_fingerprint,
+    model_state,
 )
 from splinelens._precision import exact_matmul
-from splinelens._structure import Structure, structure
 
 Tensor = torch.Tensor
+_CHANGED = (
+    "the model's parameters or buffers changed after this AffineMap was made; "
+    "compute a new one with sl.affine_map(model, x)"
+)
 
 
 @dataclass
@@ -58,32 +62,43 @@ class AffineMap:
     _states: dict[str, Tensor] | None = field(default=None, repr=False)
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
-    _weights: WeightsFingerprint | None = field(default=None, repr=False)  # when made
-    _structure: Structure | None = field(default=None, repr=False)  # the capture's
-    _state: list[tuple[str, Tensor]] | None = field(default=None, repr=False)  # its tensors
-    _recorded_weights: WeightsFingerprint | None = field(default=None, repr=False)
+    _weights: WeightsFingerprint | None = field(default=None, init=False, repr=False)
+    _tensors: ModelTensors | None = field(default=None, repr=False)  # the model's
+    _read: tuple[int, ...] = field(init=False, repr=False)  # ids of the tensors it reads
+    _made: tuple = field(init=False, repr=False)  # the model's tensors' ids when made
 
     def __post_init__(self) -> None:
-        if self._weights is None:  # (a view passes the fingerprint of the check it just did)
-            self._weights = weights_fingerprint(self.model)
+        if self._tensors is None:
+            self._tensors = ModelTensors(list(model_state(self.model)))
+        self._read = self._params()
+        self._made = self._tensors.ids()  # in-place changes and re-bound data, seen cheaply
 
     def _check_unchanged(self) -> None:
-        """Refuse to finish a map whose model changed since it was made.
+        """Refuse to go on once any tensor the map computes with changed since it was made.
 
-        Before the states are recorded, the fingerprint of the view's check (sums in each
-        tensor's own dtype) is compared; from then on, sums of the weights' bit patterns taken
-        when they were recorded, which see any change of any one entry: states and weights
-        never mix.
+        The program reads its parameters from their modules at every run: they must still be
+        the tensors it read when the map was made (a re-registered parameter is not), and the
+        model's tensors must hold the same values (sums of bit patterns, which see a change of
+        any one entry, through ``.data`` too). So states and weights never mix. A map answers
+        for the model as it was when made: a module replaced since then is not read.
+
+        The weights are checked (finite) and fingerprinted at the map's first use, in one pass:
+        a change between making the map and its first use is refused if it went through the
+        tensors (in place, re-bound; their version counters); a write through ``.data`` in that
+        window is taken as the map's weights (it is exact for them).
         """
-        wide = self._recorded_weights is not None
-        then = self._recorded_weights if wide else self._weights
-        # the capture's tensor list is the model's while its structure holds
-        moved = self._structure is not None and structure(self.model) != self._structure
-        if moved or weights_fingerprint(self.model, self._state, wide=wide) != then:
-            raise ValueError(
-                "the model's parameters or buffers changed after this AffineMap was made; "
-                "compute a new one with sl.affine_map(model, x)"
-            )
+        if self._params() != self._read:
+            raise ValueError(_CHANGED)
+        if self._weights is None:  # the first use of a map whose weights are not checked yet
+            fp = self._tensors.check()
+            if fp.ids != self._made:
+                raise ValueError(_CHANGED)
+            self._weights = fp
+        elif self._tensors.fingerprint() != self._weights:
+            raise ValueError(_CHANGED)
+
+    def _params(self) -> tuple[int, ...]:
+        return tuple(map(id, self.program.live_params()))
 
     @property
     def states(self) -> dict[str, Tensor]:
@@ -225,7 +240,6 @@ class AffineMap:
             self._z_start = prog.per_sample(self.start, values[self.start])
             self._output = prog.per_sample(self.end, values[self.end])
             check_overflow(self._output)
-            self._note_weights()
         assert self._z_start is not None and self._output is not None
         return self._states, self._z_start, self._output
 
@@ -234,11 +248,6 @@ class AffineMap:
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
-        self._note_weights()
-
-    def _note_weights(self) -> None:
-        """The weights the states were recorded with, as bit-pattern sums (_check_unchanged)."""
-        self._recorded_weights = weights_fingerprint(self.model, self._state, wide=True)
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode
+from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode, mode_modules
 from splinelens._checks import (
+    ModelTensors,
     check_finite,
-    check_model,
     check_overflow,
     check_positive_int,
     layer_index,
@@ -63,12 +63,13 @@ class SplineView:
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        self.weights = check_model(model)  # the fingerprint of the last check
+        self.tensors = ModelTensors(list(model_state(model)))  # while the structure holds
+        self.tensors.check_finite()
         self.program = capture(model, example_input)
         self.structure = structure(model)  # after the capture's forward (lazy modules)
         self.input_shape = tuple(example_input.shape[1:])
-        self.state = list(model_state(model))  # its tensors, as long as the structure holds
         self.dtype = model_dtype(model)  # holds while the structure does (it records dtypes)
+        self.mode_modules = [m for _, m in mode_modules(model)]  # while the structure holds
 
     @property
     def model(self) -> nn.Module:
@@ -101,8 +102,10 @@ class SplineView:
 
         ``start``/``end``: None (the input / the output before g), a layer index or a layer name
         (that layer's output). ``start=l-1, end=l`` is layer l's MASO A^(l)[x], B^(l)[x].
+        The weights are checked (finite) and fingerprinted when the map is first used, in one
+        pass; from then on the map refuses any change of them.
         """
-        self.check(x)
+        self.check(x, weights=False)  # (the map checks the weights at its first use)
         return self._affine_map(x, start, end)
 
     def _affine_map(self, x: Tensor, start: LayerKey, end: LayerKey) -> AffineMap:
@@ -115,9 +118,7 @@ class SplineView:
             x,
             s,
             e,
-            _weights=self.weights,
-            _structure=self.structure,
-            _state=self.state,
+            _tensors=self.tensors,
         )
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
@@ -150,8 +151,9 @@ class SplineView:
             return self.program.input_name if is_start else self.program.output_name
         return self.layer(key).node
 
-    def check(self, x: Tensor, name: str = "x") -> None:
-        """Refuse what the capture cannot answer exactly: see ``check_input`` and the model."""
+    def check(self, x: Tensor, name: str = "x", weights: bool = True) -> None:
+        """Refuse what the capture cannot answer exactly: see ``check_input`` and the model
+        (``weights``: also non-finite weights, in one pass that fingerprints them)."""
         check_input(name, x)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
@@ -162,20 +164,22 @@ class SplineView:
         now = structure(self.model)
         same = now == self.structure
         check_dtype(self.model, x, name, self.dtype if same else None)
-        self._check_model(len(x), None if same else now)
+        self._check_model(len(x), None if same else now, weights)
 
-    def _check_model(self, n: int, changed: Structure | None = None) -> None:
+    def _check_model(self, n: int, changed: Structure | None = None, weights: bool = True) -> None:
         """The model as captured (``changed``: its structure now, where it differs), in eval
-        mode, finite; n in the batch range."""
+        mode, finite (``weights``); n in the batch range."""
         model = self.model
-        check_eval_mode(model)
+        if changed is not None or any(m.training for m in self.mode_modules):
+            check_eval_mode(model)  # (refuses training mode first, naming the modules)
         if changed is not None:
             raise StaleCaptureError(
                 f"the model changed after this SplineView captured it: "
                 f"{describe_change(self.structure, changed)}. Make a new sl.SplineView(model, x) "
                 f"(the plain functions such as sl.affine_map capture again by themselves)"
             )
-        self.weights = check_model(model, self.state)  # finite, and the maps' fingerprint
+        if weights:
+            self.tensors.check_finite()
         self.program.batch.check(n)
 
 

@@ -49,6 +49,37 @@ def test_the_fingerprint_is_stable_and_sees_every_kind_of_change() -> None:
         assert check_model(model) != now, name
 
 
+def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
+    """The cached integer views are made again when a tensor's data is re-bound: a later write
+    into the new storage through .data is still seen (reference: a fresh ModelTensors)."""
+    model = mnist_mlp()
+    tensors = _checks.ModelTensors(list(model_state(model)))
+    first = tensors.check()
+    model[5].bias.data = model[5].bias.data.clone()  # new storage, no version bump
+    moved = tensors.fingerprint()
+    assert moved != first
+    model[5].bias.data[3] += 1e-3
+    now = tensors.fingerprint()
+    assert now != moved
+    assert now == _checks.ModelTensors(list(model_state(model))).fingerprint()
+    model[3].weight.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"'3\.weight' holds inf at index \(0, 0\)"):
+        tensors.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_wide_fingerprint_sees_sign_flips_of_an_even_number_of_entries(dtype) -> None:
+    """Flipping the sign of 2k entries adds 2k x 2^(bits - 1) to the bit-pattern sum, a multiple
+    of its modulus: the float sums must see it (reference: the values themselves changed)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
+    tensors = _checks.ModelTensors(list(model_state(model)))
+    before = tensors.check()
+    w = model[0].weight.data  # 24 entries, through .data: no version bump
+    old = w.clone()
+    w.mul_(-1)
+    assert (w != old).any() and tensors.fingerprint() != before
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_sums_are_taken_in_the_tensors_own_dtype(dtype: torch.dtype) -> None:
     model = zoo.build("small_cnn", dtype=dtype)

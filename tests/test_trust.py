@@ -6,6 +6,7 @@ References are float64 forward passes and ``torch.func.jacrev`` (tolerance 1e-10
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import types
@@ -110,6 +111,48 @@ def test_an_affine_map_refuses_weights_changed_after_it_was_made() -> None:
         model[2].bias.add_(1.0)
     with pytest.raises(ValueError, match="changed after this AffineMap"):
         _ = amap.B
+
+
+def _reference_B(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f(x) - A x with A from jacrev, in float64."""
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    with torch.no_grad():
+        return model(x) - torch.einsum("ncd,nd->nc", jac, x)
+
+
+def test_a_held_views_map_checks_its_weights_at_first_use() -> None:
+    """SplineView.affine_map checks the weights when the map is first used (one pass): a
+    non-finite weight written before then is refused, an in-place change since it was made
+    is refused, a write through .data before first use is taken as its weights, exactly."""
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    view = sl.SplineView(model, x)
+    amap = view.affine_map(x)
+    model[2].weight.data[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'2\.weight' holds nan at index \(1, 1\)"):
+        _ = amap.B
+    model[2].weight.data[1, 1] = 0.5
+    amap = view.affine_map(x)
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # in place, after the map was made
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.B
+    amap = view.affine_map(x)
+    model[0].weight.data.mul_(-1)  # through .data, before first use: the map's weights
+    assert torch.allclose(amap.B, _reference_B(model, x), atol=TOL)
+    model[0].weight.data.mul_(-1)  # after first use: refused
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+
+
+def test_a_map_answers_for_the_model_as_it_was_when_made() -> None:
+    """A module replaced after the map was made is not read: the map stays the old network's
+    (and a new call recaptures)."""
+    model, x = mlp(4, 6, 3), torch.randn(5, 4, dtype=F64)
+    old = copy.deepcopy(model)
+    amap = sl.affine_map(model, x)
+    model[2] = nn.Linear(6, 3).double().eval()
+    assert torch.allclose(amap.B, _reference_B(old, x), atol=TOL)
+    assert torch.allclose(sl.affine_map(model, x).B, _reference_B(model, x), atol=TOL)
 
 
 # 2. Non-finite values are refused, by name -----------------------------------------------------

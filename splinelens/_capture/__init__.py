@@ -12,7 +12,7 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 * ``batch``: the batch sizes a capture holds for.
 """
 
-from splinelens._capture.compiler import capture, check_eval_mode
+from splinelens._capture.compiler import capture, check_eval_mode, mode_modules
 from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, Spline
 from splinelens._capture.program import Layer, Program, Ref, Step, refs_in
 from splinelens._capture.registry import OpInfo, apply_g, entries, final_ir, info
@@ -50,6 +50,7 @@ __all__ = [
     "final_ir",
     "info",
     "is_continuous",
+    "mode_modules",
     "piece_index",
     "refs_in",
     "spline_activation",

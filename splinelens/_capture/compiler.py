@@ -61,11 +61,7 @@ def check_eval_mode(model: nn.Module) -> None:
     modules of your own that read ``self.training``); a fresh ``nn.Linear`` left in training
     mode computes the same either way.
     """
-    names = [
-        n or type(model).__name__
-        for n, m in model.named_modules()
-        if m.training and (_mode_dependent(type(m)) or isinstance(m, torch.jit.ScriptModule))
-    ]
+    names = [n or type(model).__name__ for n, m in mode_modules(model) if m.training]
     if names:
         raise UnsupportedOperationError(
             "training mode",
@@ -74,6 +70,20 @@ def check_eval_mode(model: nn.Module) -> None:
             "random), so the network is not a fixed spline of its input",
             "Call model.eval() first; splinelens never switches modes for you",
         )
+
+
+def mode_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` whose forward depends on the training mode: while
+    the model's structure holds, ``check_eval_mode`` need only look at these.
+
+    >>> [n for n, _ in mode_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))]
+    ['1']
+    """
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if _mode_dependent(type(m)) or isinstance(m, torch.jit.ScriptModule)
+    ]
 
 
 @functools.cache

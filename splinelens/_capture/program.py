@@ -118,6 +118,10 @@ class Program:
                 return getattr(owner, attr).detach()
         return self.constants[name]
 
+    def live_params(self) -> list[Tensor]:
+        """The parameters and buffers the executors read now (from their owner modules)."""
+        return [getattr(owner, attr) for _, owner, attr in self.params]
+
     def record(
         self, x: Tensor, *, at: Mapping[str, Tensor] | None = None, stop: str | None = None
     ) -> tuple[dict[str, Any], States]:
