@@ -26,15 +26,9 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
-from splinelens._checks import (
-    ModelTensors,
-    WeightsFingerprint,
-    check_finite,
-    check_overflow,
-    check_positive_int,
-    model_state,
-)
+from splinelens._checks import check_finite, check_overflow, check_positive_int
 from splinelens._precision import exact_matmul
+from splinelens._tensors import ModelTensors, WeightsFingerprint, model_state
 
 Tensor = torch.Tensor
 _CHANGED = (

@@ -21,18 +21,15 @@ import torch.nn as nn
 
 from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode, mode_modules
 from splinelens._checks import (
-    ModelTensors,
     check_finite,
     check_overflow,
     check_positive_int,
     layer_index,
-    model_dtype,
-    model_state,
-    model_tensors,
     unwrap_compiled,
 )
 from splinelens._precision import exact_matmul
 from splinelens._structure import Structure, describe_change, structure
+from splinelens._tensors import ModelTensors, model_dtype, model_state, model_tensors
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from splinelens import _checks, _structure
-from splinelens._checks import check_model, check_model_finite, model_state, weights_fingerprint
+from splinelens import _structure, _tensors
 from splinelens._structure import Structure, describe_change, structure
+from splinelens._tensors import check_model, check_model_finite, model_state, weights_fingerprint
 from tests import zoo
 
 
@@ -53,7 +53,7 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
     """The cached integer views are made again when a tensor's data is re-bound: a later write
     into the new storage through .data is still seen (reference: a fresh ModelTensors)."""
     model = mnist_mlp()
-    tensors = _checks.ModelTensors(list(model_state(model)))
+    tensors = _tensors.ModelTensors(list(model_state(model)))
     first = tensors.check()
     model[5].bias.data = model[5].bias.data.clone()  # new storage, no version bump
     moved = tensors.fingerprint()
@@ -61,7 +61,7 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
     model[5].bias.data[3] += 1e-3
     now = tensors.fingerprint()
     assert now != moved
-    assert now == _checks.ModelTensors(list(model_state(model))).fingerprint()
+    assert now == _tensors.ModelTensors(list(model_state(model))).fingerprint()
     model[3].weight.data[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"'3\.weight' holds inf at index \(0, 0\)"):
         tensors.check()
@@ -72,7 +72,7 @@ def test_the_wide_fingerprint_sees_sign_flips_of_an_even_number_of_entries(dtype
     """Flipping the sign of 2k entries adds 2k x 2^(bits - 1) to the bit-pattern sum, a multiple
     of its modulus: the float sums must see it (reference: the values themselves changed)."""
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
-    tensors = _checks.ModelTensors(list(model_state(model)))
+    tensors = _tensors.ModelTensors(list(model_state(model)))
     before = tensors.check()
     w = model[0].weight.data  # 24 entries, through .data: no version bump
     old = w.clone()
@@ -158,7 +158,7 @@ def test_tensor_attributes_made_in_inference_mode_have_no_version_but_a_fingerpr
 
 def test_sums_on_several_devices_come_back_in_order() -> None:
     parts = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float64), torch.tensor(-3.0)]
-    assert _checks._stack_per_device(parts) == [1.5, 2.0, -3.0]
+    assert _tensors._stack_per_device(parts) == [1.5, 2.0, -3.0]
 
 
 # 3. The structure's fast paths agree with its general image -------------------------------------

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
-from splinelens._checks import check_finite, check_finite_numbers, model_dtype
+from splinelens._checks import check_finite, check_finite_numbers
 from splinelens._precision import exact_matmul
+from splinelens._tensors import model_dtype
 from splinelens.geometry.units import UnitTable, last_step, slot_differences
 from splinelens.view import SplineView
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._checks import float64_copy, unwrap_compiled
+from splinelens._checks import unwrap_compiled
+from splinelens._tensors import float64_copy
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
 from splinelens.geometry.cutting import cut, decision_boundary
