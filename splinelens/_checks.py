@@ -46,15 +46,15 @@ def check_finite(name: str, t: Tensor, fix: str = "") -> None:
     )
 
 
-def check_overflow(out: Tensor) -> None:
+def check_overflow(out: Tensor, offset: int = 0) -> None:
     """Finite inputs and weights can still overflow (float32 at 1e30): refuse, naming the input.
 
-    ``out`` is (N, ...) with the batch first.
+    ``out`` is (N, ...) with the batch first: inputs ``offset`` to ``offset + N - 1``.
     """
     if out.numel() and math.isfinite(abs(out.detach().sum().item())):  # fast: one reduction
         return
     if not bool(torch.isfinite(out).all()):
-        i = int(torch.nonzero(~torch.isfinite(out.reshape(len(out), -1)))[0, 0])
+        i = offset + int(torch.nonzero(~torch.isfinite(out.reshape(len(out), -1)))[0, 0])
         raise ValueError(
             f"the network's values overflow to inf / nan for input {i} (its entries are finite "
             f"but too large for {out.dtype}); rescale the input or use float64"

@@ -153,6 +153,11 @@ class ModelTensors:
         """Refuse NaN or inf as ``check_model`` does (its float sums alone: half the pass)."""
         _fingerprint(None, check=True, named=self.named)
 
+    def sums(self) -> list[Tensor]:
+        """Each tensor's sum in its own dtype, 0-d, not synchronised: all finite means every
+        entry is (``all_finite``); else ``check_finite`` says which, or that a sum overflowed."""
+        return _sum_parts([t for _, t in self.named])
+
     def ids(self) -> tuple[tuple[str, int, int, int], ...]:
         """(name, id, version counter, data pointer) of each tensor, as in a fingerprint."""
         return _ids(self.named)
@@ -265,11 +270,21 @@ def _version(t: Tensor) -> int:
 
 def _sums(tensors: list[Tensor]) -> list[float]:
     """Each tensor's sum in its own dtype, with one synchronisation per device."""
-    if not tensors:
-        return []
+    return _stacked(_sum_parts(tensors)) if tensors else []
+
+
+def _sum_parts(tensors: list[Tensor]) -> list[Tensor]:
     with torch.no_grad():
-        parts = [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
-    return _stacked(parts)
+        return [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
+
+
+def all_finite(parts: list[Tensor]) -> bool:
+    """Whether every 0-d tensor in ``parts`` is finite, with one synchronisation per device.
+
+    >>> all_finite([torch.tensor(1.0), torch.tensor(2, dtype=torch.float64)])
+    True
+    """
+    return all(map(math.isfinite, _stacked(parts))) if parts else True
 
 
 # element size -> (integer dtype of the same width, dtype of its sum)

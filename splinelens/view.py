@@ -29,7 +29,7 @@ from splinelens._checks import (
 )
 from splinelens._precision import exact_matmul
 from splinelens._structure import Structure, describe_change, structure
-from splinelens._tensors import ModelTensors, model_dtype, model_state, model_tensors
+from splinelens._tensors import ModelTensors, all_finite, model_dtype, model_state, model_tensors
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
@@ -119,25 +119,46 @@ class SplineView:
         )
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
-        """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14))."""
-        self.check(x)
-        return self._partition_codes(x, batch_size)
+        """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14)).
 
-    def _partition_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
+        x and the weights are checked for NaN and inf together with the result, in one
+        synchronisation (the passes are NaN-safe); anything non-finite is refused as before.
+        """
+        self.check(x, values=False)
+        return self._checked_codes(x, batch_size)
+
+    def _checked_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
+        """Codes whose x, weights and last layer are checked for NaN and inf with the result."""
+        sums: list[Tensor] = [x.detach().sum(), *self.tensors.sums()]
+        codes = self._partition_codes(x, batch_size, sums)
+        if not all_finite(sums):  # say what: x or a weight (by name), or an overflow
+            self.check(x)
+            return self._partition_codes(x, batch_size)
+        return codes
+
+    def _partition_codes(
+        self, x: Tensor, batch_size: int, sums: list[Tensor] | None = None
+    ) -> PartitionCodes:
+        """Codes batch by batch; ``sums``: append the last layer's sums there instead of
+        refusing an overflow at once."""
         batch_size = check_positive_int("batch_size", batch_size)
         if len(x) <= batch_size:
-            return self._codes(x)
-        parts = [self._codes(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        return PartitionCodes.cat(parts)
+            return self._codes(x, sums)
+        chunks = range(0, len(x), batch_size)
+        return PartitionCodes.cat([self._codes(x[i : i + batch_size], sums, i) for i in chunks])
 
-    def _codes(self, x: Tensor) -> PartitionCodes:
+    def _codes(self, x: Tensor, sums: list[Tensor] | None = None, first: int = 0) -> PartitionCodes:
+        """The codes of x, inputs ``first`` on of the batch."""
         prog = self.program
         last = prog.layers[-1].step if prog.layers else None
         with torch.no_grad(), exact_matmul():
             values, states = prog.record(x, stop=last)
         if last is not None:  # a nan there would have given wrong pieces on the way
             value = values[last][0] if isinstance(values[last], tuple) else values[last]
-            check_overflow(value.movedim(prog.bdims[last], 0))
+            if sums is None:
+                check_overflow(value.movedim(prog.bdims[last], 0), first)
+            else:
+                sums.append(value.detach().sum())
         return layer_codes(prog, states, len(x))
 
     def _position(self, key: LayerKey, default: int) -> int:
@@ -148,10 +169,11 @@ class SplineView:
             return self.program.input_name if is_start else self.program.output_name
         return self.layer(key).node
 
-    def check(self, x: Tensor, name: str = "x", weights: bool = True) -> None:
+    def check(self, x: Tensor, name: str = "x", weights: bool = True, values: bool = True) -> None:
         """Refuse what the capture cannot answer exactly: see ``check_input`` and the model
-        (``weights``: also non-finite weights, in one pass that fingerprints them)."""
-        check_input(name, x)
+        (``weights``: also non-finite weights; ``values``: False checks neither x's values nor
+        the weights', for a caller that checks them with its result)."""
+        check_input(name, x, values)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"{name} has per-sample shape {tuple(x.shape[1:])} but the network was "
@@ -161,7 +183,7 @@ class SplineView:
         now = structure(self.model)
         same = now == self.structure
         check_dtype(self.model, x, name, self.dtype if same else None)
-        self._check_model(len(x), None if same else now, weights)
+        self._check_model(len(x), None if same else now, weights and values)
 
     def _check_model(self, n: int, changed: Structure | None = None, weights: bool = True) -> None:
         """The model as captured (``changed``: its structure now, where it differs), in eval
@@ -207,8 +229,9 @@ class Verification:
         )
 
 
-def check_input(name: str, x: object) -> None:
-    """A batch of inputs: a floating tensor (N, ...) with N >= 1 and finite entries."""
+def check_input(name: str, x: object, values: bool = True) -> None:
+    """A batch of inputs: a floating tensor (N, ...) with N >= 1 and finite entries
+    (``values``: False leaves the entries to the caller)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -217,7 +240,8 @@ def check_input(name: str, x: object) -> None:
         raise ValueError(f"{name} holds no inputs (batch size 0)")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
-    check_finite(name, x)
+    if values:
+        check_finite(name, x)
 
 
 def check_dtype(
@@ -241,14 +265,15 @@ _VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[SplineView]]] = (
 )
 
 
-def view_of(model: nn.Module, x: Tensor) -> SplineView:
+def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     """The cached SplineView of ``model`` for inputs like x, checked against x.
 
     Captured on first use, and again whenever the model's structure changed or x's batch size
     lies outside the range of every cached capture (a forward that branches on it).
+    ``values``: False leaves x's values and the weights' to the caller (as ``SplineView.check``).
     """
     model = unwrap_compiled(model)
-    check_input("x", x)
+    check_input("x", x, values)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     now = structure(model)
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
@@ -256,10 +281,11 @@ def view_of(model: nn.Module, x: Tensor) -> SplineView:
     check_dtype(model, x, known=views[0].dtype if views else None)
     view = next((v for v in views if v.program.batch.accepts(len(x))), None)
     if view is None:
+        check_finite("x", x)  # (the capture runs on x)
         view = SplineView(model, x)
         view._model = None  # the cache must not keep the model alive
         views.append(view)
-    view._check_model(len(x))  # a cached view matched ``now``; a new one was just recorded
+    view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view
 
 
@@ -272,7 +298,7 @@ def affine_map(
 
 def partition_codes(model: nn.Module, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
     """Per-layer partition codes of x (see ``SplineView.partition_codes``)."""
-    return view_of(model, x)._partition_codes(x, batch_size)  # view_of checked x
+    return view_of(model, x, values=False)._checked_codes(x, batch_size)
 
 
 def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verification:

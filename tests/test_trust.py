@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import splinelens as sl
 from splinelens.paper.neighbors import others, region_ids
@@ -459,6 +460,50 @@ def test_overflowing_codes_are_refused() -> None:
     x[2] = 3e38
     with pytest.raises(ValueError, match=r"overflow.*input 2"):
         sl.partition_codes(mlp(4, 30, 30, 3).float(), x)
+
+
+class _Syncs(TorchFunctionMode):
+    """Counts the calls that bring a tensor's value to the host (a synchronisation on a GPU)."""
+
+    NAMES = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch_size", [1024, 2])
+def test_a_held_views_codes_check_values_with_one_synchronisation(batch_size: int) -> None:
+    """x, the weights and the last layer's values are checked for NaN, inf and overflow with
+    the result, in one transfer to the host; each is still refused by name (reference: the
+    plain function's eager checks, same messages)."""
+    model, x = mlp(4, 30, 30, 3).float(), torch.randn(5, 4)
+    view = sl.SplineView(model, x)
+    view.partition_codes(x, batch_size=batch_size)  # (a first batch of 1 checks a static capture)
+    with _Syncs() as syncs:
+        codes = view.partition_codes(x, batch_size=batch_size)
+    assert syncs.count == 1
+    ref = sl.partition_codes(model, x)
+    assert all(torch.equal(a.data, b.data) for a, b in zip(codes.layers, ref.layers, strict=True))
+    cases = {
+        r"x holds nan at index \(3, 1\)": lambda: (_nan_at(x, (3, 1)), None),
+        r"overflow.*input 2": lambda: (_nan_at(x, (2,), 3e38), None),
+        r"'2\.bias' holds inf at index \(4,\)": lambda: (x, model[2].bias),
+    }
+    for match, case in cases.items():
+        bad, tensor = case()
+        if tensor is not None:
+            tensor.data[4] = float("inf")
+        with pytest.raises(ValueError, match=match):
+            view.partition_codes(bad, batch_size=batch_size)
+        with pytest.raises(ValueError, match=match):
+            sl.partition_codes(model, bad, batch_size=batch_size)
+        if tensor is not None:
+            tensor.data[4] = 0.0
 
 
 def test_scripted_models_are_refused_with_the_fix() -> None:
