@@ -2,7 +2,9 @@
 
 * the paper's smallCNN, N = 128, float32, TF32 off: all-class A against ``vmap(jacrev)``
   (target: at least as fast, ratio <= 1), A against a per-class ``autograd.grad`` loop
-  (<= 1.15), partition codes against one forward pass (<= 2);
+  (<= 1.15), partition codes against one forward pass (<= 2); and A with its rows by tiling
+  (``splinelens.affine.rows_by_tiling``, the default on CUDA) against one row per backward
+  pass (the default on the CPU);
 * the paper's largeCNN (``splinelens.paper.models``), N = 64, C = 100, 3x32x32: A against the
   per-class loop (<= 0.8) and A's peak device memory (<= 2 GB); ``--jacrev-large`` also runs
   ``vmap(jacrev)`` there (about 58 GB).
@@ -24,6 +26,7 @@ import torch.nn as nn
 from bench_core import baselines, ratio, small_cnn
 
 import splinelens as sl
+from splinelens import affine
 from splinelens.paper.models import build_model
 
 
@@ -55,6 +58,20 @@ def loop(model: nn.Module, x: torch.Tensor, classes: int) -> Callable[[], torch.
     return run
 
 
+def tiling(on: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with rows of A by tiling (on) or one row per backward pass (off)."""
+
+    def run() -> object:
+        saved = affine.rows_by_tiling
+        affine.rows_by_tiling = lambda program, x: on
+        try:
+            return fn()
+        finally:
+            affine.rows_by_tiling = saved
+
+    return run
+
+
 def small_rows(device: str, n: int, repeats: int) -> list[tuple[str, float, str]]:
     model = small_cnn().to(device)
     x = torch.randn(n, 3, 32, 32, device=device)
@@ -67,6 +84,11 @@ def small_rows(device: str, n: int, repeats: int) -> list[tuple[str, float, str]
             f"smallCNN N={n}: codes / forward",
             ratio(lambda: view.partition_codes(x), base["forward"], repeats, device),
             "<= 2",
+        ),
+        (
+            f"smallCNN N={n}: A tiled / A row by row",
+            ratio(tiling(True, a), tiling(False, a), repeats, device),
+            "",
         ),
     ]
 
@@ -84,6 +106,16 @@ def large_rows(device: str, n: int, classes: int, repeats: int, jacrev: bool) ->
             "<= 0.8",
         ),
         (f"largeCNN N={n} C={classes}: A peak GB", peak_bytes(a, device) / 1e9, "<= 2"),
+        (
+            f"largeCNN N={n} C={classes}: A tiled / A row by row",
+            ratio(tiling(True, a), tiling(False, a), repeats, device),
+            "",
+        ),
+        (
+            f"largeCNN N={n} C={classes}: A row by row, peak GB",
+            peak_bytes(tiling(False, a), device) / 1e9,
+            "",
+        ),
     ]
     if jacrev:
         jac = lambda: torch.func.vmap(torch.func.jacrev(lambda xi: model(xi[None])[0]))(x)  # noqa: E731

@@ -179,6 +179,9 @@ class AffineMap:
     def _chunk(self, s: int, e: int, rows: list[int], fresh: bool, out: Tensor) -> tuple:
         """Rows of A for inputs s:e into ``out``; without states yet, record them in the pass."""
         prog = self.program
+        per_pass = min(len(rows), prog.grad_chunk(self.x.element_size()) // (e - s))
+        if per_pass > 1 and rows_by_tiling(prog, self.x) and prog.batch.accepts(per_pass * (e - s)):
+            return self._tiled_chunk(s, e, rows, fresh, out, per_pass)
         with torch.enable_grad():
             x = _normal(self.x[s:e])
             if fresh:  # one pass: record the states and differentiate the same graph
@@ -195,6 +198,50 @@ class AffineMap:
             prog.per_sample(self.start, values[self.start].detach()),
             prog.per_sample(self.end, values[self.end].detach()),
         )
+
+    def _tiled_chunk(
+        self, s: int, e: int, rows: list[int], fresh: bool, out: Tensor, per_pass: int
+    ) -> tuple:
+        """``_chunk`` by one backward pass per ``per_pass`` rows: the frozen network runs on that
+        many copies of the inputs (states tiled), copy j seeded with row j (for GPUs, where one
+        pass per row costs a pass's launches each)."""
+        prog = self.program
+        x = _normal(self.x[s:e])
+        if fresh:
+            with torch.no_grad():
+                values, states = prog.record(x, stop=self.end)
+            z_start = prog.per_sample(self.start, values[self.start])
+            output = prog.per_sample(self.end, values[self.end])
+        else:
+            all_states, z_all, out_all = self._recorded()
+            states = prog.slice_states(all_states, s, e)
+            z_start, output = z_all[s:e], out_all[s:e]
+        states = {k: _normal(v) for k, v in states.items()}
+        for i in range(0, len(rows), per_pass):
+            chunk = rows[i : i + per_pass]
+            out[:, i : i + len(chunk)] = self._tiled_rows(x, states, _normal(z_start), chunk)
+        return states, z_start.detach(), output.detach()
+
+    def _tiled_rows(
+        self, x: Tensor, states: dict[str, Tensor], z_start: Tensor, chunk: list[int]
+    ) -> Tensor | float:
+        """d end[:, r] / d start for the rows r in ``chunk``, (n, r, *start_shape), in one pass."""
+        prog, n, r = self.program, len(x), len(chunk)
+        with torch.enable_grad():
+            leaf = z_start.detach().repeat(r, *[1] * (z_start.dim() - 1)).requires_grad_(True)
+            tiled = prog.frozen(
+                x.repeat(r, *[1] * (x.dim() - 1)),
+                prog.tile_states(states, r),
+                at={self.start: self._node(leaf)},
+                stop=self.end,
+            )
+            y = prog.per_sample(self.end, tiled[self.end]).reshape(r, n, -1)  # (r, n, R_total)
+            if not y.requires_grad:  # end does not depend on start: A = 0
+                return 0.0
+            seeds = torch.zeros_like(y)
+            seeds[torch.arange(r), :, torch.tensor(chunk)] = 1  # copy j: row chunk[j]
+            (g,) = torch.autograd.grad(y, leaf, seeds, allow_unused=True)
+        return 0.0 if g is None else g.view(r, n, *self.start_shape).movedim(0, 1)
 
     def _grads(self, y: Tensor, leaf: Tensor, rows: list[int], out: Tensor) -> None:
         """Write d y[:, r] / d leaf for each row r into out, (n, R, *start_shape): several rows
@@ -245,6 +292,21 @@ class AffineMap:
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)
+
+
+def rows_by_tiling(program: Program, x: Tensor) -> bool:
+    """Whether rows of A are differentiated by tiling (``AffineMap._tiled_chunk``): on a GPU,
+    when the backward passes do not batch under vmap (convolutions, max-pooling). There one
+    pass per row is bound by kernel launches; a pass over r copies costs about one pass. On
+    the CPU the r-fold forward pass of the tiles costs more than it saves.
+
+    >>> import torch.nn as nn, splinelens as sl
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).eval()
+    >>> x = torch.randn(2, 1, 4, 4)
+    >>> rows_by_tiling(sl.SplineView(net, x).program, x)  # on the CPU
+    False
+    """
+    return x.is_cuda and not program.batched_rows
 
 
 def _normal(t: Tensor) -> Tensor:

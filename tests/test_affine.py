@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
+from splinelens import affine
 from tests import zoo
 
 TOL = 1e-10  # float64: slopes and offsets agree with the references to this absolute error
@@ -167,3 +168,41 @@ def test_empty_batch_is_refused() -> None:
     model = zoo.build("mlp")
     with pytest.raises(ValueError, match="no inputs"):
         sl.affine_map(model, zoo.inputs("mlp", 0))
+
+
+@pytest.fixture
+def tiled_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of A by tiling the inputs (the GPU path for convolutions), here on the CPU."""
+    monkeypatch.setattr(affine, "rows_by_tiling", lambda program, x: True)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_tiled_rows_match_jacrev(name: str, tiled_rows: None) -> None:
+    """A by one backward pass over copies of the inputs, one copy per row, against jacrev;
+    asked first (states recorded on the way) and after B (states recorded before)."""
+    model, x = zoo.build(name), zoo.inputs(name)
+    ref = zoo.jacobian(model, x)
+    torch.testing.assert_close(sl.affine_map(model, x).A, ref, atol=TOL, rtol=0)
+    amap = sl.affine_map(model, x)
+    _ = amap.B
+    torch.testing.assert_close(amap.A, ref, atol=TOL, rtol=0)
+
+
+def test_tiled_rows_in_chunks_and_between_layers(tiled_rows: None) -> None:
+    """Row subsets, input chunks and a map between layers around a skip connection: the same
+    as one row per pass (reference), to float64 rounding."""
+    model, x = zoo.build("resnet"), zoo.inputs("resnet", n=7)
+    view = sl.SplineView(model, x)
+    names = [layer.name for layer in view.layers]
+    tiled = [
+        view.affine_map(x).templates(rows=[2, 0], chunk_size=3),
+        view.affine_map(x, start=names[1], end=names[2]).A,
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(affine, "rows_by_tiling", lambda program, x: False)
+        rows = [
+            view.affine_map(x).templates(rows=[2, 0], chunk_size=3),
+            view.affine_map(x, start=names[1], end=names[2]).A,
+        ]
+    for a, b in zip(tiled, rows, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
