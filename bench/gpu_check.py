@@ -1,4 +1,5 @@
-"""Correctness of the issue-5 features on a CUDA device against the same calls on the CPU.
+"""Correctness on a CUDA device against the same calls on the CPU: slices, region radii, A
+(rows by tiling there), layer MASOs.
 
 Run on a GPU machine: ``python bench/gpu_check.py``. Prints one line per check and exits 1 if
 any fails. float64 throughout, with TF32 left at PyTorch's defaults (splinelens turns it off).
@@ -50,6 +51,9 @@ def main() -> None:
         n_cpu = len(sl.slice_partition(cpu, o, d, b))
         n_gpu = len(sl.slice_partition(gpu, o.to(dev), d.to(dev), b))
         check(f"slice count cuda == cpu [{name}]", n_cpu == n_gpu, f"{n_cpu} vs {n_gpu}")
+        a_cpu, a_gpu = sl.affine_map(cpu, x).A, sl.affine_map(gpu, x.to(dev)).A.cpu()
+        err = (a_cpu - a_gpu).abs().max().item()  # on cuda: rows of A by tiling, if not vmapped
+        check(f"A cuda == cpu [{name}]", err < 1e-10, f"max abs diff {err:.1e}")
         masos = sl.check_masos(gpu, x.to(dev))
         check(
             f"layer MASOs on cuda [{name}]",
