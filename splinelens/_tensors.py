@@ -237,7 +237,8 @@ def _fingerprint(
     """Native-dtype sums (``check``: refusing non-finite entries) of ``named`` or the model's,
     and the bit-pattern sums of ``ints`` (``_int_view`` of each)."""
     named = _named(model, named)  # type: ignore[arg-type]
-    sums = _sums([t for _, t in named])
+    tensors = [t for _, t in named]  # (a fingerprint kept for later: sums in fixed chunks)
+    sums = _stacked(_sum_parts(tensors, fixed=ints is not None)) if tensors else []
     if not all(map(math.isfinite, sums)):
         for i, (name, t) in enumerate(named):
             if not math.isfinite(sums[i]):
@@ -260,8 +261,8 @@ def _wide_sum(t: Tensor) -> float:
     """The sum of a tensor whose sum overflows its dtype, in a wider one (float64 as a sum of
     ``t * 2**-64``): float32 for 16-bit floats (65504 at most), float64 for float32."""
     if t.dtype == torch.float64:
-        return float(t.mul(2.0**-64).sum())
-    return float(t.sum(dtype=torch.float32 if t.element_size() < 4 else torch.float64))
+        return float(fixed_sum(t.mul(2.0**-64)))
+    return float(fixed_sum(t, torch.float32 if t.element_size() < 4 else torch.float64))
 
 
 def _version(t: Tensor) -> int:
@@ -273,9 +274,37 @@ def _sums(tensors: list[Tensor]) -> list[float]:
     return _stacked(_sum_parts(tensors)) if tensors else []
 
 
-def _sum_parts(tensors: list[Tensor]) -> list[Tensor]:
+def _sum_parts(tensors: list[Tensor], fixed: bool = False) -> list[Tensor]:
+    """Each tensor's sum in its own dtype (float64 for others), 0-d; ``fixed``: the same for
+    any number of threads (``fixed_sum``), for fingerprints compared later."""
     with torch.no_grad():
-        return [t.sum() if t.dtype in _NATIVE_SUM else t.sum(dtype=torch.float64) for t in tensors]
+        parts = []
+        for t in tensors:
+            dt = None if t.dtype in _NATIVE_SUM else torch.float64
+            parts.append(fixed_sum(t, dt) if fixed else t.sum(dtype=dt))
+        return parts
+
+
+_CHUNK = 32768  # ATen's grain size: a reduction of this many entries runs on one thread
+
+
+def fixed_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """t's sum, 0-d, independent of the number of threads: sums of fixed chunks, each on one
+    thread, added in order (a plain sum of a million float32 entries differs in its last bits
+    between 1 and 2 threads).
+
+    >>> t, threads = torch.randn(1_000_003), torch.get_num_threads()
+    >>> torch.set_num_threads(1); one = fixed_sum(t)
+    >>> torch.set_num_threads(2); two = fixed_sum(t)
+    >>> torch.set_num_threads(threads); bool(one == two)
+    True
+    """
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return flat.sum(dtype=dtype)
+    k = flat.numel() // _CHUNK
+    head = flat[: k * _CHUNK].view(k, _CHUNK).sum(1, dtype=dtype)  # (k,) one thread each
+    return fixed_sum(head) + flat[k * _CHUNK :].sum(dtype=dtype)
 
 
 def all_finite(parts: list[Tensor]) -> bool:

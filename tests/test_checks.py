@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import splinelens as sl
 from splinelens import _structure, _tensors
 from splinelens._structure import Structure, describe_change, structure
 from splinelens._tensors import check_model, check_model_finite, model_state, weights_fingerprint
@@ -233,3 +234,20 @@ def test_an_object_that_died_never_matches_even_if_its_id_is_reused() -> None:
     then = Structure(now.tree, {**now.objects, id(model[1]): dead})  # as if model[1] was freed
     assert then != now and not then.alive()
     assert describe_change(then, now) == "module '1' was replaced (another one)"
+
+
+def test_a_maps_fingerprint_does_not_depend_on_the_thread_count() -> None:
+    """A map fingerprinted with 2 threads and used again with 1 is not refused: its float sums
+    run in fixed chunks (a plain float32 sum of a million entries differs in its last bits
+    between 1 and 2 threads). Reference: the same map's B, computed before the switch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1000, 1200), nn.ReLU(), nn.Linear(1200, 3)).eval()
+    x, threads = torch.randn(2, 1000), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        amap = sl.affine_map(net, x)
+        b = amap.B
+        torch.set_num_threads(1)
+        torch.testing.assert_close(amap(torch.zeros_like(x)), b, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
