@@ -289,9 +289,9 @@ _CHUNK = 32768  # ATen's grain size: a reduction of this many entries runs on on
 
 
 def fixed_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """t's sum, 0-d, independent of the number of threads: sums of fixed chunks, each on one
-    thread, added in order (a plain sum of a million float32 entries differs in its last bits
-    between 1 and 2 threads).
+    """t's sum, 0-d, independent of the number of threads: sums of its rows or of fixed chunks,
+    each on one thread, added in order (a plain sum of a million float32 entries differs in its
+    last bits between 1 and 2 threads).
 
     >>> t, threads = torch.randn(1_000_003), torch.get_num_threads()
     >>> torch.set_num_threads(1); one = fixed_sum(t)
@@ -299,9 +299,12 @@ def fixed_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     >>> torch.set_num_threads(threads); bool(one == two)
     True
     """
-    flat = t.detach().reshape(-1)
-    if flat.numel() <= _CHUNK:
-        return flat.sum(dtype=dtype)
+    t = t.detach()
+    if t.numel() <= _CHUNK:
+        return t.sum(dtype=dtype)
+    if t.dim() > 1 and t.shape[0] <= _CHUNK and t.numel() // t.shape[0] <= _CHUNK:
+        return t.reshape(t.shape[0], -1).sum(1, dtype=dtype).sum()  # rows: one thread each
+    flat = t.reshape(-1)
     k = flat.numel() // _CHUNK
     head = flat[: k * _CHUNK].view(k, _CHUNK).sum(1, dtype=dtype)  # (k,) one thread each
     return fixed_sum(head) + flat[k * _CHUNK :].sum(dtype=dtype)
