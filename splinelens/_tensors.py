@@ -113,8 +113,8 @@ class WeightsFingerprint(NamedTuple):
     wide fingerprint (``ModelTensors``), the sum of its bit patterns. A change is seen if it
     replaces a tensor, goes through an in-place op (the version counter), moves its data, or
     alters a sum: a write through ``.data`` is seen by the sums alone. The bit sums see a change
-    of any one entry, the float sums sign flips and scalings; a change that keeps both (a
-    permutation of a tensor's entries) is not seen.
+    of any one entry, the float sums sign flips (unless the flipped entries sum to zero) and
+    scalings; a change that keeps both (a permutation of a tensor's entries) is not seen.
     """
 
     ids: tuple[tuple[str, int, int, int], ...]
@@ -126,7 +126,7 @@ class ModelTensors:
     """A model's floating tensors (``model_state``, as (name, tensor)) and their wide fingerprint
     (``weights_fingerprint(..., wide=True)``), with the integer views of their bit patterns made
     once: two reductions per tensor per call. The views are made again whenever a tensor's
-    storage moved (``.data`` re-bound, ``set_``).
+    storage moved or its layout changed (``.data`` re-bound, ``set_``, ``as_strided``).
 
     >>> net = nn.Linear(2, 1)
     >>> tensors = ModelTensors(list(model_state(net)))
@@ -163,7 +163,7 @@ class ModelTensors:
         return _ids(self.named)
 
     def _views(self) -> list[tuple[Tensor, torch.dtype]]:
-        key = [(t.data_ptr(), t.shape, t.dtype) for _, t in self.named]
+        key = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for _, t in self.named]
         if key != self._key:
             self._key, self._ints = key, [_int_view(t) for _, t in self.named]
         return self._ints
@@ -207,7 +207,7 @@ def weights_fingerprint(
     ``wide``: also the sums of each tensor's bit patterns (as integers of its width, wrapping),
     which see a change of any one entry of any floating dtype, however small (a float64 sum of
     float32 weights costs 5-10x a float32 sum, and misses changes below its rounding in float64
-    tensors); the float sums see what the bit sums can miss (a sign flip of an even number of
+    tensors); the float sums see most of what the bit sums miss (a sign flip of an even number of
     entries adds a multiple of the modulus): for maps whose states are recorded.
     """
     if wide:

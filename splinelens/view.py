@@ -60,13 +60,15 @@ class SplineView:
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        self.tensors = ModelTensors(list(model_state(model)))  # while the structure holds
-        self.tensors.check_finite()
+        ModelTensors(list(model_state(model))).check_finite()  # before exporting it
         self.program = capture(model, example_input)
-        self.structure = structure(model)  # after the capture's forward (lazy modules)
+        # after the capture's forward (lazy modules get their weights), while the structure holds
+        self.structure = structure(model)
+        self.tensors = ModelTensors(list(model_state(model)))
         self.input_shape = tuple(example_input.shape[1:])
-        self.dtype = model_dtype(model)  # holds while the structure does (it records dtypes)
-        self.mode_modules = [m for _, m in mode_modules(model)]  # while the structure holds
+        self.dtype = model_dtype(model)  # (the structure records dtypes)
+        # held weakly: a cached view must not keep its model alive
+        self.mode_modules = [weakref.ref(m) for _, m in mode_modules(model)]
 
     @property
     def model(self) -> nn.Module:
@@ -189,7 +191,7 @@ class SplineView:
         """The model as captured (``changed``: its structure now, where it differs), in eval
         mode, finite (``weights``); n in the batch range."""
         model = self.model
-        if changed is not None or any(m.training for m in self.mode_modules):
+        if changed is not None or any(getattr(r(), "training", False) for r in self.mode_modules):
             check_eval_mode(model)  # (refuses training mode first, naming the modules)
         if changed is not None:
             raise StaleCaptureError(

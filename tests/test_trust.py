@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import itertools
 import types
+import weakref
 
 import pytest
 import torch
@@ -714,3 +716,53 @@ def test_writes_name_the_target(tmp_path) -> None:
         codes.save(tmp_path / "afile" / "c.npz")
     with pytest.raises(ValueError, match="meta"):
         codes.to("meta")
+
+
+def test_lazy_modules_weights_are_checked_and_fingerprinted() -> None:
+    """A lazy module gets its weights in the capture's forward: they must be in the weight
+    checks and in every map's fingerprint (found in review: they were left out)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.LazyLinear(3)).double().eval()
+    x = torch.randn(4, 5, dtype=F64)
+    amap = sl.affine_map(net, x)
+    _ = amap.B
+    with torch.no_grad():
+        net[0].weight.mul_(-1)
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+    net[0].weight.data[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'0\.weight' holds nan at index \(1, 0\)"):
+        sl.partition_codes(net, x)
+
+
+def test_data_rebound_to_another_layout_at_the_same_address_is_seen() -> None:
+    """Same data pointer and shape, other strides (found in review): the cached integer views
+    are made again, and the map refuses."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -2.0], [-3.0, 2.0]]))
+    amap = sl.affine_map(net, torch.randn(3, 2, dtype=F64))
+    _ = amap.B
+    net[0].weight.data = net[0].weight.data.as_strided((2, 2), (0, 1))  # rows [1, -2] twice
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+
+
+def test_a_cached_view_does_not_keep_a_mode_dependent_model_alive() -> None:
+    """The view remembers the modules whose forward depends on the mode weakly (found in
+    review: a root module reading self.training kept itself alive in the cache)."""
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l0, self.l1 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l1(F.dropout(torch.relu(self.l0(x)), 0.5, self.training))
+
+    net = Root().eval()
+    sl.partition_codes(net, torch.randn(5, 3))
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
