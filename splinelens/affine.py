@@ -58,7 +58,7 @@ class AffineMap:
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: WeightsFingerprint | None = field(default=None, init=False, repr=False)
     _tensors: ModelTensors | None = field(default=None, repr=False)  # the model's
-    _read: tuple[int, ...] = field(init=False, repr=False)  # ids of the tensors it reads
+    _read: tuple = field(init=False, repr=False)  # (id, version) of x and the tensors it reads
     _made: tuple = field(init=False, repr=False)  # the model's tensors' ids when made
 
     def __post_init__(self) -> None:
@@ -71,7 +71,8 @@ class AffineMap:
         """Refuse to go on once any tensor the map computes with changed since it was made.
 
         The program reads its parameters from their modules at every run: they must still be
-        the tensors it read when the map was made (a re-registered parameter is not), and the
+        the tensors it read when the map was made (a re-registered parameter is not), neither
+        they nor x changed in place (version counters: integer buffers too), and the
         model's tensors must hold the same values (sums of bit patterns, which see a change of
         any one entry, through ``.data`` too). So states and weights never mix. A map answers
         for the model as it was when made: a module replaced since then is not read.
@@ -81,7 +82,13 @@ class AffineMap:
         tensors (in place, re-bound; their version counters); a write through ``.data`` in that
         window is taken as the map's weights (it is exact for them).
         """
-        if self._params() != self._read:
+        now = self._params()
+        if now[-1] != self._read[-1]:
+            raise ValueError(
+                "x changed in place after this AffineMap was made; compute a new one with "
+                "sl.affine_map(model, x), or pass x.clone() to keep using x"
+            )
+        if now != self._read:
             raise ValueError(_CHANGED)
         if self._weights is None:  # the first use of a map whose weights are not checked yet
             fp = self._tensors.check()
@@ -91,8 +98,10 @@ class AffineMap:
         elif self._tensors.fingerprint() != self._weights:
             raise ValueError(_CHANGED)
 
-    def _params(self) -> tuple[int, ...]:
-        return tuple(map(id, self.program.live_params()))
+    def _params(self) -> tuple:
+        """The tensors the program reads (integer buffers too) and x, with version counters:
+        a re-registered tensor or an in-place change of an index buffer or of x is seen."""
+        return tuple((id(t), _version(t)) for t in (*self.program.live_params(), self.x))
 
     @property
     def states(self) -> dict[str, Tensor]:
@@ -307,6 +316,10 @@ def rows_by_tiling(program: Program, x: Tensor) -> bool:
     False
     """
     return x.is_cuda and not program.batched_rows
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
 
 
 def _normal(t: Tensor) -> Tensor:

@@ -766,3 +766,29 @@ def test_a_cached_view_does_not_keep_a_mode_dependent_model_alive() -> None:
     del net
     gc.collect()
     assert ref() is None
+
+
+def test_a_map_refuses_x_or_an_index_buffer_changed_in_place() -> None:
+    """The map holds x and reads integer buffers live: an in-place change of either after it
+    was made is refused (found in review: the answer mixed old states with new values)."""
+
+    class Permuted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l0, self.l1 = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.register_buffer("order", torch.tensor([3, 2, 1, 0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l1(torch.relu(self.l0(x)).index_select(1, self.order))
+
+    net, x = Permuted().double().eval(), torch.randn(5, 3, dtype=F64)
+    amap = sl.affine_map(net, x)
+    _ = amap.B
+    x.mul_(2.0)
+    with pytest.raises(ValueError, match="x changed in place after this AffineMap"):
+        _ = amap.A
+    amap = sl.affine_map(net, x)
+    _ = amap.B
+    net.order.copy_(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
