@@ -151,7 +151,7 @@ class ModelTensors:
 
     def check_finite(self) -> None:
         """Refuse NaN or inf as ``check_model`` does (its float sums alone: half the pass)."""
-        _fingerprint(None, check=True, named=self.named)
+        _checked_sums(self.named, check=True, fixed=False)
 
     def sums(self) -> list[Tensor]:
         """Each tensor's sum in its own dtype, 0-d, not synchronised: all finite means every
@@ -217,7 +217,7 @@ def weights_fingerprint(
 
 def check_model_finite(model: nn.Module) -> None:
     """Refuse NaN or inf anywhere in the model's state (``check_model`` without its result)."""
-    _fingerprint(model, check=True)
+    _checked_sums(_named(model, None), check=True, fixed=False)
 
 
 def _named(model: nn.Module, named: list[tuple[str, Tensor]] | None) -> list[tuple[str, Tensor]]:
@@ -237,16 +237,23 @@ def _fingerprint(
     """Native-dtype sums (``check``: refusing non-finite entries) of ``named`` or the model's,
     and the bit-pattern sums of ``ints`` (``_int_view`` of each)."""
     named = _named(model, named)  # type: ignore[arg-type]
-    tensors = [t for _, t in named]  # (a fingerprint kept for later: sums in fixed chunks)
-    sums = _stacked(_sum_parts(tensors, fixed=ints is not None)) if tensors else []
+    sums = _checked_sums(named, check, fixed=ints is not None)  # (kept for later: fixed)
+    bits = tuple(_stacked([v.sum(dtype=dt) for v, dt in ints])) if ints else ()
+    return WeightsFingerprint(_ids(named), tuple(sums), bits)
+
+
+def _checked_sums(named: list[tuple[str, Tensor]], check: bool, fixed: bool) -> list[float]:
+    """Each tensor's sum in its own dtype (``fixed``: ``fixed_sum``), in a wider one where it
+    overflows; ``check``: refusing NaN or inf entries, by name and index."""
+    tensors = [t for _, t in named]
+    sums = _stacked(_sum_parts(tensors, fixed)) if tensors else []
     if not all(map(math.isfinite, sums)):
         for i, (name, t) in enumerate(named):
             if not math.isfinite(sums[i]):
                 if check:  # NaN or inf entries, or only a sum that overflows?
                     check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
                 sums[i] = _wide_sum(t.detach())
-    bits = tuple(_stacked([v.sum(dtype=dt) for v, dt in ints])) if ints else ()
-    return WeightsFingerprint(_ids(named), tuple(sums), bits)
+    return sums
 
 
 def _ids(named: list[tuple[str, Tensor]]) -> tuple[tuple[str, int, int, int], ...]:
@@ -254,7 +261,7 @@ def _ids(named: list[tuple[str, Tensor]]) -> tuple[tuple[str, int, int, int], ..
     try:
         return tuple([(name, id(t), t._version, t.data_ptr()) for name, t in named])
     except RuntimeError:  # inference tensors have no version counter
-        return tuple([(name, id(t), _version(t), t.data_ptr()) for name, t in named])
+        return tuple([(name, id(t), version(t), t.data_ptr()) for name, t in named])
 
 
 def _wide_sum(t: Tensor) -> float:
@@ -265,7 +272,8 @@ def _wide_sum(t: Tensor) -> float:
     return float(fixed_sum(t, torch.float32 if t.element_size() < 4 else torch.float64))
 
 
-def _version(t: Tensor) -> int:
+def version(t: Tensor) -> int:
+    """t's version counter (bumped by every in-place op on it); -1 for an inference tensor."""
     return -1 if t.is_inference() else t._version
 
 

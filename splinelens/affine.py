@@ -28,7 +28,7 @@ import torch.nn as nn
 from splinelens._capture import Program
 from splinelens._checks import check_finite, check_overflow, check_positive_int
 from splinelens._precision import exact_matmul
-from splinelens._tensors import ModelTensors, WeightsFingerprint, model_state
+from splinelens._tensors import ModelTensors, WeightsFingerprint, model_state, version
 
 Tensor = torch.Tensor
 _CHANGED = (
@@ -101,7 +101,7 @@ class AffineMap:
     def _params(self) -> tuple:
         """The tensors the program reads (integer buffers too) and x, with version counters:
         a re-registered tensor or an in-place change of an index buffer or of x is seen."""
-        return tuple((id(t), _version(t)) for t in (*self.program.live_params(), self.x))
+        return tuple((id(t), version(t)) for t in (*self.program.live_params(), self.x))
 
     @property
     def states(self) -> dict[str, Tensor]:
@@ -188,9 +188,10 @@ class AffineMap:
     def _chunk(self, s: int, e: int, rows: list[int], fresh: bool, out: Tensor) -> tuple:
         """Rows of A for inputs s:e into ``out``; without states yet, record them in the pass."""
         prog = self.program
-        per_pass = min(len(rows), prog.grad_chunk(self.x.element_size()) // (e - s))
-        if per_pass > 1 and rows_by_tiling(prog, self.x) and prog.batch.accepts(per_pass * (e - s)):
-            return self._tiled_chunk(s, e, rows, fresh, out, per_pass)
+        if rows_by_tiling(prog, self.x):
+            per_pass = min(len(rows), prog.grad_chunk(self.x.element_size()) // (e - s))
+            if per_pass > 1 and prog.batch.accepts(per_pass * (e - s)):
+                return self._tiled_chunk(s, e, rows, fresh, out, per_pass)
         with torch.enable_grad():
             x = _normal(self.x[s:e])
             if fresh:  # one pass: record the states and differentiate the same graph
@@ -247,9 +248,7 @@ class AffineMap:
             y = prog.per_sample(self.end, tiled[self.end]).reshape(r, n, -1)  # (r, n, R_total)
             if not y.requires_grad:  # end does not depend on start: A = 0
                 return 0.0
-            seeds = torch.zeros_like(y)
-            seeds[torch.arange(r), :, torch.tensor(chunk)] = 1  # copy j: row chunk[j]
-            (g,) = torch.autograd.grad(y, leaf, seeds, allow_unused=True)
+            (g,) = torch.autograd.grad(y, leaf, _seeds(y[0], chunk), allow_unused=True)
         return 0.0 if g is None else g.view(r, n, *self.start_shape).movedim(0, 1)
 
     def _grads(self, y: Tensor, leaf: Tensor, rows: list[int], out: Tensor) -> None:
@@ -263,8 +262,7 @@ class AffineMap:
         step = prog.rows_per_pass(n, out.element_size()) if prog.batched_rows else 1
         for s in range(0, len(rows), step):
             chunk = rows[s : s + step]
-            seeds = y.new_zeros(len(chunk), *y.shape)  # (r, n, R_total): one-hot per row
-            seeds[torch.arange(len(chunk)), :, torch.tensor(chunk)] = 1
+            seeds = _seeds(y, chunk)
             last, batched = s + step >= len(rows), step > 1
             (g,) = torch.autograd.grad(
                 y,
@@ -318,8 +316,11 @@ def rows_by_tiling(program: Program, x: Tensor) -> bool:
     return x.is_cuda and not program.batched_rows
 
 
-def _version(t: Tensor) -> int:
-    return -1 if t.is_inference() else t._version
+def _seeds(y: Tensor, rows: list[int]) -> Tensor:
+    """(len(rows), *y.shape) one-hot seeds for y (n, R_total): seed j selects row rows[j]."""
+    seeds = y.new_zeros(len(rows), *y.shape)
+    seeds[torch.arange(len(rows)), :, torch.tensor(rows)] = 1
+    return seeds
 
 
 def _normal(t: Tensor) -> Tensor:

@@ -29,7 +29,14 @@ from splinelens._checks import (
 )
 from splinelens._precision import exact_matmul
 from splinelens._structure import Structure, describe_change, structure
-from splinelens._tensors import ModelTensors, all_finite, model_dtype, model_state, model_tensors
+from splinelens._tensors import (
+    ModelTensors,
+    all_finite,
+    check_model_finite,
+    model_dtype,
+    model_state,
+    model_tensors,
+)
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
@@ -60,7 +67,7 @@ class SplineView:
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        ModelTensors(list(model_state(model))).check_finite()  # before exporting it
+        check_model_finite(model)  # before exporting it
         self.program = capture(model, example_input)
         # after the capture's forward (lazy modules get their weights), while the structure holds
         self.structure = structure(model)
