@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from splinelens._capture import Program
 from splinelens._checks import check_finite, check_overflow, check_positive_int
+from splinelens._fingerprint import ModelTensors, WeightsFingerprint
 from splinelens._precision import exact_matmul
-from splinelens._tensors import ModelTensors, WeightsFingerprint, model_state, version
+from splinelens._tensors import model_state, version
 
 Tensor = torch.Tensor
 _CHANGED = (

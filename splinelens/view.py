@@ -27,16 +27,10 @@ from splinelens._checks import (
     layer_index,
     unwrap_compiled,
 )
+from splinelens._fingerprint import ModelTensors, all_finite, check_model_finite
 from splinelens._precision import exact_matmul
 from splinelens._structure import Structure, describe_change, structure
-from splinelens._tensors import (
-    ModelTensors,
-    all_finite,
-    check_model_finite,
-    model_dtype,
-    model_state,
-    model_tensors,
-)
+from splinelens._tensors import model_dtype, model_state, model_tensors
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-from splinelens import _structure, _tensors
+from splinelens import _fingerprint, _structure
+from splinelens._fingerprint import check_model, check_model_finite, weights_fingerprint
 from splinelens._structure import Structure, describe_change, structure
-from splinelens._tensors import check_model, check_model_finite, model_state, weights_fingerprint
+from splinelens._tensors import model_state
 from tests import zoo
 
 
@@ -54,7 +55,7 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
     """The cached integer views are made again when a tensor's data is re-bound: a later write
     into the new storage through .data is still seen (reference: a fresh ModelTensors)."""
     model = mnist_mlp()
-    tensors = _tensors.ModelTensors(list(model_state(model)))
+    tensors = _fingerprint.ModelTensors(list(model_state(model)))
     first = tensors.check()
     model[5].bias.data = model[5].bias.data.clone()  # new storage, no version bump
     moved = tensors.fingerprint()
@@ -62,7 +63,7 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
     model[5].bias.data[3] += 1e-3
     now = tensors.fingerprint()
     assert now != moved
-    assert now == _tensors.ModelTensors(list(model_state(model))).fingerprint()
+    assert now == _fingerprint.ModelTensors(list(model_state(model))).fingerprint()
     model[3].weight.data[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"'3\.weight' holds inf at index \(0, 0\)"):
         tensors.check()
@@ -73,12 +74,60 @@ def test_the_wide_fingerprint_sees_sign_flips_of_an_even_number_of_entries(dtype
     """Flipping the sign of 2k entries adds 2k x 2^(bits - 1) to the bit-pattern sum, a multiple
     of its modulus: the float sums must see it (reference: the values themselves changed)."""
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(dtype)
-    tensors = _tensors.ModelTensors(list(model_state(model)))
+    tensors = _fingerprint.ModelTensors(list(model_state(model)))
     before = tensors.check()
     w = model[0].weight.data  # 24 entries, through .data: no version bump
     old = w.clone()
     w.mul_(-1)
     assert (w != old).any() and tensors.fingerprint() != before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_wide_fingerprint_sees_a_one_ulp_change_of_every_entry(dtype: torch.dtype) -> None:
+    """Each entry of each tensor, one at a time, moved by one ulp through .data (reference: its
+    bit pattern differs) changes the wide fingerprint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).to(dtype)
+    tensors = _fingerprint.ModelTensors(list(model_state(model)))
+    before = tensors.check()
+    for name, t in model_state(model):
+        flat = t.data.view(-1)
+        for i in range(len(flat)):
+            old = flat[i].clone()
+            flat[i] = old.nextafter(old + 1)
+            assert not torch.equal(flat[i], old)
+            assert tensors.fingerprint() != before, (name, i)
+            flat[i] = old
+        assert tensors.fingerprint() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_the_wide_fingerprint_sees_units_permuted_through_data(dtype: torch.dtype) -> None:
+    """Permuting hidden units (rows of a weight and entries of its bias, as weight matching does)
+    or a conv's output channels keeps the entries (reference: sorted, they are equal), so any
+    symmetric sum of them; it is seen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)
+    ).to(dtype)
+    tensors = _fingerprint.ModelTensors(list(model_state(model)))
+    before = tensors.check()
+    perms = {
+        "conv": (model[0], torch.tensor([1, 0, 3, 2])),
+        "linear": (model[3], torch.arange(8).flip(0)),
+    }
+    for name, (layer, perm) in perms.items():
+        old_w, old_b = layer.weight.data.clone(), layer.bias.data.clone()
+        layer.weight.data.copy_(old_w[perm])
+        assert not torch.equal(layer.weight.data, old_w), name
+        same = layer.weight.data.flatten().sort().values == old_w.flatten().sort().values
+        assert same.all()  # the same entries: any sum of them, in any order, is unchanged
+        assert tensors.fingerprint() != before, name
+        layer.weight.data.copy_(old_w)
+        layer.bias.data.copy_(old_b[perm])
+        assert tensors.fingerprint() != before, name + " bias"
+        layer.bias.data.copy_(old_b)
+    assert tensors.fingerprint() == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -159,7 +208,7 @@ def test_tensor_attributes_made_in_inference_mode_have_no_version_but_a_fingerpr
 
 def test_sums_on_several_devices_come_back_in_order() -> None:
     parts = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float64), torch.tensor(-3.0)]
-    assert _tensors._stack_per_device(parts) == [1.5, 2.0, -3.0]
+    assert _fingerprint._stack_per_device(parts) == [1.5, 2.0, -3.0]
 
 
 # 3. The structure's fast paths agree with its general image -------------------------------------

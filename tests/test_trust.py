@@ -612,6 +612,29 @@ def test_changes_through_data_are_seen() -> None:
         sl.affine_map(model, x)
 
 
+def test_units_permuted_through_data_are_seen_by_a_map() -> None:
+    """Weight matching permutes hidden units in place through .data: the network is the same
+    function (reference: its outputs), but the map's states, recorded per unit, no longer match
+    the weights (reference: A frozen at them on the permuted weights differs from jacrev's A)."""
+    model, x = mlp(3, 6, 2), torch.randn(4, 3, dtype=F64)
+    amap = sl.affine_map(model, x)
+    _ = amap.B
+    with torch.no_grad():
+        before = model(x)
+        perm = torch.arange(6).roll(1)
+        model[0].weight.data.copy_(model[0].weight.data[perm])
+        model[0].bias.data.copy_(model[0].bias.data[perm])
+        model[2].weight.data.copy_(model[2].weight.data[:, perm])
+        assert torch.allclose(model(x), before, atol=TOL)
+    stale = copy.copy(amap)  # what the map would answer if it did not look
+    stale._check_unchanged = lambda: None
+    del stale.__dict__["B"]
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert not torch.allclose(stale.A, jac, atol=TOL)
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+
+
 def test_non_finite_tensor_attributes_are_named() -> None:
     model, x = BufferNet(mlp(2, 16, 2)).eval(), torch.randn(3, 2, dtype=F64)
     model.scale = model.scale.double()
