@@ -2,8 +2,9 @@
 
 ``check_model`` refuses NaN or inf among the model's floating tensors (``model_state``), naming
 the tensor and the index; fingerprints (``WeightsFingerprint``, ``ModelTensors``) see whether
-they changed, also through ``.data``, which version counters miss. Every sum is independent of
-the number of threads, so a fingerprint taken with one compares equal with two.
+they changed, also through ``.data``, which version counters miss. The wide fingerprint's sums
+(``ModelTensors``, what maps compare) do not depend on the number of threads: one taken with one
+thread compares equal with one taken with two.
 
 >>> import torch.nn as nn
 >>> net = nn.Linear(2, 1)
@@ -40,10 +41,12 @@ class WeightsFingerprint(NamedTuple):
     wide fingerprint (``ModelTensors``), sums of the bit patterns that weigh each row of a tensor
     by its position (``_bit_parts``). A change is seen if it replaces a tensor, goes through an
     in-place op (the version counter), moves its data, or alters a sum: a write through ``.data``
-    is seen by the sums alone. The bit sums see a change of any one entry and a permutation of
-    rows (units or channels permuted, as weight matching does; a vector's entries), the float
-    sums sign flips (unless the flipped entries sum to zero) and scalings; a change that keeps
-    both (a permutation of entries within rows, or of a tensor's rows past 65536) is not seen.
+    is seen by the sums alone. The bit sums see a change of any one entry and a permutation
+    along a tensor's first axis (a vector's entries; rows: the units or channels of a linear or
+    conv layer, permuted as weight matching does), the float sums sign flips (unless the flipped
+    entries sum to zero) and scalings; a change that keeps both is not seen: a permutation along
+    another axis alone (a transposed conv's output channels, without its bias), or of more than
+    65536 rows.
     """
 
     ids: tuple[tuple[str, int, int, int], ...]
@@ -303,6 +306,7 @@ def _bit_parts(groups: Groups) -> list[Tensor]:
 
 
 def _row_count(v: Tensor) -> int:
+    """How many entries ``_rows`` returns for v."""
     shape = v.shape
     return 1 if not shape or shape[0] > _ROWS else shape[0]
 

@@ -83,29 +83,32 @@ def test_the_wide_fingerprint_sees_sign_flips_of_an_even_number_of_entries(dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_the_wide_fingerprint_sees_a_one_ulp_change_of_every_entry(dtype: torch.dtype) -> None:
-    """Each entry of each tensor, one at a time, moved by one ulp through .data (reference: its
-    bit pattern differs) changes the wide fingerprint."""
+def test_the_bit_sums_see_a_change_of_every_entry(dtype: torch.dtype) -> None:
+    """Each entry of each tensor, one at a time, moved by one ulp or its sign flipped through
+    .data (reference: its bit pattern differs; a flip changes the highest bit, which an even
+    weight would lose to the modulus) changes the bit-pattern sums alone."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).to(dtype)
     tensors = _fingerprint.ModelTensors(list(model_state(model)))
     before = tensors.check()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
     for name, t in model_state(model):
         flat = t.data.view(-1)
         for i in range(len(flat)):
-            old = flat[i].clone()
-            flat[i] = old.nextafter(old + 1)
-            assert not torch.equal(flat[i], old)
-            assert tensors.fingerprint() != before, (name, i)
-            flat[i] = old
+            old, pattern = flat[i].clone(), int(flat.view(ints)[i])
+            for new in (old.nextafter(old + 1), -old):
+                flat[i] = new
+                assert int(flat.view(ints)[i]) != pattern
+                assert tensors.fingerprint().bits != before.bits, (name, i)
+                flat[i] = old
         assert tensors.fingerprint() == before
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_wide_fingerprint_sees_units_permuted_through_data(dtype: torch.dtype) -> None:
     """Permuting hidden units (rows of a weight and entries of its bias, as weight matching does)
     or a conv's output channels keeps the entries (reference: sorted, they are equal), so any
-    symmetric sum of them; it is seen."""
+    symmetric sum of them; the bit-pattern sums see it."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)
@@ -122,10 +125,10 @@ def test_the_wide_fingerprint_sees_units_permuted_through_data(dtype: torch.dtyp
         assert not torch.equal(layer.weight.data, old_w), name
         same = layer.weight.data.flatten().sort().values == old_w.flatten().sort().values
         assert same.all()  # the same entries: any sum of them, in any order, is unchanged
-        assert tensors.fingerprint() != before, name
+        assert tensors.fingerprint().bits != before.bits, name
         layer.weight.data.copy_(old_w)
         layer.bias.data.copy_(old_b[perm])
-        assert tensors.fingerprint() != before, name + " bias"
+        assert tensors.fingerprint().bits != before.bits, name + " bias"
         layer.bias.data.copy_(old_b)
     assert tensors.fingerprint() == before
 
