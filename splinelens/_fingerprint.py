@@ -17,6 +17,7 @@ False
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -37,16 +38,18 @@ class WeightsFingerprint(NamedTuple):
 
     ``ids`` is (name, id, version counter, data pointer) of every floating tensor of
     ``model_state``. ``sums`` is each tensor's sum in its own dtype (float32 for float32 weights:
-    10x cheaper than float64), or in a wider one where that sum overflows; ``bits``, in the
-    wide fingerprint (``ModelTensors``), sums of the bit patterns that weigh each row of a tensor
-    by its position (``_bit_parts``). A change is seen if it replaces a tensor, goes through an
+    10x cheaper than float64), or in a wider one where that sum overflows; in the wide
+    fingerprint (``ModelTensors``) each piece's: a tensor of more than 8192 entries, or the
+    smaller ones of a dtype and device joined. ``bits``, in the wide fingerprint, sums of the
+    pieces' bit patterns weighted by position (``_bit_parts``): each row of a large tensor, each
+    entry of the joined small ones. A change is seen if it replaces a tensor, goes through an
     in-place op (the version counter), moves its data, or alters a sum: a write through ``.data``
-    is seen by the sums alone. The bit sums see a change of any one entry and a permutation
-    along a tensor's first axis (a vector's entries; rows: the units or channels of a linear or
-    conv layer, permuted as weight matching does), the float sums sign flips (unless the flipped
-    entries sum to zero) and scalings; a change that keeps both is not seen: a permutation along
-    another axis alone (a transposed conv's output channels, without its bias), or of more than
-    65536 rows.
+    is seen by the sums alone. The bit sums see a change of any one entry, any permutation of the
+    small tensors' entries, and a permutation along a large tensor's first axis (the units or
+    channels of a linear or conv layer, permuted as weight matching does); the float sums see
+    sign flips (unless the flipped entries sum to zero) and scalings. A change that keeps both
+    is not seen: a large tensor permuted along another axis alone (a transposed conv's output
+    channels, without its bias), or along more than 4M rows.
     """
 
     ids: tuple[tuple[str, int, int, int], ...]
@@ -56,9 +59,11 @@ class WeightsFingerprint(NamedTuple):
 
 class ModelTensors:
     """A model's floating tensors (``model_state``, as (name, tensor)) and their wide fingerprint
-    (``weights_fingerprint(..., wide=True)``), with the integer views of their bit patterns made
-    once: about two reductions per tensor per call. The views are made again whenever a tensor's
-    storage moved or its layout changed (``.data`` re-bound, ``set_``, ``as_strided``).
+    (``weights_fingerprint(..., wide=True)``), summed by pieces: each tensor of more than
+    ``_SMALL`` entries alone, the smaller ones of each dtype and device from one concatenation
+    (the sums of a network's many biases and batchnorm vectors are bound by kernel launches).
+    The pieces are planned again whenever a tensor's storage moved or its layout changed
+    (``.data`` re-bound, ``set_``, ``as_strided``).
 
     >>> net = nn.Linear(2, 1)
     >>> tensors = ModelTensors(list(model_state(net)))
@@ -71,34 +76,69 @@ class ModelTensors:
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
         self.named = named
         self._key: list[tuple] = []
-        self._groups: Groups = []  # the integer views of their bit patterns
+        self._plan: list[tuple[list[int], list[Tensor]]] = []  # per piece: indices, views
 
     def fingerprint(self) -> WeightsFingerprint:
         """The wide fingerprint of the tensors now (non-finite entries allowed)."""
-        return _fingerprint(None, check=False, named=self.named, groups=self._views())
+        return self._fingerprint(check=False)
 
     def check(self) -> WeightsFingerprint:
         """``fingerprint()``, refusing NaN or inf as ``check_model`` does, from the same pass."""
-        return _fingerprint(None, check=True, named=self.named, groups=self._views())
+        return self._fingerprint(check=True)
 
     def check_finite(self) -> None:
-        """Refuse NaN or inf as ``check_model`` does (its float sums alone: half the pass)."""
-        _checked_sums(self.named, check=True, fixed=False)
+        """Refuse NaN or inf as ``check_model`` does (the float sums alone: half the pass)."""
+        if not all_finite(self.sums()):  # which tensor, or only a sum that overflows?
+            _checked_sums(self.named, check=True, fixed=False)
 
     def sums(self) -> list[Tensor]:
-        """Each tensor's sum in its own dtype, 0-d, not synchronised: all finite means every
+        """Each piece's sum in its own dtype, 0-d, not synchronised: all finite means every
         entry is (``all_finite``); else ``check_finite`` says which, or that a sum overflowed."""
-        return _sum_parts([t for _, t in self.named])
+        return _sum_parts(self._pieces())
 
     def ids(self) -> tuple[tuple[str, int, int, int], ...]:
         """(name, id, version counter, data pointer) of each tensor, as in a fingerprint."""
         return _ids(self.named)
 
-    def _views(self) -> Groups:
+    def _fingerprint(self, check: bool) -> WeightsFingerprint:
+        pieces = self._pieces()
+        sums = _stacked(_sum_parts(pieces, fixed=True)) if pieces else []
+        for i, s in enumerate(sums):
+            if not math.isfinite(s):  # NaN or inf entries, or only a sum that overflows?
+                if check:
+                    for j in self._plan[i][0]:
+                        name, t = self.named[j]
+                        check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
+                sums[i] = _wide_sum(pieces[i])
+        bits = tuple(_stacked(_bit_parts(_bit_groups(pieces)))) if pieces else ()
+        return WeightsFingerprint(self.ids(), tuple(sums), bits)
+
+    def _pieces(self) -> list[Tensor]:
+        """What is summed: each large tensor, and the small ones of a dtype and device joined."""
         key = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for _, t in self.named]
         if key != self._key:
-            self._key, self._groups = key, _bit_groups(self.named)
-        return self._groups
+            self._key, self._plan = key, _plan(self.named)
+        return [views[0] if len(views) == 1 else torch.cat(views) for _, views in self._plan]
+
+
+_SMALL = 8192  # entries: a tensor this small is summed with the others of its dtype and device
+
+
+def _plan(named: list[tuple[str, Tensor]]) -> list[tuple[list[int], list[Tensor]]]:
+    """The pieces of ``ModelTensors``: (indices in ``named``, detached views) of each tensor of
+    more than ``_SMALL`` entries (or not contiguous), then of the others by dtype and device,
+    flattened to be joined."""
+    plan: list[tuple[list[int], list[Tensor]]] = []
+    small: dict[tuple[torch.dtype, torch.device], tuple[list[int], list[Tensor]]] = {}
+    for i, (_, t) in enumerate(named):
+        t = t.detach()
+        if t.numel() > _SMALL or not t.is_contiguous():
+            plan.append(([i], [t]))
+        else:
+            idx, views = small.setdefault((t.dtype, t.device), ([], []))
+            idx.append(i)
+            views.append(t.view(-1))
+    return plan + list(small.values())
 
 
 def check_model(
@@ -136,11 +176,12 @@ def weights_fingerprint(
 ) -> WeightsFingerprint:
     """``check_model``'s fingerprint without the check (a non-finite sum stays in it).
 
-    ``wide``: also the sums of each tensor's bit patterns (as integers of its width, wrapping),
-    which see a change of any one entry of any floating dtype, however small (a float64 sum of
-    float32 weights costs 5-10x a float32 sum, and misses changes below its rounding in float64
-    tensors); the float sums see most of what the bit sums miss (a sign flip of an even number of
-    entries adds a multiple of the modulus): for maps whose states are recorded.
+    ``wide``: ``ModelTensors``'s, with sums of the bit patterns (as integers of their width,
+    wrapping), which see a change of any one entry of any floating dtype, however small (a
+    float64 sum of float32 weights costs 5-10x a float32 sum, and misses changes below its
+    rounding in float64 tensors); the float sums see most of what the bit sums miss (a sign flip
+    of an even number of entries adds a multiple of the modulus): for maps whose states are
+    recorded.
     """
     if wide:
         return ModelTensors(_named(model, named)).fingerprint()
@@ -158,17 +199,12 @@ def _named(model: nn.Module, named: list[tuple[str, Tensor]] | None) -> list[tup
 
 
 def _fingerprint(
-    model: nn.Module | None,
-    check: bool,
-    named: list[tuple[str, Tensor]] | None = None,
-    groups: Groups | None = None,
+    model: nn.Module | None, check: bool, named: list[tuple[str, Tensor]] | None = None
 ) -> WeightsFingerprint:
-    """Native-dtype sums (``check``: refusing non-finite entries) of ``named`` or the model's,
-    and the bit-pattern sums of ``groups`` (``_bit_groups`` of them)."""
+    """Native-dtype sums of each of ``named`` or the model's tensors (``check``: refusing
+    non-finite entries)."""
     named = _named(model, named)  # type: ignore[arg-type]
-    sums = _checked_sums(named, check, fixed=groups is not None)  # (kept for later: fixed)
-    bits = tuple(_stacked(_bit_parts(groups))) if groups else ()
-    return WeightsFingerprint(_ids(named), tuple(sums), bits)
+    return WeightsFingerprint(_ids(named), tuple(_checked_sums(named, check, fixed=False)))
 
 
 def _checked_sums(named: list[tuple[str, Tensor]], check: bool, fixed: bool) -> list[float]:
@@ -272,14 +308,14 @@ def _int_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
     return t.detach().view(ints[0]), ints[1]
 
 
-_ROWS = 1 << 16  # the most rows (or entries of a vector) whose order a fingerprint sees
+_ROWS = 1 << 22  # the most rows (or entries of a vector) whose order a fingerprint sees
 
 
-def _bit_groups(named: list[tuple[str, Tensor]]) -> Groups:
+def _bit_groups(tensors: list[Tensor]) -> Groups:
     """The integer views of the tensors' bit patterns (``_int_view``) by dtype of their sum and
     device, each group with fixed odd weights, one per row (``_rows``)."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for _, t in named:
+    for t in tensors:
         if t.numel():
             v, dt = _int_view(t)
             groups.setdefault((dt, v.device), []).append(v)
@@ -299,7 +335,7 @@ def _bit_parts(groups: Groups) -> list[Tensor]:
 
     >>> w = torch.randn(4, 3)
     >>> perm = w[[1, 0, 2, 3]]  # two rows swapped: a plain sum cannot tell
-    >>> _bit_parts(_bit_groups([("w", w)]))[0] != _bit_parts(_bit_groups([("w", perm)]))[0]
+    >>> _bit_parts(_bit_groups([w]))[0] != _bit_parts(_bit_groups([perm]))[0]
     tensor(True)
     """
     return [(torch.cat([_rows(v, dt) for v in views]) * w).sum(dtype=dt) for dt, views, w in groups]
@@ -321,6 +357,7 @@ def _rows(v: Tensor, dt: torch.dtype) -> Tensor:
     return v.reshape(shape[0], -1).sum(1, dtype=dt)
 
 
+@functools.lru_cache(maxsize=16)
 def _odd_weights(n: int, dt: torch.dtype, device: torch.device) -> Tensor:
     """(n,) fixed odd integers of dtype dt (int32 or int64), scattered by a Weyl sequence."""
     k = torch.arange(1, n + 1, dtype=torch.int64) * -7046029254386353131  # (2^64 / phi, wraps)
