@@ -177,3 +177,25 @@ def test_slice_figure(tmp_path, anchor_mlp: nn.Module, color: str) -> None:
     assert out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="color must be"):
         plot_slice(part, color="rainbow")
+
+
+def test_locate_with_large_weights_finds_each_points_region() -> None:
+    """Weights scaled by 1000 (the same layer-1 lines, larger numbers): every grid point is
+    located in a region whose code is its own (reference: partition_codes of the point), and
+    the padding of the vertex arrays repeats each region's first vertex."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    m = m.double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1000)
+    o, d = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    part = sl.slice_partition(m, o, d, bounds=(-2, 2, -2, 2))
+    pad = ~(np.arange(part.vertices.shape[1])[None, :] < part.counts[:, None])
+    assert (part.vertices == part.vertices[:, :1])[pad].all()
+    g = np.linspace(-2, 2, 62)[1:-1]
+    uv = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    loc = torch.as_tensor(part.locate(uv))
+    truth = sl.partition_codes(m, part.to_input(uv))
+    for mine, ref in zip(part.codes.layers, truth.layers, strict=True):
+        assert torch.equal(mine.data[loc], ref.data)

@@ -102,6 +102,16 @@ def pad(V: Array, width: int) -> Array:
     return np.concatenate([V, fill], 1)
 
 
+def clean(V: Array, n: Array) -> Array:
+    """V with its padding set to each polygon's first vertex (as ``pad`` makes it; ``clip``
+    leaves stale points there).
+
+    >>> clean(np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]]]), np.array([3]))[0, 3]
+    array([0., 0.])
+    """
+    return np.where(valid(n, V.shape[1])[..., None], V, V[:, :1])
+
+
 def contains(V: Array, n: Array, pts: Array, tol: float = 0.0) -> Array:
     """Whether pts[i] (M, 2) lies in polygon i (boundary included, up to ``tol``): (M,)."""
     nxt, valid = next_vertex(n, V.shape[1])
@@ -123,10 +133,11 @@ def locate(V: Array, n: Array, pts: Array, chunk: int = 1 << 16) -> Array:
     origin, size = lo.min(0), np.maximum(hi.max(0) - lo.min(0), 1e-300)
     cell = lambda p: np.clip(((p - origin) / size * g).astype(np.int64), 0, g - 1)  # noqa: E731
     starts, order = _buckets(cell(lo), cell(hi), g)
+    scale = max(np.abs(lo).max(initial=0.0), np.abs(hi).max(initial=0.0)) + 1.0  # valid vertices
     out = np.full(len(pts), -1, dtype=np.int64)
     for s in range(0, len(pts), chunk):
         p = pts[s : s + chunk]
-        out[s : s + chunk] = _locate_chunk(V, n, p, cell(p), g, starts, order)
+        out[s : s + chunk] = _locate_chunk(V, n, p, cell(p), g, starts, order, scale)
     return out
 
 
@@ -150,14 +161,15 @@ def _buckets(lo: Array, hi: Array, g: int) -> tuple[Array, Array]:
 
 
 def _locate_chunk(
-    V: Array, n: Array, p: Array, c: Array, g: int, starts: Array, order: Array
+    V: Array, n: Array, p: Array, c: Array, g: int, starts: Array, order: Array, scale: float
 ) -> Array:
+    """``locate`` for points p (P, 2) in buckets c; ``scale``: 1 + the largest |coordinate| of a
+    valid vertex (the padding holds stale values), setting the tolerance on the edge tests."""
     b = c[:, 0] * g + c[:, 1]
     cnt = starts[b + 1] - starts[b]
     pt = np.repeat(np.arange(len(p)), cnt)
     k = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
     poly = order[starts[b][pt] + k]
-    scale = np.abs(V).max() + 1.0
     inside = contains(V[poly], n[poly], p[pt], tol=1e-12 * scale * scale)
     out = np.full(len(p), -1, dtype=np.int64)
     hit_pt, hit_poly = pt[inside][::-1], poly[inside][::-1]

@@ -154,6 +154,7 @@ def slice_partition(
     layers = []
     for layer in view.layers:
         V, n, parent = cut(plane, unit_table(view.program, layer), V, n, scale)
+        V = poly.clean(V, n)  # (the padding held stale points)
         layers.append(LayerSlice(layer.name, V, n, parent))
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
     boundary = decision_boundary(V, n, logits, scale)
