@@ -314,15 +314,16 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
     if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
     view = view_of(model, x)
-    amap = view._affine_map(x, None, None)
+    amap, prog = view._affine_map(x, None, None), view.program
     with torch.no_grad():
         f = view.model(x)
         if not isinstance(f, Tensor):
             raise ValueError(f"the model returns a {type(f).__name__}, not one tensor")
         a = amap.A.reshape(len(x), -1, x[0].numel()).double()
         pred = torch.einsum("nrd,nd->nr", a, x.reshape(len(x), -1).double())
-        pred = apply_g(view.program.output_g, pred + amap.B.reshape(len(x), -1).double())
-        f = f.reshape(len(x), -1).double()
+        pred = (pred + amap.B.reshape(len(x), -1).double()).reshape(amap.B.shape)  # (N, *out)
+        pred = apply_g(prog.output_g, pred).reshape(len(x), -1)
+        f = prog.per_sample(prog.output_name, f).reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-30)
     tol = (rtol if rtol is not None else min(1e4 * torch.finfo(x.dtype).eps, 1e-2)) * max(

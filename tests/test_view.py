@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -76,3 +77,52 @@ def test_model_without_parameters() -> None:
     amap = sl.affine_map(model, x)
     assert amap.A.shape == (3, 2, 4, 2, 8)
     torch.testing.assert_close(amap(x), model(x))
+
+
+class _SegHead(nn.Module):
+    """Per-pixel class probabilities: a softmax over dim 1 of (N, C, H, W)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        z = self.b(torch.relu(self.a(x)))
+        return z if logits else z.softmax(dim=1)
+
+
+class _Transposed(nn.Module):
+    """Returns (C, N): the batch dimension last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(x))).t()
+
+
+class _BatchSoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.a(x)).softmax(dim=0)
+
+
+def test_verify_applies_g_over_its_own_dim_and_the_output_layout() -> None:
+    """A softmax over the classes of (N, C, H, W) and an output returned as (C, N): A is exact
+    (reference: jacrev of the logits) and verify says so, also at a batch of 1; a softmax over
+    the batch dimension mixes the samples and is refused."""
+    torch.manual_seed(0)
+    seg, x = _SegHead().double().eval(), torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: seg(v[None], logits=True)[0])(v) for v in x])
+    assert torch.allclose(sl.affine_map(seg, x).A, jac, atol=1e-12)
+    assert sl.verify(seg, x).ok and sl.verify(seg, x[:1]).ok
+    tr, x = _Transposed().double().eval(), torch.randn(3, 6, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: tr(v[None])[:, 0])(v) for v in x])
+    assert torch.allclose(sl.affine_map(tr, x).A, jac, atol=1e-12)
+    assert sl.verify(tr, x).ok
+    with pytest.raises(sl.UnsupportedOperationError, match="along the batch dimension"):
+        sl.affine_map(_BatchSoftmax().double().eval(), torch.randn(3, 3, dtype=torch.float64))

@@ -34,7 +34,7 @@ from splinelens._capture.layers import maso_layer, unique_names
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_affine, check_along_batch, check_kind, error
-from splinelens._capture.registry import apply_g, final_ir, info, make_maso, op_name
+from splinelens._capture.registry import apply_g, bound_args, final_ir, info, make_maso, op_name
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
@@ -252,9 +252,23 @@ class _Compiler:
             unique_names(self.layers),
             self.axes.bdims,
             self.axes.shapes,
-            None if g is None else op_name(g.target),
+            None if g is None else self._g(g, out),
             {**sig.inputs_to_parameters, **sig.inputs_to_buffers},
         )
+
+    def _g(self, g: torch.fx.Node, out: torch.fx.Node) -> tuple[str, int]:
+        """The output nonlinearity as (name, its dim in the per-sample layout (N, *shape)); over
+        the batch dimension it mixes the samples and is refused."""
+        ndim, b = out.meta["val"].dim(), self.axes.bdims[out.name]
+        d = bound_args(g)["dim"] % ndim
+        if d == b:
+            raise error(
+                g,
+                op_name(g.target),
+                "works along the batch dimension, so samples are mixed",
+                "apply it over the class dimension (or return the logits)",
+            )
+        return op_name(g.target), d + 1 if d < b else d
 
     def _output(self, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
         """The output node, and the output nonlinearity g's node if the model ends with one."""

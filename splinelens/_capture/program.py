@@ -97,7 +97,7 @@ class Program:
     layers: tuple[Layer, ...]
     bdims: Mapping[str, int]  # node -> position of the batch dimension in its value
     shapes: Mapping[str, tuple[int, ...]]  # node -> one sample's shape
-    output_g: str | None = None  # the excluded output nonlinearity, if any
+    output_g: tuple[str, int] | None = None  # the excluded output nonlinearity: (op, its dim)
     param_fqn: Mapping[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
     batch: BatchSizes = field(default_factory=lambda: BatchSizes(1, None))  # sizes it holds for
     position: Mapping[str, int] = field(init=False, repr=False)  # step name -> index in steps

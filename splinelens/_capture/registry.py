@@ -232,11 +232,17 @@ def info(name: str) -> OpInfo:
     return _TABLE.get(name) or OpInfo(name, "refused")
 
 
-def apply_g(g: str | None, logits: torch.Tensor) -> torch.Tensor:
-    """The excluded output nonlinearity g (softmax or log-softmax over the last dim), or none."""
+def apply_g(g: tuple[str, int] | None, logits: torch.Tensor) -> torch.Tensor:
+    """The excluded output nonlinearity g = (softmax or log-softmax, its dim) on logits
+    (N, *shape), or none.
+
+    >>> apply_g(("softmax", 1), torch.zeros(2, 4)).sum(1)
+    tensor([1., 1.])
+    """
     if g is None:
         return logits
-    return torch.log_softmax(logits, -1) if "log" in g else torch.softmax(logits, -1)
+    name, dim = g
+    return torch.log_softmax(logits, dim) if "log" in name else torch.softmax(logits, dim)
 
 
 def op_name(target: Any) -> str:
