@@ -59,6 +59,33 @@ REFUSED = {
         Wrap(lambda z: torch.relu(z.reshape(-1)).reshape(-1, 6)),
         r"without a single batch dimension",
     ),
+    **{
+        f"{name}_batch": (Wrap(fn), r"(along the batch dimension|mixes the samples)")
+        for name, fn in {
+            "index": lambda z: z[torch.arange(z.shape[0] - 1, -1, -1)],
+            "centre_mm": lambda z: z - torch.ones(z.shape[0], z.shape[0]) / z.shape[0] @ z,
+            "einsum": lambda z: torch.einsum("nd,nm->md", z, torch.ones(z.shape[0], z.shape[0])),
+            "linear": lambda z: F.linear(z.t(), torch.ones(z.shape[0], z.shape[0]) / 2).t(),
+            "avg_pool": lambda z: F.avg_pool1d(z.t()[None], 3, 1, 1)[0].t(),
+            "conv": lambda z: F.conv1d(z.t()[None], torch.ones(6, 6, 3), padding=1)[0].t(),
+            "mean_keepdim": lambda z: z - z.mean(0, keepdim=True),
+            "merged_flip": lambda z: z.reshape(-1).flip(0).reshape(-1, 6),
+            "cat": lambda z: torch.cat([z, z], 0)[: z.shape[0]],
+        }.items()
+    },
+}
+
+# The same ops, keeping the samples apart: exact (reference: jacrev of each input alone).
+KEPT = {
+    "einsum": lambda z: torch.einsum("nd,dk->nk", z, torch.ones(6, 6, dtype=z.dtype)),
+    "index": lambda z: z[:, torch.tensor([2, 0, 1, 3, 5, 4])],
+    "cat": lambda z: torch.cat([z, z], 1)[:, 3:9],
+    "avg_pool": lambda z: F.avg_pool1d(z[:, None], 3, 1, 1)[:, 0],
+    "mean": lambda z: z - z.mean(1, keepdim=True),
+    "mm_transposed": lambda z: (torch.eye(6, dtype=z.dtype) * 2 @ z.t()).t(),
+    "flip_roll": lambda z: z.flip(1).roll(2, 1),
+    "amax": lambda z: z - z.amax(1, keepdim=True),
+    "conv": lambda z: F.conv1d(z[:, None], torch.ones(1, 1, 3, dtype=z.dtype), padding=1)[:, 0],
 }
 
 
@@ -67,6 +94,14 @@ def test_non_piecewise_affine_operations_are_refused(name: str) -> None:
     model, pattern = REFUSED[name]
     with pytest.raises(sl.UnsupportedOperationError, match=pattern):
         sl.SplineView(model.eval(), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("name", list(KEPT))
+def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
+    torch.manual_seed(0)
+    model, x = Wrap(KEPT[name]).double().eval(), torch.randn(3, 4, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(v) for v in x])
+    assert torch.allclose(sl.affine_map(model, x).A, jac, atol=1e-12)
 
 
 def test_error_names_the_source_line() -> None:

@@ -33,7 +33,7 @@ from splinelens._capture.batch_axis import BatchAxes, is_tensor
 from splinelens._capture.layers import maso_layer, unique_names
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
-from splinelens._capture.refusals import check_affine, check_along_batch, check_kind, error
+from splinelens._capture.refusals import check_affine, check_batch_kept, check_kind, error
 from splinelens._capture.registry import apply_g, bound_args, final_ir, info, make_maso, op_name
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens._precision import exact_matmul
@@ -311,7 +311,6 @@ class _Compiler:
         kind = check_kind(node, name)
         if kind == "affine":
             check_affine(node, name, self.act)
-            check_along_batch(node, name, deps[0], self.axes.bdims.get(deps[0].name))
         if not self.axes.has_batch(node):
             raise error(
                 node,
@@ -319,6 +318,7 @@ class _Compiler:
                 "mixes the samples of the batch (its output has no batch dimension)",
                 "each input must pass through the network on its own",
             )
+        check_batch_kept(node, name, self.act, self.axes.symbol)
         self.act.add(node.name)
         self.axes.record(node)
         if kind != "maso":

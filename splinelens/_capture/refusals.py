@@ -9,6 +9,7 @@ and the fix.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -90,33 +91,38 @@ def _check_product(node: Node, name: str, entry: OpInfo, vals: list[Any], act: s
         )
 
 
-def check_along_batch(node: Node, name: str, src: Node, b: int | None) -> None:
-    """Refuse ops that move data along the batch axis ``b`` of ``src`` (flip, roll, gather,
-    partial slices): samples would be mixed, reordered or dropped."""
-    val = src.meta.get("val")
-    if b is None or not isinstance(val, torch.Tensor) or not info(name).along_dim:
+def check_batch_kept(node: Node, name: str, act: set[str], symbol: str) -> None:
+    """Refuse an op that mixes an activation's batch dimension (registry ``mixes``): a dim whose
+    size holds the batch size ``symbol`` (the batch, or a dim it was merged into) that one
+    output entry reads several entries along (a contraction, a convolution, a pool, an index,
+    a reduction, a partial slice...): samples would be mixed, reordered or dropped."""
+    rule = info(name).mixes
+    if rule is None:
         return
     a = bound_args(node)
-    dims = a.get("dims", a.get("dim", a.get("shifts")))
-    if name == "roll" and not a.get("dims"):
-        dims = list(range(val.dim()))  # roll without dims works on the flattened tensor
-    dims = [dims] if isinstance(dims, int) else list(dims or [])
-    if b not in [d % val.dim() for d in dims if isinstance(d, int)]:
-        return
-    end = a.get("end")
-    full = (
-        name == "slice"
-        and a.get("start") in (None, 0)
-        and a.get("step") in (None, 1)
-        and (end is None or (isinstance(end, int) and end >= 2**62))
-    )
-    if not full:
-        raise error(
-            node,
-            name,
-            "works along the batch dimension, so samples are mixed, reordered or dropped",
-            "each input must pass through the network on its own",
-        )
+    for which, pos, dep in _activations(a, act):
+        val = dep.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        held = {d for d, s in enumerate(val.shape) if re.search(rf"\b{symbol}\b", str(s))}
+        mixed = rule(a, which, pos, val.dim()) if held else set()
+        if mixed is None or held & mixed:
+            raise error(
+                node,
+                name,
+                "works along the batch dimension, so samples are mixed, reordered or dropped",
+                "each input must pass through the network on its own",
+            )
+
+
+def _activations(a: dict[str, Any], act: set[str]) -> list[tuple[str, int, Node]]:
+    """(argument name, position in a list argument, node) of each activation argument."""
+    out = []
+    for which, v in a.items():
+        for pos, u in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(u, Node) and u.name in act:
+                out.append((which, pos, u))
+    return out
 
 
 def module_of(node: Node) -> tuple[str, str]:

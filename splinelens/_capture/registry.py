@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from splinelens._capture import mixing
 from splinelens._capture.pieces import (
     Clip,
     MasoOp,
@@ -49,6 +50,8 @@ class OpInfo:
     kind built by ``make_maso``. ``rewrite``: the function run in place of the op
     (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
     backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
+    ``mixes``: the dims of an operand that one output entry reads several entries along
+    (``mixing``), which must not hold the batch; None for ops that keep every dim apart.
     """
 
     name: str
@@ -62,6 +65,7 @@ class OpInfo:
     family: str = ""
     rewrite: Callable[..., Any] | None = None
     vmap_backward: bool = True
+    mixes: mixing.Rule | None = None
     why: str = ""
     fix: str = ""
 
@@ -155,6 +159,9 @@ _set(
     "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
     vmap_backward=False,
 )
+# What each op mixes: the batch dimension must not be among those dims.
+for _names, _rule in mixing.RULES.items():
+    _set(" ".join(n for n in _names.split() if n in _TABLE), mixes=_rule)
 _add(
     "softmax _softmax log_softmax _log_softmax",
     "g",

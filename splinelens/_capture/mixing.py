@@ -1,0 +1,174 @@
+"""Which dimensions of an operand an operation mixes: an entry of its output reads several
+entries along them (contractions, convolutions, pooling, indexing, reductions, concatenation or
+padding along them). The batch dimension must not be among them, or samples would be mixed,
+reordered or dropped; the registry gives each operation its rule (``OpInfo.mixes``).
+
+A rule takes the op's arguments by schema name, the operand (its argument's name and its
+position in a list argument) and the operand's number of dimensions, and returns the mixed
+dimensions, or None for all of them.
+
+>>> mm = contracts({"self": (1,), "mat2": (0,)})   # (a @ b): a's columns, b's rows
+>>> mm({}, "self", 0, 2), mm({}, "mat2", 0, 2)
+({1}, {0})
+>>> einsum({"equation": "nd,md->nm"}, "tensors", 1, 2)   # d is summed over
+{1}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Rule = Callable[[dict[str, Any], str, int, int], "set[int] | None"]
+
+
+def contracts(spec: dict[str, tuple[int, ...]]) -> Rule:
+    """The dims each operand is summed over (negative from the end), by argument name."""
+
+    def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+        return {d % ndim for d in spec.get(which, ())}
+
+    return rule
+
+
+def matmul(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``torch.matmul``: the first operand's last dim, the second's second-to-last (its only
+    one if it is a vector)."""
+    return {ndim - 1} if which == "self" or ndim == 1 else {ndim - 2}
+
+
+def conv(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """Convolutions: every dim of the input but the batch (channels and positions), every dim
+    of the weight and bias. An input without a batch dim (as many dims as the weight) mixes all."""
+    weight = a.get("weight")
+    wdim = weight.meta["val"].dim() if isinstance(weight, torch.fx.Node) else ndim
+    if which != "input" or ndim == wdim - 1:
+        return None
+    return set(range(1, ndim))
+
+
+def spatial(k: int) -> Rule:
+    """Pooling, resampling, padding by reflection and the like over the last k dims."""
+
+    def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+        return set(range(max(ndim - k, 0), ndim))
+
+    return rule
+
+
+def padded(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """Padding (``pad``: two amounts per dim, from the last dim backwards): the padded dims."""
+    pad = a.get("pad", a.get("padding")) or []
+    return {ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+
+
+def along(*names: str) -> Rule:
+    """Ops along the dims in these arguments (each an int or a list of them)."""
+
+    def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+        dims: list[Any] = []
+        for name in names:
+            v = a.get(name)
+            dims += v if isinstance(v, (list, tuple)) else [v] if v is not None else []
+        return {d % ndim for d in dims if isinstance(d, int)} if ndim else set()
+
+    return rule
+
+
+def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """Sums and means over ``dim`` (none or an empty list: every dim)."""
+    return along("dim")(a, which, pos, ndim) if a.get("dim") else None
+
+
+def extreme(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``max`` / ``min``: over ``dim`` or every dim; the overload with ``other`` is pairwise."""
+    return set() if "other" in a else reduced(a, which, pos, ndim)
+
+
+def indexed(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``x[i]`` with index tensors: the dims they select along (an activation as an index is
+    refused elsewhere)."""
+    if which != "self":
+        return None
+    return {d for d, i in enumerate(a.get("indices") or []) if i is not None}
+
+
+def repeated(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``repeat`` / ``tile``: the dims copied more than once (repeats align with the last dims)."""
+    reps = list(a.get("repeats", a.get("dims")) or [])[-ndim:] if ndim else []
+    return {ndim - len(reps) + i for i, r in enumerate(reps) if r != 1}
+
+
+def sliced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``slice``: its dim, unless it keeps every entry (start 0, step 1, no end)."""
+    end = a.get("end")
+    full = (
+        a.get("start") in (None, 0)
+        and a.get("step") in (None, 1)
+        and (end is None or (isinstance(end, int) and end >= 2**62))
+    )
+    return set() if full else {a.get("dim", 0) % ndim}
+
+
+def rolled(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``roll``: its dims; without dims it rolls the flattened tensor (every dim)."""
+    return along("dims")(a, which, pos, ndim) if a.get("dims") else None
+
+
+def einsum(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``torch.einsum``: an operand's dims whose letter is summed over (not in the output) or
+    repeated in it (a diagonal); ``...`` dims are carried through."""
+    eq = str(a.get("equation", "")).replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if pos >= len(terms):
+        return None
+    if not _:  # implicit output: the letters used once, in order
+        letters = lhs.replace(",", "").replace(".", "")
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    head, dots, tail = terms[pos].partition("...")
+    letters = list(head) + [""] * (ndim - len(head) - len(tail) if dots else 0) + list(tail)
+    if len(letters) != ndim:
+        return None
+    return {d for d, c in enumerate(letters) if c and (c not in out or letters.count(c) > 1)}
+
+
+RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
+    "mm": contracts({"self": (1,), "mat2": (0,)}),
+    "addmm": contracts({"mat1": (1,), "mat2": (0,)}),
+    "bmm": contracts({"self": (2,), "mat2": (1,)}),
+    "baddbmm": contracts({"batch1": (2,), "batch2": (1,)}),
+    "mv": contracts({"self": (1,), "vec": (0,)}),
+    "addmv": contracts({"mat": (1,), "vec": (0,)}),
+    "linear": contracts({"input": (-1,), "weight": (-1,)}),
+    "channel_shuffle": contracts({"self": (1,)}),
+    "matmul": matmul,
+    "einsum": einsum,
+    "index": indexed,
+    "repeat tile": repeated,
+    "slice": sliced,
+    "roll": rolled,
+    "sum mean amax amin": reduced,
+    "max min": extreme,
+    "constant_pad_nd pad": padded,
+    "flip": along("dims"),
+    "diagonal": along("dim1", "dim2"),
+    "unfold": along("dimension"),
+    "index_select gather narrow select split split_with_sizes chunk unbind cat concat": (
+        along("dim")
+    ),
+    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution": (conv),
+    "pixel_shuffle pixel_unshuffle im2col": spatial(3),
+    "col2im": spatial(2),
+}
+for _k in (1, 2, 3):
+    RULES[
+        f"avg_pool{_k}d adaptive_avg_pool{_k}d max_pool{_k}d max_pool{_k}d_with_indices "
+        f"adaptive_max_pool{_k}d upsample_nearest{_k}d"
+    ] = spatial(_k)
+    RULES[f"reflection_pad{_k}d replication_pad{_k}d"] = padded
+RULES["_adaptive_avg_pool2d upsample_bilinear2d"] = spatial(2)
+RULES["_adaptive_avg_pool3d"] = spatial(3)
+RULES["upsample_linear1d"] = spatial(1)
