@@ -25,8 +25,10 @@ import functools
 import operator
 import types
 import weakref
+import zlib
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module
@@ -214,7 +216,7 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0) -> tuple:
     else:
         own = _pairs([kv for kv in d.items() if kv[0] not in _OWN], objects, depth)
     mine = _user_classes(type(m).__mro__)
-    return own, _class_attrs(mine) if mine else ()
+    return own, _class_attrs(mine, objects) if mine else ()
 
 
 def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
@@ -245,16 +247,28 @@ def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:
     return tuple(out)
 
 
-def _class_attrs(classes: tuple[type, ...]) -> tuple:
-    """Read at every call: a class attribute can change."""
+def _class_attrs(classes: tuple[type, ...], objects: dict) -> tuple:
+    """Read at every call, a class attribute can change: the settings (plain values and
+    containers of them) and the functions (methods: a patched ``forward``) of each class."""
     return tuple(
         [
-            (k, v)
+            (k, ("function", _keep(v, objects)) if type(v) is types.FunctionType else _value(v, {}))
             for c in classes
             for k, v in vars(c).items()
-            if type(v) in _PLAIN_TYPES and not k.startswith("__")
+            if not k.startswith("__") and _is_setting(v)
         ]
     )
+
+
+def _is_setting(v: Any) -> bool:
+    """A class attribute a forward pass may read: a plain value, a container of them, or a
+    function (by identity)."""
+    kind = type(v)
+    if kind in _PLAIN_TYPES or kind is types.FunctionType:
+        return True
+    if kind is tuple or kind is list:
+        return _PLAIN_TYPES.issuperset(map(type, v))
+    return kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, v.values()))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -329,7 +343,23 @@ def _image(v: Any, objects: dict, depth: int) -> Any:
     if hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType)):
         # SimpleNamespace, dataclasses, ...
         return ("object", _keep(v, objects), _value(vars(v), objects, d))
+    if isinstance(v, np.ndarray):  # changed in place: seen by its bytes
+        return ("ndarray", _keep(v, objects), v.shape, str(v.dtype), zlib.crc32(v.tobytes()))
+    slots = _slots(type(v))
+    if slots:  # dataclass(slots=True), ...: its fields by value
+        fields = {k: getattr(v, k) for k in slots if hasattr(v, k)}
+        return ("object", _keep(v, objects), _value(fields, objects, d))
     return ("same", _keep(v, objects))
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(cls: type) -> tuple[str, ...]:
+    """The names in the ``__slots__`` of a class and its bases."""
+    names: list[str] = []
+    for c in cls.__mro__:
+        s = vars(c).get("__slots__", ())
+        names += [s] if isinstance(s, str) else list(s)
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _cell(c: Any) -> Any:

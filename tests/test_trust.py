@@ -7,12 +7,14 @@ References are float64 forward passes and ``torch.func.jacrev`` (tolerance 1e-10
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import itertools
 import types
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -595,6 +597,57 @@ def test_settings_read_from_objects_lists_partials_and_classes_are_followed(chan
     view = sl.SplineView(model, x)
     assert_exact(model, x)
     CHANGES[change](model)
+    assert_exact(model, x)
+    with pytest.raises(sl.StaleCaptureError, match="changed its"):
+        view.affine_map(x)
+
+
+@dataclasses.dataclass(slots=True)
+class SlotsConfig:
+    slope: float
+
+
+class MoreConfigured(nn.Module):
+    """Settings in a class-level tuple, a slots dataclass, a numpy array and a method."""
+
+    scales = (1.0,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+        self.cfg = SlotsConfig(0.1)
+        self.arr = np.array([0.1])
+
+    def act(self, z: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(z, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        return (
+            F.leaky_relu(z, self.cfg.slope)
+            + F.leaky_relu(z, float(self.arr[0]))
+            + self.act(z) * type(self).scales[0]
+        )
+
+
+MORE_CHANGES = {
+    "class tuple": lambda m: setattr(type(m), "scales", (3.0,)),
+    "slots dataclass": lambda m: setattr(m.cfg, "slope", 0.9),
+    "numpy array in place": lambda m: m.arr.__setitem__(0, 0.9),
+    "patched method": lambda m: setattr(type(m), "act", lambda self, z: F.leaky_relu(z, 0.9)),
+}
+
+
+@pytest.mark.parametrize("change", list(MORE_CHANGES))
+def test_settings_in_class_tuples_slots_arrays_and_methods_are_followed(change: str) -> None:
+    """Each change is seen: the plain function captures again (reference: jacrev of the model
+    as it is now), a held view refuses."""
+    cls = type("MoreConfiguredCopy", (MoreConfigured,), {})  # class changes stay per test
+    model, x = cls().double().eval(), torch.randn(5, 3, dtype=F64)
+    view = sl.SplineView(model, x)
+    assert_exact(model, x)
+    MORE_CHANGES[change](model)
     assert_exact(model, x)
     with pytest.raises(sl.StaleCaptureError, match="changed its"):
         view.affine_map(x)
