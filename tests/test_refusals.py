@@ -60,7 +60,10 @@ REFUSED = {
         r"without a single batch dimension",
     ),
     **{
-        f"{name}_batch": (Wrap(fn), r"(along the batch dimension|mixes the samples)")
+        f"{name}_batch": (
+            Wrap(fn),
+            r"(along the batch dimension|mixes the samples|samples are mixed)",
+        )
         for name, fn in {
             "index": lambda z: z[torch.arange(z.shape[0] - 1, -1, -1)],
             "centre_mm": lambda z: z - torch.ones(z.shape[0], z.shape[0]) / z.shape[0] @ z,
@@ -71,6 +74,8 @@ REFUSED = {
             "mean_keepdim": lambda z: z - z.mean(0, keepdim=True),
             "merged_flip": lambda z: z.reshape(-1).flip(0).reshape(-1, 6),
             "cat": lambda z: torch.cat([z, z], 0)[: z.shape[0]],
+            "reshape": lambda z: z.reshape(6, -1).t(),
+            "transpose_reshape": lambda z: torch.relu(z).t().reshape(-1, 6),
         }.items()
     },
 }
@@ -86,6 +91,7 @@ KEPT = {
     "flip_roll": lambda z: z.flip(1).roll(2, 1),
     "amax": lambda z: z - z.amax(1, keepdim=True),
     "conv": lambda z: F.conv1d(z[:, None], torch.ones(1, 1, 3, dtype=z.dtype), padding=1)[:, 0],
+    "flatten_unflatten": lambda z: (z.reshape(-1) * 2).reshape(-1, 2, 3).flatten(1),
 }
 
 

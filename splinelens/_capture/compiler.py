@@ -319,8 +319,15 @@ class _Compiler:
                 "each input must pass through the network on its own",
             )
         check_batch_kept(node, name, self.act, self.axes.symbol)
+        if name in _REGROUP and not self.axes.regroup(node, deps[0]):
+            raise error(
+                node,
+                name,
+                "reshapes the batch dimension into another one, so samples are mixed",
+                "keep the batch dimension whole (reshape the other dimensions)",
+            )
         self.act.add(node.name)
-        self.axes.record(node)
+        self.axes.record(node, deps)
         if kind != "maso":
             return None
         if name in ("max", "min") and node.target._overloadname == "other":
@@ -328,6 +335,9 @@ class _Compiler:
         maso = make_maso(name, node, tuple(node.args[0].meta["val"].shape))
         self.layers.append(maso_layer(node, name, maso, self.axes, len(self.layers)))
         return maso
+
+
+_REGROUP = frozenset(["view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten"])
 
 
 def canonicalise(steps: tuple[Step, ...]) -> tuple[Step, ...]:
