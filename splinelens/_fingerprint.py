@@ -44,8 +44,9 @@ class WeightsFingerprint(NamedTuple):
     pieces' bit patterns weighted by position (``_bit_parts``): each row of a large tensor, each
     entry of the joined small ones. A change is seen if it replaces a tensor, goes through an
     in-place op (the version counter), moves its data, or alters a sum: a write through ``.data``
-    is seen by the sums alone. The bit sums see a change of any one entry, any permutation of the
-    small tensors' entries, and a permutation along a large tensor's first axis (the units or
+    is seen by the sums alone. The bit sums see a change of any one entry, a permutation of the
+    small tensors' entries (but for swaps of x and -x), and a permutation along a large tensor's
+    first axis (the units or
     channels of a linear or conv layer, permuted as weight matching does); the float sums see
     sign flips (unless the flipped entries sum to zero) and scalings. A change that keeps both
     is not seen: a large tensor permuted along another axis alone (a transposed conv's output
@@ -357,7 +358,7 @@ def _rows(v: Tensor, dt: torch.dtype) -> Tensor:
     return v.reshape(shape[0], -1).sum(1, dtype=dt)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _odd_weights(n: int, dt: torch.dtype, device: torch.device) -> Tensor:
     """(n,) fixed odd integers of dtype dt (int32 or int64), scattered by a Weyl sequence."""
     k = torch.arange(1, n + 1, dtype=torch.int64) * -7046029254386353131  # (2^64 / phi, wraps)

@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import operator
 import types
@@ -92,20 +93,24 @@ def structure(model: nn.Module) -> Structure:
     """Everything about ``model`` that its captured graph depends on, cheap to compare."""
     objects: dict[int, weakref.ref] = {}
     modules = module_list(model, remove_duplicate=False)
-    rows = tuple([_row(name, m, objects) for name, m in modules])
+    classes: dict[tuple[type, ...], tuple] = {}  # class attributes, read once per call
+    rows = tuple([_row(name, m, objects, classes=classes) for name, m in modules])
     hooks = tuple([tuple(getattr(_module, h, ())) for h in _GLOBAL_HOOKS])
     return Structure((rows, hooks), objects)
 
 
-def _row(name: str, m: nn.Module, objects: dict, depth: int = 0) -> tuple:
-    """(name, id, class, attributes, parameters, buffers) of one module."""
+def _row(
+    name: str, m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = None
+) -> tuple:
+    """(name, id, class, attributes, parameters, buffers) of one module (``classes``: the
+    class attributes already read in this walk)."""
     objects[id(m)] = weakref.ref(m)
     params, buffers = m._parameters, m._buffers
     return (
         name,
         id(m),
         type(m),
-        _attrs(m, objects, depth),
+        _attrs(m, objects, depth, classes),
         _tensors(params, objects, depth) if params else (),
         _tensors(buffers, objects, depth) if buffers else (),
     )
@@ -206,9 +211,9 @@ class _Held(weakref.ref):
         super().__init__(_Held)
 
 
-def _attrs(m: nn.Module, objects: dict, depth: int = 0) -> tuple:
+def _attrs(m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = None) -> tuple:
     """The module's own attributes (settings by value, hooks by key, objects by identity and
-    contents), and the plain class attributes of classes of your own."""
+    contents), and the class attributes of classes of your own (settings and methods)."""
     d = vars(m)
     added = added_attributes(d)
     if added is not None:  # most modules: the image of nn.Module's attributes is a constant
@@ -216,7 +221,13 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0) -> tuple:
     else:
         own = _pairs([kv for kv in d.items() if kv[0] not in _OWN], objects, depth)
     mine = _user_classes(type(m).__mro__)
-    return own, _class_attrs(mine, objects) if mine else ()
+    if not mine:
+        return own, ()
+    if classes is None:
+        return own, _class_attrs(mine, objects)
+    if mine not in classes:
+        classes[mine] = _class_attrs(mine, objects)
+    return own, classes[mine]
 
 
 def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
@@ -268,7 +279,7 @@ def _is_setting(v: Any) -> bool:
         return True
     if kind is tuple or kind is list:
         return _PLAIN_TYPES.issuperset(map(type, v))
-    return kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, v.values()))
+    return kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, (*v, *v.values())))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -344,22 +355,12 @@ def _image(v: Any, objects: dict, depth: int) -> Any:
         # SimpleNamespace, dataclasses, ...
         return ("object", _keep(v, objects), _value(vars(v), objects, d))
     if isinstance(v, np.ndarray):  # changed in place: seen by its bytes
-        return ("ndarray", _keep(v, objects), v.shape, str(v.dtype), zlib.crc32(v.tobytes()))
-    slots = _slots(type(v))
-    if slots:  # dataclass(slots=True), ...: its fields by value
-        fields = {k: getattr(v, k) for k in slots if hasattr(v, k)}
+        data = np.ascontiguousarray(v).view(np.uint8)  # (no copy if contiguous)
+        return ("ndarray", _keep(v, objects), v.shape, str(v.dtype), zlib.crc32(data))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # dataclass(slots=True)
+        fields = {f.name: getattr(v, f.name, None) for f in dataclasses.fields(v)}
         return ("object", _keep(v, objects), _value(fields, objects, d))
     return ("same", _keep(v, objects))
-
-
-@functools.lru_cache(maxsize=256)
-def _slots(cls: type) -> tuple[str, ...]:
-    """The names in the ``__slots__`` of a class and its bases."""
-    names: list[str] = []
-    for c in cls.__mro__:
-        s = vars(c).get("__slots__", ())
-        names += [s] if isinstance(s, str) else list(s)
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _cell(c: Any) -> Any:

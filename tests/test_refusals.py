@@ -76,6 +76,11 @@ REFUSED = {
             "cat": lambda z: torch.cat([z, z], 0)[: z.shape[0]],
             "reshape": lambda z: z.reshape(6, -1).t(),
             "transpose_reshape": lambda z: torch.relu(z).t().reshape(-1, 6),
+            "two_layouts": lambda z: (z.reshape(-1) + z.t().reshape(-1)).reshape(-1, 6),
+            "split_over_dims": lambda z: z.reshape(2, -1).flip(0).reshape(-1, 6),
+            "einsum_ellipsis": lambda z: torch.einsum(
+                "...d,nd->nd", z, torch.ones(z.shape[0], 6, dtype=z.dtype)
+            ),
         }.items()
     },
 }
@@ -92,6 +97,10 @@ KEPT = {
     "amax": lambda z: z - z.amax(1, keepdim=True),
     "conv": lambda z: F.conv1d(z[:, None], torch.ones(1, 1, 3, dtype=z.dtype), padding=1)[:, 0],
     "flatten_unflatten": lambda z: (z.reshape(-1) * 2).reshape(-1, 2, 3).flatten(1),
+    "max_over_stack": lambda z: torch.stack([z, -z]).max(dim=0).values,
+    "fold_linear": lambda z: (
+        F.linear(z.reshape(-1, 3), torch.ones(1, 3, dtype=z.dtype)).reshape(-1, 2).repeat(1, 3)
+    ),
 }
 
 

@@ -653,6 +653,18 @@ def test_settings_in_class_tuples_slots_arrays_and_methods_are_followed(change: 
         view.affine_map(x)
 
 
+def test_objects_with_lazy_caches_do_not_invalidate_a_capture() -> None:
+    """A pathlib.Path fills slots lazily (str, hash): it is compared by identity, so using it
+    leaves a held view valid (only dataclasses are compared by their fields)."""
+    import pathlib
+
+    model, x = mlp(3, 4, 2), torch.randn(5, 3, dtype=F64)
+    model.where = pathlib.PurePosixPath("runs/a")
+    view = sl.SplineView(model, x)
+    _ = str(model.where), hash(model.where)
+    assert torch.equal(view.affine_map(x).B, sl.affine_map(model, x).B)
+
+
 def test_changes_through_data_are_seen() -> None:
     model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
     amap = sl.affine_map(model, x)

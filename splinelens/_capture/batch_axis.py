@@ -10,6 +10,9 @@ that merge the batch with other dimensions have no entry.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +26,10 @@ class BatchAxes:
         self.symbol = str(input_node.meta["val"].shape[0])
         self.bdims: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.pre: dict[str, int] = {}  # entries before the batch in the flat order, per sample
+        # (pre, inner): one sample's entries sit at p * (N * inner) + n * inner + q in the flat
+        # order, p < pre, q < inner; known for a batch dim, and for a batch merged into a dim
+        # through views and ops that keep the dims up to it (``regroup``, ``record``)
+        self.layout: dict[str, tuple[int, int]] = {}
         self.record(input_node)
 
     @property
@@ -31,10 +37,10 @@ class BatchAxes:
         """Whether export kept the batch size symbolic (else it specialised on it)."""
         return self.symbol.startswith("s")
 
-    def record(self, node: Node, deps: list[Node] = ()) -> None:  # type: ignore[assignment]
-        """Note the node's batch dimension and per-sample shape, if it has exactly one; else,
-        for a batch merged into another dim, where the batch is in the flat order (kept by an
-        elementwise op on one of ``deps`` of the same shape, and by ``regroup``)."""
+    def record(self, node: Node, deps: Sequence[Node] = ()) -> None:
+        """Note the node's batch dimension and per-sample shape, if it has exactly one, and its
+        ``layout``: from its shape, or for a batch merged into a dim, from ``deps`` that agree
+        with the node on every dim up to that one (an op along later dims keeps it)."""
         val = _first_tensor(node)
         if val is None:
             return
@@ -43,25 +49,57 @@ class BatchAxes:
             b = dims[0]
             self.bdims[node.name] = b
             self.shapes[node.name] = tuple(int(s) for i, s in enumerate(val.shape) if i != b)
-            self.pre[node.name] = math.prod(int(s) for s in val.shape[:b])
+            if self._holding(val.shape) == [b]:
+                self.layout[node.name] = (_prod(val.shape[:b]), _prod(val.shape[b + 1 :]))
             return
-        for dep in deps:
-            dv = _first_tensor(dep)
-            if dep.name in self.pre and dv is not None and str(dv.shape) == str(val.shape):
-                self.pre[node.name] = self.pre[dep.name]
+        held = self._holding(val.shape)
+        found = {self._kept(dep, val.shape, held) for dep in deps if self._holds(dep)}
+        if len(held) == 1 and len(found) == 1 and None not in found:
+            self.layout[node.name] = found.pop()  # type: ignore[assignment]
+
+    def _kept(self, dep: Node, shape: Any, held: list[int]) -> tuple[int, int] | None:
+        """dep's layout carried to a value of ``shape`` holding the batch in the same dim,
+        with the same dims up to it (None: not carried)."""
+        dv, lay = _first_tensor(dep), self.layout.get(dep.name)
+        if dv is None or lay is None or len(held) != 1 or self._holding(dv.shape) != held:
+            return None
+        h = held[0]
+        if [str(s) for s in dv.shape[: h + 1]] != [str(s) for s in shape[: h + 1]]:
+            return None
+        after = _prod(dv.shape[h + 1 :])
+        if lay[1] % after:
+            return None
+        return lay[0], lay[1] // after * _prod(shape[h + 1 :])
 
     def regroup(self, node: Node, src: Node) -> bool:
-        """Whether a view or reshape of ``src`` keeps the samples apart: it keeps the flat
-        order, so a dim of the batch size is the batch only where as many entries precede it
-        (``(N, 6).reshape(6, N)`` reinterprets the samples: refused by the caller)."""
-        val, pre = _first_tensor(node), self.pre.get(src.name)
+        """Whether a view or reshape of ``src`` keeps the samples apart. It keeps the flat
+        order: the batch stays in one dim only if the dims before it group the entries before
+        the batch and the dims after it those after ((N, 6) -> (6N,) or (2N, 3) do; (N, 6) ->
+        (6, N) reinterprets the samples, (3, 2N) spreads them over two dims: refused by the
+        caller)."""
+        val, lay = _first_tensor(node), self.layout.get(src.name)
         shape = val.shape if val is not None else ()
-        dims = [i for i, s in enumerate(shape) if str(s) == self.symbol]
-        if len(dims) != 1:
-            if pre is not None:
-                self.pre[node.name] = pre  # merged: the batch stays where it was
+        held = self._holding(shape)
+        if not held:
             return True
-        return pre == math.prod(int(s) for s in shape[: dims[0]])
+        if lay is None or len(held) != 1:
+            return False
+        h = held[0]
+        before, after = _prod(shape[:h]), _prod(shape[h + 1 :])
+        if lay[0] % before or lay[1] % after:
+            return False
+        if str(shape[h]) == self.symbol and (before, after) != lay:
+            return False
+        self.layout[node.name] = lay
+        return True
+
+    def _holding(self, shape: Any) -> list[int]:
+        """The dims whose size holds the batch size (the batch, or a dim it was merged into)."""
+        return [i for i, s in enumerate(shape) if re.search(rf"\b{self.symbol}\b", str(s))]
+
+    def _holds(self, node: Node) -> bool:
+        val = _first_tensor(node)
+        return val is not None and bool(self._holding(val.shape))
 
     def has_batch(self, node: Node) -> bool:
         """Whether the batch size appears anywhere in the node's shapes (merged dims too)."""
@@ -70,6 +108,11 @@ class BatchAxes:
         return any(
             self.symbol in str(s) for v in vals if isinstance(v, torch.Tensor) for s in v.shape
         )
+
+
+def _prod(sizes: Any) -> int:
+    """The product of sizes that hold no symbol."""
+    return math.prod(int(s) for s in sizes)
 
 
 def _first_tensor(node: Node) -> torch.Tensor | None:

@@ -41,7 +41,8 @@ def matmul(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | Non
 
 def conv(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """Convolutions: every dim of the input but the batch (channels and positions), every dim
-    of the weight and bias. An input without a batch dim (as many dims as the weight) mixes all."""
+    of the weight and bias. An input without a batch dim (one dim fewer than the weight) mixes
+    all."""
     weight = a.get("weight")
     wdim = weight.meta["val"].dim() if isinstance(weight, torch.fx.Node) else ndim
     if which != "input" or ndim == wdim - 1:
@@ -50,7 +51,7 @@ def conv(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
 
 
 def spatial(k: int) -> Rule:
-    """Pooling, resampling, padding by reflection and the like over the last k dims."""
+    """Pooling, resampling, pixel shuffling and the like over the last k dims."""
 
     def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
         return set(range(max(ndim - k, 0), ndim))
@@ -78,8 +79,9 @@ def along(*names: str) -> Rule:
 
 
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-    """Sums and means over ``dim`` (none or an empty list: every dim)."""
-    return along("dim")(a, which, pos, ndim) if a.get("dim") else None
+    """Sums, means and extremes over ``dim`` (none or an empty list: every dim)."""
+    dim = a.get("dim")
+    return None if dim is None or dim == [] else along("dim")(a, which, pos, ndim)
 
 
 def extreme(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
@@ -121,15 +123,17 @@ def einsum(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | Non
     """``torch.einsum``: an operand's dims whose letter is summed over (not in the output) or
     repeated in it (a diagonal); ``...`` dims are carried through."""
     eq = str(a.get("equation", "")).replace(" ", "")
-    lhs, _, out = eq.partition("->")
+    lhs, arrow, out = eq.partition("->")
     terms = lhs.split(",")
     if pos >= len(terms):
         return None
-    if not _:  # implicit output: the letters used once, in order
+    if not arrow:  # implicit output: the letters used once, in order, after the ``...`` dims
         letters = lhs.replace(",", "").replace(".", "")
-        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        out = "..." + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     head, dots, tail = terms[pos].partition("...")
-    letters = list(head) + [""] * (ndim - len(head) - len(tail) if dots else 0) + list(tail)
+    dots_kept = "..." in out  # (an explicit output without them sums over them)
+    middle = ["" if dots_kept else "."] * (ndim - len(head) - len(tail) if dots else 0)
+    letters = list(head) + middle + list(tail)
     if len(letters) != ndim:
         return None
     return {d for d, c in enumerate(letters) if c and (c not in out or letters.count(c) > 1)}
@@ -156,19 +160,21 @@ RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
     "flip": along("dims"),
     "diagonal": along("dim1", "dim2"),
     "unfold": along("dimension"),
-    "index_select gather narrow select split split_with_sizes chunk unbind cat concat": (
+    "index_select gather narrow select select_copy split split_with_sizes chunk unbind cat": (
         along("dim")
     ),
+    "concat": along("dim"),
+    "slice_copy": sliced,
     "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution": (conv),
     "pixel_shuffle pixel_unshuffle im2col": spatial(3),
     "col2im": spatial(2),
 }
-for _k in (1, 2, 3):
+for _nd in (1, 2, 3):
     RULES[
-        f"avg_pool{_k}d adaptive_avg_pool{_k}d max_pool{_k}d max_pool{_k}d_with_indices "
-        f"adaptive_max_pool{_k}d upsample_nearest{_k}d"
-    ] = spatial(_k)
-    RULES[f"reflection_pad{_k}d replication_pad{_k}d"] = padded
+        f"avg_pool{_nd}d adaptive_avg_pool{_nd}d max_pool{_nd}d max_pool{_nd}d_with_indices "
+        f"adaptive_max_pool{_nd}d upsample_nearest{_nd}d"
+    ] = spatial(_nd)
+    RULES[f"reflection_pad{_nd}d replication_pad{_nd}d"] = padded
 RULES["_adaptive_avg_pool2d upsample_bilinear2d"] = spatial(2)
 RULES["_adaptive_avg_pool3d"] = spatial(3)
 RULES["upsample_linear1d"] = spatial(1)

@@ -40,18 +40,18 @@ class OpInfo:
     """One ATen operation (by packet name) as splinelens sees it.
 
     ``kind``: "affine", "maso", "shape" (reads only the activation's shape), "g" (the output
-    nonlinearity) or "refused". ``operands``: for products, the argument positions of which at
-    most one may hold an activation. ``along_dim``: moves data along a ``dim`` argument (refused
-    along the batch axis). Theorem 2: ``coefficients`` names the constants that multiply a
-    convex input ("weights": every constant operand but the bias at ``bias``; "scalars": the
-    constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative;
-    ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity);
-    ``view``: a view or copy through which a parameter keeps its name. ``family``: the MASO
-    kind built by ``make_maso``. ``rewrite``: the function run in place of the op
-    (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
-    backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
-    ``mixes``: the dims of an operand that one output entry reads several entries along
-    (``mixing``), which must not hold the batch; None for ops that keep every dim apart.
+    nonlinearity) or "refused". ``operands``: for products, the argument positions of which at most
+    one may hold an activation. ``along_dim``: moves data along a ``dim`` argument (its ``mixes``
+    rule refuses that along the batch axis). Theorem 2: ``coefficients`` names the constants that
+    multiply a convex input ("weights": every constant operand but the bias at ``bias``; "scalars":
+    the constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative;
+    ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity); ``view``:
+    a view or copy through which a parameter keeps its name. ``family``: the MASO kind built by
+    ``make_maso``. ``rewrite``: the function run in place of the op (canonicalisation).
+    ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its backward under ``vmap``
+    (convolutions and max-pooling loop over the vmapped rows instead). ``mixes``: the dims of an
+    operand that one output entry reads several entries along (``mixing``), which must not hold the
+    batch; None for ops that keep every dim apart.
     """
 
     name: str
