@@ -1,0 +1,60 @@
+"""What each per-call check costs at a batch of 1, against one forward pass in the same run.
+
+For the MLP 784-256-256-10 and the paper's smallCNN (float32, 1 thread): a map's first-use
+check (finite + fingerprint), the fingerprint every later use compares, the view's finiteness
+check, and B and the partition codes through a held view. Each time is the best of 9 x 200
+calls; printed in microseconds and as a ratio to one forward pass. Run:
+
+    python bench/bench_checks.py
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from bench_core import small_cnn
+from bench_small import mlp
+
+import splinelens as sl
+
+
+def best_us(fn: Callable[[], object], calls: int = 200, rounds: int = 9) -> float:
+    """The best mean time of ``calls`` back-to-back calls over ``rounds``, in microseconds."""
+    fn()
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t) / calls * 1e6)
+    return min(out)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    nets = [
+        ("MLP 784-256-256-10", mlp(784, 256, 256, 10), torch.randn(1, 784)),
+        ("smallCNN", small_cnn(), torch.randn(1, 3, 32, 32)),
+    ]
+    for name, model, x in nets:
+        view = sl.SplineView(model, x)
+        with torch.no_grad():
+            forward = best_us(lambda m=model, x=x: m(x))
+        cases = {
+            "map's first-use check": view.tensors.check,
+            "fingerprint (later uses)": view.tensors.fingerprint,
+            "view's finiteness check": view.tensors.check_finite,
+            "B through a held view": lambda v=view, x=x: v.affine_map(x).B,
+            "codes through a held view": lambda v=view, x=x: v.partition_codes(x),
+        }
+        print(f"{name} N=1: forward {forward:.0f} us")
+        for what, fn in cases.items():
+            us = best_us(fn)
+            print(f"  {what:<28} {us:8.0f} us  {us / forward:6.2f} x forward", flush=True)
+
+
+if __name__ == "__main__":
+    main()
