@@ -97,6 +97,13 @@ KEPT = {
     "amax": lambda z: z - z.amax(1, keepdim=True),
     "conv": lambda z: F.conv1d(z[:, None], torch.ones(1, 1, 3, dtype=z.dtype), padding=1)[:, 0],
     "flatten_unflatten": lambda z: (z.reshape(-1) * 2).reshape(-1, 2, 3).flatten(1),
+    "mm_on_merged": lambda z: (
+        (torch.ones(3, 3, dtype=z.dtype) @ z.reshape(-1, 3).t()).t().reshape(-1, 6)
+    ),
+    "sum_before_merged": lambda z: torch.stack([z, 2 * z]).reshape(2, -1).sum(0).reshape(-1, 6),
+    "slice_before_merged": lambda z: (
+        torch.stack([z, 2 * z, 3 * z]).reshape(3, -1)[1:].reshape(2, -1, 6).sum(0)
+    ),
     "max_over_stack": lambda z: torch.stack([z, -z]).max(dim=0).values,
     "fold_linear": lambda z: (
         F.linear(z.reshape(-1, 3), torch.ones(1, 3, dtype=z.dtype)).reshape(-1, 2).repeat(1, 3)

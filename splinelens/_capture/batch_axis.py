@@ -26,9 +26,9 @@ class BatchAxes:
         self.symbol = str(input_node.meta["val"].shape[0])
         self.bdims: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        # (pre, inner): one sample's entries sit at p * (N * inner) + n * inner + q in the flat
-        # order, p < pre, q < inner; known for a batch dim, and for a batch merged into a dim
-        # through views and ops that keep the dims up to it (``regroup``, ``record``)
+        # (s, r): the one dim holding the batch has size s * N * r, sample n at a * N * r +
+        # n * r + c (a < s, c < r); (1, 1) for a batch dim, carried through views (``regroup``)
+        # and through ops that keep that dim's size (``record``: they do not mix along it)
         self.layout: dict[str, tuple[int, int]] = {}
         self.record(input_node)
 
@@ -39,37 +39,34 @@ class BatchAxes:
 
     def record(self, node: Node, deps: Sequence[Node] = ()) -> None:
         """Note the node's batch dimension and per-sample shape, if it has exactly one, and its
-        ``layout``: from its shape, or for a batch merged into a dim, from ``deps`` that agree
-        with the node on every dim up to that one (an op along later dims keeps it)."""
+        ``layout``: (1, 1) for a batch dim; for a batch merged into a dim, that of the ``deps``
+        holding the batch in a dim of the same size (they must agree)."""
         val = _first_tensor(node)
         if val is None:
             return
+        held = self._holding(val.shape)
         dims = [i for i, s in enumerate(val.shape) if str(s) == self.symbol]
         if len(dims) == 1:
             b = dims[0]
             self.bdims[node.name] = b
             self.shapes[node.name] = tuple(int(s) for i, s in enumerate(val.shape) if i != b)
-            if self._holding(val.shape) == [b]:
-                self.layout[node.name] = (_prod(val.shape[:b]), _prod(val.shape[b + 1 :]))
+            if held == [b]:
+                self.layout[node.name] = (1, 1)
             return
-        held = self._holding(val.shape)
-        found = {self._kept(dep, val.shape, held) for dep in deps if self._holds(dep)}
-        if len(held) == 1 and len(found) == 1 and None not in found:
+        if len(held) != 1:
+            return
+        size = str(val.shape[held[0]])
+        found = {self._layout_of(dep, size) for dep in deps if self._holds(dep)}
+        if len(found) == 1 and None not in found:
             self.layout[node.name] = found.pop()  # type: ignore[assignment]
 
-    def _kept(self, dep: Node, shape: Any, held: list[int]) -> tuple[int, int] | None:
-        """dep's layout carried to a value of ``shape`` holding the batch in the same dim,
-        with the same dims up to it (None: not carried)."""
+    def _layout_of(self, dep: Node, size: str) -> tuple[int, int] | None:
+        """dep's layout if it holds the batch in one dim of this size (else None)."""
         dv, lay = _first_tensor(dep), self.layout.get(dep.name)
-        if dv is None or lay is None or len(held) != 1 or self._holding(dv.shape) != held:
+        if dv is None or lay is None:
             return None
-        h = held[0]
-        if [str(s) for s in dv.shape[: h + 1]] != [str(s) for s in shape[: h + 1]]:
-            return None
-        after = _prod(dv.shape[h + 1 :])
-        if lay[1] % after:
-            return None
-        return lay[0], lay[1] // after * _prod(shape[h + 1 :])
+        held = self._holding(dv.shape)
+        return lay if len(held) == 1 and str(dv.shape[held[0]]) == size else None
 
     def regroup(self, node: Node, src: Node) -> bool:
         """Whether a view or reshape of ``src`` keeps the samples apart. It keeps the flat
@@ -77,20 +74,24 @@ class BatchAxes:
         the batch and the dims after it those after ((N, 6) -> (6N,) or (2N, 3) do; (N, 6) ->
         (6, N) reinterprets the samples, (3, 2N) spreads them over two dims: refused by the
         caller)."""
-        val, lay = _first_tensor(node), self.layout.get(src.name)
+        val, sv, lay = _first_tensor(node), _first_tensor(src), self.layout.get(src.name)
         shape = val.shape if val is not None else ()
         held = self._holding(shape)
         if not held:
             return True
-        if lay is None or len(held) != 1:
+        src_held = self._holding(sv.shape) if sv is not None else []
+        if lay is None or len(held) != 1 or len(src_held) != 1:
             return False
-        h = held[0]
+        hs, h = src_held[0], held[0]
+        pre = _prod(sv.shape[:hs]) * lay[0]  # entries before the sample, one sample's after
+        inner = lay[1] * _prod(sv.shape[hs + 1 :])
         before, after = _prod(shape[:h]), _prod(shape[h + 1 :])
-        if lay[0] % before or lay[1] % after:
+        if pre % before or inner % after:
             return False
-        if str(shape[h]) == self.symbol and (before, after) != lay:
+        out = (pre // before, inner // after)
+        if str(shape[h]) == self.symbol and out != (1, 1):
             return False
-        self.layout[node.name] = lay
+        self.layout[node.name] = out
         return True
 
     def _holding(self, shape: Any) -> list[int]:
