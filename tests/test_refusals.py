@@ -46,6 +46,10 @@ REFUSED = {
     "batch_mean": (Wrap(lambda z: z - z.mean(0)), r"mixes the samples"),
     "global_max": (Wrap(lambda z: z * 0 + z.max()), r"(every dimension|mixes the samples)"),
     "exp": (Wrap(torch.exp), r"aten\.exp"),
+    "unknown_op": (
+        Wrap(lambda z: z.repeat_interleave(2, 1)[:, :6]),
+        r"aten\.repeat_interleave .*not in splinelens's table",
+    ),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
     "int_cast": (Wrap(lambda z: torch.relu(z + z.to(torch.int64))), r"integers or booleans"),
     "floor_div": (

@@ -235,8 +235,19 @@ def entries() -> tuple[OpInfo, ...]:
 
 
 def info(name: str) -> OpInfo:
-    """The entry of an ATen packet name; unknown operations are refused (no reason known)."""
-    return _TABLE.get(name) or OpInfo(name, "refused")
+    """The entry of an ATen packet name; an operation not in the table is refused, saying so
+    (it may be linear, like ``repeat_interleave`` or bicubic upsampling, or not)."""
+    return _TABLE.get(name) or OpInfo(name, "refused", why=_UNKNOWN, fix=_UNKNOWN_FIX)
+
+
+_UNKNOWN = (
+    "is not in splinelens's table of operations, so the capture cannot say whether it is "
+    "piecewise affine"
+)
+_UNKNOWN_FIX = (
+    "write it with supported operations (README, 'What is supported'), or report it if it is "
+    "affine or a MASO"
+)
 
 
 def apply_g(g: tuple[str, int] | None, logits: torch.Tensor) -> torch.Tensor:
