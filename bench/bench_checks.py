@@ -2,7 +2,7 @@
 
 For the MLP 784-256-256-10 and the paper's smallCNN (float32, 1 thread): a map's first-use
 check (finite + fingerprint), the fingerprint every later use compares, the view's finiteness
-check, and B and the partition codes through a held view. Each time is the best of 9 x 200
+check, and B and the partition codes through a held view. Each time is the median of 9 x 200
 calls; printed in microseconds and as a ratio to one forward pass. Run:
 
     python bench/bench_checks.py
@@ -10,26 +10,19 @@ calls; printed in microseconds and as a ratio to one forward pass. Run:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 from bench_core import small_cnn
 from bench_small import mlp
+from bench_trust import clock
 
 import splinelens as sl
 
 
-def best_us(fn: Callable[[], object], calls: int = 200, rounds: int = 9) -> float:
-    """The best mean time of ``calls`` back-to-back calls over ``rounds``, in microseconds."""
-    fn()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - t) / calls * 1e6)
-    return min(out)
+def us(fn: Callable[[], object]) -> float:
+    """Median microseconds per call over 9 rounds of 200 calls (``bench_trust.clock``)."""
+    return clock(fn, repeats=9, number=200) * 1e6
 
 
 def main() -> None:
@@ -42,7 +35,7 @@ def main() -> None:
     for name, model, x in nets:
         view = sl.SplineView(model, x)
         with torch.no_grad():
-            forward = best_us(lambda m=model, x=x: m(x))
+            forward = us(lambda m=model, x=x: m(x))
         cases = {
             "map's first-use check": view.tensors.check,
             "fingerprint (later uses)": view.tensors.fingerprint,
@@ -52,8 +45,8 @@ def main() -> None:
         }
         print(f"{name} N=1: forward {forward:.0f} us")
         for what, fn in cases.items():
-            us = best_us(fn)
-            print(f"  {what:<28} {us:8.0f} us  {us / forward:6.2f} x forward", flush=True)
+            t = us(fn)
+            print(f"  {what:<28} {t:8.0f} us  {t / forward:6.2f} x forward", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,7 @@ class BatchAxes:
         return True
 
     def _holding(self, shape: Any) -> list[int]:
-        """The dims whose size holds the batch size (the batch, or a dim it was merged into)."""
-        return [i for i, s in enumerate(shape) if re.search(rf"\b{self.symbol}\b", str(s))]
+        return holding(shape, self.symbol)
 
     def _holds(self, node: Node) -> bool:
         val = _first_tensor(node)
@@ -106,9 +105,13 @@ class BatchAxes:
         """Whether the batch size appears anywhere in the node's shapes (merged dims too)."""
         val = node.meta.get("val")
         vals = val if isinstance(val, (tuple, list)) else (val,)
-        return any(
-            self.symbol in str(s) for v in vals if isinstance(v, torch.Tensor) for s in v.shape
-        )
+        return any(holding(v.shape, self.symbol) for v in vals if isinstance(v, torch.Tensor))
+
+
+def holding(shape: Any, symbol: str) -> list[int]:
+    """The dims of ``shape`` whose size holds the batch size ``symbol`` (the batch, or a dim it
+    was merged into: ``8*s0``)."""
+    return [i for i, s in enumerate(shape) if re.search(rf"\b{symbol}\b", str(s))]
 
 
 def _prod(sizes: Any) -> int:

@@ -9,11 +9,11 @@ and the fix.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
+from splinelens._capture.batch_axis import holding
 from splinelens._capture.registry import OpInfo, bound_args, info
 from splinelens.errors import UnsupportedOperationError
 
@@ -104,7 +104,7 @@ def check_batch_kept(node: Node, name: str, act: set[str], symbol: str) -> None:
         val = dep.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
-        held = {d for d, s in enumerate(val.shape) if re.search(rf"\b{symbol}\b", str(s))}
+        held = set(holding(val.shape, symbol))
         mixed = rule(a, which, pos, val.dim()) if held else set()
         if mixed is None or held & mixed:
             raise error(
