@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import splinelens.geometry.convexity as cv
 from tests import zoo
@@ -115,3 +117,27 @@ def test_transposed_conv_bias_is_not_a_slope() -> None:
     model[3].bias.data.fill_(-1.0)
     report = cv.convexity(model, X)
     assert report.is_convex and "3.bias" not in report.constrained
+
+
+class _Upsampled(nn.Module):
+    """ReLU features on a 2x3 grid, upsampled to 4x5, then a linear head."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.l1, self.head, self.mode = nn.Linear(4, 6), nn.Linear(20, 3), mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = torch.relu(self.l1(x)).reshape(-1, 1, 2, 3)
+        return self.head(F.interpolate(grid, size=(4, 5), mode=self.mode).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_cubic_interpolation_weighs_negatively_and_is_named(mode: str) -> None:
+    torch.manual_seed(0)
+    model = _Upsampled(mode).double().eval()
+    assert cv.make_input_convex(model, X) == ["head.weight"]
+    report = cv.convexity(model, X)
+    cubic = any("(upsample_bicubic2d) weighs some inputs negatively" in r for r in report.reasons)
+    assert report.is_convex == (mode == "bilinear") and cubic == (mode == "bicubic")
+    if mode == "bilinear":
+        assert cv.convexity_gap(model, X) <= 1e-12

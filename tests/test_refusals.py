@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -46,10 +48,7 @@ REFUSED = {
     "batch_mean": (Wrap(lambda z: z - z.mean(0)), r"mixes the samples"),
     "global_max": (Wrap(lambda z: z * 0 + z.max()), r"(every dimension|mixes the samples)"),
     "exp": (Wrap(torch.exp), r"aten\.exp"),
-    "unknown_op": (
-        Wrap(lambda z: z.repeat_interleave(2, 1)[:, :6]),
-        r"aten\.repeat_interleave .*not in splinelens's table",
-    ),
+    "unknown_op": (Wrap(lambda z: z.sort(1).values), r"aten\.sort .*not in splinelens's table"),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
     "int_cast": (Wrap(lambda z: torch.relu(z + z.to(torch.int64))), r"integers or booleans"),
     "floor_div": (
@@ -82,12 +81,26 @@ REFUSED = {
             "transpose_reshape": lambda z: torch.relu(z).t().reshape(-1, 6),
             "two_layouts": lambda z: (z.reshape(-1) + z.t().reshape(-1)).reshape(-1, 6),
             "split_over_dims": lambda z: z.reshape(2, -1).flip(0).reshape(-1, 6),
+            "repeat_interleave": lambda z: z.repeat_interleave(2, 0)[: z.shape[0]],
+            "repeat_interleave_flat": lambda z: z.repeat_interleave(2).reshape(-1, 12)[:, :6],
+            "cumsum": lambda z: z.cumsum(0),
             "einsum_ellipsis": lambda z: torch.einsum(
                 "...d,nd->nd", z, torch.ones(z.shape[0], 6, dtype=z.dtype)
             ),
         }.items()
     },
 }
+
+
+def _resampled(z: torch.Tensor, mode: str, nd: int, antialias: bool) -> torch.Tensor:
+    """ReLU, then (N, 6) as an nd-dimensional grid resampled up and back down (N, 6)."""
+    shape = {1: (6,), 2: (2, 3), 3: (1, 2, 3)}[nd]
+    grid = torch.relu(z).reshape(-1, 1, *shape)
+    up = [s + 2 for s in shape]
+    kw = {"antialias": True} if antialias else {}
+    grid = F.interpolate(grid, size=up, mode=mode, **kw)
+    return F.interpolate(grid, size=shape, mode=mode, **kw).flatten(1)
+
 
 # The same ops, keeping the samples apart: exact (reference: jacrev of each input alone).
 KEPT = {
@@ -112,6 +125,24 @@ KEPT = {
     "fold_linear": lambda z: (
         F.linear(z.reshape(-1, 3), torch.ones(1, 3, dtype=z.dtype)).reshape(-1, 2).repeat(1, 3)
     ),
+    # linear ops read since 2026-11-28 (refused before as not in the table), after a ReLU
+    "repeat_interleave": lambda z: torch.relu(z).repeat_interleave(2, 1)[:, 3:9],
+    "repeat_interleave_tensor": lambda z: torch.relu(z).repeat_interleave(
+        torch.tensor([2, 0, 1, 1, 2, 0]), dim=1
+    ),
+    "cumsum": lambda z: torch.relu(z).cumsum(1),
+    **{
+        f"{mode}_{nd}d{'_aa' * aa}": functools.partial(_resampled, mode=mode, nd=nd, antialias=aa)
+        for mode, nd, aa in [
+            ("nearest-exact", 1, False),
+            ("nearest-exact", 2, False),
+            ("nearest-exact", 3, False),
+            ("bicubic", 2, False),
+            ("bilinear", 2, True),
+            ("bicubic", 2, True),
+            ("trilinear", 3, False),
+        ]
+    },
 }
 
 
@@ -122,6 +153,7 @@ def test_non_piecewise_affine_operations_are_refused(name: str) -> None:
         sl.SplineView(model.eval(), torch.randn(3, 4))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # jacrev's vmap, looping
 @pytest.mark.parametrize("name", list(KEPT))
 def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
     torch.manual_seed(0)

@@ -65,7 +65,9 @@ class BatchSizes:
         exprs = [g.expr for g in env.guards]
         exprs += [ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras]
         lo, hi = _range(ep, str(sym))
-        sizes = BatchSizes(lo, hi, tuple(_Guard(e, sym) for e in exprs))
+        # guards without N are on sizes from constants (``repeat_interleave`` by a tensor)
+        guards = tuple(_Guard(e, sym) for e in exprs if sym in e.free_symbols)
+        sizes = BatchSizes(lo, hi, guards)
         if lo == 2:
             ref = weakref.ref(model)  # the cache must not keep the model alive
             ex1 = ex[:2].detach().clone()

@@ -103,6 +103,12 @@ def repeated(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | N
     return {ndim - len(reps) + i for i, r in enumerate(reps) if r != 1}
 
 
+def interleaved(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``repeat_interleave``: its dim; without one it repeats the flattened tensor (every dim)."""
+    dim = a.get("dim")
+    return None if dim is None else {dim % ndim}
+
+
 def sliced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """``slice``: its dim, unless it keeps every entry (start 0, step 1, no end)."""
     end = a.get("end")
@@ -152,6 +158,8 @@ RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
     "einsum": einsum,
     "index": indexed,
     "repeat tile": repeated,
+    "repeat_interleave": interleaved,
+    "cumsum": along("dim"),
     "slice": sliced,
     "roll": rolled,
     "sum mean amax amin": reduced,
@@ -172,9 +180,13 @@ RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
 for _nd in (1, 2, 3):
     RULES[
         f"avg_pool{_nd}d adaptive_avg_pool{_nd}d max_pool{_nd}d max_pool{_nd}d_with_indices "
-        f"adaptive_max_pool{_nd}d upsample_nearest{_nd}d"
+        f"adaptive_max_pool{_nd}d upsample_nearest{_nd}d _upsample_nearest_exact{_nd}d"
     ] = spatial(_nd)
     RULES[f"reflection_pad{_nd}d replication_pad{_nd}d"] = padded
-RULES["_adaptive_avg_pool2d upsample_bilinear2d"] = spatial(2)
+RULES[
+    "_adaptive_avg_pool2d upsample_bilinear2d _upsample_bilinear2d_aa upsample_bicubic2d "
+    "_upsample_bicubic2d_aa"
+] = spatial(2)
+RULES["upsample_trilinear3d"] = spatial(3)
 RULES["_adaptive_avg_pool3d"] = spatial(3)
 RULES["upsample_linear1d"] = spatial(1)

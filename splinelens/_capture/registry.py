@@ -44,7 +44,8 @@ class OpInfo:
     one may hold an activation. ``along_dim``: moves data along a ``dim`` argument (its ``mixes``
     rule refuses that along the batch axis). Theorem 2: ``coefficients`` names the constants that
     multiply a convex input ("weights": every constant operand but the bias at ``bias``; "scalars":
-    the constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative;
+    the constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative
+    ("kernel": the op's own weights are not, as bicubic interpolation's);
     ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity); ``view``:
     a view or copy through which a parameter keeps its name. ``family``: the MASO kind built by
     ``make_maso``. ``rewrite``: the function run in place of the op (canonicalisation).
@@ -94,7 +95,10 @@ _add(
     "native_dropout feature_dropout alpha_dropout feature_alpha_dropout avg_pool1d avg_pool2d "
     "avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
     "_adaptive_avg_pool2d _adaptive_avg_pool3d mean sum upsample_nearest1d upsample_nearest2d "
-    "upsample_nearest3d upsample_bilinear2d upsample_linear1d pixel_shuffle pixel_unshuffle "
+    "upsample_nearest3d upsample_bilinear2d upsample_linear1d upsample_trilinear3d "
+    "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d "
+    "_upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa repeat_interleave cumsum "
+    "pixel_shuffle pixel_unshuffle "
     "index_select index gather batch_norm movedim swapaxes expand_as view_as reshape_as unfold "
     "im2col col2im channel_shuffle lift_fresh_copy diagonal getitem squeeze_copy view_copy "
     "permute_copy unsqueeze_copy expand_copy slice_copy select_copy",
@@ -109,9 +113,11 @@ _add(
     rewrite=eval_batch_norm,
 )
 _set("batch_norm", coefficients="bn_weight")
+# cubic kernels weigh some neighbours negatively: they do not keep a convex input convex
+_set("upsample_bicubic2d _upsample_bicubic2d_aa", coefficients="kernel")
 _set(
     "flip roll index_select gather narrow select slice split split_with_sizes chunk unbind "
-    "index diagonal unfold",
+    "index diagonal unfold repeat_interleave cumsum",
     along_dim=True,
 )
 _set(
@@ -152,11 +158,12 @@ _add(
 _add("amax amin max min", "maso", family="reduce")
 _add("maximum minimum fmax fmin", "maso", family="pairwise")
 _add("spline_activation", "maso", family="spline")  # splinelens' own op (``sl.splinify``)
-# Backward passes that vmap loops over (``Program.batched_rows``).
+# Backward passes that vmap loops over (``Program.batched_rows``): no batching rule in functorch.
 _set(
     "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d "
     "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
-    "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
+    "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d "
+    "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d",
     vmap_backward=False,
 )
 # What each op mixes: the batch dimension must not be among those dims.

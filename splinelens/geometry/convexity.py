@@ -109,6 +109,8 @@ class _Walk:
             label = self._label(r)
             if isinstance(r, Ref) and label in self.p.param_fqn.values():
                 self.constrained += [label] if label not in self.constrained else []
+        if info(name).coefficients == "kernel":
+            self._fail(f"{step.name} ({name}) weighs some inputs negatively (a cubic kernel)")
         negative = [self._label(r) for r in coeffs if self._negative(r)]
         if negative:  # recorded; the walk goes on to find every offending parameter
             self._fail(
