@@ -28,7 +28,8 @@ def test_registry_answers_what_each_op_is() -> None:
     assert info("softmax").kind == "g" and "final output" in info("softmax").why
     assert info("layer_norm").kind == "refused" and "statistic" in info("layer_norm").why
     assert info("gelu").kind == "refused" and info("no_such_op").kind == "refused"
-    assert info("flip").along_dim and not info("linear").along_dim
+    assert info("flip").mixes({"dims": [1]}, "self", 0, 2) == {1} and info("relu").mixes is None
+    assert info("reshape").regroups and not info("permute").regroups
     assert info("detach").rewrite is torch.ops.aten.alias.default
     assert info("view").view and info("detach").view and not info("linear").view
 

@@ -319,7 +319,7 @@ class _Compiler:
                 "each input must pass through the network on its own",
             )
         check_batch_kept(node, name, self.act, self.axes.symbol)
-        if name in _REGROUP and not self.axes.regroup(node, deps[0]):
+        if info(name).regroups and not self.axes.regroup(node, deps[0]):
             raise error(
                 node,
                 name,
@@ -335,9 +335,6 @@ class _Compiler:
         maso = make_maso(name, node, tuple(node.args[0].meta["val"].shape))
         self.layers.append(maso_layer(node, name, maso, self.axes, len(self.layers)))
         return maso
-
-
-_REGROUP = frozenset(["view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten"])
 
 
 def canonicalise(steps: tuple[Step, ...]) -> tuple[Step, ...]:

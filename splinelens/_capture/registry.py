@@ -41,24 +41,24 @@ class OpInfo:
 
     ``kind``: "affine", "maso", "shape" (reads only the activation's shape), "g" (the output
     nonlinearity) or "refused". ``operands``: for products, the argument positions of which at most
-    one may hold an activation. ``along_dim``: moves data along a ``dim`` argument (its ``mixes``
-    rule refuses that along the batch axis). Theorem 2: ``coefficients`` names the constants that
-    multiply a convex input ("weights": every constant operand but the bias at ``bias``; "scalars":
-    the constant factors of mul/div; "bn_weight": batchnorm's scale), which must be nonnegative
-    ("kernel": the op's own weights are not, as bicubic interpolation's);
-    ``signed``: a sum whose terms carry signs (a subtracted convex term breaks convexity); ``view``:
-    a view or copy through which a parameter keeps its name. ``family``: the MASO kind built by
-    ``make_maso``. ``rewrite``: the function run in place of the op (canonicalisation).
-    ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its backward under ``vmap``
-    (convolutions and max-pooling loop over the vmapped rows instead). ``mixes``: the dims of an
-    operand that one output entry reads several entries along (``mixing``), which must not hold the
-    batch; None for ops that keep every dim apart.
+    one may hold an activation. ``regroups``: a view that may merge or split dims, so it may
+    reinterpret the batch (``batch_axis``'s layout must say it does not). Theorem 2:
+    ``coefficients`` names the constants that multiply a convex input ("weights": every constant
+    operand but the bias at ``bias``; "scalars": the constant factors of mul/div; "bn_weight":
+    batchnorm's scale), which must be nonnegative ("kernel": the op's own weights are not, as
+    bicubic interpolation's); ``signed``: a sum whose terms carry signs (a subtracted convex term
+    breaks convexity); ``view``: a view or copy through which a parameter keeps its name.
+    ``family``: the MASO kind built by ``make_maso``. ``rewrite``: the function run in place of the
+    op (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
+    backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
+    ``mixes``: the dims of an operand that one output entry reads several entries along
+    (``mixing``), which must not hold the batch; None for ops that keep every dim apart.
     """
 
     name: str
     kind: str
     operands: tuple[int, ...] = ()
-    along_dim: bool = False
+    regroups: bool = False
     coefficients: str = ""
     bias: int | None = None
     signed: bool = False
@@ -115,11 +115,8 @@ _add(
 _set("batch_norm", coefficients="bn_weight")
 # cubic kernels weigh some neighbours negatively: they do not keep a convex input convex
 _set("upsample_bicubic2d _upsample_bicubic2d_aa", coefficients="kernel")
-_set(
-    "flip roll index_select gather narrow select slice split split_with_sizes chunk unbind "
-    "index diagonal unfold repeat_interleave cumsum",
-    along_dim=True,
-)
+# Views that may reinterpret the batch dim (merge it with others, or split it): checked by layout.
+_set("view reshape _unsafe_view view_copy flatten unflatten", regroups=True)
 _set(
     "t permute transpose view reshape _unsafe_view clone contiguous expand alias unsqueeze "
     "squeeze flatten _to_copy",
