@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.optim.swa_utils
 
 Tensor = torch.Tensor
 
@@ -70,11 +71,24 @@ def check_finite_numbers(name: str, values: Sequence[float]) -> None:
             )
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile`` wrapper (splinelens captures the eager model)."""
-    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-        model = model._orig_mod
-    return model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (splinelens captures the eager model), a
+    ``DataParallel`` or ``DistributedDataParallel``, or an ``AveragedModel`` (SWA / EMA): each
+    computes its module's function, through a ``forward(*args)`` that export cannot take."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, _WRAPPERS):
+            model = model.module
+        else:
+            return model
+
+
+_WRAPPERS = (
+    nn.DataParallel,
+    nn.parallel.DistributedDataParallel,
+    torch.optim.swa_utils.AveragedModel,
+)
 
 
 def layer_index(key: object, names: Sequence[str], what: str = "layer") -> int:

@@ -33,6 +33,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
@@ -166,7 +169,10 @@ def describe_change(old: Structure, new: Structure) -> str:
                 keys = _keys(o[i], n[i], differs)
                 where = f"{name}." if name else ""
                 names = ", ".join(f"'{where}{k}'" for k in keys)
-                return f"{what}(s) {names} re-registered or changed shape / dtype / device"
+                return (
+                    f"{what}(s) {names} re-registered or changed shape / memory layout / dtype / "
+                    f"device"
+                )
     return "the model changed"
 
 
@@ -219,7 +225,13 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = N
     if added is not None:  # most modules: the image of nn.Module's attributes is a constant
         own = _BASE_IMAGE + _pairs(added, objects, depth)
     else:
-        own = _pairs([kv for kv in d.items() if kv[0] not in _OWN], objects, depth)
+        redone = _recomputed(m)
+        items = [
+            (k, ("recomputed", v.shape, v.dtype, v.device) if k in redone else v)
+            for k, v in d.items()
+            if k not in _OWN
+        ]
+        own = _pairs(items, objects, depth)
     mine = _user_classes(type(m).__mro__)
     if not mine:
         return own, ()
@@ -228,6 +240,22 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = N
     if mine not in classes:
         classes[mine] = _class_attrs(mine, objects)
     return own, classes[mine]
+
+
+_RECOMPUTING = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _recomputed(m: nn.Module) -> set[str]:
+    """The tensor attributes that a forward pre-hook of pruning, or of the old weight_norm or
+    spectral_norm, binds anew at every call (``weight = weight_orig * weight_mask``): the graph
+    computes them from the registered tensors, so only their shape and dtype are recorded."""
+    names = set()
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, _RECOMPUTING):
+            name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
+            if isinstance(getattr(m, str(name), None), torch.Tensor):
+                names.add(name)
+    return names
 
 
 def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
@@ -259,27 +287,28 @@ def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:
 
 
 def _class_attrs(classes: tuple[type, ...], objects: dict) -> tuple:
-    """Read at every call, a class attribute can change: the settings (plain values and
-    containers of them) and the functions (methods: a patched ``forward``) of each class."""
+    """Read at every call, a class attribute can change: the settings (values, containers and
+    objects by their contents) and the functions and descriptors (a patched ``forward``, a
+    replaced property or staticmethod) by identity, of each class."""
     return tuple(
         [
-            (k, ("function", _keep(v, objects)) if type(v) is types.FunctionType else _value(v, {}))
+            (k, _class_attr(v, objects))
             for c in classes
             for k, v in vars(c).items()
-            if not k.startswith("__") and _is_setting(v)
+            if not k.startswith("__")
         ]
     )
 
 
-def _is_setting(v: Any) -> bool:
-    """A class attribute a forward pass may read: a plain value, a container of them, or a
-    function (by identity)."""
-    kind = type(v)
-    if kind in _PLAIN_TYPES or kind is types.FunctionType:
-        return True
-    if kind is tuple or kind is list:
-        return _PLAIN_TYPES.issuperset(map(type, v))
-    return kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, (*v, *v.values())))
+def _class_attr(v: Any, objects: dict) -> Any:
+    """The image of one class attribute (``_class_attrs``)."""
+    if type(v) is types.FunctionType:
+        return ("function", _keep(v, objects))
+    if isinstance(v, property):
+        return ("property", *(_keep(f, objects) if f else None for f in (v.fget, v.fset)))
+    if isinstance(v, (staticmethod, classmethod)):
+        return (type(v).__name__, _keep(v.__func__, objects))
+    return _value(v, objects)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -289,25 +318,31 @@ def _user_classes(mro: tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _tensors(d: dict[str, Any], objects: dict, depth: int = 0) -> tuple:
-    """(name, _tensor(t)) of each registered parameter or buffer, with the common case inline."""
+    """(name, _tensor(t)) of each registered parameter or buffer, with the common case inline,
+    by name (re-registering in another order, as ``remove_parametrizations`` does, changes
+    nothing that the graph reads)."""
     out = []
     for k, t in d.items():
         if type(t) in _EAGER and not vars(t):
             objects[id(t)] = weakref.ref(t)
-            out.append((k, (id(t), t.shape, t.dtype, t.device, ())))
+            out.append((k, (id(t), t.shape, t.stride(), t.dtype, t.device, ())))
         else:
             out.append((k, None if t is None else _tensor(t, objects, depth)))
-    return tuple(out)
+    return tuple(sorted(out, key=_first)) if len(out) > 1 else tuple(out)
+
+
+_first = operator.itemgetter(0)
 
 
 def _tensor(t: torch.Tensor, objects: dict, depth: int) -> tuple:
-    """(id, shape, dtype, device, attributes set on it) of a tensor; ("lazy", id) if lazy."""
+    """(id, shape, strides, dtype, device, attributes set on it) of a tensor (strides: a
+    model moved to channels_last runs other kernels); ("lazy", id) if lazy."""
     objects[id(t)] = weakref.ref(t)
     if isinstance(t, nn.parameter.UninitializedTensorMixin):  # no shape yet
         return ("lazy", id(t))
     extra = vars(t)  # attributes set on a parameter
     image = _value(extra, objects, depth + 1) if extra else ()
-    return (id(t), t.shape, t.dtype, t.device, image)
+    return (id(t), t.shape, t.stride(), t.dtype, t.device, image)
 
 
 def _value(v: Any, objects: dict, depth: int = 0) -> Any:
@@ -345,21 +380,23 @@ def _image(v: Any, objects: dict, depth: int) -> Any:
     if isinstance(v, functools.partial):
         args, keywords = _value(v.args, objects, d), _value(v.keywords, objects, d)
         return ("partial", _keep(v.func, objects), args, keywords)
-    if isinstance(v, types.FunctionType):
-        cells = tuple(_cell(c) for c in v.__closure__ or ())
-        inputs = _value((v.__defaults__, v.__kwdefaults__, cells), objects, d)
-        return ("function", _keep(v, objects), inputs)
-    if isinstance(v, types.MethodType):
-        return ("method", _keep(v.__func__, objects), _keep(v.__self__, objects))
+    if isinstance(v, types.FunctionType):  # what it reads, each at the function's own depth
+        cells = tuple(_value(_cell(c), objects, d) for c in v.__closure__ or ())
+        defaults = _value(v.__defaults__, objects, d), _value(v.__kwdefaults__, objects, d)
+        return ("function", _keep(v, objects), *defaults, cells)
+    if isinstance(v, types.MethodType):  # the state of the object it is bound to, too
+        bound = v.__self__
+        state = _keep(bound, objects) if isinstance(bound, nn.Module) else _image(bound, objects, d)
+        return ("method", _keep(v.__func__, objects), state)
     if hasattr(v, "__dict__") and not isinstance(v, (type, types.ModuleType)):
         # SimpleNamespace, dataclasses, ...
-        return ("object", _keep(v, objects), _value(vars(v), objects, d))
+        return ("object", _keep(v, objects), _pairs(list(vars(v).items()), objects, d))
     if isinstance(v, np.ndarray):  # changed in place: seen by its bytes
         data = np.ascontiguousarray(v).view(np.uint8)  # (no copy if contiguous)
         return ("ndarray", _keep(v, objects), v.shape, str(v.dtype), zlib.crc32(data))
     if dataclasses.is_dataclass(v) and not isinstance(v, type):  # dataclass(slots=True)
         fields = {f.name: getattr(v, f.name, None) for f in dataclasses.fields(v)}
-        return ("object", _keep(v, objects), _value(fields, objects, d))
+        return ("object", _keep(v, objects), _pairs(list(fields.items()), objects, d))
     return ("same", _keep(v, objects))
 
 

@@ -33,7 +33,8 @@ from splinelens._tensors import model_state, version
 
 Tensor = torch.Tensor
 _CHANGED = (
-    "the model's parameters or buffers changed after this AffineMap was made; "
+    "the model's parameters or buffers (or a tensor its hooks hold) changed after this "
+    "AffineMap was made; "
     "compute a new one with sl.affine_map(model, x)"
 )
 
@@ -100,9 +101,12 @@ class AffineMap:
             raise ValueError(_CHANGED)
 
     def _params(self) -> tuple:
-        """The tensors the program reads (integer buffers too) and x, with version counters:
-        a re-registered tensor or an in-place change of an index buffer or of x is seen."""
-        return tuple((id(t), version(t)) for t in (*self.program.live_params(), self.x))
+        """The tensors the program reads (integer buffers and constants too) and x, with version
+        counters: a re-registered tensor or an in-place change of an index buffer, of a tensor
+        a hook holds or of x is seen."""
+        prog = self.program
+        tensors = (*prog.live_params(), *prog.constants.values(), self.x)
+        return tuple((id(t), version(t)) for t in tensors)
 
     @property
     def states(self) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from splinelens._checks import (
     check_overflow,
     check_positive_int,
     layer_index,
-    unwrap_compiled,
+    unwrap_model,
 )
 from splinelens._fingerprint import ModelTensors, all_finite, check_model_finite
 from splinelens._precision import exact_matmul
@@ -50,7 +50,7 @@ class SplineView:
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
-        model = unwrap_compiled(model)
+        model = unwrap_model(model)
         check_input("example_input", example_input)
         check_dtype(model, example_input, "example_input")
         inference = [name for name, t in model_tensors(model) if t.is_inference()]
@@ -65,7 +65,7 @@ class SplineView:
         self.program = capture(model, example_input)
         # after the capture's forward (lazy modules get their weights), while the structure holds
         self.structure = structure(model)
-        self.tensors = ModelTensors(list(model_state(model)))
+        self.tensors = ModelTensors(_program_state(model, self.program))
         self.input_shape = tuple(example_input.shape[1:])
         self.dtype = model_dtype(model)  # (the structure records dtypes)
         # held weakly: a cached view must not keep its model alive
@@ -205,6 +205,18 @@ class SplineView:
         self.program.batch.check(n)
 
 
+def _program_state(model: nn.Module, program: Program) -> list[tuple[str, Tensor]]:
+    """The model's floating tensors (``model_state``) and the program's other floating constants
+    (tensors a hook's closure holds): what the checks and fingerprints cover."""
+    named = list(model_state(model))
+    seen = {id(t) for _, t in named}
+    for name, t in program.constants.items():
+        if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in seen:
+            seen.add(id(t))
+            named.append((f"constant '{name}' of the captured graph", t))
+    return named
+
+
 def layer_codes(program: Program, states: dict[str, Tensor], n: int) -> PartitionCodes:
     """The partition codes of n inputs from their recorded MASO states (Sec. 7, eq. (14))."""
     return PartitionCodes(
@@ -275,7 +287,7 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     lies outside the range of every cached capture (a forward that branches on it).
     ``values``: False leaves x's values and the weights' to the caller (as ``SplineView.check``).
     """
-    model = unwrap_compiled(model)
+    model = unwrap_model(model)
     check_input("x", x, values)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     now = structure(model)

@@ -241,8 +241,10 @@ def test_fast_attribute_images_equal_the_general_ones(name: str) -> None:
         general = tuple((k, _structure._value(v, objects)) for k, v in items)
         assert _structure._attrs(m, objects)[0] == general
         for d in (m._parameters, m._buffers):
-            ref = tuple(
-                (k, t if t is None else _structure._tensor(t, objects, 0)) for k, t in d.items()
+            ref = tuple(  # by name: the order of registration is not the graph's
+                sorted(
+                    (k, t if t is None else _structure._tensor(t, objects, 0)) for k, t in d.items()
+                )
             )
             assert _structure._tensors(d, objects) == ref
 

@@ -186,6 +186,101 @@ def test_training_mode_after_capture_is_refused() -> None:
         view.partition_codes(x)
 
 
+class _HelperReadsMode(nn.Module):
+    """A forward whose helper method, not forward itself, reads ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def scale(self) -> float:
+        return 2.0 if self.training else 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale())
+
+
+def _spectral_norm() -> nn.Module:
+    """A spectral-normalised layer (parametrization): a power iteration in training mode."""
+    model = Inner(nn.ReLU())
+    nn.utils.parametrizations.spectral_norm(model.head)
+    return model
+
+
+@pytest.mark.parametrize("make", [_HelperReadsMode, _spectral_norm])
+def test_training_mode_read_outside_forward_is_refused_after_capture(make) -> None:
+    torch.manual_seed(0)
+    model, x = make().double().eval(), torch.randn(3, 4, dtype=torch.float64)
+    _ = sl.affine_map(model, x).B  # a capture in eval mode, cached
+    view = sl.SplineView(model, x)
+    model.train()  # the model now computes another function
+    for call in (lambda: sl.affine_map(model, x).B, lambda: view.affine_map(x)):
+        with pytest.raises(sl.UnsupportedOperationError, match=r"training mode.*model\.eval"):
+            call()
+
+
+class _Exporting(nn.Module):
+    """A forward that computes something else while exported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        return -h if torch.compiler.is_exporting() else h
+
+
+class _ChangesInput(nn.Module):
+    """A forward that changes its input in place (``clamp_``: only where x is out of range)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.fc, self.op = nn.Linear(4, 3), op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(1.0) if self.op == "sub_" else x.clamp_(-100.0, 100.0)
+        return self.fc(torch.relu(x))
+
+
+def test_a_forward_that_computes_otherwise_when_exported_is_refused() -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match="another function when exported"):
+        sl.affine_map(_Exporting().eval(), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("op", ["sub_", "clamp_"])
+def test_a_forward_that_changes_its_input_is_refused_and_the_input_kept(op: str) -> None:
+    x = torch.randn(3, 4)
+    before = x.clone()
+    with pytest.raises(sl.UnsupportedOperationError, match="changes its input x in place"):
+        sl.SplineView(_ChangesInput(op).eval(), x)
+    assert torch.equal(x, before)
+
+
+def test_a_capture_inside_parametrize_cached_is_refused() -> None:
+    """Export would keep the cached weight as a constant: a later change of the parametrized
+    original would not reach the capture. Made outside, a capture is exact inside the block."""
+    torch.manual_seed(0)
+    model, x = Inner(nn.ReLU()).double().eval(), torch.randn(3, 4, dtype=torch.float64)
+    nn.utils.parametrize.register_parametrization(model.head, "weight", _Scaled())
+    refused = pytest.raises(sl.UnsupportedOperationError, match=r"parametrize\.cached\(\)")
+    with nn.utils.parametrize.cached(), refused:
+        sl.affine_map(model, x)
+    view = sl.SplineView(model, x)
+    sl.affine_map(model, x)  # the plain functions' capture, made outside too
+    with torch.no_grad():
+        model.head.parametrizations.weight.original.mul_(-1.0)
+    with nn.utils.parametrize.cached():
+        for amap in (view.affine_map(x), sl.affine_map(model, x)):
+            f = torch.einsum("ncd,nd->nc", amap.A, x) + amap.B
+            torch.testing.assert_close(f, model(x), rtol=0, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2.0 * w
+
+
 def test_batchnorm_without_running_stats_is_refused() -> None:
     model = Inner(nn.BatchNorm1d(6, track_running_stats=False)).eval()
     with pytest.raises(sl.UnsupportedOperationError, match="batch statistics"):

@@ -12,6 +12,7 @@ import functools
 import gc
 import itertools
 import types
+import typing
 import weakref
 
 import numpy as np
@@ -627,16 +628,91 @@ MORE_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", [*CHANGES, *MORE_CHANGES])
+class _Slope:
+    """A helper object whose bound methods a model holds (an activation, a hook)."""
+
+    def __init__(self, slope: float) -> None:
+        self.slope = slope
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(z, self.slope)
+
+    def hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * (1.0 + self.slope)
+
+
+def _deep(slope: float) -> types.SimpleNamespace:
+    """A config four objects deep: cfg.model.head.act.slope."""
+    ns = types.SimpleNamespace
+    return ns(model=ns(head=ns(act=ns(slope=slope))))
+
+
+class DeeplyConfigured(nn.Module):
+    """Settings in nested class attributes, a property, a staticmethod, bound methods of a
+    helper object (an activation and a hook), a deep config and a hook's nested closure."""
+
+    OPTS: typing.ClassVar[dict] = {"act": {"slope": 0.1}}
+    NS = types.SimpleNamespace(slope=0.1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+        self.act = _Slope(0.1).apply
+        self.cfg = _deep(0.1)
+        self.fc.register_forward_hook(_Slope(0.1).hook)
+        opts = {"head": {"act": {"scale": 1.0}}}
+        self.fc.register_forward_hook(lambda m, a, out: out * opts["head"]["act"]["scale"])
+
+    @property
+    def gain(self) -> float:
+        return 1.0
+
+    @staticmethod
+    def shift(z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.shift(self.fc(x)) * self.gain
+        return (
+            self.act(z)
+            + F.leaky_relu(z, self.OPTS["act"]["slope"])
+            + F.leaky_relu(z, self.NS.slope)
+            + F.leaky_relu(z, self.cfg.model.head.act.slope)
+        )
+
+
+def _closure(hook: object) -> dict:
+    return hook.__closure__[0].cell_contents  # type: ignore[attr-defined]
+
+
+DEEP_CHANGES = {
+    "class nested dict": lambda m: type(m).OPTS["act"].__setitem__("slope", 0.9),
+    "class object": lambda m: setattr(type(m).NS, "slope", 0.9),
+    "property": lambda m: setattr(type(m), "gain", property(lambda self: 2.0)),
+    "staticmethod": lambda m: setattr(type(m), "shift", staticmethod(lambda z: z + 1.0)),
+    "bound method's object": lambda m: setattr(m.act.__self__, "slope", 0.9),
+    "bound method hook's object": lambda m: setattr(
+        next(iter(m.fc._forward_hooks.values())).__self__, "slope", 0.9
+    ),
+    "config four objects deep": lambda m: setattr(m.cfg.model.head.act, "slope", 0.9),
+    "hook closure three dicts deep": lambda m: _closure(list(m.fc._forward_hooks.values())[1])[
+        "head"
+    ]["act"].__setitem__("scale", 3.0),
+}
+
+
+@pytest.mark.parametrize("change", [*CHANGES, *MORE_CHANGES, *DEEP_CHANGES])
 def test_settings_read_from_objects_lists_partials_and_classes_are_followed(change: str) -> None:
     """Each change is seen: the plain function captures again (reference: jacrev of the model
     as it is now), a held view refuses."""
-    base = Configured if change in CHANGES else MoreConfigured
+    bases = {**dict.fromkeys(CHANGES, Configured), **dict.fromkeys(DEEP_CHANGES, DeeplyConfigured)}
+    base = bases.get(change, MoreConfigured)
     cls = type(f"{base.__name__}Copy", (base,), {})  # class attributes stay per test
     model, x = cls().double().eval(), torch.randn(5, 3, dtype=F64)
     view = sl.SplineView(model, x)
     assert_exact(model, x)
-    {**CHANGES, **MORE_CHANGES}[change](model)
+    {**CHANGES, **MORE_CHANGES, **DEEP_CHANGES}[change](model)
     assert_exact(model, x)
     with pytest.raises(sl.StaleCaptureError, match="changed its"):
         view.affine_map(x)
@@ -687,6 +763,91 @@ def test_units_permuted_through_data_are_seen_by_a_map() -> None:
     assert not torch.allclose(stale.A, jac, atol=TOL)
     with pytest.raises(ValueError, match="changed after this AffineMap"):
         _ = amap.A
+
+
+@pytest.mark.parametrize("how", ["in place", "through .data"])
+def test_a_map_refuses_a_change_of_a_tensor_a_hook_holds(how: str) -> None:
+    """A tensor in a hook's closure is a constant of the captured graph, outside the model's
+    parameters and buffers: a map made before it changed refuses, as for a weight."""
+    model, x = mlp(3, 5, 5, 2), torch.randn(4, 3, dtype=F64)
+    gain = torch.ones(5, dtype=F64)
+    model[2].register_forward_hook(lambda m, a, out: out * gain)
+    amap = sl.affine_map(model, x)
+    _ = amap.B  # states recorded with gain = 1
+    with torch.no_grad():
+        (gain if how == "in place" else gain.data).mul_(-1.0)
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = amap.A
+    assert_exact(model, x)  # a new map answers for the model as it is now
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_weights_rebound_by_pruning_or_old_norm_hooks_keep_a_view_valid(kind: str) -> None:
+    """Pruning and the old weight_norm / spectral_norm bind ``weight`` anew in a pre-hook at
+    every forward pass (from ``weight_orig`` and a mask, or g and v): the graph computes it, so a
+    held view stays valid after ``model(x)`` and is exact; a change of the mask is followed."""
+    model, x = mlp(3, 5, 5, 2), torch.randn(4, 3, dtype=F64)
+    if kind == "prune":
+        nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.4)
+    elif kind == "weight_norm":
+        nn.utils.weight_norm(model[2])
+    else:
+        nn.utils.spectral_norm(model[2])
+    view = sl.SplineView(model, x)
+    with torch.no_grad():
+        model(x)  # the pre-hook binds model[2].weight anew
+        if kind == "prune":
+            model[2].weight_mask[0, 0] = 1 - model[2].weight_mask[0, 0]
+    amap = view.affine_map(x)
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(amap.A, jac, atol=TOL)
+    assert_exact(model, x)
+
+
+def test_a_model_moved_to_channels_last_is_captured_again() -> None:
+    """Its weights keep their identity but not their layout, and other kernels run: the plain
+    functions capture again (exact), a held view refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(8, 3)
+    )
+    model, x = model.double().eval(), torch.randn(3, 2, 4, 4, dtype=F64)
+    view = sl.SplineView(model, x)
+    _ = sl.affine_map(model, x).B
+    model.to(memory_format=torch.channels_last)
+    with pytest.raises(sl.StaleCaptureError, match="memory layout"):
+        view.affine_map(x)
+    amap = sl.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0] for xi in x]).flatten(2)
+    assert torch.allclose(amap.A.flatten(2), jac, atol=TOL)
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "AveragedModel"])
+def test_wrappers_with_a_varargs_forward_are_read_through(wrap: str) -> None:
+    """Their forward(*args) computes the wrapped module's function: captured through it."""
+    model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
+    if wrap == "DataParallel":
+        wrapped = nn.DataParallel(model)
+    else:
+        wrapped = torch.optim.swa_utils.AveragedModel(model).eval()
+    jac = torch.stack([torch.func.jacrev(wrapped)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(sl.affine_map(wrapped, x).A, jac, atol=TOL)
+
+
+def test_a_parametrization_added_and_removed_keeps_a_view_valid() -> None:
+    """remove_parametrizations(leave_parametrized=True) puts the parametrized value into the
+    original parameter and registers it again, after the bias: same tensors, read live."""
+    model, x = mlp(3, 5, 2), torch.randn(4, 3, dtype=F64)
+    view = sl.SplineView(model, x)
+    nn.utils.parametrize.register_parametrization(model[2], "weight", _Negated())
+    nn.utils.parametrize.remove_parametrizations(model[2], "weight", leave_parametrized=True)
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0, :, 0] for xi in x])
+    assert torch.allclose(view.affine_map(x).A, jac, atol=TOL)
+
+
+class _Negated(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return -w
 
 
 def test_non_finite_tensor_attributes_are_named() -> None:

@@ -20,6 +20,7 @@ import functools
 import inspect
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -88,16 +89,29 @@ def mode_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @functools.cache
 def _mode_dependent(cls: type) -> bool:
-    """Whether a module class behaves differently in training mode (own classes: if their
-    forward reads ``self.training``; unreadable source counts as dependent)."""
+    """Whether a module class behaves differently in training mode: batchnorm, dropout and the
+    like, and any class whose code (any method, its bases' too) reads a ``.training``, as
+    spectral norm's parametrization does, or a helper method of yours. Own classes whose source
+    cannot be read count as dependent; a function outside the class that reads a module's mode
+    is not seen."""
     if issubclass(cls, _MODE_DEPENDENT):
         return True
-    if cls.__module__.startswith("torch."):
-        return False
-    try:
-        return "training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return True
+    own = not cls.__module__.startswith("torch.")
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            continue
+        try:
+            source = inspect.getsource(base)
+        except (OSError, TypeError):
+            if own and not base.__module__.startswith("torch."):
+                return True
+            continue
+        if _READS_MODE.search(source):
+            return True
+    return False
+
+
+_READS_MODE = re.compile(r"\.training\b|[\"']training[\"']")
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> Program:
@@ -117,10 +131,13 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
         raise ValueError("example_input must have a batch dimension first, e.g. shape (N, ...)")
     if example.shape[0] == 0:
         raise ValueError("x holds no inputs (batch size 0)")
+    _check_not_cached()
     reps = (2, *([1] * (example.dim() - 1)))
     ex = example.detach() if example.shape[0] >= 2 else example.detach().repeat(*reps)
-    _check_runs(model, ex[:2])
+    out = _check_runs(model, ex[:2])
     ep = _export(model, ex)
+    if ep.graph_signature.user_inputs_to_mutate:  # (a change that left this x as it was)
+        raise _changes_input(model)
     prog = _Compiler(model, ep).compile()
     batch = BatchSizes.of(
         ep,
@@ -129,7 +146,12 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
         ex,
         functools.partial(_output, prog),
     )
-    return dataclasses.replace(prog, batch=batch)
+    prog = dataclasses.replace(prog, batch=batch)
+    if batch.accepts(2):  # (else the graph holds for other batch sizes: compare on ex itself)
+        _check_same(model, prog, ex[:2], out)
+    else:
+        _check_same(model, prog, ex, _check_runs(model, ex))
+    return prog
 
 
 def _output(prog: Program, x: torch.Tensor) -> torch.Tensor:
@@ -139,17 +161,70 @@ def _output(prog: Program, x: torch.Tensor) -> torch.Tensor:
     return apply_g(prog.output_g, out)
 
 
-def _check_runs(model: nn.Module, x: torch.Tensor) -> None:
-    """Run the model once on x: a clear error when the input does not fit it (wrong shape)."""
+def _check_runs(model: nn.Module, x: torch.Tensor) -> Any:
+    """Run the model once on a copy of x and return its output: a clear error when the input
+    does not fit it (wrong shape), or when forward changes its input in place (x stays as it
+    is: the copy is changed)."""
+    copy = x.clone()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model(x)
+            out = model(copy)
     except Exception as e:
         raise ValueError(
             f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
             f"{type(e).__name__}: {_first_line(e)}. Pass inputs the model accepts (shape, dtype)"
         ) from e
+    if not torch.equal(copy, x):
+        raise _changes_input(model)
+    return out
+
+
+def _changes_input(model: nn.Module) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        "an in-place change of the input",
+        type(model).__name__,
+        "changes its input x in place (x.sub_(...), an in-place activation on x), which "
+        "splinelens would have to repeat on your tensors",
+        "make forward leave x as it is (x = x - ..., or x = x.clone() first)",
+    )
+
+
+def _check_not_cached() -> None:
+    """Refuse to capture inside ``torch.nn.utils.parametrize.cached()``: the export would read the
+    cached weights as constants, which later changes of the parametrized originals never reach."""
+    if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
+        raise UnsupportedOperationError(
+            "torch.nn.utils.parametrize.cached()",
+            "the capture",
+            "runs inside parametrize.cached(), whose cached weights the capture would keep as "
+            "constants, stale after the next change of the parametrized parameters",
+            "capture outside the cached() block (a capture made there may be used inside it)",
+        )
+
+
+def _check_same(model: nn.Module, prog: Program, x: torch.Tensor, expected: Any) -> None:
+    """Refuse a program whose output on x is not the model's (``expected``, as it returned it):
+    a forward that branches on ``torch.compiler.is_exporting()`` or reads state that export
+    sees otherwise. Tolerance: as ``verify``'s, 1e4 machine epsilons of max |f(x)|, <= 1e-2."""
+    if not isinstance(expected, torch.Tensor) or not expected.is_floating_point():
+        return  # (the compiler refuses other outputs)
+    got = _output(prog, x)
+    want = expected.movedim(prog.bdims[prog.output_name], 0)
+    if got.shape != want.shape or not bool(torch.isfinite(want).all()):
+        return  # (a non-finite output is refused where it is used)
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    if err > min(1e4 * torch.finfo(want.dtype).eps, 1e-2) * max(scale, 1.0):
+        raise UnsupportedOperationError(
+            "torch.export",
+            type(model).__name__,
+            f"computes another function when exported than when run (max difference {err:.3g} "
+            f"for outputs up to {scale:.3g}): its forward branches on "
+            f"torch.compiler.is_exporting() / is_compiling(), or reads state that the export "
+            f"sees otherwise",
+            "make forward compute the same whether it is exported or not",
+        )
 
 
 def _first_line(e: BaseException) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._checks import unwrap_compiled
+from splinelens._checks import unwrap_model
 from splinelens._tensors import float64_copy
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
@@ -145,7 +145,7 @@ def slice_partition(
     A float32 model is analysed through a float64 copy.
     """
     start = time.perf_counter()
-    model64 = float64_copy(unwrap_compiled(model))
+    model64 = float64_copy(unwrap_model(model))
     origin, dirs, bounds, anchors = make_plane(model64, origin, directions, bounds, points, margin)
     view = view_of(model64, torch.stack([origin, origin + dirs[0], origin + dirs[1]]))
     plane = Plane(view, origin, dirs)
