@@ -1,5 +1,8 @@
 """The structure of a module tree, cheap to compare: a capture is valid while it is unchanged.
 
+A module class may name small tensors its graph depends on in ``__splinelens_values__``
+(a spline activation's knots and pieces): they are recorded by value.
+
 A capture (``torch.export``) freezes the graph of the model as it was: which submodules run,
 their settings (strides, slopes, ``inplace``...), hooks, plain tensor attributes (exported as
 constants) and the identity, shape and dtype of parameters and buffers. Parameter *values* are
@@ -109,7 +112,7 @@ def _row(
     class attributes already read in this walk)."""
     objects[id(m)] = weakref.ref(m)
     params, buffers = m._parameters, m._buffers
-    return (
+    row = (
         name,
         id(m),
         type(m),
@@ -117,6 +120,8 @@ def _row(
         _tensors(params, objects, depth) if params else (),
         _tensors(buffers, objects, depth) if buffers else (),
     )
+    by_value = getattr(type(m), "__splinelens_values__", ())
+    return row + tuple((k, tuple(getattr(m, k).tolist())) for k in by_value) if by_value else row
 
 
 def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
@@ -164,6 +169,9 @@ def describe_change(old: Structure, new: Structure) -> str:
             which = "attribute(s)" if i == 0 else "class attribute(s)"
             keys = _keys(o[3][i], n[3][i], differs)
             return f"module '{_label(name)}' changed its {which} {', '.join(keys)}"
+        if differs(o[6:], n[6:]):  # (``__splinelens_values__``)
+            keys = ", ".join(_keys(o[6:], n[6:], differs))
+            return f"module '{_label(name)}' changed the values of {keys}"
         for what, i in (("parameter", 4), ("buffer", 5)):
             if differs(o[i], n[i]):
                 keys = _keys(o[i], n[i], differs)

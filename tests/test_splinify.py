@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -74,6 +75,47 @@ def test_spline_stays_float64_and_survives_saving() -> None:
     other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     z = torch.randn(50, dtype=F64)
     assert torch.equal(other[1](z), act(z))  # the lookup tables follow the loaded knots
+
+
+def test_a_loaded_spline_of_other_pieces_is_not_certified() -> None:
+    """The state holds the pieces, not the certificate: loading other pieces drops it."""
+    gelu = sl.splinify(nn.Sequential(nn.Linear(2, 3), nn.GELU()), pieces=12)[1]
+    tanh = sl.splinify(nn.Sequential(nn.Linear(2, 3), nn.Tanh()), pieces=12)[1]
+    again = sl.splinify(nn.Sequential(nn.Linear(2, 3), nn.GELU()), pieces=12)[1]
+    again.load_state_dict(gelu.state_dict())  # the same pieces: still certified
+    assert again.sup_error == gelu.sup_error < 0.1
+    gelu.load_state_dict(tanh.state_dict())
+    assert math.isinf(gelu.sup_error) and "not certified" in repr(gelu)
+
+
+@pytest.mark.parametrize("where", ["knots", "pieces"])
+def test_pieces_changed_in_place_are_followed_by_the_model_and_every_capture(where: str) -> None:
+    """An EMA step or a write through .data changes the spline in place: the module's lookup
+    tables follow at its next call, a held capture refuses, a new one is exact (references:
+    the explicit piece, and jacrev)."""
+    torch.manual_seed(0)
+    model = sl.splinify(nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Linear(6, 2)), pieces=20)
+    model, x = model.double().eval(), torch.randn(16, 3, dtype=F64)
+    act = model[1]
+    view = sl.SplineView(model, x)
+    _ = sl.affine_map(model, x).B  # the plain functions' capture
+    with torch.no_grad():
+        if where == "knots":  # p(z - 1/64): the knots move, the spline stays continuous
+            act.knots.data += 1.0 / 64
+            act.intercepts.data -= act.slopes / 64
+        else:
+            act.slopes.mul_(1.5)
+            act.intercepts.mul_(1.5)
+    with pytest.raises(sl.StaleCaptureError, match="changed the values of"):
+        view.affine_map(x)
+    amap = sl.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(model)(xi[None])[0] for xi in x])
+    torch.testing.assert_close(amap.A, jac.squeeze(2), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        h = model[0](x)
+        k = torch.bucketize(h, act.knots)
+        explicit = model[2](act.slopes[k] * h + act.intercepts[k])
+        torch.testing.assert_close(model(x), explicit, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -222,6 +264,17 @@ def test_rnn_unrolled_equals_torch_rnn() -> None:
             for a, b in zip(unrolled(x, h0), rnn(x, h0)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert dict(unrolled.named_parameters()).keys() == dict(rnn.named_parameters()).keys()
+
+
+def test_a_model_that_is_itself_an_activation_or_rnn_is_replaced() -> None:
+    """splinify(nn.RNN(tanh)) and splinify(nn.GELU()) returned the model unchanged."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 4, batch_first=True).double()
+    splined = sl.splinify(rnn, pieces=40)
+    x = torch.randn(2, 5, 3, dtype=F64)
+    assert isinstance(splined, SplineRNN)
+    assert 0 < (splined(x)[0] - rnn(x)[0]).abs().max() < 0.05
+    assert isinstance(sl.splinify(nn.GELU(), pieces=12), sl.SplineActivation)
 
 
 def test_every_activation_module_is_replaced_with_its_parameters() -> None:

@@ -17,6 +17,7 @@ from splinelens.paper.report import report
 from splinelens.paper.sweep import load_runs, run_id, run_sweep
 from splinelens.paper.train import (
     DivergedError,
+    checkpoint_problem,
     load_checkpoint,
     load_data,
     make_model,
@@ -308,6 +309,26 @@ def test_sweep_reruns_corrupt_records(tmp_path, monkeypatch) -> None:
     assert sorted(calls) == [0.0, 1.0]  # the valid run is not trained again
     assert [r["status"] for r in rows] == ["finished"] * 3
     assert json.loads(truncated.read_text())["status"] == "finished"
+
+
+def test_sweep_with_checkpoints_retrains_runs_whose_checkpoint_is_lost(tmp_path, monkeypatch):
+    """With checkpoints, a finished run is done only with a readable checkpoint: a truncated
+    one and a deleted one are trained again, with a warning each; the others are not."""
+    run_sweep(BASE, [0.0, 1.0, 2.0], seeds=1, out=tmp_path, checkpoints=True)
+    ckpts = sorted((tmp_path / "runs").glob("*.safetensors"))
+    assert len(ckpts) == 3
+    ckpts[0].write_bytes(ckpts[0].read_bytes()[:50])
+    ckpts[1].unlink()
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c) or real(c, *a))
+    with pytest.warns(sweep_mod.RunRecordWarning, match="checkpoint is missing or unreadable"):
+        run_sweep(BASE, [0.0, 1.0, 2.0], seeds=1, out=tmp_path, checkpoints=True)
+    assert sorted(run_id(c) for c in calls) == sorted(p.stem for p in ckpts[:2])
+    assert all(checkpoint_problem(p) == "" for p in ckpts)
+    calls.clear()
+    run_sweep(BASE, [0.0, 1.0, 2.0], seeds=1, out=tmp_path)  # without: the records suffice
+    assert calls == []
 
 
 def test_plot_sweep_skips_corrupt_records(tmp_path) -> None:

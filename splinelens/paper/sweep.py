@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from splinelens.paper.files import write_csv, write_json
 from splinelens.paper.records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
 from splinelens.paper.train import (
     DivergedError,
+    checkpoint_problem,
     load_data,
     runtime,
     save_checkpoint,
@@ -118,7 +120,7 @@ def run_sweep(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     _check_same_sweep(out, base)
     write_json(out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds})
-    todo = [c for c in grid if not _done(out, c)]
+    todo = [c for c in grid if not _done(out, c, checkpoints=checkpoints)]
     save = str(out.resolve() / "runs") if checkpoints else None
     with Locks(timeout) as locks:
         if backend == "local":
@@ -177,12 +179,12 @@ def _lock_timeout(seconds: float | None) -> float:
     return value
 
 
-def _claim(out: Path, cfg: TrainConfig, locks: Locks) -> bool:
+def _claim(out: Path, cfg: TrainConfig, locks: Locks, save: str | None) -> bool:
     """Lock the run for this process; False if another holds it or it finished meanwhile."""
     lock = _lock_path(out, cfg)
     if not locks.acquire(lock):
         return False
-    if _done(out, cfg, warn=False):  # finished by another process since we looked
+    if _done(out, cfg, warn=False, checkpoints=save is not None):  # finished meanwhile
         locks.release(lock)
         return False
     return True
@@ -196,7 +198,7 @@ def _run_local(out: Path, todo: list[TrainConfig], locks: Locks, save: str | Non
     """Claim, train, write, release: one run at a time."""
     data = None
     for cfg in todo:
-        if not _claim(out, cfg, locks):
+        if not _claim(out, cfg, locks, save):
             continue
         try:
             data = load_data(cfg) if data is None else data  # once, for the first run we own
@@ -268,7 +270,7 @@ def _run_ray(
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     gpus = 1 if torch.cuda.is_available() else 0
     task = ray.remote(num_gpus=gpus)(run_one)
-    mine = [cfg for cfg in todo if _claim(out, cfg, locks)]
+    mine = [cfg for cfg in todo if _claim(out, cfg, locks, save)]
     pending = [task.remote(cfg, None, save) for cfg in mine]
     while pending:  # write each run as soon as it finishes
         done, pending = ray.wait(pending, num_returns=1)
@@ -278,10 +280,18 @@ def _run_ray(
     # locks of runs that raised are released when ``locks`` closes
 
 
-def _done(out: Path, cfg: TrainConfig, warn: bool = True) -> bool:
-    """Whether the run has a valid record (an invalid one is named in a warning)."""
+def _done(out: Path, cfg: TrainConfig, warn: bool = True, checkpoints: bool = False) -> bool:
+    """Whether the run has a valid record (an invalid one is named in a warning) and, with
+    ``checkpoints``, a finished one a readable checkpoint (else it is trained again)."""
     path = out / "runs" / f"{run_id(cfg)}.json"
-    return read_record(path, "it will be re-run" if warn else "") is not None
+    rec = read_record(path, "it will be re-run" if warn else "")
+    if rec is None or not checkpoints or rec["status"] != "finished":
+        return rec is not None
+    why = checkpoint_problem(path.with_suffix(".safetensors"))
+    if why and warn:
+        msg = f"{path.stem}: its checkpoint is missing or unreadable ({why}); it will be re-run"
+        warnings.warn(msg, RunRecordWarning, stacklevel=3)
+    return not why
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:

@@ -272,6 +272,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+def checkpoint_problem(path: str | Path) -> str:
+    """What keeps ``path`` from being a readable checkpoint ("" if nothing): missing, truncated,
+    or not a state dict."""
+    try:
+        _read_state(Path(path))
+    except (OSError, ValueError) as e:
+        return _first_line(e)
+    return ""
+
+
 def _read_state(path: Path) -> dict[str, Tensor]:
     """The state dict stored at ``path`` (safetensors, or a ``torch.save``d dict of tensors)."""
     load = _loader(path)  # outside the try: a missing safetensors is an ImportError

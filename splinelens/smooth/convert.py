@@ -107,6 +107,7 @@ def splinify(
         raise ValueError("give tol (a certified error bound) or pieces (the number of pieces)")
     splined = copy.deepcopy(model)
     budget = {"tol": tol, "pieces": pieces}
+    splined = _replacement(splined, budget) or splined  # the model itself an activation / RNN
     _replace_modules(splined, budget)
     redirect = Redirect(budget)
     splined.register_forward_pre_hook(redirect.enter)

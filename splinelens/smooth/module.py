@@ -16,6 +16,7 @@ tensor([-1.0000,  0.5000,  1.0000])
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,8 @@ class SplineActivation(nn.Module):
     knots: Tensor
     slopes: Tensor
     intercepts: Tensor
+    # compared by value at every capture check: the lookup tables follow them (``_follow``)
+    __splinelens_values__ = ("knots", "slopes", "intercepts")
 
     def __init__(
         self,
@@ -69,6 +72,8 @@ class SplineActivation(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         fn = spline_activation if as_op() else evaluate  # one graph node when captured
+        if fn is evaluate:
+            self._follow()
         return fn(
             z,
             self.knots,
@@ -82,13 +87,27 @@ class SplineActivation(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}"
+        note = " (pieces loaded: not certified)" if math.isinf(self.sup_error) else ""
+        return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}{note}"
 
     def _build_tables(self) -> None:
         tables = cell_tables(self.knots, self.slopes, self.intercepts)
         for name in _TABLES:
             self.register_buffer(name, getattr(tables, name), persistent=False)
         self.inv_step, self.first = tables.inv_step, tables.first
+        self._built = tuple(t.clone() for t in self._pieces())  # what the tables were built from
+
+    def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.knots, self.slopes, self.intercepts
+
+    def _follow(self) -> None:
+        """Rebuild the lookup tables when the knots, slopes or intercepts changed in place since
+        they were built (an EMA step's ``copy_``, a write through ``.data``): the tables must
+        never answer for other pieces. The spline must still be continuous."""
+        if all(map(torch.equal, self._built, self._pieces())):
+            return
+        _check(*self._pieces())
+        self._build_tables()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SplineActivation:
         """Move buffers where ``fn`` sends tensors (``.to(device)``, ``.cuda()``), never casting
@@ -97,11 +116,15 @@ class SplineActivation(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = buf.to(device)
+        self._built = tuple(t.to(device) for t in self._built)
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         _check(self.knots, self.slopes, self.intercepts)
+        if not all(map(torch.equal, self._built, self._pieces())):
+            # other pieces: the certificate was for the old ones (the state holds none)
+            self.sup_error = math.inf
         self._build_tables()  # the lookup tables follow the loaded knots
 
 
