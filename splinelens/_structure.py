@@ -9,7 +9,7 @@ constants) and the identity, shape and dtype of parameters and buffers. Paramete
 read live at every call, so training in place keeps a capture valid; anything else that changes
 invalidates it. ``structure(model)`` records all of that as a ``Structure``: nested tuples of
 plain values in which objects appear by id, and the objects behind the ids, held weakly;
-``describe_change`` names the first difference.
+``describe_change`` (``_structure_diff``) names the first difference.
 
 >>> import torch.nn as nn
 >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
@@ -17,8 +17,8 @@ plain values in which objects appear by id, and the objects behind the ids, held
 >>> before == structure(net)
 True
 >>> net[1] = nn.Sigmoid()
->>> describe_change(before, structure(net))
-"module '1' was replaced (ReLU -> Sigmoid)"
+>>> before == structure(net)
+False
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import operator
+import threading
 import types
 import weakref
 import zlib
@@ -44,6 +46,8 @@ _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persi
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
 _PLAIN_TYPES = frozenset(_PLAIN)
 _DEPTH = 6  # how deep attribute values are looked into
+_BUDGET = 4096  # objects recorded in one walk, past which values are taken by identity
+_OPAQUE = (logging.Logger, logging.Manager, type(threading.Lock()))
 _DICTS = frozenset({dict, collections.OrderedDict})
 _EAGER = frozenset({torch.Tensor, nn.Parameter})  # not lazy: has a shape
 _GLOBAL_HOOKS = (
@@ -102,7 +106,8 @@ def structure(model: nn.Module) -> Structure:
     classes: dict[tuple[type, ...], tuple] = {}  # class attributes, read once per call
     rows = tuple([_row(name, m, objects, classes=classes) for name, m in modules])
     hooks = tuple([tuple(getattr(_module, h, ())) for h in _GLOBAL_HOOKS])
-    return Structure((rows, hooks), objects)
+    # (the dtype of constants a forward makes with torch.tensor / torch.full)
+    return Structure((rows, hooks, torch.get_default_dtype()), objects)
 
 
 def _row(
@@ -121,7 +126,9 @@ def _row(
         _tensors(buffers, objects, depth) if buffers else (),
     )
     by_value = getattr(type(m), "__splinelens_values__", ())
-    return row + tuple((k, tuple(getattr(m, k).tolist())) for k in by_value) if by_value else row
+    if not by_value:
+        return row
+    return row + tuple((k, tuple(getattr(m, k).tolist())) for k in by_value)
 
 
 def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
@@ -142,64 +149,6 @@ def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[s
 
     visit("", model)
     return out
-
-
-def describe_change(old: Structure, new: Structure) -> str:
-    """A short sentence naming the first difference between two ``structure`` results."""
-    if old.tree[1] != new.tree[1]:
-        return "a global module hook was registered or removed"
-    dead = old.dead() | new.dead()  # replaced objects: their ids may be equal, they are not
-
-    def differs(a: Any, b: Any) -> bool:
-        return a != b or _mentions(a, dead)
-
-    before, after = {m[0]: m for m in old.tree[0]}, {m[0]: m for m in new.tree[0]}
-    for name in after:
-        if name not in before:
-            return f"module '{name}' was added"
-    for name, o in before.items():
-        n = after.get(name)
-        if n is None:
-            return f"module '{name}' was removed"
-        if differs(o[1:3], n[1:3]):
-            kind = f"{o[2].__name__} -> {n[2].__name__}" if o[2] is not n[2] else "another one"
-            return f"module '{_label(name)}' was replaced ({kind})"
-        if differs(o[3], n[3]):
-            i = 0 if differs(o[3][0], n[3][0]) else 1
-            which = "attribute(s)" if i == 0 else "class attribute(s)"
-            keys = _keys(o[3][i], n[3][i], differs)
-            return f"module '{_label(name)}' changed its {which} {', '.join(keys)}"
-        if differs(o[6:], n[6:]):  # (``__splinelens_values__``)
-            keys = ", ".join(_keys(o[6:], n[6:], differs))
-            return f"module '{_label(name)}' changed the values of {keys}"
-        for what, i in (("parameter", 4), ("buffer", 5)):
-            if differs(o[i], n[i]):
-                keys = _keys(o[i], n[i], differs)
-                where = f"{name}." if name else ""
-                names = ", ".join(f"'{where}{k}'" for k in keys)
-                return (
-                    f"{what}(s) {names} re-registered or changed shape / memory layout / dtype / "
-                    f"device"
-                )
-    return "the model changed"
-
-
-def _label(name: str) -> str:
-    return name or "<top level>"
-
-
-def _keys(a: tuple, b: tuple, differs: Any) -> list[str]:
-    """The names that differ between two tuples of (name, value) pairs."""
-    da, db = dict(a), dict(b)
-    changed = {k for k in da.keys() & db.keys() if differs(da[k], db[k])}
-    return sorted(da.keys() ^ db.keys() | changed)
-
-
-def _mentions(image: Any, ids: set[int]) -> bool:
-    """Whether an image holds one of these ids."""
-    if type(image) is tuple:
-        return any(_mentions(u, ids) for u in image)
-    return type(image) is int and image in ids
 
 
 def _keep(obj: Any, objects: dict[int, weakref.ref]) -> int:
@@ -370,11 +319,12 @@ def _value(v: Any, objects: dict, depth: int = 0) -> Any:
 
 
 def _image(v: Any, objects: dict, depth: int) -> Any:
-    """``_value`` of anything else."""
+    """``_value`` of anything else; past ``_DEPTH``, ``_BUDGET`` objects in this walk, or for
+    objects whose state is not a setting (loggers), by identity."""
     kind = type(v)
     if isinstance(v, _PLAIN):
         return v
-    if depth >= _DEPTH:
+    if depth >= _DEPTH or len(objects) > _BUDGET or isinstance(v, _OPAQUE):
         return ("same", _keep(v, objects))
     d = depth + 1
     if isinstance(v, dict):  # hook dicts: handles are never reused

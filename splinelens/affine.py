@@ -105,8 +105,8 @@ class AffineMap:
         counters: a re-registered tensor or an in-place change of an index buffer, of a tensor
         a hook holds or of x is seen."""
         prog = self.program
-        tensors = (*prog.live_params(), *prog.constants.values(), self.x)
-        return tuple((id(t), version(t)) for t in tensors)
+        constants = [t for t in prog.constants.values() if isinstance(t, Tensor)]
+        return tuple((id(t), version(t)) for t in (*prog.live_params(), *constants, self.x))
 
     @property
     def states(self) -> dict[str, Tensor]:

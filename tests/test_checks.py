@@ -19,7 +19,8 @@ import torch.nn as nn
 import splinelens as sl
 from splinelens import _fingerprint, _structure
 from splinelens._fingerprint import check_model, check_model_finite, weights_fingerprint
-from splinelens._structure import Structure, describe_change, structure
+from splinelens._structure import Structure, structure
+from splinelens._structure_diff import describe_change
 from splinelens._tensors import model_state
 from tests import zoo
 

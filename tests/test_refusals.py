@@ -220,15 +220,35 @@ def test_training_mode_read_outside_forward_is_refused_after_capture(make) -> No
 
 
 class _Exporting(nn.Module):
-    """A forward that computes something else while exported."""
+    """A forward that computes something else while exported: other values, the same in a
+    dict, another shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
-        self.fc = nn.Linear(4, 3)
+        self.fc, self.how = nn.Linear(4, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict:
+        h = torch.relu(self.fc(x))
+        if not torch.compiler.is_exporting():
+            return {"logits": h} if self.how == "dict" else h
+        return {"logits": -h} if self.how == "dict" else -h if self.how == "sign" else h[:, :1]
+
+
+class _ModeInConfig(nn.Module):
+    """Says "training" in a docstring and reads cfg["training"], but never its mode."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, int(cfg["training"]["width"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc(x))
-        return -h if torch.compiler.is_exporting() else h
+        """The same in training and in eval mode."""
+        return torch.relu(self.fc(x))
+
+
+def test_a_model_that_only_names_training_is_not_mode_dependent() -> None:
+    model = _ModeInConfig({"training": {"width": 3}})  # left in training mode, as made
+    assert model.training and sl.verify(model, torch.randn(3, 4)).ok
 
 
 class _ChangesInput(nn.Module):
@@ -243,9 +263,10 @@ class _ChangesInput(nn.Module):
         return self.fc(torch.relu(x))
 
 
-def test_a_forward_that_computes_otherwise_when_exported_is_refused() -> None:
+@pytest.mark.parametrize("how", ["sign", "dict", "shape"])
+def test_a_forward_that_computes_otherwise_when_exported_is_refused(how: str) -> None:
     with pytest.raises(sl.UnsupportedOperationError, match="another function when exported"):
-        sl.affine_map(_Exporting().eval(), torch.randn(3, 4))
+        sl.affine_map(_Exporting(how).eval(), torch.randn(3, 4))
 
 
 @pytest.mark.parametrize("op", ["sub_", "clamp_"])

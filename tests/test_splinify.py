@@ -108,6 +108,11 @@ def test_pieces_changed_in_place_are_followed_by_the_model_and_every_capture(whe
             act.intercepts.mul_(1.5)
     with pytest.raises(sl.StaleCaptureError, match="changed the values of"):
         view.affine_map(x)
+    certified = act.sup_error
+    model(x)  # the module's tables follow; its certificate was for the old pieces
+    assert certified < 0.1 and math.isinf(act.sup_error) and "not certified" in repr(act)
+    with pytest.raises(sl.StaleCaptureError, match="changed the values of"):
+        view.affine_map(x)
     amap = sl.affine_map(model, x)
     jac = torch.stack([torch.func.jacrev(model)(xi[None])[0] for xi in x])
     torch.testing.assert_close(amap.A, jac.squeeze(2), rtol=0, atol=1e-12)

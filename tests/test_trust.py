@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import logging
 import types
 import typing
 import weakref
@@ -848,6 +849,58 @@ def test_a_parametrization_added_and_removed_keeps_a_view_valid() -> None:
 class _Negated(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return -w
+
+
+class _MadeConstants(nn.Module):
+    """A forward that makes constants in the default dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(3, 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * torch.tensor(0.5).to(x.dtype) + torch.full((2,), 1 / 3).to(x.dtype)
+
+
+class _Logged(nn.Module):
+    """A module holding loggers, as a class attribute and as an attribute: not settings."""
+
+    log = logging.getLogger("splinelens.tests.class")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(3, 5, 2)
+        self.logger = logging.getLogger("splinelens.tests.instance")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.debug("forward")
+        return self.net(x)
+
+
+def test_loggers_are_not_walked_and_keep_a_view_valid() -> None:
+    """A logger's state (its level cache, the manager's every logger) is not a setting: a held
+    view stays valid after the model runs and a capture has reset logging's caches."""
+    model, x = _Logged().eval(), torch.randn(4, 3, dtype=F64)
+    view = sl.SplineView(model, x)
+    sl.affine_map(mlp(3, 4, 2), x)  # another capture: it silences torch's logs, then restores
+    model(x)
+    assert torch.equal(view.affine_map(x).B, sl.affine_map(model, x).B)
+
+
+def test_a_changed_default_dtype_is_seen() -> None:
+    """The graph keeps the dtype of constants made in forward: a held view refuses (it raised
+    torch's own dtype-mismatch error), the plain functions capture again, exactly."""
+    model, x = _MadeConstants().eval(), torch.randn(4, 3, dtype=F64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        view = sl.SplineView(model, x)
+        torch.set_default_dtype(torch.float32)
+        with pytest.raises(sl.StaleCaptureError, match="default dtype changed"):
+            view.affine_map(x)
+        assert_exact(model, x)
+    finally:
+        torch.set_default_dtype(before)
 
 
 def test_non_finite_tensor_attributes_are_named() -> None:

@@ -7,12 +7,15 @@ what the rest of splinelens may import; its modules are, in data-flow order:
   and why), the single table that capture, convexity and refusals read;
 * ``pieces``: the MASO nonlinearities, how each picks its affine piece and freezes it;
 * ``spline_op``: the spline activation op that ``sl.splinify`` puts in place of smooth ones;
+* ``mode``: which modules compute differently in training mode, and the refusal of a model in it;
 * ``compiler``: export, canonicalisation, the walk that builds the program's steps and layers;
+* ``agreement``: the checks that the capture computes what the model computes;
 * ``program``: the frozen program and its two generated executors, ``record`` and ``frozen``;
 * ``batch``: the batch sizes a capture holds for.
 """
 
-from splinelens._capture.compiler import capture, check_eval_mode, mode_modules
+from splinelens._capture.compiler import capture
+from splinelens._capture.mode import check_eval_mode, mode_modules
 from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, Spline
 from splinelens._capture.program import Layer, Program, Ref, Step, refs_in
 from splinelens._capture.registry import OpInfo, apply_g, entries, final_ir, info

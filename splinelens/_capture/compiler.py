@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import io
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -29,89 +27,29 @@ import torch
 import torch.nn as nn
 from torch._decomp import decomposition_table
 
+from splinelens._capture.agreement import (
+    changes_input,
+    check_not_cached,
+    check_runs,
+    check_same,
+    first_line,
+    program_output,
+)
 from splinelens._capture.batch import BatchSizes
 from splinelens._capture.batch_axis import BatchAxes, is_tensor
 from splinelens._capture.layers import maso_layer, unique_names
+from splinelens._capture.mode import check_eval_mode
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_affine, check_batch_kept, check_kind, error
-from splinelens._capture.registry import apply_g, bound_args, final_ir, info, make_maso, op_name
+from splinelens._capture.registry import bound_args, final_ir, info, make_maso, op_name
 from splinelens._capture.spline_op import splines_as_ops
-from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
 _RNN_DECOMPS = {
     op: decomposition_table[op]
     for op in (torch.ops.aten.rnn_relu.input, torch.ops.aten.rnn_relu.data)
 }
-_MODE_DEPENDENT = (
-    nn.modules.batchnorm._NormBase,  # batchnorm and instance norm
-    nn.modules.dropout._DropoutNd,
-    nn.RNNBase,
-    nn.RReLU,
-    nn.MultiheadAttention,
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-)
-
-
-def check_eval_mode(model: nn.Module) -> None:
-    """Refuse a model in training mode: its batchnorm / dropout would not be affine per input.
-
-    Only modules whose forward depends on the mode count (batchnorm, dropout, RNNs, ..., and
-    modules of your own that read ``self.training``); a fresh ``nn.Linear`` left in training
-    mode computes the same either way.
-    """
-    names = [n or type(model).__name__ for n, m in mode_modules(model) if m.training]
-    if names:
-        raise UnsupportedOperationError(
-            "training mode",
-            ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
-            "is in training mode (batchnorm would use batch statistics, dropout would be "
-            "random), so the network is not a fixed spline of its input",
-            "Call model.eval() first; splinelens never switches modes for you",
-        )
-
-
-def mode_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs of ``model`` whose forward depends on the training mode: while
-    the model's structure holds, ``check_eval_mode`` need only look at these.
-
-    >>> [n for n, _ in mode_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout()))]
-    ['1']
-    """
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if _mode_dependent(type(m)) or isinstance(m, torch.jit.ScriptModule)
-    ]
-
-
-@functools.cache
-def _mode_dependent(cls: type) -> bool:
-    """Whether a module class behaves differently in training mode: batchnorm, dropout and the
-    like, and any class whose code (any method, its bases' too) reads a ``.training``, as
-    spectral norm's parametrization does, or a helper method of yours. Own classes whose source
-    cannot be read count as dependent; a function outside the class that reads a module's mode
-    is not seen."""
-    if issubclass(cls, _MODE_DEPENDENT):
-        return True
-    own = not cls.__module__.startswith("torch.")
-    for base in cls.__mro__:
-        if base in (nn.Module, object):
-            continue
-        try:
-            source = inspect.getsource(base)
-        except (OSError, TypeError):
-            if own and not base.__module__.startswith("torch."):
-                return True
-            continue
-        if _READS_MODE.search(source):
-            return True
-    return False
-
-
-_READS_MODE = re.compile(r"\.training\b|[\"']training[\"']")
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> Program:
@@ -131,105 +69,27 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
         raise ValueError("example_input must have a batch dimension first, e.g. shape (N, ...)")
     if example.shape[0] == 0:
         raise ValueError("x holds no inputs (batch size 0)")
-    _check_not_cached()
+    check_not_cached()
     reps = (2, *([1] * (example.dim() - 1)))
     ex = example.detach() if example.shape[0] >= 2 else example.detach().repeat(*reps)
-    out = _check_runs(model, ex[:2])
+    out = check_runs(model, ex[:2])
     ep = _export(model, ex)
     if ep.graph_signature.user_inputs_to_mutate:  # (a change that left this x as it was)
-        raise _changes_input(model)
+        raise changes_input(model)
     prog = _Compiler(model, ep).compile()
     batch = BatchSizes.of(
         ep,
         lambda m: _export(m, ex[:1], dynamic=False),
         model,
         ex,
-        functools.partial(_output, prog),
+        functools.partial(program_output, prog),
     )
     prog = dataclasses.replace(prog, batch=batch)
     if batch.accepts(2):  # (else the graph holds for other batch sizes: compare on ex itself)
-        _check_same(model, prog, ex[:2], out)
+        check_same(model, prog, ex[:2], out)
     else:
-        _check_same(model, prog, ex, _check_runs(model, ex))
+        check_same(model, prog, ex, check_runs(model, ex))
     return prog
-
-
-def _output(prog: Program, x: torch.Tensor) -> torch.Tensor:
-    """The program's output for x, after the output nonlinearity g (as the model returns it)."""
-    with torch.no_grad(), exact_matmul():
-        out = prog.per_sample(prog.output_name, prog.record(x)[0][prog.output_name])
-    return apply_g(prog.output_g, out)
-
-
-def _check_runs(model: nn.Module, x: torch.Tensor) -> Any:
-    """Run the model once on a copy of x and return its output: a clear error when the input
-    does not fit it (wrong shape), or when forward changes its input in place (x stays as it
-    is: the copy is changed)."""
-    copy = x.clone()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = model(copy)
-    except Exception as e:
-        raise ValueError(
-            f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
-            f"{type(e).__name__}: {_first_line(e)}. Pass inputs the model accepts (shape, dtype)"
-        ) from e
-    if not torch.equal(copy, x):
-        raise _changes_input(model)
-    return out
-
-
-def _changes_input(model: nn.Module) -> UnsupportedOperationError:
-    return UnsupportedOperationError(
-        "an in-place change of the input",
-        type(model).__name__,
-        "changes its input x in place (x.sub_(...), an in-place activation on x), which "
-        "splinelens would have to repeat on your tensors",
-        "make forward leave x as it is (x = x - ..., or x = x.clone() first)",
-    )
-
-
-def _check_not_cached() -> None:
-    """Refuse to capture inside ``torch.nn.utils.parametrize.cached()``: the export would read the
-    cached weights as constants, which later changes of the parametrized originals never reach."""
-    if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
-        raise UnsupportedOperationError(
-            "torch.nn.utils.parametrize.cached()",
-            "the capture",
-            "runs inside parametrize.cached(), whose cached weights the capture would keep as "
-            "constants, stale after the next change of the parametrized parameters",
-            "capture outside the cached() block (a capture made there may be used inside it)",
-        )
-
-
-def _check_same(model: nn.Module, prog: Program, x: torch.Tensor, expected: Any) -> None:
-    """Refuse a program whose output on x is not the model's (``expected``, as it returned it):
-    a forward that branches on ``torch.compiler.is_exporting()`` or reads state that export
-    sees otherwise. Tolerance: as ``verify``'s, 1e4 machine epsilons of max |f(x)|, <= 1e-2."""
-    if not isinstance(expected, torch.Tensor) or not expected.is_floating_point():
-        return  # (the compiler refuses other outputs)
-    got = _output(prog, x)
-    want = expected.movedim(prog.bdims[prog.output_name], 0)
-    if got.shape != want.shape or not bool(torch.isfinite(want).all()):
-        return  # (a non-finite output is refused where it is used)
-    err = float((got - want).abs().max()) if got.numel() else 0.0
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    if err > min(1e4 * torch.finfo(want.dtype).eps, 1e-2) * max(scale, 1.0):
-        raise UnsupportedOperationError(
-            "torch.export",
-            type(model).__name__,
-            f"computes another function when exported than when run (max difference {err:.3g} "
-            f"for outputs up to {scale:.3g}): its forward branches on "
-            f"torch.compiler.is_exporting() / is_compiling(), or reads state that the export "
-            f"sees otherwise",
-            "make forward compute the same whether it is exported or not",
-        )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -258,7 +118,7 @@ def _export(
     except UnsupportedOperationError:
         raise
     except Exception as e:  # torch.export raises many types; keep its message
-        first = _first_line(e)
+        first = first_line(e)
         raise UnsupportedOperationError(
             "torch.export",
             type(model).__name__,

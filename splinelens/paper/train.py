@@ -274,11 +274,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
 def checkpoint_problem(path: str | Path) -> str:
     """What keeps ``path`` from being a readable checkpoint ("" if nothing): missing, truncated,
-    or not a state dict."""
+    or not a state dict (a safetensors file by its header and size, without reading it)."""
+    path = Path(path)
     try:
-        _read_state(Path(path))
-    except (OSError, ValueError) as e:
-        return _first_line(e)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        else:
+            _read_state(path)
+    except Exception as e:  # OSError, ValueError, ImportError, safetensors' own errors
+        return f"{type(e).__name__}: {_first_line(e)}"
     return ""
 
 

@@ -72,7 +72,7 @@ class SplineActivation(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         fn = spline_activation if as_op() else evaluate  # one graph node when captured
-        if fn is evaluate:
+        if fn is evaluate and not _tracing():
             self._follow()
         return fn(
             z,
@@ -87,7 +87,7 @@ class SplineActivation(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        note = " (pieces loaded: not certified)" if math.isinf(self.sup_error) else ""
+        note = " (pieces changed or loaded: not certified)" if math.isinf(self.sup_error) else ""
         return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}{note}"
 
     def _build_tables(self) -> None:
@@ -98,15 +98,19 @@ class SplineActivation(nn.Module):
         self._built = tuple(t.clone() for t in self._pieces())  # what the tables were built from
 
     def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The knots, slopes and intercepts: what the spline is."""
         return self.knots, self.slopes, self.intercepts
 
     def _follow(self) -> None:
         """Rebuild the lookup tables when the knots, slopes or intercepts changed in place since
         they were built (an EMA step's ``copy_``, a write through ``.data``): the tables must
-        never answer for other pieces. The spline must still be continuous."""
+        never answer for other pieces. The spline must still be continuous; its certificate
+        was for the old pieces. (Not while torch.export or torch.compile traces the model:
+        call it once first.)"""
         if all(map(torch.equal, self._built, self._pieces())):
             return
         _check(*self._pieces())
+        self.sup_error = math.inf
         self._build_tables()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SplineActivation:
@@ -123,9 +127,13 @@ class SplineActivation(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         _check(self.knots, self.slopes, self.intercepts)
         if not all(map(torch.equal, self._built, self._pieces())):
-            # other pieces: the certificate was for the old ones (the state holds none)
-            self.sup_error = math.inf
+            self.sup_error = math.inf  # the certificate was for the old pieces
         self._build_tables()  # the lookup tables follow the loaded knots
+
+
+def _tracing() -> bool:
+    """Whether torch.export or torch.compile traces the forward pass now (fake tensors)."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 def _check(knots: Tensor, slopes: Tensor, intercepts: Tensor) -> None:

@@ -1,0 +1,118 @@
+"""Checks that a capture computes what the model computes: run before and after the export.
+
+The model runs once on a copy of two inputs (a clear error for inputs it cannot take; a forward
+that changes its input in place is refused, and your tensor is left as it was); once compiled,
+the program's output on them must be the model's own, to ``verify``'s tolerance, so a forward
+that branches on ``torch.compiler.is_exporting()`` is refused. A capture inside
+``torch.nn.utils.parametrize.cached()`` is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from splinelens._capture.program import Program
+from splinelens._capture.registry import apply_g
+from splinelens._precision import exact_matmul
+from splinelens.errors import UnsupportedOperationError
+
+
+def program_output(prog: Program, x: torch.Tensor) -> torch.Tensor:
+    """The program's output for x, after the output nonlinearity g (as the model returns it)."""
+    with torch.no_grad(), exact_matmul():
+        out = prog.per_sample(prog.output_name, prog.record(x)[0][prog.output_name])
+    return apply_g(prog.output_g, out)
+
+
+def check_runs(model: nn.Module, x: torch.Tensor) -> Any:
+    """Run the model once on a copy of x and return its output: a clear error when the input
+    does not fit it (wrong shape), or when forward changes its input in place."""
+    copy = x.clone()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(copy)
+    except Exception as e:
+        raise ValueError(
+            f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
+            f"{type(e).__name__}: {first_line(e)}. Pass inputs the model accepts (shape, dtype)"
+        ) from e
+    if not torch.equal(copy, x):
+        raise changes_input(model)
+    return out
+
+
+def changes_input(model: nn.Module) -> UnsupportedOperationError:
+    """The refusal of a forward that changes its input in place."""
+    return UnsupportedOperationError(
+        "an in-place change of the input",
+        type(model).__name__,
+        "changes its input x in place (x.sub_(...), an in-place activation on x), which "
+        "splinelens would have to repeat on your tensors",
+        "make forward leave x as it is (x = x - ..., or x = x.clone() first)",
+    )
+
+
+def check_not_cached() -> None:
+    """Refuse to capture inside ``parametrize.cached()``: the export would read the cached
+    weights as constants, which later changes of the parametrized originals never reach."""
+    if getattr(torch.nn.utils.parametrize, "_cache_enabled", 0):
+        raise UnsupportedOperationError(
+            "torch.nn.utils.parametrize.cached()",
+            "the capture",
+            "runs inside parametrize.cached(), whose cached weights the capture would keep as "
+            "constants, stale after the next change of the parametrized parameters",
+            "capture outside the cached() block (a capture made there may be used inside it)",
+        )
+
+
+def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) -> None:
+    """Refuse a program whose output on x is not what the model ``returned`` (one tensor, or
+    one inside a tuple, list or dict): another shape, NaN or inf elsewhere, or values further
+    apart than ``verify``'s tolerance (1e4 machine epsilons of max |f(x)|, at most 1e-2)."""
+    leaves = _tensors(returned)
+    if len(leaves) != 1 or not leaves[0].is_floating_point():
+        return  # (the compiler refuses other outputs)
+    got = program_output(prog, x)
+    want = leaves[0].movedim(prog.bdims[prog.output_name], 0)
+    if got.shape != want.shape:
+        raise _differs(model, f"of shape {tuple(got.shape)} instead of {tuple(want.shape)}")
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)):
+        raise _differs(model, "with NaN or inf where the model has none, or the reverse")
+    err = float((got - want)[finite].abs().max()) if bool(finite.any()) else 0.0
+    scale = float(want[finite].abs().max()) if bool(finite.any()) else 0.0
+    if err > min(1e4 * torch.finfo(want.dtype).eps, 1e-2) * max(scale, 1.0):
+        raise _differs(model, f"(max difference {err:.3g} for outputs up to {scale:.3g})")
+
+
+def _differs(model: nn.Module, how: str) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        "torch.export",
+        type(model).__name__,
+        f"computes another function when exported than when run, {how}: its forward branches "
+        f"on torch.compiler.is_exporting() / is_compiling(), or reads state that the export "
+        f"sees otherwise",
+        "make forward compute the same whether it is exported or not",
+    )
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output (nested tuples, lists and dicts)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    return []
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
