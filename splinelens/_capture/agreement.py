@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from splinelens._capture.program import Program
+from splinelens._capture.program import Program, leaves
 from splinelens._capture.registry import apply_g
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
@@ -74,11 +74,11 @@ def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) 
     """Refuse a program whose output on x is not what the model ``returned`` (one tensor, or
     one inside a tuple, list or dict): another shape, NaN or inf elsewhere, or values further
     apart than ``verify``'s tolerance (1e4 machine epsilons of max |f(x)|, at most 1e-2)."""
-    leaves = _tensors(returned)
-    if len(leaves) != 1 or not leaves[0].is_floating_point():
+    out = leaves(returned, torch.Tensor)  # (one tensor, maybe in a tuple, list or dict)
+    if len(out) != 1 or not out[0].is_floating_point():
         return  # (the compiler refuses other outputs)
     got = program_output(prog, x)
-    want = leaves[0].movedim(prog.bdims[prog.output_name], 0)
+    want = out[0].movedim(prog.bdims[prog.output_name], 0)
     if got.shape != want.shape:
         raise _differs(model, f"of shape {tuple(got.shape)} instead of {tuple(want.shape)}")
     finite = torch.isfinite(want)
@@ -99,17 +99,6 @@ def _differs(model: nn.Module, how: str) -> UnsupportedOperationError:
         f"sees otherwise",
         "make forward compute the same whether it is exported or not",
     )
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors in a model's output (nested tuples, lists and dicts)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    return []
 
 
 def first_line(e: BaseException) -> str:

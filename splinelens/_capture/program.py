@@ -224,12 +224,17 @@ class Program:
 
 def refs_in(a: Any) -> list[Ref]:
     """Every ``Ref`` inside nested arguments."""
-    if isinstance(a, Ref):
+    return leaves(a, Ref)
+
+
+def leaves(a: Any, kind: type) -> list:
+    """Every ``kind`` inside nested tuples, lists and mappings (arguments, a model's output)."""
+    if isinstance(a, kind):
         return [a]
     if isinstance(a, (tuple, list)):
-        return [r for v in a for r in refs_in(v)]
+        return [r for v in a for r in leaves(v, kind)]
     if isinstance(a, Mapping):
-        return [r for v in a.values() for r in refs_in(v)]
+        return [r for v in a.values() for r in leaves(v, kind)]
     return []
 
 
