@@ -125,10 +125,16 @@ def _row(
         _tensors(params, objects, depth) if params else (),
         _tensors(buffers, objects, depth) if buffers else (),
     )
-    by_value = getattr(type(m), "__splinelens_values__", ())
+    by_value = _by_value(type(m))
     if not by_value:
         return row
     return row + tuple((k, tuple(getattr(m, k).tolist())) for k in by_value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _by_value(cls: type) -> tuple[str, ...]:
+    """The tensors a module class asks to be recorded by value (``__splinelens_values__``)."""
+    return tuple(getattr(cls, "__splinelens_values__", ()))
 
 
 def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
@@ -285,10 +291,9 @@ def _tensors(d: dict[str, Any], objects: dict, depth: int = 0) -> tuple:
             out.append((k, (id(t), t.shape, t.stride(), t.dtype, t.device, ())))
         else:
             out.append((k, None if t is None else _tensor(t, objects, depth)))
-    return tuple(sorted(out, key=_first)) if len(out) > 1 else tuple(out)
-
-
-_first = operator.itemgetter(0)
+    if len(out) > 1:
+        out.sort()  # (by name: names are unique)
+    return tuple(out)
 
 
 def _tensor(t: torch.Tensor, objects: dict, depth: int) -> tuple:
