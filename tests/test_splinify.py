@@ -441,6 +441,25 @@ def test_approximation_error_is_the_explicit_difference() -> None:
         sl.approximation_error(model, splined, x[:0])
 
 
+def test_approximation_error_of_an_rnn_and_of_overflowing_outputs() -> None:
+    """An RNN returns (output, hidden): compared on its output (it raised AttributeError). An
+    output that overflows is refused, naming the input (a NaN max and a plausible agreement
+    were returned)."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 4, batch_first=True).double()
+    splined = sl.splinify(rnn, pieces=40)
+    x = torch.randn(2, 5, 3, dtype=F64)
+    err = sl.approximation_error(rnn, splined, x)
+    with torch.no_grad():
+        d = (rnn(x)[0] - splined(x)[0]).abs().max()
+    assert err.max_abs == pytest.approx(float(d), rel=1e-12)
+    model = nn.Sequential(nn.Linear(2, 4), nn.GELU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[2].weight.fill_(1e38)  # finite weights, an output past float32's range
+    with pytest.raises(ValueError, match=r"the model's output \(inputs from 0 on\) holds"):
+        sl.approximation_error(model, sl.splinify(model, tol=1e-2), torch.full((3, 2), 10.0))
+
+
 def test_error_falls_with_pieces() -> None:
     """Through a network the output error follows the activations' bounds: about 1/K^2."""
     model = _smooth("gelu_mlp")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from splinelens._checks import check_finite
+
 Tensor = torch.Tensor
 
 
@@ -39,13 +41,23 @@ class ApproximationError:
 def approximation_error(
     model: nn.Module, splined: nn.Module, x: Tensor, batch_size: int = 1024
 ) -> ApproximationError:
-    """Compare ``model`` and ``splined`` (``sl.splinify(model)``) on inputs x (N, ...)."""
+    """Compare ``model`` and ``splined`` (``sl.splinify(model)``) on inputs x (N, ...).
+
+    Models returning a tuple (an ``nn.RNN``: output, last hidden state) are compared on its first
+    tensor. A NaN or inf output of either is refused, naming the input, rather than averaged.
+    """
     if x.dim() == 0 or len(x) == 0:
         raise ValueError("x must hold a batch of inputs, shape (N, ...) with N >= 1")
     diffs, rels, agree = [], [], []
     with torch.no_grad():
-        for chunk in x.split(batch_size):
-            f, g = model(chunk), splined(chunk)
+        for i, chunk in enumerate(x.split(batch_size)):
+            f, g = _first(model(chunk)), _first(splined(chunk))
+            for name, out in (("model", f), ("splined", g)):
+                check_finite(
+                    f"the {name}'s output (inputs from {i * batch_size} on)",
+                    out,
+                    "values overflow: rescale the inputs or weights, or use float64",
+                )
             if f.shape != g.shape:
                 raise ValueError(
                     f"the outputs differ in shape: {tuple(f.shape)} vs {tuple(g.shape)}"
@@ -65,3 +77,12 @@ def approximation_error(
         float(torch.cat(agree).double().mean()) if agree else None,
         len(x),
     )
+
+
+def _first(out: object) -> Tensor:
+    """A model's output tensor: itself, or the first of a tuple or list (an RNN's sequence)."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}, not a tensor")
+    return out
