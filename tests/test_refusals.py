@@ -34,6 +34,19 @@ class Inner(nn.Module):
         return self.head(self.block(x))
 
 
+def _written(z: torch.Tensor, how: str) -> torch.Tensor:
+    """In-place writes into a copy of z (functionalised by export: copy, slice/select_scatter);
+    ``batch``: one sample's values written over another's."""
+    z = z.clone()
+    if how == "copy_":
+        z[:, :2].copy_(torch.relu(z[:, 2:4]))
+    elif how == "setitem":
+        z[:, 0] = torch.relu(z[:, 1])
+    else:
+        z[0] = z[1]
+    return z
+
+
 REFUSED = {
     "sigmoid": (Inner(nn.Sigmoid()), r"aten\.sigmoid at module 'block\.1' \(Sigmoid\)"),
     "gelu": (Inner(nn.GELU()), r"aten\.gelu at module 'block\.1'.*not piecewise affine"),
@@ -84,6 +97,7 @@ REFUSED = {
             "repeat_interleave": lambda z: z.repeat_interleave(2, 0)[: z.shape[0]],
             "repeat_interleave_flat": lambda z: z.repeat_interleave(2).reshape(-1, 12)[:, :6],
             "cumsum": lambda z: z.cumsum(0),
+            "setitem": functools.partial(_written, how="batch"),
             "einsum_ellipsis": lambda z: torch.einsum(
                 "...d,nd->nd", z, torch.ones(z.shape[0], 6, dtype=z.dtype)
             ),
@@ -131,6 +145,8 @@ KEPT = {
         torch.tensor([2, 0, 1, 1, 2, 0]), dim=1
     ),
     "cumsum": lambda z: torch.relu(z).cumsum(1),
+    "copy_into_a_slice": functools.partial(_written, how="copy_"),
+    "setitem": functools.partial(_written, how="setitem"),
     **{
         f"{mode}_{nd}d{'_aa' * aa}": functools.partial(_resampled, mode=mode, nd=nd, antialias=aa)
         for mode, nd, aa in [

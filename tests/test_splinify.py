@@ -271,6 +271,32 @@ def test_rnn_unrolled_equals_torch_rnn() -> None:
     assert dict(unrolled.named_parameters()).keys() == dict(rnn.named_parameters()).keys()
 
 
+class _InPlace(nn.Module):
+    """Smooth activations applied in place (``tanh_``, ``F.silu(inplace=True)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h.tanh_()
+        return self.b(F.silu(h, inplace=True))
+
+
+def test_in_place_smooth_activations_are_splinified_and_exact() -> None:
+    """The redirect writes the spline's value back with copy_: read as the copy it is (it was
+    refused as aten.copy, an op not in the table)."""
+    torch.manual_seed(0)
+    splined = sl.splinify(_InPlace().double().eval(), tol=1e-3)
+    x = torch.randn(6, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"first time while being captured or transformed"):
+        torch.func.jacrev(splined)(x)  # the functional splines are fitted on the first call
+    splined(x)
+    jac = torch.stack([torch.func.jacrev(lambda v: splined(v[None])[0])(v) for v in x])
+    torch.testing.assert_close(sl.affine_map(splined, x).A, jac, rtol=0, atol=1e-12)
+
+
 def test_a_model_that_is_itself_an_activation_or_rnn_is_replaced() -> None:
     """splinify(nn.RNN(tanh)) and splinify(nn.GELU()) returned the model unchanged."""
     torch.manual_seed(0)

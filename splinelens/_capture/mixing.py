@@ -120,6 +120,11 @@ def sliced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | Non
     return set() if full else {a.get("dim", 0) % ndim}
 
 
+def scattered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``select_scatter(self, src, dim, index)``: self's dim (src, one dim fewer, has no dim)."""
+    return {a.get("dim", 0) % ndim} if which == "self" else set()
+
+
 def rolled(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """``roll``: its dims; without dims it rolls the flattened tensor (every dim)."""
     return along("dims")(a, which, pos, ndim) if a.get("dims") else None
@@ -160,6 +165,9 @@ RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
     "repeat tile": repeated,
     "repeat_interleave": interleaved,
     "cumsum": along("dim"),
+    "slice_scatter": sliced,  # (src written into a slice of self; a full slice mixes nothing)
+    "select_scatter": scattered,
+    "copy": along(),  # (src broadcast over dst: each entry from one entry)
     "slice": sliced,
     "roll": rolled,
     "sum mean amax amin": reduced,

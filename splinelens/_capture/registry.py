@@ -31,6 +31,7 @@ from splinelens._capture.pieces import (
     Sign,
     Spline,
     adaptive_width,
+    copy_into,
     eval_batch_norm,
 )
 
@@ -104,6 +105,10 @@ _add(
     "permute_copy unsqueeze_copy expand_copy slice_copy select_copy",
     "affine",
 )
+# in-place writes, functionalised: copy(self, src) is src (broadcast) written over self, linear in
+# src alone; slice_scatter / select_scatter write src into a slice of self along dim
+_add("copy", "affine", rewrite=copy_into)
+_add("slice_scatter select_scatter", "affine")
 # detach would hide paths from autograd; it is the identity
 _add("detach", "affine", rewrite=torch.ops.aten.alias.default, view=True)
 _add(

@@ -191,11 +191,11 @@ class _Functional(TorchFunctionMode):
     def _spline(self, name: str, params: dict[str, Any], z: Tensor) -> SplineActivation:
         key = "_".join([name, *(f"{k}{v}" for k, v in sorted(params.items()))]).replace(".", "p")
         if key not in self.splines:
-            if as_op():
+            if as_op() or torch._C._functorch.maybe_current_level() is not None:
                 raise RuntimeError(
                     f"the splinified model calls {name} in forward for the first time while "
-                    "being captured; run it once on an input first (or pass example_input "
-                    "to splinify)"
+                    "being captured or transformed (torch.func: jacrev, vmap...); run it once "
+                    "on an input first (or pass example_input to splinify)"
                 )
             self.splines[key] = spline_for(name, params, self.budget)
         if self.splines[key].knots.device != z.device:
