@@ -5,6 +5,18 @@ that changes its input in place is refused, and your tensor is left as it was); 
 the program's output on them must be the model's own, to ``verify``'s tolerance, so a forward
 that branches on ``torch.compiler.is_exporting()`` is refused. A capture inside
 ``torch.nn.utils.parametrize.cached()`` is refused before it starts.
+
+>>> import torch, torch.nn as nn
+>>> class Shift(nn.Module):
+...     def forward(self, x):
+...         return x.sub_(1.0)
+>>> x = torch.ones(2, 3)
+>>> check_runs(Shift(), x)
+Traceback (most recent call last):
+...
+splinelens.errors.UnsupportedOperationError: an in-place change of the input at Shift changes ...
+>>> float(x.sum())  # left as it was
+6.0
 """
 
 from __future__ import annotations
