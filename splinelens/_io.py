@@ -17,6 +17,7 @@ a random nonce) and is kept fresh by a heartbeat; a stale one (dead owner, or no
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -33,7 +34,9 @@ from typing import Any
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; if the block succeeds, rename it over ``path``
-    (readable by all, mode 0644). An interrupted write leaves no file behind."""
+    (readable by all, mode 0644). An interrupted write leaves no file behind; one killed
+    outright (SIGKILL) leaves its hidden ``.name.*.tmp``, removed by a later write of the same
+    file once it is an hour old (younger ones may be another process's write in progress)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
@@ -43,6 +46,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
             break
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -52,6 +56,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_STALE = 3600.0  # seconds after which a temporary file of a write is taken as abandoned
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of writes of ``path`` abandoned over ``_STALE`` seconds ago."""
+    now = time.time()
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # (another process may remove it first)
+            if now - old.stat().st_mtime > _STALE:
+                old.unlink()
 
 
 class Locks:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splinelens._io import Locks
+from splinelens._io import Locks, atomic_path
 from splinelens.cli import main
 from splinelens.paper import sweep as sweep_mod
 from splinelens.paper.config import TrainConfig
@@ -205,3 +205,24 @@ def test_lock_timeout_is_checked(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="lock_timeout: expected a number of seconds > 0"):
         run_sweep(BASE, [0.0], 1, tmp_path / "b", lock_timeout=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_killed_writes_temporary_file_is_removed_once_abandoned(tmp_path) -> None:
+    """A write killed outright (SIGKILL) leaves its temporary file: a later write of the same
+    file removes it once an hour old, and leaves a younger one (a write in progress)."""
+    target = tmp_path / "results.csv"
+    child = (
+        "import os, sys, pathlib; from splinelens._io import atomic_path\n"
+        "with atomic_path(pathlib.Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_text('partial'); os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", child, str(target)], check=False)
+    left = list(tmp_path.glob(".results.csv.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    fresh = tmp_path / ".results.csv.other.tmp"
+    fresh.write_text("in progress")
+    hour_ago = time.time() - 3700
+    os.utime(left[0], (hour_ago, hour_ago))
+    with atomic_path(target) as tmp:
+        tmp.write_text("done")
+    assert target.read_text() == "done" and not left[0].exists() and fresh.exists()
