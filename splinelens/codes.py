@@ -29,8 +29,9 @@ from splinelens._checks import layer_index
 from splinelens._io import atomic_path
 
 Tensor = torch.Tensor
-_FORMAT = "splinelens.partition_codes/2"  # /2 adds the row count and a sha256 per array
-_READABLE = ("splinelens.partition_codes/1", _FORMAT)
+# /2 adds the row count and a sha256 per array, /3 a sha256 of the metadata itself
+_FORMAT = "splinelens.partition_codes/3"
+_READABLE = ("splinelens.partition_codes/1", "splinelens.partition_codes/2", _FORMAT)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -203,7 +204,7 @@ class PartitionCodes:
             for c, h in zip(self.layers, map(_sha256, arrays.values()))
         ]
         head = {"format": _FORMAT, "rows": len(self), "layers": meta}
-        arrays["meta"] = np.array(json.dumps(head))
+        arrays["meta"] = np.array(json.dumps({**head, "sha256": _meta_sha256(head)}))
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -227,6 +228,7 @@ def _read(f: Any, path: str | Path) -> PartitionCodes:
     meta = json.loads(str(f["meta"]))
     if not isinstance(meta, dict) or meta.get("format") not in _READABLE:
         raise CodesFileError(path, "meta.format", f"expected one of {_READABLE}")
+    digest = meta.pop("sha256", None)  # (checked last: a field's own error says more)
     entries = meta.get("layers")
     if not isinstance(entries, list) or names != {
         "meta",
@@ -239,6 +241,8 @@ def _read(f: Any, path: str | Path) -> PartitionCodes:
         raise CodesFileError(
             path, "rows", f"layers hold {sorted(rows)} rows, meta says {meta.get('rows')}"
         )
+    if meta["format"] == _FORMAT and digest != _meta_sha256(meta):
+        raise CodesFileError(path, "meta", "checksum mismatch (the metadata was changed)")
     return PartitionCodes(layers)
 
 
@@ -267,6 +271,10 @@ def _sha256(a: np.ndarray) -> str:
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def _meta_sha256(head: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
 
 
 def _describe(sig: tuple[str, str, int, int]) -> str:

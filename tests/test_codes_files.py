@@ -95,6 +95,22 @@ def test_corrupt_files_are_refused_naming_file_and_field(
         sl.PartitionCodes.load(path)
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["layers"][2].update(pieces=4),  # still consistent with the data
+        lambda m: m["layers"][0].update(name="renamed"),
+    ],
+)
+def test_metadata_edited_consistently_is_refused(tmp_path: Path, edit) -> None:
+    """Format /3 hashes the metadata too: an edit that every field check accepts is seen."""
+    path = tmp_path / "c.npz"
+    CODES.save(path)
+    _rewrite(path, lambda a, m: edit(m))
+    with pytest.raises(sl.CodesFileError, match=r"c\.npz: meta: checksum mismatch"):
+        sl.PartitionCodes.load(path)
+
+
 def test_old_files_without_checksums_still_load(tmp_path: Path) -> None:
     path = tmp_path / "c.npz"
     CODES.save(path)
