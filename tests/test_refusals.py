@@ -178,6 +178,17 @@ def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
     assert torch.allclose(sl.affine_map(model, x).A, jac, atol=1e-12)
 
 
+@pytest.mark.parametrize("how", ["copy_", "setitem"])
+def test_in_place_writes_hold_for_a_batch_of_one(how: str) -> None:
+    """Export writes back over the whole batch dim (a full slice_scatter) only when N is symbolic:
+    the static export at N = 1 builds the same graph without it (it was refused as branching)."""
+    torch.manual_seed(0)
+    model = Wrap(functools.partial(_written, how=how)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda v: model(v[None])[0])(x[0])
+    assert torch.allclose(sl.affine_map(model, x[:1]).A[0], jac, atol=1e-12)
+
+
 def test_error_names_the_source_line() -> None:
     with pytest.raises(sl.UnsupportedOperationError, match=r"test_refusals\.py"):
         sl.SplineView(Wrap(torch.tanh).eval(), torch.randn(3, 4))

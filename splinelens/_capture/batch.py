@@ -218,8 +218,9 @@ def _ops_of(ep: torch.export.ExportedProgram) -> list[tuple]:
         if n.op != "call_function" or not _is_tensor_op(n):
             continue
         args = norm(n.args)
-        if _is_full_slice(str(n.target), args):  # a no-op the static export leaves out
-            index[n.name] = args[0]
+        kept = _full_slice(str(n.target), args)
+        if kept is not None:  # a no-op the static export leaves out: the value it keeps
+            index[n.name] = kept
             continue
         index[n.name] = ("node", len(out))
         out.append((str(n.target), args, norm(n.kwargs)))
@@ -235,12 +236,16 @@ def _is_tensor_op(n: torch.fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) for v in vals) and "_assert" not in str(n.target)
 
 
-def _is_full_slice(target: str, args: tuple) -> bool:
-    if target != "aten.slice.Tensor" or len(args) < 2:
-        return False
-    start, end, step = [*args[2:5], None, None, None][:3]
+def _full_slice(target: str, args: tuple) -> Any:
+    """For a slice of a whole dim, its input; for a write into such a slice (slice_scatter), the
+    value written; else None."""
+    at = {"aten.slice.Tensor": 2, "aten.slice_scatter.default": 3}.get(target)
+    if at is None or len(args) < at:
+        return None
+    start, end, step = [*args[at : at + 3], None, None, None][:3]
     full_end = end is None or end == _SIZE or (isinstance(end, int) and end >= _BIG)
-    return start in (0, None) and step in (1, None) and full_end
+    full = start in (0, None) and step in (1, None) and full_end
+    return args[at - 2] if full else None
 
 
 def _same_graph(a: list[tuple], b: list[tuple]) -> bool:
