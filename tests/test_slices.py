@@ -199,3 +199,34 @@ def test_locate_with_large_weights_finds_each_points_region() -> None:
     truth = sl.partition_codes(m, part.to_input(uv))
     for mine, ref in zip(part.codes.layers, truth.layers, strict=True):
         assert torch.equal(mine.data[loc], ref.data)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_a_window_far_from_the_plane_origin_is_as_exact_as_one_at_it(offset: float) -> None:
+    """The same 2x2 window as u in [offset - 1, offset + 1]: every random point is located in a
+    region whose code is its own, each region's logits are f there (references: partition_codes
+    and the model), and a region 1e-7 wide is kept (tolerances once scaled with |bounds|: 3,293
+    of 4,000 points were misplaced at 1e6, and the thin region lost)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    m = m.double().eval()
+    o, d = torch.tensor([-offset, 0.0], dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    part = sl.slice_partition(m, o, d, bounds=(offset - 1, offset + 1, -1, 1))
+    near = sl.slice_partition(m, torch.zeros(2, dtype=torch.float64), d, bounds=(-1, 1, -1, 1))
+    assert len(part) == len(near)
+    rng = np.random.default_rng(0)
+    uv = np.c_[rng.uniform(offset - 1, offset + 1, 2000), rng.uniform(-1, 1, 2000)]
+    loc = part.locate(uv)
+    truth = sl.partition_codes(m, part.to_input(uv))
+    for mine, ref in zip(part.codes.layers, truth.layers, strict=True):
+        assert torch.equal(mine.data[torch.as_tensor(loc)], ref.data)
+    with torch.no_grad():
+        f = m(part.to_input(uv)).numpy()
+    pred = np.einsum("pck,pk->pc", part.logits[loc], np.c_[uv, np.ones(len(uv))])
+    assert np.abs(pred - f).max() <= 1e-9 * max(1.0, offset)
+    thin = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        thin[0].weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        thin[0].bias.copy_(torch.tensor([-offset, -offset - 1e-7], dtype=torch.float64))
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert len(sl.slice_partition(thin, zero, d, bounds=(offset - 1, offset + 1, -1, 1))) == 3

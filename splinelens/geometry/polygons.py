@@ -129,6 +129,9 @@ def locate(V: Array, n: Array, pts: Array, chunk: int = 1 << 16) -> Array:
     points on shared edges (the lower index wins).
     """
     lo, hi = _bboxes(V, n)
+    if len(V):  # about the domain's centre: far from (0, 0), tolerances stay those of its size
+        centre = (lo.min(0) + hi.max(0)) / 2
+        V, pts, lo, hi = V - centre, pts - centre, lo - centre, hi - centre
     g = max(1, int(np.sqrt(len(V))))
     origin, size = lo.min(0), np.maximum(hi.max(0) - lo.min(0), 1e-300)
     cell = lambda p: np.clip(((p - origin) / size * g).astype(np.int64), 0, g - 1)  # noqa: E731

@@ -147,10 +147,14 @@ def slice_partition(
     start = time.perf_counter()
     model64 = float64_copy(unwrap_model(model))
     origin, dirs, bounds, anchors = make_plane(model64, origin, directions, bounds, points, margin)
-    view = view_of(model64, torch.stack([origin, origin + dirs[0], origin + dirs[1]]))
-    plane = Plane(view, origin, dirs)
-    V, n = poly.square(bounds)
-    scale = max(abs(b) for b in bounds)
+    # computed about the window's centre (u, v) = c, so that tolerances are those of its size
+    c = np.array([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2])
+    centre = origin + float(c[0]) * dirs[0] + float(c[1]) * dirs[1]
+    view = view_of(model64, torch.stack([centre, centre + dirs[0], centre + dirs[1]]))
+    plane = Plane(view, centre, dirs)
+    local = (bounds[0] - c[0], bounds[1] - c[0], bounds[2] - c[1], bounds[3] - c[1])
+    V, n = poly.square(local)
+    scale = max(abs(b) for b in local)
     layers = []
     for layer in view.layers:
         V, n, parent = cut(plane, unit_table(view.program, layer), V, n, scale)
@@ -158,7 +162,9 @@ def slice_partition(
         layers.append(LayerSlice(layer.name, V, n, parent))
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
     boundary = decision_boundary(V, n, logits, scale)
-    part = SlicePartition(origin, dirs, bounds, layers, codes, logits, boundary, anchors, 0.0)
+    layers = [LayerSlice(la.name, la.vertices + c, la.counts, la.parent) for la in layers]
+    logits[..., 2] -= logits[..., 0] * c[0] + logits[..., 1] * c[1]  # (a, b, c) in (u, v) again
+    part = SlicePartition(origin, dirs, bounds, layers, codes, logits, boundary + c, anchors, 0.0)
     part.seconds = time.perf_counter() - start
     return part
 
