@@ -109,3 +109,13 @@ def test_concave_layers_are_refused_by_name() -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.Hardtanh(), nn.Linear(4, 2)).double().eval()
     with pytest.raises(sl.NotAMasoError, match=r"'1' \(hardtanh\).*not convex"):
         sl.layer_maso(net, torch.randn(1, 3, dtype=torch.float64), 0)
+
+
+def test_a_leaky_relu_of_slope_one_has_no_maso_form_and_is_skipped() -> None:
+    """Its two pieces lie on one line: the max cannot tell them apart while codes do (as a
+    spline's repeated piece). check_masos said FAILED (argmax != code) at an error of 1e-16."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(1.0), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(sl.NotAMasoError, match=r"'1' \(leaky_relu\).*one line"):
+        sl.layer_maso(net, x, 0)
+    assert sl.check_masos(net, x).ok

@@ -230,3 +230,21 @@ def test_a_window_far_from_the_plane_origin_is_as_exact_as_one_at_it(offset: flo
         thin[0].bias.copy_(torch.tensor([-offset, -offset - 1e-7], dtype=torch.float64))
     zero = torch.zeros(2, dtype=torch.float64)
     assert len(sl.slice_partition(thin, zero, d, bounds=(offset - 1, offset + 1, -1, 1))) == 3
+
+
+@pytest.mark.parametrize("h", [1e-5, 1e-7])
+def test_a_small_window_is_located_as_exactly_as_a_unit_one(h: float) -> None:
+    """Zooming in: bounds +-h with directions D / h give the same partition as +-1 with D; every
+    point is located in a region whose code is its own (reference: partition_codes). An absolute
+    edge tolerance placed 2,983 of 4,000 points in the wrong region at h = 1e-7."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+    m = m.double().eval()
+    o, d = torch.randn(3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    part = sl.slice_partition(m, o, d / h, (-h, h, -h, h))
+    assert len(part) == len(sl.slice_partition(m, o, d, (-1, 1, -1, 1)))
+    uv = np.random.default_rng(0).uniform(-h, h, (2000, 2))
+    loc = torch.as_tensor(part.locate(uv))
+    truth = sl.partition_codes(m, part.to_input(uv))
+    for mine, ref in zip(part.codes.layers, truth.layers, strict=True):
+        assert torch.equal(mine.data[loc], ref.data)

@@ -126,6 +126,12 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
         raise NotAMasoError(
             f"layer {layer.name!r} ({maso.kind}) has a slope above 1 below 0: it is concave"
         )
+    if (slope == 1).any():  # (as a spline with two pieces on one line)
+        raise NotAMasoError(
+            f"layer {layer.name!r} ({maso.kind}) has slope 1 on both sides of 0: its two pieces "
+            "lie on one line, so a max over them cannot tell them apart while its partition "
+            "codes do; it has no MASO form with the same partition"
+        )
     ar, none = np.arange(k), np.full(k, -1)
     idx = np.stack([np.stack([ar, none], 1), np.stack([ar, none], 1)], 1)  # (K, 2, 2): [a z, z]
     scale = np.stack([np.stack([slope, 0 * slope], 1), np.stack([1 + 0 * slope, 0 * slope], 1)], 1)

@@ -136,7 +136,7 @@ def locate(V: Array, n: Array, pts: Array, chunk: int = 1 << 16) -> Array:
     origin, size = lo.min(0), np.maximum(hi.max(0) - lo.min(0), 1e-300)
     cell = lambda p: np.clip(((p - origin) / size * g).astype(np.int64), 0, g - 1)  # noqa: E731
     starts, order = _buckets(cell(lo), cell(hi), g)
-    scale = max(np.abs(lo).max(initial=0.0), np.abs(hi).max(initial=0.0)) + 1.0  # valid vertices
+    scale = max(np.abs(lo).max(initial=0.0), np.abs(hi).max(initial=0.0)) or 1.0  # half its size
     out = np.full(len(pts), -1, dtype=np.int64)
     for s in range(0, len(pts), chunk):
         p = pts[s : s + chunk]
@@ -166,8 +166,9 @@ def _buckets(lo: Array, hi: Array, g: int) -> tuple[Array, Array]:
 def _locate_chunk(
     V: Array, n: Array, p: Array, c: Array, g: int, starts: Array, order: Array, scale: float
 ) -> Array:
-    """``locate`` for points p (P, 2) in buckets c; ``scale``: 1 + the largest |coordinate| of a
-    valid vertex (the padding holds stale values), setting the tolerance on the edge tests."""
+    """``locate`` for points p (P, 2) in buckets c; ``scale``: the largest |coordinate| of a
+    valid vertex about the domain's centre (the padding holds stale values), setting the
+    tolerance on the edge tests: relative to the domain's size, however small."""
     b = c[:, 0] * g + c[:, 1]
     cnt = starts[b + 1] - starts[b]
     pt = np.repeat(np.arange(len(p)), cnt)

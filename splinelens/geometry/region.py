@@ -97,11 +97,11 @@ def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
 
 
 def region_radius(model: nn.Module, x: Tensor) -> Tensor:
-    """(N,) the exact radius of the largest ball around each x on which the network is affine.
-
-    It is the smallest distance from x to the hyperplanes of its region's units (Sec. 7); in the
-    dtype of the model (float64 is the exact mode). ``inf`` for an affine network.
-    """
+    """(N,) the exact radius of the largest ball around each x inside its region of the
+    partition (one partition code): the smallest distance from x to the hyperplanes of its
+    region's units (Sec. 7), in the dtype of the model (float64 is the exact mode); ``inf`` for
+    an affine network. The network is affine on that ball, and may be on a larger one where a
+    unit's change does not reach the output."""
     dists = unit_distances(model, x)
     out = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
     for d in dists:
