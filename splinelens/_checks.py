@@ -71,6 +71,16 @@ def check_finite_numbers(name: str, values: Sequence[float]) -> None:
             )
 
 
+def default_rtol(dtype: torch.dtype) -> float:
+    """The relative tolerance of ``verify`` and the other exactness checks: 1e4 machine
+    epsilons of ``dtype``, at most 1e-2.
+
+    >>> default_rtol(torch.float64) < 1e-11 < default_rtol(torch.float32) < 1e-2
+    True
+    """
+    return min(1e4 * torch.finfo(dtype).eps, 1e-2)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile`` wrapper (splinelens captures the eager model), a
     ``DataParallel`` or ``DistributedDataParallel``, or an ``AveragedModel`` (SWA / EMA): each

@@ -195,7 +195,7 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = N
             if k not in _OWN
         ]
         own = _pairs(items, objects, depth)
-    mine = _user_classes(type(m).__mro__)
+    mine = user_classes(type(m).__mro__)
     if not mine:
         return own, ()
     if classes is None:
@@ -275,7 +275,7 @@ def _class_attr(v: Any, objects: dict) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _user_classes(mro: tuple[type, ...]) -> tuple[type, ...]:
+def user_classes(mro: tuple[type, ...]) -> tuple[type, ...]:
     """The classes of your own in an MRO (torch's own modules have none)."""
     return tuple(c for c in mro if not c.__module__.startswith(("torch.", "builtins")))
 

@@ -105,8 +105,8 @@ class AffineMap:
         counters: a re-registered tensor or an in-place change of an index buffer, of a tensor
         a hook holds or of x is seen."""
         prog = self.program
-        constants = [t for t in prog.constants.values() if isinstance(t, Tensor)]
-        return tuple((id(t), version(t)) for t in (*prog.live_params(), *constants, self.x))
+        tensors = (*prog.live_params(), *prog.constant_tensors.values(), self.x)
+        return tuple((id(t), version(t)) for t in tensors)
 
     @property
     def states(self) -> dict[str, Tensor]:

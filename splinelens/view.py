@@ -24,6 +24,7 @@ from splinelens._checks import (
     check_finite,
     check_overflow,
     check_positive_int,
+    default_rtol,
     layer_index,
     unwrap_model,
 )
@@ -211,11 +212,11 @@ def _program_state(model: nn.Module, program: Program) -> list[tuple[str, Tensor
     (tensors a hook's closure holds): what the checks and fingerprints cover."""
     named = list(model_state(model))
     seen = {id(t) for _, t in named}
-    for name, t in program.constants.items():
-        if isinstance(t, Tensor) and t.is_floating_point() and id(t) not in seen:
-            seen.add(id(t))
-            named.append((f"constant '{name}' of the captured graph", t))
-    return named
+    return named + [
+        (f"constant '{name}' of the captured graph", t)
+        for name, t in program.constant_tensors.items()
+        if t.is_floating_point() and id(t) not in seen
+    ]
 
 
 def layer_codes(program: Program, states: dict[str, Tensor], n: int) -> PartitionCodes:
@@ -339,7 +340,5 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
         f = prog.per_sample(prog.output_name, f).reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-30)
-    tol = (rtol if rtol is not None else min(1e4 * torch.finfo(x.dtype).eps, 1e-2)) * max(
-        scale, 1.0
-    )
+    tol = (rtol if rtol is not None else default_rtol(x.dtype)) * max(scale, 1.0)
     return Verification(err, err / scale, tol, err <= tol)

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from splinelens._capture.program import Program, leaves
 from splinelens._capture.registry import apply_g
+from splinelens._checks import default_rtol
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
@@ -98,7 +99,7 @@ def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) 
         raise _differs(model, "with NaN or inf where the model has none, or the reverse")
     err = float((got - want)[finite].abs().max()) if bool(finite.any()) else 0.0
     scale = float(want[finite].abs().max()) if bool(finite.any()) else 0.0
-    if err > min(1e4 * torch.finfo(want.dtype).eps, 1e-2) * max(scale, 1.0):
+    if err > default_rtol(want.dtype) * max(scale, 1.0):
         raise _differs(model, f"(max difference {err:.3g} for outputs up to {scale:.3g})")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from splinelens._structure import user_classes
 from splinelens.errors import UnsupportedOperationError
 
 _MODE_DEPENDENT = (
@@ -70,8 +71,7 @@ def _mode_dependent(cls: type) -> bool:
         return True
     if cls.__module__.startswith("torch."):
         return _reads_mode(cls.forward, unreadable=False)
-    own = [c for c in cls.__mro__ if not c.__module__.startswith(("torch.", "builtins"))]
-    return any(_reads_mode(c, unreadable=True) for c in own)
+    return any(_reads_mode(c, unreadable=True) for c in user_classes(cls.__mro__))
 
 
 def _reads_mode(code: Any, unreadable: bool) -> bool:

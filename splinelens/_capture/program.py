@@ -118,6 +118,15 @@ class Program:
                 return getattr(owner, attr).detach()
         return self.constants[name]
 
+    @functools.cached_property
+    def constant_tensors(self) -> dict[str, Tensor]:
+        """The tensors among the constants (a hook's closure tensors too), each once, by name."""
+        out: dict[str, Tensor] = {}
+        for name, t in self.constants.items():
+            if isinstance(t, Tensor) and all(t is not u for u in out.values()):
+                out[name] = t
+        return out
+
     def live_params(self) -> list[Tensor]:
         """The parameters and buffers the executors read now (from their owner modules)."""
         return [getattr(owner, attr) for _, owner, attr in self.params]

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Clip, Layer, Pairwise, Reduce, Sign, Spline
+from splinelens._checks import default_rtol
 from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of
@@ -301,7 +302,7 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
         out.append(LayerMasoCheck(la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
         values = env[la.node]
         scale = max(scale, values.abs().max().item() if values.numel() else 0.0)
-    tol = rtol if rtol is not None else min(1e4 * torch.finfo(x.dtype).eps, 1e-2)
+    tol = rtol if rtol is not None else default_rtol(x.dtype)
     return MasoCheck(tuple(out), tol * scale)
 
 

@@ -107,14 +107,18 @@ class SplineActivation(nn.Module):
         never answer for other pieces. The spline must still be continuous; its certificate
         was for the old pieces. (Not while torch.export or torch.compile traces the model:
         call it once first.)"""
-        built, now = self._built, self._pieces()
-        if all(a.shape == b.shape for a, b in zip(built, now)):
-            same = torch.stack([(a == b).all() for a, b in zip(built, now)]).all()
-            if bool(same):  # (one synchronisation on a GPU)
-                return
-        _check(*now)
+        if self._unchanged():
+            return
+        _check(*self._pieces())
         self.sup_error = math.inf
         self._build_tables()
+
+    def _unchanged(self) -> bool:
+        """Whether the pieces are those the tables were built from (one synchronisation)."""
+        built, now = self._built, self._pieces()
+        if any(a.shape != b.shape for a, b in zip(built, now)):
+            return False
+        return bool(torch.stack([(a == b).all() for a, b in zip(built, now)]).all())
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SplineActivation:
         """Move buffers where ``fn`` sends tensors (``.to(device)``, ``.cuda()``), never casting
@@ -129,7 +133,7 @@ class SplineActivation(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         _check(self.knots, self.slopes, self.intercepts)
-        if not all(map(torch.equal, self._built, self._pieces())):
+        if not self._unchanged():
             self.sup_error = math.inf  # the certificate was for the old pieces
         self._build_tables()  # the lookup tables follow the loaded knots
 
