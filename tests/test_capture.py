@@ -227,3 +227,28 @@ def test_a_recorded_map_refuses_one_ulp_in_any_dtype_even_when_sums_are_kept(dty
         with pytest.raises(ValueError, match="changed after this AffineMap was made"):
             _ = amap.A
         net[0].weight.data.fill_(1024.0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_capture_pauses_the_garbage_collector_and_restores_it(enabled: bool, monkeypatch) -> None:
+    import gc
+
+    seen: list[bool] = []
+    export = torch.export.export
+
+    def spy(*args, **kwargs):  # (the state inside the capture)
+        seen.append(gc.isenabled())
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", spy)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        capture(nn.Sequential(nn.Linear(3, 2), nn.ReLU()).eval(), torch.randn(2, 3))
+        assert gc.isenabled() is enabled
+        with pytest.raises(sl.UnsupportedOperationError):  # a refused capture restores it too
+            capture(nn.Sequential(nn.Linear(3, 2), nn.Sigmoid()).eval(), torch.randn(2, 3))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen and not any(seen)
