@@ -109,7 +109,13 @@ def layer_index(key: object, names: Sequence[str], what: str = "layer") -> int:
         raise LayerNotFoundError(f"no {what} named {key!r}; {_valid(names)}")
     if isinstance(key, bool) or not hasattr(key, "__index__"):
         raise TypeError(f"{what} must be an int index or a name, got {type(key).__name__}")
-    i = operator.index(key)
+    try:
+        i = operator.index(key)
+    except TypeError:  # a tensor or array of several entries
+        raise TypeError(
+            f"{what} must be one int index or a name, got a {type(key).__name__} that is not one "
+            f"integer (several layers: pass a list)"
+        ) from None
     if not -len(names) <= i < len(names):
         raise LayerNotFoundError(
             f"{what} {i} is out of range: the network has {len(names)} layers; {_valid(names)}"

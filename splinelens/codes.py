@@ -89,6 +89,11 @@ class LayerCodes:
             return f"binary codes must be packed uint8 bits, got {self.data.dtype}"
         if self.data.dtype not in _INT_DTYPES:
             return f"codes must be integers, got {self.data.dtype}"
+        if not self.binary and self.pieces > _states_held(self.data.dtype):
+            return (
+                f"{self.pieces} pieces do not fit {self.data.dtype} codes (at most "
+                f"{_states_held(self.data.dtype)})"
+            )
         return ""
 
     def check_values(self) -> str:
@@ -280,6 +285,11 @@ def _meta_sha256(head: dict[str, Any]) -> str:
 def _describe(sig: tuple[str, str, int, int]) -> str:
     name, kind, units, pieces = sig
     return f"{name!r} ({kind}, {units} units, {pieces} pieces)"
+
+
+def _states_held(dtype: torch.dtype) -> int:
+    """How many states [0, n) an integer dtype holds."""
+    return int(torch.iinfo(dtype).max) + 1
 
 
 def code_dtype(pieces: int) -> torch.dtype:

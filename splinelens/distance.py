@@ -82,10 +82,7 @@ def nearest_neighbors(
     shards = [database] if isinstance(database, PartitionCodes) else database
     if isinstance(database, PartitionCodes) and k > len(database):
         raise ValueError(f"k must be between 1 and the database size {len(database)}, got {k}")
-    if len(query) == 0:
-        empty = torch.empty(0, k)
-        return empty.double(), empty.long()
-    eq = _encode(query, layer)
+    eq = _encode(query, layer)  # (an empty query is checked as any other)
     use_faiss = backend == "faiss" or (
         backend == "auto" and eq.bits.device.type == "cpu" and _faiss() is not None
     )
@@ -95,9 +92,9 @@ def nearest_neighbors(
     for shard in shards:
         if not isinstance(shard, PartitionCodes):
             raise TypeError(f"database shards must be PartitionCodes, got {type(shard).__name__}")
+        ed = _encode(shard, layer, like=query)
         if len(shard) == 0:
             continue
-        ed = _encode(shard, layer, like=query)
         step, qstep = chunk_sizes(chunk_size, len(query), ed.bits.shape[1], use_faiss)
         qchunks = range(0, len(query), qstep)
         best += [None] * (len(qchunks) - len(best))
@@ -109,6 +106,9 @@ def nearest_neighbors(
         offset += len(shard)
     if k > offset:
         raise ValueError(f"k must be between 1 and the database size {offset}, got {k}")
+    if len(query) == 0:
+        empty = torch.empty(0, k, device=eq.bits.device)
+        return empty.double(), empty.long()
     dist = torch.cat([b[0] for b in best if b is not None])
     return dist.double() / (eq.per_unit * eq.units), torch.cat(
         [b[1] for b in best if b is not None]
@@ -154,17 +154,31 @@ def _search_torch(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return d.round().long(), i
 
 
+_BLOCK = 1 << 20  # packed bytes: 2^23 bits, whose counts and sums float32 holds exactly
+
+
 def _hamming_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Hamming distances between packed bit strings: |a| + |b| - 2 a.b, exact in float32."""
-    bits_a = unpack_bits(a, a.shape[1] * 8).float()  # (Na, bits)
-    bits_b = unpack_bits(b, b.shape[1] * 8).float()  # (Nb, bits)
-    dot = bits_a @ bits_b.T
-    return (bits_a.sum(1, keepdim=True) + bits_b.sum(1) - 2 * dot).double()
+    """Hamming distances between packed bit strings, (Na, Nb) float64: |a| + |b| - 2 a.b over
+    blocks of 2^23 bits in float32 (integers up to 2^24 are exact there), added in float64
+    (exact up to 2^53 bits; one float32 product of more than 2^24 bits rounds the counts)."""
+    out = torch.zeros(len(a), len(b), dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[1], _BLOCK):
+        block_a, block_b = a[:, s : s + _BLOCK], b[:, s : s + _BLOCK]
+        bits_a = unpack_bits(block_a, block_a.shape[1] * 8).float()  # (Na, bits)
+        bits_b = unpack_bits(block_b, block_b.shape[1] * 8).float()  # (Nb, bits)
+        dot = (bits_a @ bits_b.T).double()
+        out += bits_a.sum(1, keepdim=True).double() + bits_b.sum(1).double() - 2 * dot
+    return out
 
 
 def _encode(
     codes: PartitionCodes, layer: LayerSel, like: PartitionCodes | None = None
 ) -> _Encoding:
+    if not isinstance(codes, PartitionCodes):
+        raise TypeError(
+            f"codes must be PartitionCodes (from sl.partition_codes or PartitionCodes.load), "
+            f"got {type(codes).__name__}"
+        )
     if like is not None:
         like.check_comparable(codes, "query and database codes")
     picked = _select(codes, layer)

@@ -45,6 +45,12 @@ def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
     >>> [round(float(orthogonality_penalty(w, k)), 4) for k in PENALTY_KINDS]
     [2.0, 0.8125, 0.3125]
     """
+    if not isinstance(weight, Tensor) or weight.dim() < 2 or 0 in weight.shape:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(
+            f"weight must be a (C, D, ...) tensor with at least one class and one input, got "
+            f"{got}; pass the classifier's weight (rows: classes)"
+        )
     w = weight.reshape(weight.shape[0], -1)  # (C, D)
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
     sq = gram.diagonal()  # (C,): ||W_c||^2
@@ -63,7 +69,10 @@ def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:
     Models from ``splinelens.paper.models`` name it ``classifier``.
     """
     if name is not None:
-        layer = model.get_submodule(name)
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None  # (refused below, naming it)
     else:
         named = getattr(model, "classifier", None)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -134,6 +134,11 @@ class SplineView:
 
     def _checked_codes(self, x: Tensor, batch_size: int) -> PartitionCodes:
         """Codes whose x, weights and last layer are checked for NaN and inf with the result."""
+        if not self.program.layers:
+            raise ValueError(
+                "the network has no MASO nonlinearity (it is affine): every input lies in its "
+                "one region, and there are no partition codes to compute"
+            )
         sums: list[Tensor] = [x.detach().sum(), *self.tensors.sums()]
         codes = self._partition_codes(x, batch_size, sums)
         if not all_finite(sums):  # say what: x or a weight (by name), or an overflow

@@ -55,20 +55,25 @@ def test_radius_against_explicit_mlp() -> None:
 
 
 def test_radius_along_random_lines_is_never_shorter() -> None:
-    """Bisection for the first code change along random lines: never closer than the radius."""
+    """Bisection for a code change along random lines (all lines in one batch): never closer
+    than the radius."""
     model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn", n=1)
     r = sl.region_radius(model, x)[0].item()
     g = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        u = torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
-        u = (u / u.norm())[None]
-        lo, hi = 0.0, 1.0
-        while _same_code(model, x, x + hi * u).all():
-            hi *= 2
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _same_code(model, x, x + mid * u).all() else (lo, mid)
-        assert hi >= r * (1 - 1e-9)
+    u = torch.randn(8, *x.shape[1:], generator=g, dtype=x.dtype)
+    u = u / u.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))  # (8, *in) unit lines
+    lo, hi = torch.zeros(8, dtype=x.dtype), torch.ones(8, dtype=x.dtype)
+
+    def along(t: torch.Tensor) -> torch.Tensor:  # (8,) points x + t u, (8, *in)
+        return x + t.view(-1, *[1] * (x.dim() - 1)) * u
+
+    while (same := _same_code(model, x, along(hi))).any():
+        hi = torch.where(same, 2 * hi, hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        same = _same_code(model, x, along(mid))
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    assert (hi >= r * (1 - 1e-9)).all()
 
 
 @pytest.mark.parametrize("name", ["mlp", "small_cnn", "maxout", "mixed_activations"])

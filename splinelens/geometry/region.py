@@ -234,6 +234,9 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> R
     rows = [_layer_rows(i, z[0], dz[0], t, x) for i, ((z, dz), t) in enumerate(zip(res, tables))]
     if sum(len(r[0]) for r in rows) > max_rows:
         raise ValueError("the region has more than max_rows inequalities; raise max_rows")
+    if not rows:  # no MASO layer: the network is affine, its one region is the whole space
+        none = torch.zeros(0, dtype=torch.long, device=x.device)
+        rows = [(x.new_zeros(0, d), x.new_zeros(0), none, none, none)]
     A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
     return RegionPolytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
 
