@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
@@ -92,6 +93,10 @@ def test_random_networks_are_exact(net) -> None:
         f = model(x)
     ax = torch.einsum("ncd,nd->nc", ref.flatten(2), x.flatten(1))
     torch.testing.assert_close(amap.B, f - ax, atol=1e-9, rtol=1e-9)
+    if not sl.SplineView(model, x).layers:  # affine: one region, no codes
+        with pytest.raises(ValueError, match="no MASO nonlinearity"):
+            sl.partition_codes(model, x)
+        return
     codes = sl.partition_codes(model, x)
     if codes.layers:
         d = sl.partition_distance(codes, codes)

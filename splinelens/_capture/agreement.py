@@ -21,6 +21,7 @@ splinelens.errors.UnsupportedOperationError: an in-place change of the input at 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -94,13 +95,56 @@ def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) 
     want = out[0].movedim(prog.bdims[prog.output_name], 0)
     if got.shape != want.shape:
         raise _differs(model, f"of shape {tuple(got.shape)} instead of {tuple(want.shape)}")
-    finite = torch.isfinite(want)
-    if not torch.equal(finite, torch.isfinite(got)):
+    err, scale = _gap(got, want)
+    if math.isnan(err):
         raise _differs(model, "with NaN or inf where the model has none, or the reverse")
-    err = float((got - want)[finite].abs().max()) if bool(finite.any()) else 0.0
-    scale = float(want[finite].abs().max()) if bool(finite.any()) else 0.0
     if err > default_rtol(want.dtype) * max(scale, 1.0):
         raise _differs(model, f"(max difference {err:.3g} for outputs up to {scale:.3g})")
+
+
+def check_per_sample(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) -> None:
+    """Refuse a model whose output for an input depends on the rest of its batch (arithmetic
+    with the batch size, positions sliced to it: ``relu(h * x.shape[0])``, ``pe[:x.shape[0]]``):
+    two inputs in the other order, and with a third after them, must give the same rows as
+    ``returned`` (the model's output on x, two inputs), to ``verify``'s tolerance. Batch sizes
+    the capture does not hold for (a forward that branches on N) are not compared."""
+    out = leaves(returned, torch.Tensor)
+    if len(out) != 1 or not out[0].is_floating_point() or len(x) != 2:
+        return
+    if not prog.batch.accepts(2):  # (the capture holds for other sizes)
+        return
+    bdim = prog.bdims[prog.output_name]
+    want = out[0].movedim(bdim, 0)  # (2, *out)
+    pair = x if not torch.equal(x[0], x[1]) else torch.cat([x[:1], x[:1] * 0.5])
+    if pair is not x:
+        want = leaves(check_runs(model, pair), torch.Tensor)[0].movedim(bdim, 0)
+    cases = [(pair.flip(0), [1, 0])]
+    if prog.batch.accepts(3):
+        cases.append((torch.cat([pair, pair[:1]]), [0, 1]))
+    for inputs, rows in cases:
+        got = leaves(check_runs(model, inputs), torch.Tensor)[0].movedim(bdim, 0)[rows]
+        err, scale = _gap(got, want) if got.shape == want.shape else (math.inf, 0.0)
+        if not err <= default_rtol(want.dtype) * max(scale, 1.0):  # (NaN: refused too)
+            raise UnsupportedOperationError(
+                "the batch size",
+                type(model).__name__,
+                f"gives an input another output in another batch (the same inputs in another "
+                f"order, or with one more: max difference {err:.3g} for outputs up to "
+                f"{scale:.3g}): forward computes with the batch size or with positions in the "
+                f"batch (x.shape[0], a slice or arange to it)",
+                "make each input's output depend on that input alone",
+            )
+
+
+def _gap(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max |got - want| over the finite entries of want, max |want| there); the gap is NaN
+    where NaN or inf stand in other places in got than in want."""
+    finite = torch.isfinite(want)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return math.nan, 0.0
+    if not bool(finite.any()):
+        return 0.0, 0.0
+    return float((got - want)[finite].abs().max()), float(want[finite].abs().max())
 
 
 def _differs(model: nn.Module, how: str) -> UnsupportedOperationError:

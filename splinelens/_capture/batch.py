@@ -223,11 +223,19 @@ def _ops_of(ep: torch.export.ExportedProgram) -> list[tuple]:
             index[n.name] = kept
             continue
         index[n.name] = ("node", len(out))
-        out.append((str(n.target), args, norm(n.kwargs)))
+        out.append((str(n.target), args, norm(n.kwargs), _ranks(n)))
     return out
 
 
 _SIZE = ("size",)
+
+
+def _ranks(n: torch.fx.Node) -> tuple[int, ...]:
+    """The number of dims of each tensor a node makes (``x.squeeze()`` drops the batch dim of
+    one input: the same op, one dim fewer)."""
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    return tuple(v.dim() for v in vals if isinstance(v, torch.Tensor))
 
 
 def _is_tensor_op(n: torch.fx.Node) -> bool:

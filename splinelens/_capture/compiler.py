@@ -31,6 +31,7 @@ from torch._decomp import decomposition_table
 from splinelens._capture.agreement import (
     changes_input,
     check_not_cached,
+    check_per_sample,
     check_runs,
     check_same,
     first_line,
@@ -105,6 +106,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
         functools.partial(program_output, prog),
     )
     prog = dataclasses.replace(prog, batch=batch)
+    check_per_sample(model, prog, ex[:2], out)
     if batch.accepts(2):  # (else the graph holds for other batch sizes: compare on ex itself)
         check_same(model, prog, ex[:2], out)
     else:
@@ -123,6 +125,15 @@ def _quiet_logs() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+def _input_dtype(gm: torch.fx.GraphModule, name: str) -> torch.dtype | None:
+    """The dtype of the input x (its placeholder's value), None if unknown."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name == name:
+            val = node.meta.get("val")
+            return val.dtype if isinstance(val, torch.Tensor) else None
+    return None
 
 
 def _export(
@@ -160,6 +171,7 @@ class _Compiler:
                 "needs a forward(x) of one tensor"
             )
         self.input_name = sig.user_inputs[0]
+        self.precision = _input_dtype(self.gm, self.input_name)
         node = next(n for n in self.gm.graph.nodes if n.name == self.input_name)
         self.axes = BatchAxes(node)
         self.act: set[str] = {self.input_name}
@@ -263,7 +275,7 @@ class _Compiler:
         self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]
     ) -> MasoOp | None:
         """Check an op on activations; its MASO (and layer) if it is a nonlinearity."""
-        kind = check_kind(node, name)
+        kind = check_kind(node, name, self.precision)
         if kind == "affine":
             check_affine(node, name, self.act)
         if not self.axes.has_batch(node):

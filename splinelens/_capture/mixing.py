@@ -78,6 +78,19 @@ def along(*names: str) -> Rule:
     return rule
 
 
+def gathered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``gather(self, dim, index)``: ``dim``, and every other dim along which index is shorter
+    than self (gather reads only the first entries there: of a batch dim, the first samples)."""
+    dims = along("dim")(a, which, pos, ndim) or set()
+    inp, idx = a.get("self"), a.get("index")
+    if which != "self":
+        return dims
+    if not isinstance(inp, torch.fx.Node) or not isinstance(idx, torch.fx.Node):
+        return None
+    size, kept = inp.meta["val"].shape, idx.meta["val"].shape
+    return dims | {d for d in range(ndim) if str(kept[d]) != str(size[d])}
+
+
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """Sums, means and extremes over ``dim`` (none or an empty list: every dim)."""
     dim = a.get("dim")
@@ -176,7 +189,8 @@ RULES: dict[str, Rule] = {  # op names -> rule (the registry's ``OpInfo.mixes``)
     "flip": along("dims"),
     "diagonal": along("dim1", "dim2"),
     "unfold": along("dimension"),
-    "index_select gather narrow select select_copy split split_with_sizes chunk unbind cat": (
+    "gather": gathered,
+    "index_select narrow select select_copy split split_with_sizes chunk unbind cat": (
         along("dim")
     ),
     "concat": along("dim"),

@@ -262,7 +262,7 @@ class _Writer:
 
     def __init__(self, prog: Program, mode: str, at: frozenset[str], stop: str | None) -> None:
         self.prog, self.mode, self.at = prog, mode, at
-        end = prog.position[stop] + 1 if stop is not None else len(prog.steps)
+        end = len(prog.steps) if stop is None else prog.position.get(stop, -1) + 1  # (input: 0)
         self.steps = prog.steps[:end]
         self.names: dict[str, str] = {}  # node -> local variable
         self.globals: dict[str, Any] = {}

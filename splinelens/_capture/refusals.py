@@ -25,8 +25,9 @@ def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperatio
     return UnsupportedOperationError(f"aten.{name}", location(node), why, fix)
 
 
-def check_kind(node: Node, name: str) -> str:
-    """The op's kind ('affine' or 'maso'), or its refusal (g inside the net, refused, integer)."""
+def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> str:
+    """The op's kind ('affine' or 'maso'), or its refusal (g inside the net, refused, integer,
+    a cast to less precision than both its input and ``precision``, the input x's dtype)."""
     entry = info(name)
     kind = entry.kind
     if name in ("max", "min"):
@@ -40,7 +41,32 @@ def check_kind(node: Node, name: str) -> str:
             "turns activations into integers or booleans (a step function), which is not "
             "piecewise affine",
         )
+    if name in _CASTS:
+        _check_widening(node, name, precision)
     return kind
+
+
+_CASTS = frozenset({"_to_copy", "to", "type_as"})
+
+
+def _check_widening(node: Node, name: str, precision: torch.dtype | None) -> None:
+    """Refuse a cast of activations to a floating dtype of less precision than theirs and x's
+    (``h.half()``, ``torch.autocast``): it rounds them, a step function; A x + B would miss f(x)
+    by more than x's precision. (Back to x's dtype after a wider one is x's own rounding.)"""
+    src, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return
+    if not src.dtype.is_floating_point:
+        return
+    eps = torch.finfo(out.dtype).eps
+    if eps > torch.finfo(src.dtype).eps and eps > torch.finfo(precision or src.dtype).eps:
+        raise error(
+            node,
+            name,
+            f"rounds the activations from {src.dtype} to {out.dtype} (a cast to less precision, "
+            f"as .half() or torch.autocast make), so A x + B would miss f(x) by the rounding",
+            f"remove the cast (or the autocast), or run the whole model and x in {out.dtype}",
+        )
 
 
 def _max_overload(node: Node, name: str) -> str:

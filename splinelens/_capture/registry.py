@@ -145,7 +145,7 @@ _add("div", "affine", operands=(1,), coefficients="scalars")
 # Depend on an activation's shape only, never its values.
 _add(
     "sym_size sym_numel sym_stride size zeros_like ones_like empty_like full_like new_zeros "
-    "new_ones new_empty new_full _assert_tensor_metadata",
+    "new_ones new_empty new_full fill zero _assert_tensor_metadata",
     "shape",
 )
 # The MASO nonlinearities, by family (``make_maso``).

@@ -1,0 +1,148 @@
+"""Captures a fuzzing review found wrong or refused without reason (each test fails before its
+fix): A and B against jacrev and the model in float64, or a refusal that names the cause."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+
+DT = torch.float64
+
+
+def _exact(model: nn.Module, x: torch.Tensor) -> None:
+    """A equals jacrev and A x + B the model's output, to 1e-12."""
+    amap = sl.affine_map(model, x)
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(xi) for xi in x])
+    torch.testing.assert_close(amap.A, jac, rtol=0, atol=1e-12)
+    pred = torch.einsum("nod,nd->no", amap.A, x) + amap.B
+    torch.testing.assert_close(pred, model(x).detach(), rtol=0, atol=1e-12)
+
+
+class _Net(nn.Module):
+    def __init__(self, body) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.body = nn.Linear(6, 6), nn.Linear(6, 3), body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.body(self.l1(x), x))
+
+
+def _net(body) -> nn.Module:
+    return _Net(body).to(DT).eval()
+
+
+class _Leak(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.l1(x))  # (N, 6)
+        n = x.shape[0]
+        g = h.unsqueeze(0).expand(n, n, 6)  # g[i, m] = h[m]: the batch in dims 0 and 1
+        return torch.gather(g, 2, torch.zeros(n, 1, 6, dtype=torch.long)).squeeze(1)  # h[0, 0]
+
+
+def test_a_gather_that_reads_only_some_samples_is_refused() -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match="mixed, reordered or dropped"):
+        sl.affine_map(_Leak().to(DT).eval(), torch.randn(4, 6, dtype=DT))
+    idx = torch.tensor([[5, 0, 2, 2, 1, 3]])  # along the features: exact
+    _exact(
+        _net(lambda h, x: torch.gather(torch.relu(h), 1, idx.expand(x.shape[0], 6))),
+        torch.randn(4, 6, dtype=DT),
+    )
+
+
+def test_a_clamp_whose_min_exceeds_its_max_is_the_constant_max() -> None:
+    model = _net(lambda h, x: torch.clamp(h, 0.5, -0.5))
+    view = sl.SplineView(model, torch.full((2, 6), 30.0, dtype=DT))  # every unit above min
+    x = torch.randn(5, 6, dtype=DT)
+    amap = view.affine_map(x)
+    assert float(amap.A.abs().max()) == 0.0
+    torch.testing.assert_close(amap.B, model(x).detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["clamp01", "clamp_min", "hardtanh", "relu"])
+def test_units_exactly_at_a_bound_take_autograds_piece(act: str) -> None:
+    fn = {
+        "clamp01": lambda h: h.clamp(0, 1),
+        "clamp_min": lambda h: h.clamp(min=0),
+        "hardtanh": lambda h: nn.functional.hardtanh(h, 0, 1),
+        "relu": torch.relu,
+    }[act]
+    model = _net(lambda h, x: fn(h))
+    with torch.no_grad():
+        model.l1.weight.copy_(torch.eye(6))
+        model.l1.bias.zero_()
+    x = torch.tensor([[0.0, 1.0, 0.5, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 1.0, 0.3, 1.0]], dtype=DT)
+    _exact(model, x)  # inputs on the bounds 0 and 1
+
+
+def test_casts_to_less_precision_and_autocast_are_refused() -> None:
+    x = torch.randn(4, 6, dtype=DT)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        with pytest.raises(sl.UnsupportedOperationError, match=f"rounds the activations.*{dt}"):
+            sl.affine_map(_net(lambda h, x, dt=dt: torch.relu(h.to(dt)).to(DT)), x)
+    f32 = _Net(lambda h, x: torch.relu(h.double()).float()).eval()  # widening: exact
+    xf = torch.randn(4, 6)
+    assert sl.verify(f32, xf).ok
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(RuntimeError, match=r"inside torch\.autocast"),
+    ):
+        sl.affine_map(f32, xf)
+
+
+def test_forwards_that_compute_with_the_batch_size_are_refused() -> None:
+    pe = torch.randn(16, 6, dtype=DT)
+    bodies = {
+        "scaled by N": lambda h, x: torch.relu(h * x.shape[0]),
+        "positions sliced to N": lambda h, x: torch.relu(h + pe[: x.shape[0]]),
+    }
+    for body in bodies.values():
+        for n in (1, 2, 5):
+            with pytest.raises(
+                sl.UnsupportedOperationError, match="another output in another batch"
+            ):
+                sl.partition_codes(_net(body), torch.randn(n, 6, dtype=DT))
+
+
+def test_a_network_that_returns_its_input_is_the_identity_map() -> None:
+    x = torch.randn(3, 4, dtype=DT)
+    for model in (nn.Identity(), nn.Sequential(), nn.Flatten()):
+        amap = sl.affine_map(model, x)
+        assert torch.equal(amap.A, torch.eye(4, dtype=DT).expand(3, 4, 4))
+        assert torch.equal(amap.B, torch.zeros(3, 4, dtype=DT))
+
+
+class _Squeeze(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (N, 1, 6): (6,) at N = 1
+        return torch.relu(self.l1(x).squeeze().t()).t()
+
+
+def test_a_squeeze_that_drops_the_batch_of_one_input_refuses_one_input() -> None:
+    model = _Squeeze().to(DT).eval()
+    with pytest.raises(sl.BatchSizeError, match="batch of 1 is refused"):
+        sl.affine_map(model, torch.randn(1, 1, 6, dtype=DT))
+    x = torch.randn(3, 1, 6, dtype=DT)
+    amap = sl.affine_map(model, x)
+    pred = torch.einsum("nod,nd->no", amap.A.flatten(2), x.flatten(1)) + amap.B
+    torch.testing.assert_close(pred, model(x).detach(), rtol=0, atol=1e-12)
+
+
+def test_constants_written_into_slices_are_affine() -> None:
+    def body(h, x):
+        h = h.clone()
+        h[:, 0] = 0.5
+        h[:, 1:3].zero_()
+        return torch.relu(h)
+
+    _exact(_net(body), torch.randn(4, 6, dtype=DT))
