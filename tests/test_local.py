@@ -120,3 +120,22 @@ def test_affine_network_has_one_unbounded_region() -> None:
     assert sl.sampled_local_complexity(net, x, [1.0]).counts.shape == (3, 0, 1)
     part = sl.slice_partition(net, torch.zeros(2), torch.eye(2))
     assert len(part) == 1 and part.areas.sum() == pytest.approx(36.0)
+
+
+def test_radius_keeps_its_digits_for_large_inputs_and_offsets() -> None:
+    """Slopes come from forward-mode derivatives, not slots(x + e_i) - slots(x): large
+    pre-activations or inputs do not cancel their digits (a difference gave 4.4e15 for 2e16)."""
+    net = nn.Sequential(nn.Linear(2, 1), nn.ReLU()).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[3.0, 4.0]]))
+        net[0].bias.fill_(1e17)
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(sl.region_radius(net, x), torch.tensor([(1e17 + 7) / 5]).double())
+    torch.manual_seed(0)
+    f32 = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.rand(20, 16) + 1e4  # unnormalised inputs, float32
+    with torch.no_grad():  # float64 margins of layer 1 over its exact slopes
+        w = f32[0].weight.double()
+        ref = (x.double() @ w.T + f32[0].bias.double()).abs() / w.norm(dim=1)
+    got = sl.region_radius(f32, x).double()  # this network's radius is layer 1's nearest unit
+    assert float(((got - ref.min(1).values) / ref.min(1).values).abs().max()) < 1e-5

@@ -127,6 +127,18 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
+_SLICE_END = {"slice": 3, "slice_copy": 3, "slice_scatter": 4}  # op -> position of ``end``
+
+
+def _open_ended(name: str, args: tuple) -> tuple:
+    """A slice to the end as ``end=None`` (export writes 2^63 - 1, which functorch's batching
+    of slice_scatter overflows: forward-mode derivatives of the frozen program use it)."""
+    at = _SLICE_END.get(name)
+    if at is None or len(args) <= at or not isinstance(args[at], int) or args[at] < 2**62:
+        return args
+    return (*args[:at], None, *args[at + 1 :])
+
+
 def _input_dtype(gm: torch.fx.GraphModule, name: str) -> torch.dtype | None:
     """The dtype of the input x (its placeholder's value), None if unknown."""
     for node in gm.graph.nodes:
@@ -268,7 +280,7 @@ class _Compiler:
         if deps and is_tensor(node) and info(name).kind != "shape":
             maso = self._activation(node, name, deps)
         tuple_out = maso is not None and isinstance(node.meta["val"], (tuple, list))
-        args, kwargs = _refs(tuple(node.args)), _refs(dict(node.kwargs))
+        args, kwargs = _refs(_open_ended(name, tuple(node.args))), _refs(dict(node.kwargs))
         self.steps.append(Step(node.name, name, node.target, args, kwargs, maso, tuple_out))
 
     def _activation(

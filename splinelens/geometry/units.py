@@ -196,20 +196,28 @@ def slot_tangents(
     """Slots at x (M, *in) and along dirs, states frozen at x's: [(z, dz)] per table.
 
     z is (M, S), dz (M, T, S). ``dirs`` (T, ...) move the input, or the node ``start`` (then
-    nodes that reach the layers without passing through it keep their values for x). The frozen
-    network is affine, so dz = slots(x + d) - slots(x) exactly (up to rounding).
+    nodes that reach the layers without passing through it keep their values for x). dz is the
+    frozen network's derivative along each direction, by forward-mode differentiation (``jvp``,
+    all directions in one vmapped pass): products of the slopes only, where the difference
+    slots(x + d) - slots(x) lost the digits that large pre-activations or inputs cancel.
     """
-    m, t = len(x), len(dirs)
+    m = len(x)
     stop = last_step(prog, tables)
     start = start or prog.input_name
-    with torch.no_grad(), exact_matmul():
+    with torch.no_grad(), exact_matmul():  # (forward-mode derivatives need no autograd graph)
         env0, states = prog.record(x, stop=stop)
-        h0 = prog.per_sample(start, env0[start])
-        moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(t * m, *h0.shape[1:])
-        xt = x.repeat(t, *[1] * (x.dim() - 1))
-        at = {start: prog.from_sample(start, moved)}
-        env1 = prog.frozen(xt, prog.tile_states(states, t), at=at, stop=stop)
-    return slot_differences(prog, tables, env0, env1, m, t)
+        h0 = prog.per_sample(start, env0[start])  # (M, *start_shape)
+
+        def slots(h: Tensor) -> tuple[Tensor, ...]:
+            env = prog.frozen(x, states, at={start: prog.from_sample(start, h)}, stop=stop)
+            return tuple(slot_values(prog, table, env, m) for table in tables)
+
+        def along(d: Tensor) -> tuple[Tensor, ...]:  # one direction, the same at every point
+            return torch.func.jvp(slots, (h0,), (d.expand_as(h0),))[1]
+
+        dz = torch.func.vmap(along)(dirs) if tables else ()  # per table (T, M, S)
+        z0 = [slot_values(prog, table, env0, m) for table in tables]
+    return [(z, d.transpose(0, 1)) for z, d in zip(z0, dz, strict=True)]
 
 
 def slot_differences(
