@@ -139,3 +139,16 @@ def test_radius_keeps_its_digits_for_large_inputs_and_offsets() -> None:
         ref = (x.double() @ w.T + f32[0].bias.double()).abs() / w.norm(dim=1)
     got = sl.region_radius(f32, x).double()  # this network's radius is layer 1's nearest unit
     assert float(((got - ref.min(1).values) / ref.min(1).values).abs().max()) < 1e-5
+
+
+def test_slopes_fall_back_to_differences_where_forward_mode_fails(monkeypatch) -> None:
+    """An op without a forward-mode rule under vmap: the frozen network's differences (exact up
+    to rounding at ordinary scales) instead of a raw error."""
+    model, x = zoo.build("small_cnn"), zoo.inputs("small_cnn", n=3)
+    want = sl.region_radius(model, x)
+
+    def no_rule(*args, **kwargs):
+        raise NotImplementedError("no batching rule")
+
+    monkeypatch.setattr(torch.func, "vmap", no_rule)
+    torch.testing.assert_close(sl.region_radius(model, x), want, rtol=1e-10, atol=0)

@@ -199,7 +199,8 @@ def slot_tangents(
     nodes that reach the layers without passing through it keep their values for x). dz is the
     frozen network's derivative along each direction, by forward-mode differentiation (``jvp``,
     all directions in one vmapped pass): products of the slopes only, where the difference
-    slots(x + d) - slots(x) lost the digits that large pre-activations or inputs cancel.
+    slots(x + d) - slots(x) lost the digits that large pre-activations or inputs cancel. (That
+    difference is the fallback for an op that has no forward-mode rule under vmap.)
     """
     m = len(x)
     stop = last_step(prog, tables)
@@ -215,7 +216,14 @@ def slot_tangents(
         def along(d: Tensor) -> tuple[Tensor, ...]:  # one direction, the same at every point
             return torch.func.jvp(slots, (h0,), (d.expand_as(h0),))[1]
 
-        dz = torch.func.vmap(along)(dirs) if tables else ()  # per table (T, M, S)
+        try:
+            dz = torch.func.vmap(along)(dirs) if tables else ()  # per table (T, M, S)
+        except (RuntimeError, NotImplementedError):
+            moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(-1, *h0.shape[1:])  # (T*M, ..)
+            at = {start: prog.from_sample(start, moved)}
+            xt = x.repeat(len(dirs), *[1] * (x.dim() - 1))
+            env1 = prog.frozen(xt, prog.tile_states(states, len(dirs)), at=at, stop=stop)
+            return slot_differences(prog, tables, env0, env1, m, len(dirs))
         z0 = [slot_values(prog, table, env0, m) for table in tables]
     return [(z, d.transpose(0, 1)) for z, d in zip(z0, dz, strict=True)]
 
