@@ -146,3 +146,26 @@ def test_constants_written_into_slices_are_affine() -> None:
         return torch.relu(h)
 
     _exact(_net(body), torch.randn(4, 6, dtype=DT))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (jacrev through rrelu)
+@pytest.mark.parametrize("act", ["threshold0", "threshold", "rrelu", "rnn_cell"])
+def test_threshold_rrelu_and_relu_rnn_cells_are_read(act: str) -> None:
+    cell = nn.RNNCell(6, 6, nonlinearity="relu")
+    bodies = {
+        "threshold0": lambda h, x: nn.functional.threshold(h, 0.0, 0.0),
+        "threshold": lambda h, x: nn.functional.threshold(h, 0.3, 0.3),
+        "rrelu": lambda h, x: nn.functional.rrelu(h, training=False),
+        "rnn_cell": lambda h, x: cell(x, cell(h)),
+    }
+    model = _net(bodies[act])
+    cell.to(DT)
+    _exact(model, torch.randn(4, 6, dtype=DT))
+
+
+def test_a_threshold_with_a_jump_and_a_training_rrelu_are_refused() -> None:
+    x = torch.randn(4, 6, dtype=DT)
+    with pytest.raises(sl.UnsupportedOperationError, match=r"jumps from 0\.0 to 0\.3"):
+        sl.affine_map(_net(lambda h, x: nn.functional.threshold(h, 0.3, 0.0)), x)
+    with pytest.raises(sl.UnsupportedOperationError, match="random slopes in training mode"):
+        sl.affine_map(_net(lambda h, x: nn.functional.rrelu(h, training=True)), x)

@@ -48,9 +48,27 @@ from splinelens._capture.registry import bound_args, final_ir, info, make_maso, 
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens.errors import UnsupportedOperationError
 
+
+def _rnn_relu_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``nn.RNNCell(nonlinearity="relu")``'s step, which torch does not decompose."""
+    return torch.relu(
+        torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
+    )
+
+
 _RNN_DECOMPS = {
-    op: decomposition_table[op]
-    for op in (torch.ops.aten.rnn_relu.input, torch.ops.aten.rnn_relu.data)
+    **{
+        op: decomposition_table[op]
+        for op in (torch.ops.aten.rnn_relu.input, torch.ops.aten.rnn_relu.data)
+    },
+    torch.ops.aten.rnn_relu_cell.default: _rnn_relu_cell,
 }
 
 

@@ -43,7 +43,25 @@ def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> s
         )
     if name in _CASTS:
         _check_widening(node, name, precision)
+    if name in ("threshold", "rrelu"):
+        _check_continuous(node, name)
     return kind
+
+
+def _check_continuous(node: Node, name: str) -> None:
+    """Refuse a threshold whose value is not its threshold (a jump) and rrelu in training mode
+    (random slopes)."""
+    args = [*node.args, None, None, None][:4]
+    if name == "threshold" and args[1] != args[2]:
+        raise error(
+            node,
+            name,
+            f"jumps from {args[2]} to {args[1]} at its threshold (a step), so it is not "
+            f"piecewise affine",
+            "use nn.Threshold(t, t), which is max(x, t), or a ReLU",
+        )
+    if name == "rrelu" and (args[3] or node.kwargs.get("training")):
+        raise error(node, name, "draws random slopes in training mode", "call model.eval()")
 
 
 _CASTS = frozenset({"_to_copy", "to", "type_as"})

@@ -149,7 +149,11 @@ _add(
     "shape",
 )
 # The MASO nonlinearities, by family (``make_maso``).
-_add("relu leaky_relu prelu _prelu_kernel abs clamp_min clamp_max", "maso", family="sign")
+_add(
+    "relu leaky_relu prelu _prelu_kernel abs clamp_min clamp_max rrelu threshold",
+    "maso",
+    family="sign",
+)
 _add("hardtanh relu6 clamp", "maso", family="clip")
 _add(
     "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
@@ -327,6 +331,11 @@ def _is_tensor_arg(v: Any) -> bool:
 def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
     if name == "leaky_relu":
         return Sign(name, float(a["negative_slope"]))
+    if name == "rrelu":  # in eval (training mode is refused): the mean of its slopes
+        return Sign("leaky_relu", (float(a.get("lower", 0.125)) + float(a.get("upper", 1 / 3))) / 2)
+    if name == "threshold":  # x above t, else t (another value is refused): max(x, t)
+        t = float(a["threshold"])
+        return Sign("relu", 0.0) if t == 0 else Sign("clamp_min", None, t)
     if name in ("prelu", "_prelu_kernel"):
         return Sign("prelu", None)
     if name in ("clamp_min", "clamp_max"):
