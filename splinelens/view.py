@@ -264,7 +264,7 @@ def check_input(name: str, x: object, values: bool = True) -> None:
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        raise RuntimeError(
+        raise ValueError(
             f"splinelens was called inside torch.autocast({x.device.type!r}, {dt}), under which "
             f"the network rounds its activations to {dt}: f(x) = A x + B would not hold. Call "
             f"it outside the autocast block (the maps are exact in the model's own dtype)"
