@@ -262,8 +262,8 @@ def check_input(name: str, x: object, values: bool = True) -> None:
         raise ValueError(f"{name} holds no inputs (batch size 0)")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = _autocast_rounding(x)
+    if dt is not None:
         raise ValueError(
             f"splinelens was called inside torch.autocast({x.device.type!r}, {dt}), under which "
             f"the network rounds its activations to {dt}: f(x) = A x + B would not hold. Call "
@@ -271,6 +271,15 @@ def check_input(name: str, x: object, values: bool = True) -> None:
         )
     if values:
         check_finite(name, x)
+
+
+def _autocast_rounding(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast would round x's float32 activations to, if it is on (it leaves
+    float64 alone)."""
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        return None
+    dt = torch.get_autocast_dtype(x.device.type)
+    return dt if torch.finfo(dt).eps > torch.finfo(x.dtype).eps else None
 
 
 def check_dtype(

@@ -41,8 +41,7 @@ class Sign:
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
-        # at z == t each takes autograd's piece: clamp_min's gradient is 1 there, ReLU's 0
-        state = z >= self.threshold if self.kind == "clamp_min" else z > self.threshold
+        state = z > self.threshold  # (at z == t the lower piece, as the geometry's argmax)
         if self.kind == "relu":  # native kernels whose gradient agrees with the state
             return torch.relu(z), state
         if self.kind == "leaky_relu":
@@ -95,11 +94,10 @@ class Clip:
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
         lo, hi = self._bounds(args)
+        state = (z > lo).to(torch.uint8) + (z >= hi).to(torch.uint8)
         if self.kind in ("hardtanh", "relu6"):  # its gradient is 1 exactly on lo < z < hi
-            state = (z > lo).to(torch.uint8) + (z >= hi).to(torch.uint8)
             return F.hardtanh(z, self.lo, self.hi), state
-        state = (z >= lo).to(torch.uint8) + (z > hi).to(torch.uint8)  # clamp's: lo <= z <= hi
-        state = torch.where(lo > hi, 2, state)  # min > max: torch.clamp is max everywhere
+        state = torch.where(lo > hi, 2, state)  # tensor bounds min > max: torch.clamp is max
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:

@@ -45,6 +45,14 @@ def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> s
         _check_widening(node, name, precision)
     if name in ("threshold", "rrelu"):
         _check_continuous(node, name)
+    lo, hi = ([*node.args, None, None][1:3]) if name == "clamp" else (None, None)
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+        raise error(
+            node,
+            name,
+            f"has min {lo} > max {hi}: torch.clamp is then the constant max, not a clip",
+            "write the constant, or give min <= max",
+        )
     return kind
 
 
