@@ -157,15 +157,6 @@ def _open_ended(name: str, args: tuple) -> tuple:
     return (*args[:at], None, *args[at + 1 :])
 
 
-def _input_dtype(gm: torch.fx.GraphModule, name: str) -> torch.dtype | None:
-    """The dtype of the input x (its placeholder's value), None if unknown."""
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name == name:
-            val = node.meta.get("val")
-            return val.dtype if isinstance(val, torch.Tensor) else None
-    return None
-
-
 def _export(
     model: nn.Module, ex: torch.Tensor, dynamic: bool = True
 ) -> torch.export.ExportedProgram:
@@ -201,8 +192,9 @@ class _Compiler:
                 "needs a forward(x) of one tensor"
             )
         self.input_name = sig.user_inputs[0]
-        self.precision = _input_dtype(self.gm, self.input_name)
         node = next(n for n in self.gm.graph.nodes if n.name == self.input_name)
+        val = node.meta.get("val")  # x's dtype: casts to less precision than it are refused
+        self.precision = val.dtype if isinstance(val, torch.Tensor) else None
         self.axes = BatchAxes(node)
         self.act: set[str] = {self.input_name}
         self.steps: list[Step] = []

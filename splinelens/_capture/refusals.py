@@ -43,23 +43,25 @@ def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> s
         )
     if name in _CASTS:
         _check_widening(node, name, precision)
-    if name in ("threshold", "rrelu"):
-        _check_continuous(node, name)
-    lo, hi = ([*node.args, None, None][1:3]) if name == "clamp" else (None, None)
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
-        raise error(
-            node,
-            name,
-            f"has min {lo} > max {hi}: torch.clamp is then the constant max, not a clip",
-            "write the constant, or give min <= max",
-        )
+    if name in ("threshold", "rrelu", "clamp"):
+        _check_arguments(node, name)
     return kind
 
 
-def _check_continuous(node: Node, name: str) -> None:
-    """Refuse a threshold whose value is not its threshold (a jump) and rrelu in training mode
-    (random slopes)."""
+def _check_arguments(node: Node, name: str) -> None:
+    """Refuse arguments that make an op of the table something else: a threshold whose value is
+    not its threshold (a jump), rrelu in training mode (random slopes), a clamp with constant
+    min > max (the constant max)."""
     args = [*node.args, None, None, None][:4]
+    bounds = [a for a in args[1:3] if isinstance(a, (int, float))]
+    if name == "clamp" and len(bounds) == 2 and bounds[0] > bounds[1]:
+        raise error(
+            node,
+            name,
+            f"has min {bounds[0]} > max {bounds[1]}: torch.clamp is then the constant max, "
+            f"not a clip",
+            "write the constant, or give min <= max",
+        )
     if name == "threshold" and args[1] != args[2]:
         raise error(
             node,
