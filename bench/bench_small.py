@@ -10,7 +10,9 @@ a baseline run back to back in the same repeat (median over repeats):
 
 Each splinelens call goes through a held ``SplineView`` (its per-call checks included); two
 rows per case show codes and B from ``Program.record`` / ``Program.frozen`` alone, without the
-checks (what the executors cost). Run:
+checks (what the executors cost), and one row the checks alone: the structure walk and the
+finiteness of x and of every weight, which each call pays (the floor under the codes' ratio).
+Run:
 
     python bench/bench_small.py [--repeats 30] [--batches 1 8]
 """
@@ -69,7 +71,11 @@ def unchecked(view: sl.SplineView, x: torch.Tensor) -> dict[str, Callable[[], ob
             zero = torch.zeros_like(values[prog.input_name])
             return prog.frozen(x, states, at={prog.input_name: zero})[prog.output_name]
 
-    return {"codes": codes, "B": offsets}
+    def checks() -> None:  # what every codes call adds: the structure walk, x and weights finite
+        view.check(x, values=False)
+        bool(torch.stack([x.sum(), *view.tensors.sums()]).isfinite().all())
+
+    return {"codes": codes, "B": offsets, "checks": checks}
 
 
 def rows(name: str, model: nn.Module, shape: tuple[int, ...], n: int, repeats: int) -> list:
@@ -84,6 +90,7 @@ def rows(name: str, model: nn.Module, shape: tuple[int, ...], n: int, repeats: i
         ("A / vmap(jacrev)", lambda: view.affine_map(x).A, "jacrev", "< 1"),
         ("codes, no checks / forward", bare["codes"], "forward", "(executor)"),
         ("B, no checks / forward", bare["B"], "forward", "(executor)"),
+        ("per-call checks alone / forward", bare["checks"], "forward", "(floor)"),
     ]
     return [
         (f"{name} N={n}: {what}", ratio(ours, base[b], repeats), target)
