@@ -264,7 +264,9 @@ class AffineMap:
         if not y.requires_grad:  # end does not depend on start: A = 0
             out.zero_()
             return
-        step = prog.rows_per_pass(n, out.element_size()) if prog.batched_rows else 1
+        # (anomaly mode checks each gradient with .item(), which vmap cannot batch)
+        batches = prog.batched_rows and not torch.is_anomaly_enabled()
+        step = prog.rows_per_pass(n, out.element_size()) if batches else 1
         for s in range(0, len(rows), step):
             chunk = rows[s : s + step]
             seeds = _seeds(y, chunk)

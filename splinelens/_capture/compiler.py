@@ -111,6 +111,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
     check_not_cached()
     reps = (2, *([1] * (example.dim() - 1)))
     ex = example.detach() if example.shape[0] >= 2 else example.detach().repeat(*reps)
+    if ex.is_inference():  # (made under inference_mode: export saves tensors for backward)
+        ex = ex.clone()
     out = check_runs(model, ex[:2])
     ep = _export(model, ex)
     if ep.graph_signature.user_inputs_to_mutate:  # (a change that left this x as it was)

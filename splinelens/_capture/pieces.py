@@ -337,3 +337,13 @@ def copy_into(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
     """Drop-in for ``aten.copy`` (an in-place ``copy_``, functionalised): src in dst's shape and
     dtype, differentiable in src (``aten.copy`` has no derivative). dst's values are not read."""
     return src.to(dst.dtype).expand(dst.shape).clone()
+
+
+def reshape_view(t: Tensor, *args: Any) -> Tensor:
+    """Drop-in for ``aten.view`` / ``_unsafe_view`` / ``view_copy``: a reshape, which copies where
+    t's layout has no view of the new shape (an input or activation in another memory layout than
+    the capture's example, channels_last or sliced). The graph is functional: nothing relies on
+    the alias. ``view(dtype)`` stays a view."""
+    if args and isinstance(args[0], torch.dtype):
+        return torch.ops.aten.view.dtype(t, *args)
+    return torch.ops.aten.reshape.default(t, *args)

@@ -33,6 +33,7 @@ from splinelens._capture.pieces import (
     adaptive_width,
     copy_into,
     eval_batch_norm,
+    reshape_view,
 )
 
 
@@ -120,6 +121,8 @@ _add(
 _set("batch_norm", coefficients="bn_weight")
 # cubic kernels weigh some neighbours negatively: they do not keep a convex input convex
 _set("upsample_bicubic2d _upsample_bicubic2d_aa", coefficients="kernel")
+# views replayed on any memory layout (export saw the example's layout)
+_set("view _unsafe_view view_copy", rewrite=reshape_view)
 # Views that may reinterpret the batch dim (merge it with others, or split it): checked by layout.
 _set("view reshape _unsafe_view view_copy flatten unflatten", regroups=True)
 _set(
