@@ -47,6 +47,20 @@ def check_finite(name: str, t: Tensor, fix: str = "") -> None:
     )
 
 
+def check_untransformed(name: str, t: Tensor) -> None:
+    """Refuse a tensor traced by a ``torch.func`` transform (vmap, grad, jacrev, jvp): the maps
+    are computed outside autograd, so a transform would see constant results (zero derivatives,
+    with no error)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(t):
+        raise ValueError(
+            f"{name} is traced by a torch.func transform (vmap, grad, jacrev, jvp...): "
+            f"splinelens computes its maps and codes outside autograd, so the transform would "
+            f"see zero derivatives. Call it outside the transform, on a batch (A is already "
+            f"the Jacobian: sl.affine_map(model, x).A)"
+        )
+
+
 def check_overflow(out: Tensor, offset: int = 0) -> None:
     """Finite inputs and weights can still overflow (float32 at 1e30): refuse, naming the input.
 

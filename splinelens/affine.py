@@ -21,12 +21,18 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
-from splinelens._checks import check_finite, check_overflow, check_positive_int
+from splinelens._checks import (
+    check_finite,
+    check_overflow,
+    check_positive_int,
+    check_untransformed,
+)
 from splinelens._fingerprint import ModelTensors, WeightsFingerprint
 from splinelens._precision import exact_matmul
 from splinelens._tensors import model_state, version
@@ -62,11 +68,13 @@ class AffineMap:
     _tensors: ModelTensors | None = field(default=None, repr=False)  # the model's
     _read: tuple = field(init=False, repr=False)  # (id, version) of x and the tensors it reads
     _made: tuple = field(init=False, repr=False)  # the model's tensors' ids when made
+    _x: Tensor = field(init=False, repr=False)  # x's values when made: what the map computes with
 
     def __post_init__(self) -> None:
         if self._tensors is None:
             self._tensors = ModelTensors(list(model_state(self.model)))
         self._read = self._params()
+        self._x = self.x.detach().clone()  # (a write to x through .data or numpy bumps no version)
         self._made = self._tensors.ids()  # in-place changes and re-bound data, seen cheaply
 
     def _check_unchanged(self) -> None:
@@ -82,7 +90,8 @@ class AffineMap:
         The weights are checked (finite) and fingerprinted at the map's first use, in one pass:
         a change between making the map and its first use is refused if it went through the
         tensors (in place, re-bound; their version counters); a write through ``.data`` in that
-        window is taken as the map's weights (it is exact for them).
+        window is taken as the map's weights (it is exact for them). Data that moved with its
+        values kept (``share_memory()``, sending the weights to a worker) is unchanged.
         """
         now = self._params()
         if now[-1] != self._read[-1]:
@@ -94,10 +103,10 @@ class AffineMap:
             raise ValueError(_CHANGED)
         if self._weights is None:  # the first use of a map whose weights are not checked yet
             fp = self._tensors.check()
-            if fp.ids != self._made:
+            if _placeless(fp.ids) != _placeless(self._made):
                 raise ValueError(_CHANGED)
             self._weights = fp
-        elif self._tensors.fingerprint() != self._weights:
+        elif not _same_weights(self._tensors.fingerprint(), self._weights):
             raise ValueError(_CHANGED)
 
     def _params(self) -> tuple:
@@ -156,6 +165,7 @@ class AffineMap:
                 f"z is {z.dtype} on {z.device}; the map is {self.x.dtype} on "
                 f"{self.x.device}: call z.to(...) to match"
             )
+        check_untransformed("z", z)
         check_finite("z", z)
         self._check_unchanged()
         return self._apply(z)
@@ -163,7 +173,7 @@ class AffineMap:
     def _apply(self, z: Tensor) -> Tensor:
         prog, states = self.program, self._recorded()[0]
         with torch.no_grad(), exact_matmul():
-            values = prog.frozen(self.x, states, at={self.start: self._node(z)}, stop=self.end)
+            values = prog.frozen(self._x, states, at={self.start: self._node(z)}, stop=self.end)
         return prog.per_sample(self.end, values[self.end])
 
     def templates(self, rows: Sequence[int] | None = None, chunk_size: int | None = None) -> Tensor:
@@ -198,7 +208,7 @@ class AffineMap:
             if per_pass > 1 and prog.batch.accepts(per_pass * (e - s)):
                 return self._tiled_chunk(s, e, rows, fresh, out, per_pass)
         with torch.enable_grad():
-            x = _normal(self.x[s:e])
+            x = _normal(self._x[s:e])
             if fresh:  # one pass: record the states and differentiate the same graph
                 x = x.detach().requires_grad_(True)  # d(end)/d(start) only counts paths via start
                 values, states = prog.record(x, stop=self.end)
@@ -221,7 +231,7 @@ class AffineMap:
         many copies of the inputs (states tiled), copy j seeded with row j (for GPUs, where one
         pass per row costs a pass's launches each)."""
         prog = self.program
-        x = _normal(self.x[s:e])
+        x = _normal(self._x[s:e])
         if fresh:
             with torch.no_grad():
                 values, states = prog.record(x, stop=self.end)
@@ -291,7 +301,7 @@ class AffineMap:
         if self._states is None:
             prog = self.program
             with torch.no_grad(), exact_matmul():
-                values, self._states = prog.record(self.x, stop=self.end)
+                values, self._states = prog.record(self._x, stop=self.end)
             self._z_start = prog.per_sample(self.start, values[self.start])
             self._output = prog.per_sample(self.end, values[self.end])
             check_overflow(self._output)
@@ -303,6 +313,13 @@ class AffineMap:
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(
+            "an AffineMap holds its model's capture and is neither pickled nor deep-copied: "
+            "send or copy its tensors (A, B, output, states), or make a new map with "
+            "sl.affine_map(model, x) where you need one"
+        )
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)
@@ -328,6 +345,17 @@ def _seeds(y: Tensor, rows: list[int]) -> Tensor:
     seeds = y.new_zeros(len(rows), *y.shape)
     seeds[torch.arange(len(rows)), :, torch.tensor(rows)] = 1
     return seeds
+
+
+def _placeless(ids: tuple[tuple[str, int, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+    """(name, id, version) of each tensor: without its data pointer, since data moved to other
+    memory with its values kept (``share_memory``) is unchanged (re-bound to other values, the
+    fingerprint's sums see it)."""
+    return tuple((name, i, v) for name, i, v, _ in ids)
+
+
+def _same_weights(a: WeightsFingerprint, b: WeightsFingerprint) -> bool:
+    return _placeless(a.ids) == _placeless(b.ids) and a.sums == b.sums and a.bits == b.bits
 
 
 def _normal(t: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from splinelens._checks import (
     check_finite,
     check_overflow,
     check_positive_int,
+    check_untransformed,
     default_rtol,
     layer_index,
     unwrap_model,
@@ -72,6 +74,13 @@ class SplineView:
         self.dtype = model_dtype(model)  # (the structure records dtypes)
         # held weakly: a cached view must not keep its model alive
         self.mode_modules = [weakref.ref(m) for _, m in mode_modules(model)]
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(
+            "a SplineView holds its model's capture (generated code, weak references to the "
+            "modules) and is neither pickled nor deep-copied: make a new sl.SplineView(model, x) "
+            "where you need one (in another process, or for a copy of the model)"
+        )
 
     @property
     def model(self) -> nn.Module:
@@ -262,6 +271,7 @@ def check_input(name: str, x: object, values: bool = True) -> None:
         raise ValueError(f"{name} holds no inputs (batch size 0)")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
+    check_untransformed(name, x)
     dt = _autocast_rounding(x)
     if dt is not None:
         raise ValueError(

@@ -4,6 +4,9 @@ each test fails before its fix)."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn as nn
@@ -71,3 +74,90 @@ def test_templates_with_anomaly_detection_on() -> None:
         got = sl.affine_map(model, x).A
         assert sl.verify(model, x).ok
     torch.testing.assert_close(got, _jacobian(model, x))
+
+
+class _Skip(nn.Module):
+    """A skip connection around the layer 'r1': maps from 'r1' read x on the skip path too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.r1, self.r2, self.out = nn.ReLU(), nn.ReLU(), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc0(x)
+        return self.out(self.r2(self.fc2(self.r1(self.fc1(h))) + h))
+
+
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_a_map_answers_for_x_as_it_was_made(write: str) -> None:
+    """Writes to x that bump no version counter (through .data, or a numpy buffer x shares) do
+    not reach a map made before them: A z_start + B is f of x as it was (B mixed the new x's
+    skip path with the old x's states: 0.35 off f of either)."""
+    torch.manual_seed(0)
+    net = _Skip().double().eval()
+    buf = torch.randn(3, 4, dtype=torch.float64).numpy()
+    x = torch.from_numpy(buf)
+    old = x.clone()
+    amap = sl.affine_map(net, x, start="r1")
+    a = amap.A  # (3, 3, 6)
+    if write == "data":
+        x.data.copy_(torch.randn(3, 4, dtype=torch.float64))
+    else:
+        buf[:] = torch.randn(3, 4, dtype=torch.float64).numpy()
+    assert not torch.equal(x, old)
+    got = torch.einsum("nrd,nd->nr", a, amap.z_start) + amap.B
+    torch.testing.assert_close(got, net(old).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(amap.output, net(old).detach())
+
+
+def test_weights_moved_to_shared_memory_keep_a_map_valid() -> None:
+    """share_memory() (or sending the weights to a worker) moves their data with its values
+    kept: maps made before keep working (they refused, saying the weights changed); data
+    re-bound to other values is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fresh, used = sl.affine_map(model, x), sl.affine_map(model, x)
+    _ = used.B
+    model.share_memory()
+    torch.testing.assert_close(fresh.A, _jacobian(model, x))
+    torch.testing.assert_close(used.A, _jacobian(model, x))
+    model[2].bias.data = model[2].bias.data + 1.0  # other storage, other values, no version bump
+    with pytest.raises(ValueError, match="changed after this AffineMap"):
+        _ = used.output
+
+
+def test_torch_func_transforms_are_refused_not_answered_with_zeros() -> None:
+    """The maps are computed outside autograd: under grad/jacrev they came back as constants
+    (a zero Jacobian, with no error), under vmap with a raw error. Refused by name now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    amap = sl.affine_map(model, x)
+    calls = {
+        "grad of a map": lambda: torch.func.grad(lambda z: amap(z)[:, 0].sum())(x),
+        "jacrev of an output": lambda: torch.func.jacrev(lambda x: sl.affine_map(model, x).B)(x),
+        "vmap of codes": lambda: torch.func.vmap(lambda r: sl.partition_codes(model, r[None]))(x),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"traced by a torch\.func transform"):
+            call()
+    torch.testing.assert_close(amap.A, _jacobian(model, x))  # outside: the Jacobian itself
+
+
+def test_views_and_maps_refuse_pickling_and_deep_copies_by_name() -> None:
+    """A view or map holds its model's capture: pickling raised raw errors (weakref, pybind11),
+    a deep copy of a view refused as a stale capture and of a map claimed x had changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    x = torch.randn(3, 4)
+    view, amap = sl.SplineView(model, x), sl.affine_map(model, x)
+    for obj, name in ((view, "SplineView"), (amap, "AffineMap")):
+        for act in (pickle.dumps, copy.deepcopy):
+            with pytest.raises(TypeError, match=f"an? {name} holds its model's capture"):
+                act(obj)
+    codes = view.partition_codes(x)  # results are plain data: they pickle
+    again = pickle.loads(pickle.dumps(codes))
+    assert sl.partition_distance(again, codes).diag().eq(0).all()
+    torch.testing.assert_close(pickle.loads(pickle.dumps(amap.A)), amap.A)
