@@ -314,6 +314,11 @@ class AffineMap:
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
 
+    def __copy__(self) -> AffineMap:  # (a shallow copy shares the capture: it stays valid)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     def __reduce_ex__(self, protocol: object) -> Any:
         raise TypeError(
             "an AffineMap holds its model's capture and is neither pickled nor deep-copied: "

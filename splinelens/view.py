@@ -75,6 +75,11 @@ class SplineView:
         # held weakly: a cached view must not keep its model alive
         self.mode_modules = [weakref.ref(m) for _, m in mode_modules(model)]
 
+    def __copy__(self) -> SplineView:  # (a shallow copy shares the capture: it stays valid)
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     def __reduce_ex__(self, protocol: object) -> Any:
         raise TypeError(
             "a SplineView holds its model's capture (generated code, weak references to the "

@@ -157,6 +157,8 @@ def test_views_and_maps_refuse_pickling_and_deep_copies_by_name() -> None:
         for act in (pickle.dumps, copy.deepcopy):
             with pytest.raises(TypeError, match=f"an? {name} holds its model's capture"):
                 act(obj)
+        assert copy.copy(obj).__dict__ == obj.__dict__  # a shallow copy shares the capture
+    torch.testing.assert_close(copy.copy(view).affine_map(x).A, amap.A)
     codes = view.partition_codes(x)  # results are plain data: they pickle
     again = pickle.loads(pickle.dumps(codes))
     assert sl.partition_distance(again, codes).diag().eq(0).all()
