@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -150,3 +151,28 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return operator.index(value)
+
+
+class HoldsCapture:
+    """A mixin for objects that hold a model's capture (generated code, weak references to
+    modules): a shallow copy shares it and stays valid; pickling and deep copies are refused
+    with ``copy_refusal`` (they raised raw errors, or made a copy that refused falsely).
+
+    >>> import copy
+    >>> class Held(HoldsCapture):
+    ...     copy_refusal = "make a new one"
+    >>> copy.deepcopy(Held())
+    Traceback (most recent call last):
+    ...
+    TypeError: make a new one
+    """
+
+    copy_refusal: ClassVar[str] = ""
+
+    def __copy__(self) -> Any:
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(self.copy_refusal)

@@ -21,13 +21,14 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
 from splinelens._checks import (
+    HoldsCapture,
     check_finite,
     check_overflow,
     check_positive_int,
@@ -46,7 +47,7 @@ _CHANGED = (
 
 
 @dataclass
-class AffineMap:
+class AffineMap(HoldsCapture):
     """The affine map z_end = A z_start + B of x's region, from node ``start`` to node ``end``.
 
     ``start``/``end`` are the input, a layer's output, or the network's output (before the
@@ -55,6 +56,12 @@ class AffineMap:
     computed on first use: asking for ``A`` first costs one forward pass plus one backward pass
     per row; ``B`` first, two forward passes.
     """
+
+    copy_refusal: ClassVar[str] = (
+        "an AffineMap holds its model's capture and is neither pickled nor deep-copied: "
+        "send or copy its tensors (A, B, output, states), or make a new map with "
+        "sl.affine_map(model, x) where you need one"
+    )
 
     program: Program = field(repr=False)
     model: nn.Module = field(repr=False)  # the map keeps its model alive (a cached view may not)
@@ -313,18 +320,6 @@ class AffineMap:
         self._z_start = torch.cat([r[1] for r in recorded])
         self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
-
-    def __copy__(self) -> AffineMap:  # (a shallow copy shares the capture: it stays valid)
-        twin = object.__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        return twin
-
-    def __reduce_ex__(self, protocol: object) -> Any:
-        raise TypeError(
-            "an AffineMap holds its model's capture and is neither pickled nor deep-copied: "
-            "send or copy its tensors (A, B, output, states), or make a new map with "
-            "sl.affine_map(model, x) where you need one"
-        )
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)

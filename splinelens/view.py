@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode, mode_modules
 from splinelens._checks import (
+    HoldsCapture,
     check_finite,
     check_overflow,
     check_positive_int,
@@ -43,7 +44,7 @@ Tensor = torch.Tensor
 LayerKey = int | str | None
 
 
-class SplineView:
+class SplineView(HoldsCapture):
     """A piecewise-affine network, captured once with torch.export and reused.
 
     The capture reads the model's parameters at every call, so it stays valid while the model
@@ -52,6 +53,12 @@ class SplineView:
     re-registered), the view refuses with ``StaleCaptureError``: make a new one. A
     ``torch.compile``d model is captured through the module it wraps.
     """
+
+    copy_refusal: ClassVar[str] = (
+        "a SplineView holds its model's capture (generated code, weak references to the "
+        "modules) and is neither pickled nor deep-copied: make a new sl.SplineView(model, x) "
+        "where you need one (in another process, or for a copy of the model)"
+    )
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
         model = unwrap_model(model)
@@ -74,18 +81,6 @@ class SplineView:
         self.dtype = model_dtype(model)  # (the structure records dtypes)
         # held weakly: a cached view must not keep its model alive
         self.mode_modules = [weakref.ref(m) for _, m in mode_modules(model)]
-
-    def __copy__(self) -> SplineView:  # (a shallow copy shares the capture: it stays valid)
-        twin = object.__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        return twin
-
-    def __reduce_ex__(self, protocol: object) -> Any:
-        raise TypeError(
-            "a SplineView holds its model's capture (generated code, weak references to the "
-            "modules) and is neither pickled nor deep-copied: make a new sl.SplineView(model, x) "
-            "where you need one (in another process, or for a copy of the model)"
-        )
 
     @property
     def model(self) -> nn.Module:
