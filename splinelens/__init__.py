@@ -15,7 +15,12 @@ from splinelens.affine import AffineMap
 from splinelens.codes import CodesFileError, LayerCodes, PartitionCodes
 from splinelens.distance import nearest_neighbors, partition_distance
 from splinelens.errors import BatchSizeError, StaleCaptureError, UnsupportedOperationError
-from splinelens.geometry.convexity import ConvexityReport, convexity, make_input_convex
+from splinelens.geometry.convexity import (
+    ConvexityReport,
+    convexity,
+    convexity_gap,
+    make_input_convex,
+)
 from splinelens.geometry.maso import (
     MASO,
     LayerMasoCheck,
@@ -75,6 +80,7 @@ __all__ = [
     "approximation_error",
     "check_masos",
     "convexity",
+    "convexity_gap",
     "fit_activation",
     "layer_maso",
     "local_complexity",

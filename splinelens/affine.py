@@ -72,17 +72,18 @@ class AffineMap(HoldsCapture):
     _z_start: Tensor | None = field(default=None, repr=False)  # (N, *start_shape)
     _output: Tensor | None = field(default=None, repr=False)  # (N, *end_shape)
     _weights: WeightsFingerprint | None = field(default=None, init=False, repr=False)
-    _tensors: ModelTensors | None = field(default=None, repr=False)  # the model's
+    # the model's tensors (a view passes its own: their fingerprint's plan is kept)
+    tensors: ModelTensors | None = field(default=None, repr=False)
     _read: tuple = field(init=False, repr=False)  # (id, version) of x and the tensors it reads
     _made: tuple = field(init=False, repr=False)  # the model's tensors' ids when made
     _x: Tensor = field(init=False, repr=False)  # x's values when made: what the map computes with
 
     def __post_init__(self) -> None:
-        if self._tensors is None:
-            self._tensors = ModelTensors(list(model_state(self.model)))
+        if self.tensors is None:
+            self.tensors = ModelTensors(list(model_state(self.model)))
         self._read = self._params()
         self._x = self.x.detach().clone()  # (a write to x through .data or numpy bumps no version)
-        self._made = self._tensors.ids()  # in-place changes and re-bound data, seen cheaply
+        self._made = self.tensors.ids()  # in-place changes and re-bound data, seen cheaply
 
     def _check_unchanged(self) -> None:
         """Refuse to go on once any tensor the map computes with changed since it was made.
@@ -109,11 +110,11 @@ class AffineMap(HoldsCapture):
         if now != self._read:
             raise ValueError(_CHANGED)
         if self._weights is None:  # the first use of a map whose weights are not checked yet
-            fp = self._tensors.check()
+            fp = self.tensors.check()
             if _placeless(fp.ids) != _placeless(self._made):
                 raise ValueError(_CHANGED)
             self._weights = fp
-        elif not _same_weights(self._tensors.fingerprint(), self._weights):
+        elif not _same_weights(self.tensors.fingerprint(), self._weights):
             raise ValueError(_CHANGED)
 
     def _params(self) -> tuple:

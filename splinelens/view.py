@@ -129,7 +129,7 @@ class SplineView(HoldsCapture):
             x,
             s,
             e,
-            _tensors=self.tensors,
+            tensors=self.tensors,
         )
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:

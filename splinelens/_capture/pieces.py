@@ -30,7 +30,7 @@ from splinelens._capture.spline_op import affine_piece, piece_index
 Tensor = torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sign:
     """ReLU, leaky ReLU, PReLU, abs and one-sided clamps: unit state = (pre-activation > t)."""
 
@@ -73,7 +73,7 @@ class Sign:
         return state
 
 
-@dataclass
+@dataclass(frozen=True)
 class Clip:
     """Hardtanh / ReLU6 / two-sided clamp: three states, 0 below lo, 1 in between, 2 above hi.
 
@@ -109,7 +109,7 @@ class Clip:
         return state
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pairwise:
     """Elementwise max / min of two activations (or an activation and a constant).
 
@@ -132,7 +132,7 @@ class Pairwise:
         return state.to(torch.uint8)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reduce:
     """Max / min over dimensions (channel max, maxout): the state is the winner's flat position."""
 
@@ -167,7 +167,7 @@ class Reduce:
         return state
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pool:
     """Max-pooling, fixed or adaptive windows: the state is the flat input index of the argmax."""
 
@@ -266,7 +266,7 @@ def adaptive_width(n_in: int, n_out: int) -> int:
     return max(math.ceil((o + 1) * n_in / n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Spline:
     """A spline activation (``sl.splinify``): K affine pieces split by K-1 knots, one unit each.
 

@@ -1,3 +1,4 @@
 """The paper's harness: its models and datasets, training and lambda-sweeps, analyses, figures,
-and the demo. Built on the library (``splinelens``), never imported by it.
+and the demo. Built on the library (``splinelens``), never imported by it but for the
+``splinelens`` command (``splinelens.cli``), lazily.
 """

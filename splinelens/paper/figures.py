@@ -13,8 +13,8 @@ Every figure writer here (every public function but ``plot_slice``) honours one 
 
 Image panels (templates, neighbours) are one CSV row each: the panel's place and title, its
 ``shape`` ("1x28x28") and its values in C order as columns p0, p1, ... ``plot_slice(part, ax)`` is
-the drawing primitive behind ``SlicePartition.plot``: it draws on the axes it is given and
-writes nothing; ``slice_figure`` is its figure writer.
+the drawing primitive behind ``slice_figure``, for your own layouts: it draws on the axes it is
+given and writes nothing; ``slice_figure`` is its figure writer.
 
 >>> import torch, tempfile, os
 >>> p = plot_bimodality(torch.randn(20, 3), torch.randint(0, 3, (20,)),
@@ -29,7 +29,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ import torch
 from splinelens._checks import layer_index
 from splinelens._io import atomic_path
 from splinelens.paper.files import write_csv
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from splinelens.geometry.slices import SlicePartition
 
 Tensor = torch.Tensor
 Rows = list[dict[str, Any]]  # the CSV beside a figure, one dict per row
@@ -159,7 +164,7 @@ def plot_sweep_curves(groups: dict[float, list[dict[str, Any]]], path: str | Pat
         return _save(fig, path, rows, dpi=120)
 
 
-def slice_figure(part, path: str | Path, color: str = "class") -> Path:
+def slice_figure(part: SlicePartition, path: str | Path, color: str = "class") -> Path:
     """One panel per layer (how each subdivides the last, Sec. 7.1), then the final regions
     coloured by ``color`` with the decision boundary.
 
@@ -178,9 +183,12 @@ def slice_figure(part, path: str | Path, color: str = "class") -> Path:
         return _save(fig, path, rows, dpi=130)
 
 
-def plot_slice(part, ax=None, color: str = "random", layer: int = -1):
+def plot_slice(
+    part: SlicePartition, ax: Axes | None = None, color: str = "random", layer: int | str = -1
+) -> Axes:
     """Draw a ``SlicePartition``'s regions after ``layer`` on ``ax`` (a new figure's if None);
-    return ``ax``. Writes nothing: ``slice_figure`` writes a figure with its data.
+    return ``ax``. Writes nothing: ``slice_figure`` writes a figure with its data. ``layer``: an
+    index (negative from the end) or a layer's name, as everywhere.
 
     ``color``: "random" (one colour per region), "class" (top class at the region's interior
     point; regions the decision boundary crosses take their interior point's class) or "slope"
