@@ -48,6 +48,16 @@ def partition_distance(
     """The (Na, Nb) matrix of partition distances, eq. (15), in float64.
 
     ``layer``: an index or name, a list of them (their units pooled), or None for every layer.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> import splinelens as sl
+    >>> codes = sl.partition_codes(net, x)
+    >>> d = partition_distance(codes, codes)  # (5, 5): fraction of units whose state differs
+    >>> d.shape, bool(d.diag().eq(0).all())
+    (torch.Size([5, 5]), True)
     """
     chunk_size = check_positive_int("chunk_size", chunk_size)
     ea, eb = _encode(a, layer), _encode(b, layer, like=a)
@@ -73,6 +83,16 @@ def nearest_neighbors(
     streamed in chunks of ``chunk_size`` codes (default: 65,536 for FAISS, about 256 MiB of
     unpacked bits for torch). ``backend``: "faiss" (CPU), "torch" (matrix products; the default
     on GPU or without FAISS) or "auto".
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> import splinelens as sl
+    >>> codes = sl.partition_codes(net, x)
+    >>> dist, idx = nearest_neighbors(codes[:2], codes, k=3)
+    >>> dist.shape, idx.shape, bool(dist[:, 0].eq(0).all())  # each query's own code is at 0
+    (torch.Size([2, 3]), torch.Size([2, 3]), True)
     """
     k = check_positive_int("k", k)
     if backend not in ("auto", "faiss", "torch"):

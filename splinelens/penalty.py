@@ -89,5 +89,11 @@ def template_penalty(
     model: nn.Module, lam: float, name: str | None = None, kind: str = "eq13"
 ) -> Tensor:
     """lam * the penalty (eq. (13) by default) on the model's classifier weight:
-    ``loss = ce + template_penalty(m, 0.1)``; ``kind`` as in ``orthogonality_penalty``."""
+    ``loss = ce + template_penalty(m, 0.1)``; ``kind`` as in ``orthogonality_penalty``.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> template_penalty(net, 0.1).shape  # a scalar to add to the loss (the last linear's rows)
+    torch.Size([])
+    """
     return lam * orthogonality_penalty(classifier(model, name).weight, kind)

@@ -340,12 +340,32 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
 def affine_map(
     model: nn.Module, x: Tensor, start: LayerKey = None, end: LayerKey = None
 ) -> AffineMap:
-    """The exact affine map of x's region, A[x] and B[x] (see ``SplineView.affine_map``)."""
+    """The exact affine map of x's region, A[x] and B[x] (see ``SplineView.affine_map``).
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> amap = affine_map(net, x)
+    >>> amap.A.shape, amap.B.shape  # (N, classes, inputs), (N, classes)
+    (torch.Size([5, 2, 3]), torch.Size([5, 2]))
+    >>> torch.allclose(torch.einsum("ncd,nd->nc", amap.A, x) + amap.B, net(x), atol=1e-6)
+    True
+    """
     return view_of(model, x)._affine_map(x, start, end)  # view_of checked x
 
 
 def partition_codes(model: nn.Module, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
-    """Per-layer partition codes of x (see ``SplineView.partition_codes``)."""
+    """Per-layer partition codes of x (see ``SplineView.partition_codes``).
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> codes = partition_codes(net, x)
+    >>> len(codes), [la.units for la in codes.layers]  # 5 inputs, one layer of 4 ReLUs
+    (5, [4])
+    """
     return view_of(model, x, values=False)._checked_codes(x, batch_size)
 
 
@@ -355,6 +375,13 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
     A x + B is computed in float64 and compared with the model's output (after its output
     nonlinearity g, if it has one: g(A x + B) against the softmax it returns). The tolerance is
     relative to max |f(x)|: by default 1e4 machine epsilons of x's dtype, at most 1e-2.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> verify(net, x).ok
+    True
     """
     if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")

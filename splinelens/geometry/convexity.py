@@ -66,7 +66,15 @@ class ConvexityReport:
 
 
 def convexity(model: nn.Module, example_input: Tensor) -> ConvexityReport:
-    """Check Theorem 2 on the model's graph, with its current parameter values."""
+    """Check Theorem 2 on the model's graph, with its current parameter values.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> convexity(net, x).is_convex  # a negative weight after the ReLU
+    False
+    """
     view = view_of(model, example_input)
     with torch.no_grad():
         env, _ = view.program.record(example_input[:1])
@@ -241,6 +249,14 @@ def make_input_convex(model: nn.Module, example_input: Tensor) -> list[str]:
 
     Returns the constrained parameter names. Activations must already be convex and
     non-decreasing after layer 1; ``convexity`` says which are not.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> _ = make_input_convex(net, x)  # |W| for the layers after the first
+    >>> convexity(net, x).is_convex
+    True
     """
     names = convexity(model, example_input).constrained  # parameters, traced through views
     for name in names:

@@ -181,6 +181,14 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
 
     ``x`` (1 or more inputs; the first is used) fixes the values of skip connections from
     earlier layers, which enter the offsets; for a chain of layers the MASO does not depend on x.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> maso = layer_maso(net, x, 0)  # the ReLU layer as a MASO of the input
+    >>> torch.allclose(maso(x), torch.relu(net[0](x)), atol=1e-6)
+    True
     """
     view = view_of(model, x)  # checks x
     la = view.layer(layer)
@@ -286,6 +294,13 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
     Layers that are no MASO (hardtanh, min-type ops) are skipped. The tolerance is relative to
     the largest |layer output| (at least 1): by default 1e4 machine epsilons of x's dtype, at
     most 1e-2, as in ``verify``.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> check_masos(net, x).ok
+    True
     """
     if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")

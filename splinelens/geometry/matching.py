@@ -51,7 +51,16 @@ def template_matching_gap(
     model: nn.Module, x: Tensor, candidates: Tensor, chunk: int = _SAMPLES_PER_PASS
 ) -> TemplateMatchingGap:
     """For each x (N, ...): max over the regions of ``candidates`` (M, ...) and of x's own of
-    A[x'] x + B[x'], minus f(x) (logits, before a trailing softmax). See the module docstring."""
+    A[x'] x + B[x'], minus f(x) (logits, before a trailing softmax). See the module docstring.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> gap = template_matching_gap(net, x[:2], x[2:])
+    >>> bool((gap.gap >= 0).all())  # x's own region is among the candidates
+    True
+    """
     view = view_of(model, x)
     check_input("candidates", candidates)
     if candidates.shape[1:] != x.shape[1:] or candidates.dtype != x.dtype or len(candidates) == 0:

@@ -101,7 +101,16 @@ def region_radius(model: nn.Module, x: Tensor) -> Tensor:
     partition (one partition code): the smallest distance from x to the hyperplanes of its
     region's units (Sec. 7), in the dtype of the model (float64 is the exact mode); ``inf`` for
     an affine network. The network is affine on that ball, and may be on a larger one where a
-    unit's change does not reach the output."""
+    unit's change does not reach the output.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> r = region_radius(net, x)  # (N,): the largest ball around x inside its region
+    >>> r.shape, bool((r > 0).all())
+    (torch.Size([5]), True)
+    """
     dists = unit_distances(model, x)
     out = torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
     for d in dists:
@@ -150,6 +159,14 @@ def sampled_local_complexity(
 
     It counts the hyperplanes that cross the polytope, which lies inside the ball of radius r, so
     in layer 1 it never exceeds ``local_complexity``.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> lc = sampled_local_complexity(net, x, radii=[0.1, 1.0])
+    >>> lc.counts.shape  # (N, layers, radii)
+    torch.Size([5, 1, 2])
     """
     view = view_of(model, x)
     radii = _radii(radii, x)
@@ -222,7 +239,16 @@ class RegionPolytope:
 
 
 def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> RegionPolytope:
-    """The H-representation of the region of one input x (1, *input_shape); for small models."""
+    """The H-representation of the region of one input x (1, *input_shape); for small models.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(5, 3)
+    >>> poly = region_polytope(net, x[:1])  # {y : A y <= b}, x's region
+    >>> bool((poly.A @ x[0] <= poly.b).all())
+    True
+    """
     view = view_of(model, x)
     if len(x) != 1:
         raise ValueError(f"region_polytope takes one input (1, ...), got a batch of {len(x)}")

@@ -143,6 +143,14 @@ def slice_partition(
     basis (Gram-Schmidt of x1 - x0, x2 - x0), its origin at their mean, and a square domain
     centred on them whose half-side is (1 + margin) times their largest offset from its centre.
     A float32 model is analysed through a float64 copy.
+
+    >>> import torch, torch.nn as nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    >>> origin, dirs = torch.zeros(2), torch.eye(2)  # the plane of the two inputs
+    >>> part = slice_partition(net, origin, dirs, bounds=(-1.0, 1.0, -1.0, 1.0))
+    >>> len(part) >= 1, len(part.layers)
+    (True, 1)
     """
     start = time.perf_counter()
     model64 = float64_copy(unwrap_model(model))

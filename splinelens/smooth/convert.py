@@ -100,6 +100,13 @@ def splinify(
     calls in ``forward`` are fitted on the copy's first call; ``example_input`` makes that call
     here, so the copy's structure is final when it is returned (do it, or call the copy once,
     before capturing it with ``torch.export`` yourself; splinelens' own tools run it first).
+
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).eval()
+    >>> splined = splinify(net, tol=1e-3)  # GELU replaced by a certified spline
+    >>> x = torch.randn(5, 3)
+    >>> bool((splined(x) - net(x)).abs().max() < 1e-2)
+    True
     """
     if pieces is not None:
         tol = None
