@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from splinelens._checks import LayerNotFoundError, layer_index
+
 Tensor = torch.Tensor
 
 
@@ -63,37 +65,39 @@ def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
     raise ValueError(f"unknown penalty kind {kind!r}; choose one of {', '.join(PENALTY_KINDS)}")
 
 
-def classifier(model: nn.Module, name: str | None = None) -> nn.Linear:
-    """The classifier layer: the submodule called ``name``, else the last ``nn.Linear``.
+def classifier(model: nn.Module, layer: int | str | None = None) -> nn.Linear:
+    """The classifier layer: ``layer`` among the model's ``nn.Linear`` modules (an index, negative
+    from the end, or the module's name, as ``layer=`` everywhere), else the submodule called
+    ``classifier`` (as in ``splinelens.paper.models``) or the last ``nn.Linear``.
 
-    Models from ``splinelens.paper.models`` name it ``classifier``.
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> classifier(net) is net[2], classifier(net, 0) is net[0], classifier(net, "2") is net[2]
+    (True, True, True)
     """
-    if name is not None:
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if layer is not None:
         try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None  # (refused below, naming it)
-    else:
-        named = getattr(model, "classifier", None)
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        layer = named if isinstance(named, nn.Linear) else (linears[-1] if linears else None)
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(
-            f"no classifier layer found{f' named {name!r}' if name else ''}: "
-            "pass name='...' the module path of the last nn.Linear"
-        )
-    return layer
+            return linears[layer_index(layer, [name for name, _ in linears], "classifier layer")][1]
+        except LayerNotFoundError as e:  # (a ValueError here: the model has no such layer)
+            raise ValueError(f"{e}: pass layer= the index or module path of an nn.Linear") from None
+    named = getattr(model, "classifier", None)
+    if isinstance(named, nn.Linear):
+        return named
+    if not linears:
+        raise ValueError("no classifier layer found: the model has no nn.Linear")
+    return linears[-1][1]
 
 
 def template_penalty(
-    model: nn.Module, lam: float, name: str | None = None, kind: str = "eq13"
+    model: nn.Module, lam: float, layer: int | str | None = None, kind: str = "eq13"
 ) -> Tensor:
     """lam * the penalty (eq. (13) by default) on the model's classifier weight:
-    ``loss = ce + template_penalty(m, 0.1)``; ``kind`` as in ``orthogonality_penalty``.
+    ``loss = ce + template_penalty(m, 0.1)``; ``layer`` picks the classifier as in
+    ``classifier``; ``kind`` as in ``orthogonality_penalty``.
 
     >>> import torch.nn as nn
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> template_penalty(net, 0.1).shape  # a scalar to add to the loss (the last linear's rows)
     torch.Size([])
     """
-    return lam * orthogonality_penalty(classifier(model, name).weight, kind)
+    return lam * orthogonality_penalty(classifier(model, layer).weight, kind)

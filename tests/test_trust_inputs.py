@@ -79,7 +79,7 @@ def test_arguments_of_the_wrong_kind_are_named() -> None:
     )
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="named 'nope'"):
-        sl.template_penalty(net, 0.1, name="nope")
+        sl.template_penalty(net, 0.1, layer="nope")
     for w in (torch.tensor(1.0), torch.zeros(3, 0), torch.zeros(0, 4)):
         for kind in ("eq13", "reference", "row-norm"):
             with pytest.raises(ValueError, match=r"weight must be a \(C, D"):
