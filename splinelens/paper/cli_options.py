@@ -146,13 +146,14 @@ def sweep_dir(text: str) -> str:
 
 
 def data_dir(text: str) -> str:
-    """``--data-dir``: "" (the dataset's default) or an existing directory or archive; part of
-    a run's id, so a path that does not exist is refused even where a dataset ignores it."""
+    """``--data-dir``: "" (the dataset's default) or an existing directory or archive, made
+    absolute; part of a run's id, so a path that does not exist is refused even where a dataset
+    ignores it, and a relative one resumed from another folder is another sweep."""
     if text and not Path(text).exists():
         raise argparse.ArgumentTypeError(
             f"{text}: not found; expected an existing directory or archive"
         )
-    return text
+    return str(Path(text).resolve()) if text else text  # (the same data from any folder)
 
 
 def existing(kind: str) -> Callable[[str], str]:

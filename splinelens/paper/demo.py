@@ -67,7 +67,7 @@ def _analyses(
     _say("partition codes, neighbours and regions (Sec. 7)")
     facts["neighbors"], facts["regions"] = partition_figures(models[0.0], x, y, out)
     _say("Figure 3 and convexity")
-    facts["figure3"] = sweep_report(out / "sweep")
+    facts["figure3"] = sweep_report(out / "sweep", lambdas=list(models))  # (not an earlier lam's)
     facts["convexity"] = convexity_example(models[0.0], x[:200])
     return facts
 

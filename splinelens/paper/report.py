@@ -12,6 +12,7 @@ figures are drawn by ``figures``, each with the numbers it shows beside it as CS
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,14 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return head + "".join(fmt.format(**r) for r in rows)
 
 
-def report(out: str | Path) -> list[dict[str, Any]]:
+def report(out: str | Path, lambdas: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Write fig3a.png, fig3b.png (with their data, fig3a.csv and fig3b.csv), table.md and
-    table.csv into the sweep directory; return the table's rows."""
+    table.csv into the sweep directory; return the table's rows. ``lambdas``: only the runs of
+    these (the demo's, in a folder an earlier call with another lambda also wrote)."""
     out = Path(out)
     groups = by_lambda(load_runs(out))
+    if lambdas is not None:
+        groups = {lam: runs for lam, runs in groups.items() if lam in {float(v) for v in lambdas}}
     if not groups:
         raise ValueError(f"{out} holds no finished runs (expected {out}/runs/*.json)")
     rows = table(groups)

@@ -1,0 +1,65 @@
+"""The paper's harness under kills, reruns and other working folders (found by a fuzzing review;
+each test fails before its fix)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from splinelens.paper import analyze
+from splinelens.paper.cli_options import data_dir
+from splinelens.paper.report import report
+from splinelens.paper.sweep import load_runs, run_sweep
+from tests.test_train_sweep import BASE
+
+
+def test_a_relative_data_dir_is_the_same_data_from_any_folder(tmp_path, monkeypatch) -> None:
+    """--data-dir is part of a run's id: made absolute, a resume from another folder with the same
+    relative text is another sweep (it trained on other data into the same results)."""
+    for where in ("a", "b"):
+        (tmp_path / where / "cif").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    first = data_dir("cif")
+    monkeypatch.chdir(tmp_path / "b")
+    assert first == str(tmp_path / "a" / "cif") and data_dir("cif") != first
+    assert data_dir("") == ""
+
+
+def test_the_report_of_some_lambdas_leaves_out_the_others(tmp_path) -> None:
+    """The demo rerun with another lambda into the same folder reported the earlier lambda's
+    run in Figure 3 too."""
+    run_sweep(BASE, [0.0, 1.0], seeds=1, out=tmp_path)
+    run_sweep(BASE, [0.0, 0.5], seeds=1, out=tmp_path)
+    assert len(load_runs(tmp_path)) == 3
+    rows = report(tmp_path, lambdas=[0.0, 0.5])
+    assert [r["lam"] for r in rows] == [0.0, 0.5]
+    assert [r["lam"] for r in report(tmp_path)] == [0.0, 0.5, 1.0]
+
+
+def test_templates_npz_is_written_atomically(tmp_path, monkeypatch) -> None:
+    """A write killed half way left a truncated templates.npz over the good one (np.savez wrote
+    the final file directly); an interrupted write now keeps the old file whole."""
+    old = tmp_path / "templates.npz"
+    np.savez(old, kept=np.arange(3))
+    calls = {"n": 0}
+    real = np.savez
+
+    def dies(f, **arrays):  # writes a part, then the process is gone
+        calls["n"] += 1
+        f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dies)
+    monkeypatch.setattr(analyze.figures, "plot_templates", lambda *a, **k: None)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    net = torch.nn.Sequential(*net, torch.nn.ReLU(), torch.nn.Linear(3, 3)).eval()
+    data = type("D", (), {"classes": ["a", "b", "c"]})()
+    with pytest.raises(KeyboardInterrupt):
+        analyze.templates_figure(net, torch.randn(6, 4), data, tmp_path, n=4)
+    monkeypatch.setattr(np, "savez", real)
+    assert calls["n"] == 1
+    with zipfile.ZipFile(old):  # still the old, whole file
+        assert list(np.load(old)) == ["kept"]
