@@ -101,7 +101,9 @@ class Locks:
             seen = _read(path)
             if seen is None:
                 continue
-            if not _is_stale(*seen, self.timeout) or not _steal(path, seen, self._owner()):
+            if not _is_stale(*seen, self.timeout) or not _steal(
+                path, seen, self._owner(), self.timeout
+            ):
                 return False
             break
         else:
@@ -212,16 +214,30 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def _steal(path: Path, seen: tuple[dict[str, Any], float], owner: dict[str, Any]) -> bool:
+_STEAL_DEPTH = 8  # takers that died one after another mid-takeover, at most
+
+
+def _steal(
+    path: Path, seen: tuple[dict[str, Any], float], owner: dict[str, Any], timeout: float
+) -> bool:
     """Take over a stale lock: of all who saw the same owner, the one that creates the marker
-    ``<lock>.steal-<its nonce>`` wins and replaces the lock with its own."""
-    nonce = seen[0]["nonce"]
-    if not _create(path.with_name(f"{path.name}.steal-{nonce}"), owner):
+    ``<lock>.steal-<its nonce>`` wins and replaces the lock with its own. A marker whose taker
+    died before replacing the lock is stale in turn: its successors compete for the marker
+    named after it (``...-<the dead taker's nonce>``), so the lock is never blocked for good."""
+    name = f"{path.name}.steal-{seen[0]['nonce']}"
+    for _ in range(_STEAL_DEPTH):
+        if _create(path.with_name(name), owner):
+            break
+        held = _read(path.with_name(name))
+        if held is None or not _is_stale(*held, timeout):
+            return False  # (another taker is at work, or has just finished)
+        name = f"{name}-{held[0]['nonce']}"
+    else:
         return False
     now = _read(path)
     if now is None:  # released meanwhile: an ordinary claim
         return _create(path, owner)
-    if now[0]["nonce"] != nonce:  # replaced meanwhile
+    if now[0]["nonce"] != seen[0]["nonce"]:  # replaced meanwhile
         return False
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(owner))

@@ -226,3 +226,30 @@ def test_a_killed_writes_temporary_file_is_removed_once_abandoned(tmp_path) -> N
     with atomic_path(target) as tmp:
         tmp.write_text("done")
     assert target.read_text() == "done" and not left[0].exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("dead_takers", [1, 2])
+def test_a_lock_whose_takers_died_mid_takeover_is_taken_over(tmp_path, dead_takers) -> None:
+    """A taker killed between creating its steal marker and replacing the lock left the marker
+    behind, and every later taker gave up on that run for good (found by a fuzzing review).
+    Its successors now compete one marker further; still exactly one wins."""
+    path = tmp_path / "run.lock"
+    _stale_lock(path, "dead pid")
+    name = f"{path.name}.steal-n0"
+    for i in range(dead_takers):  # each died after creating its marker
+        nonce = f"dead{i}"
+        owner = {"host": socket.gethostname(), "pid": _dead_pid(), "nonce": nonce, "started": 0}
+        (tmp_path / name).write_text(json.dumps(owner))
+        name = f"{name}-{nonce}"
+    racers = [Locks(timeout=120) for _ in range(3)]
+    won = _race(path, racers)
+    assert sum(won) == 1, won
+    assert json.loads(path.read_text())["nonce"] == racers[won.index(True)].nonce
+    for racer in racers:
+        racer.close()
+    assert not path.exists() and not list(tmp_path.glob("run.lock.steal-*"))
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": "live", "started": 0}
+    _stale_lock(path, "dead pid")
+    (tmp_path / "run.lock.steal-n0").write_text(json.dumps(live))  # a taker at work now
+    with Locks(timeout=120) as other:
+        assert not other.acquire(path)
