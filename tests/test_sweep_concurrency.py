@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,34 @@ def test_a_lock_whose_takers_died_mid_takeover_is_taken_over(tmp_path, dead_take
     (tmp_path / "run.lock.steal-n0").write_text(json.dumps(live))  # a taker at work now
     with Locks(timeout=120) as other:
         assert not other.acquire(path)
+
+
+def test_two_sweeps_of_other_settings_started_at_once_one_is_refused(tmp_path, monkeypatch) -> None:
+    """Both checked sweep.json before either wrote it: each went on, and the folder mixed runs
+    of two settings (found by a fuzzing review). The check and the write are now one step."""
+    check = sweep_mod._check_same_sweep
+
+    def slow_check(out: Path, base: TrainConfig) -> None:
+        check(out, base)
+        time.sleep(0.3)  # the window between the check and the write, widened
+
+    started: list[int] = []
+    monkeypatch.setattr(sweep_mod, "_check_same_sweep", slow_check)
+    monkeypatch.setattr(sweep_mod, "_run_local", lambda out, todo, *a: started.append(len(todo)))
+    errors: list[Exception] = []
+    start = threading.Barrier(2)
+
+    def sweep(epochs: int) -> None:
+        start.wait()
+        try:
+            run_sweep(replace(BASE, epochs=epochs), [0.0], 1, tmp_path)
+        except ValueError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=sweep, args=(e,)) for e in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and "other settings" in str(errors[0]) and len(started) == 1
+    assert not (tmp_path / "sweep.json.lock").exists()

@@ -28,8 +28,9 @@ import contextlib
 import json
 import math
 import os
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,33 @@ def run_sweep(
         raise ValueError(why)
     grid = configs(base, lambdas, seeds)  # refuses a bad lambda before anything is written
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    _check_same_sweep(out, base)
-    write_json(out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds})
-    todo = [c for c in grid if not _done(out, c, checkpoints=checkpoints)]
     save = str(out.resolve() / "runs") if checkpoints else None
     with Locks(timeout) as locks:
+        with _held(locks, out / "sweep.json.lock"):  # (two sweeps started at once: one checks)
+            _check_same_sweep(out, base)
+            write_json(
+                out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds}
+            )
+        todo = [c for c in grid if not _done(out, c, checkpoints=checkpoints)]
         if backend == "local":
             _run_local(out, todo, locks, save)
         else:
             _run_ray(out, todo, locks, address, save)
     return write_results(out)
+
+
+@contextlib.contextmanager
+def _held(locks: Locks, path: Path, wait: float = 60.0) -> Iterator[None]:
+    """Hold the lock ``path`` for the block, waiting up to ``wait`` seconds for another holder."""
+    deadline = time.monotonic() + wait
+    while not locks.acquire(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} is held by another process; is a sweep starting there?")
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        locks.release(path)
 
 
 def unfinished(
