@@ -167,3 +167,30 @@ def test_idx_image_and_label_counts_must_agree(idx_dir) -> None:
     write_idx(idx_dir / "train-labels-idx1-ubyte.gz", np.arange(7) % 10)
     with pytest.raises(DataError, match="30 images but 7 labels"):
         load_dataset("mnist", idx_dir)
+
+
+def test_a_damaged_image_cache_is_decoded_again(tmp_path, monkeypatch) -> None:
+    """The image cache carries a checksum: a truncated cache (a raw BadZipFile before) or one
+    with edited pixels (used silently before) is decoded again from the images, with a warning."""
+    import warnings as w
+
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "imgs", colour=True)
+    want = load_dataset("folder", tmp_path / "imgs")
+    [cache] = (tmp_path / "cache").glob("images-*.npz")
+    with np.load(cache) as f:
+        arrays = {k: f[k] for k in f.files}
+    edited = {**arrays, "train_x": arrays["train_x"] ^ 1}  # pixels changed, checksum kept
+    for damage in ("truncated", "edited"):
+        if damage == "truncated":
+            cache.write_bytes(cache.read_bytes()[:100])
+        else:
+            np.savez(cache, **edited)
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            got = load_dataset("folder", tmp_path / "imgs")
+        assert any("damaged image cache" in str(c.message) for c in caught), damage
+        assert torch.equal(got.train_x, want.train_x) and torch.equal(got.test_y, want.test_y)
+    with w.catch_warnings():
+        w.simplefilter("error")  # the cache written again is read without a warning
+        assert torch.equal(load_dataset("folder", tmp_path / "imgs").train_x, want.train_x)

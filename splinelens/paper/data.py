@@ -23,6 +23,8 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,12 +261,36 @@ def _cached_decode(source: Path) -> dict[str, np.ndarray]:
     cache_dir = Path(os.environ.get("SPLINELENS_CACHE", Path.home() / ".cache" / "splinelens"))
     cache = cache_dir / f"images-{key.hexdigest()[:16]}.npz"
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        arrays = _read_cache(cache)
+        if arrays is not None:
+            return arrays
+        warnings.warn(f"{cache}: a damaged image cache (decoding {source} again)", stacklevel=2)
     arrays = _decode_images(_image_files(source))
     with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays, sha256=np.array(_digest(arrays)))
     return arrays
+
+
+def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an image cache whose checksum holds; None if it is damaged (truncated,
+    edited) or from an older version without one."""
+    try:
+        with np.load(cache, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k != "sha256"}
+            stored = str(f["sha256"]) if "sha256" in f.files else ""
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    return arrays if stored == _digest(arrays) else None
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the arrays' names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _image_files(source: Path) -> dict[str, list[tuple[str, bytes]]]:
