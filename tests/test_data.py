@@ -194,3 +194,21 @@ def test_a_damaged_image_cache_is_decoded_again(tmp_path, monkeypatch) -> None:
     with w.catch_warnings():
         w.simplefilter("error")  # the cache written again is read without a warning
         assert torch.equal(load_dataset("folder", tmp_path / "imgs").train_x, want.train_x)
+
+
+def test_damaged_data_files_are_named(tmp_path, monkeypatch, idx_dir) -> None:
+    """A garbage archive, a truncated .gz and a file that is no image gave raw ReadError,
+    EOFError or PIL errors (the CLI's "internal error"); each is a DataError naming it now."""
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "fake.tar.xz"
+    bad.write_bytes(b"\xfd7zXZ\x00 not really")
+    with pytest.raises(DataError, match=r"fake\.tar\.xz is not a readable tar archive"):
+        load_dataset("folder", bad)
+    labels = idx_dir / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-8])
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz cannot be read"):
+        read_idx(labels)
+    _image_tree(tmp_path / "imgs", colour=True)
+    next((tmp_path / "imgs" / "train" / "dog").iterdir()).write_bytes(b"no image")
+    with pytest.raises(DataError, match="train/dog: one of its files is not an image"):
+        load_dataset("folder", tmp_path / "imgs")

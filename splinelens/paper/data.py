@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,8 +160,11 @@ def _digits(data_dir: Path | None, download: bool) -> Data:
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally .gz): the MNIST / Fashion-MNIST format."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a truncated or damaged .gz
+        raise DataError(f"{path} cannot be read ({e}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
     ndim = raw[3]
@@ -301,8 +305,16 @@ def _image_files(source: Path) -> dict[str, list[tuple[str, bytes]]]:
             (p.relative_to(source).parts, p.read_bytes()) for p in source.rglob("*") if p.is_file()
         ]
     else:
-        with tarfile.open(source, "r|*") as tar:  # one sequential pass: xz cannot seek cheaply
-            entries = [(Path(m.name).parts, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        try:
+            with tarfile.open(source, "r|*") as tar:  # one sequential pass: xz cannot seek
+                entries = [
+                    (Path(m.name).parts, tar.extractfile(m).read()) for m in tar if m.isfile()
+                ]
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(
+                f"{source} is not a readable tar archive ({e}): give an image folder or a whole "
+                f"archive (train/<class>/*, test/<class>/*)"
+            ) from None
     return _collect(entries, out, source)
 
 
@@ -323,7 +335,7 @@ def _decode_images(files: dict[str, list[tuple[str, bytes]]]) -> dict[str, np.nd
     classes = sorted({c for split in files.values() for c, _ in split})
     arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
     for split, items in files.items():
-        imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items]
+        imgs = [_decoded(Image, b, f"{split}/{c}") for c, b in items]
         if len({im.shape for im in imgs}) != 1:
             raise DataError(f"images in {split}/ have different sizes")
         arrays[f"{split}_x"] = np.stack(imgs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
@@ -334,6 +346,15 @@ def _decode_images(files: dict[str, list[tuple[str, bytes]]]) -> dict[str, np.nd
         for split in files:
             arrays[f"{split}_x"] = arrays[f"{split}_x"][:, :1]
     return arrays
+
+
+def _decoded(image: Any, data: bytes, where: str) -> np.ndarray:
+    """One image file's pixels, (H, W, 3) uint8; a file that is no image is refused, naming
+    its class folder ``where``."""
+    try:
+        return np.asarray(image.open(io.BytesIO(data)).convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # (PIL's UnidentifiedImageError is OSError)
+        raise DataError(f"{where}: one of its files is not an image ({e})") from None
 
 
 _FASHION = [
