@@ -4,6 +4,7 @@ each test fails before its fix)."""
 from __future__ import annotations
 
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -63,3 +64,24 @@ def test_templates_npz_is_written_atomically(tmp_path, monkeypatch) -> None:
     assert calls["n"] == 1
     with zipfile.ZipFile(old):  # still the old, whole file
         assert list(np.load(old)) == ["kept"]
+
+
+def test_a_sweep_that_fails_before_its_first_run_binds_no_settings(tmp_path, monkeypatch) -> None:
+    """A first attempt that failed on its data (say, torchvision missing) left sweep.json, and
+    the folder refused every sweep of other settings though it held no run."""
+    from splinelens.paper import sweep as sweep_mod
+
+    def no_data(*args, **kwargs):
+        raise ValueError("the dataset needs torchvision")
+
+    monkeypatch.setattr(sweep_mod, "_run_local", no_data)
+    with pytest.raises(ValueError, match="torchvision"):
+        run_sweep(BASE, [0.0], seeds=1, out=tmp_path)
+    assert not (tmp_path / "sweep.json").exists()
+    monkeypatch.undo()
+    rows = run_sweep(replace(BASE, epochs=2), [0.0], seeds=1, out=tmp_path)  # other settings
+    assert [r["status"] for r in rows] == ["finished"]
+    monkeypatch.setattr(sweep_mod, "_run_local", no_data)
+    with pytest.raises(ValueError, match="torchvision"):  # a sweep with runs keeps its file
+        run_sweep(replace(BASE, epochs=2), [0.0, 1.0], seeds=1, out=tmp_path)
+    assert (tmp_path / "sweep.json").exists()

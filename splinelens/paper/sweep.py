@@ -123,14 +123,20 @@ def run_sweep(
     with Locks(timeout) as locks:
         with _held(locks, out / "sweep.json.lock"):  # (two sweeps started at once: one checks)
             _check_same_sweep(out, base)
+            new = not (out / "sweep.json").exists()
             write_json(
                 out / "sweep.json", {"base": asdict(base), "lambdas": lambdas, "seeds": seeds}
             )
         todo = [c for c in grid if not _done(out, c, checkpoints=checkpoints)]
-        if backend == "local":
-            _run_local(out, todo, locks, save)
-        else:
-            _run_ray(out, todo, locks, address, save)
+        try:
+            if backend == "local":
+                _run_local(out, todo, locks, save)
+            else:
+                _run_ray(out, todo, locks, address, save)
+        except BaseException:  # a new sweep that failed before any run (its data, say): no claim
+            if new and not any((out / "runs").glob("*.json")):
+                (out / "sweep.json").unlink(missing_ok=True)
+            raise
     return write_results(out)
 
 
