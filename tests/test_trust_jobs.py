@@ -85,3 +85,14 @@ def test_a_sweep_that_fails_before_its_first_run_binds_no_settings(tmp_path, mon
     with pytest.raises(ValueError, match="torchvision"):  # a sweep with runs keeps its file
         run_sweep(replace(BASE, epochs=2), [0.0, 1.0], seeds=1, out=tmp_path)
     assert (tmp_path / "sweep.json").exists()
+
+
+def test_analyze_refuses_one_input_before_writing(tmp_path) -> None:
+    """analyze --n 1 wrote the templates and bimodality files (with a raw torch warning) and
+    refused only at the partition analyses; it refuses before writing anything now."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU())
+    net = torch.nn.Sequential(*net, torch.nn.Linear(3, 3)).eval()
+    data = type("D", (), {"test_x": torch.randn(5, 4), "test_y": torch.arange(5) % 3})()
+    with pytest.raises(ValueError, match=r"bimodality, neighbors, regions need at least 2"):
+        analyze.analyze(net, data, tmp_path / "out", n=1)
+    assert not (tmp_path / "out").exists()

@@ -34,8 +34,11 @@ def analyze(
 ) -> dict[str, Any]:
     """Run the chosen analyses on n test examples (a fixed random subset); write into out."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n]
+    several = sorted({"bimodality", "neighbors", "regions"} & set(what))
+    if len(pick) < 2 and several:  # (before anything is written)
+        raise ValueError(f"{', '.join(several)} need at least 2 inputs (--n 2 or more)")
+    out.mkdir(parents=True, exist_ok=True)
     x, y = data.test_x[pick], data.test_y[pick]  # datasets may be stored class by class
     facts: dict[str, Any] = {"test_indices": pick.tolist()}  # positions below index these
     if "templates" in what:
