@@ -96,3 +96,23 @@ def test_analyze_refuses_one_input_before_writing(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"bimodality, neighbors, regions need at least 2"):
         analyze.analyze(net, data, tmp_path / "out", n=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_damaged_after_its_run_is_trained_again(tmp_path, monkeypatch) -> None:
+    """Only the safetensors header was checked: tensor bytes overwritten after the run were
+    trusted (the demo analysed them). The run record keeps the checkpoint's sha256."""
+    from splinelens.paper import sweep as sweep_mod
+
+    run_sweep(BASE, [0.0], seeds=1, out=tmp_path, checkpoints=True)
+    [ckpt] = (tmp_path / "runs").glob("*.safetensors")
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[:-8] + bytes(8))  # the last weights zeroed, the header intact
+    calls = []
+    real = sweep_mod.run_one
+    monkeypatch.setattr(sweep_mod, "run_one", lambda c, *a: calls.append(c) or real(c, *a))
+    with pytest.warns(sweep_mod.RunRecordWarning, match="sha256"):
+        run_sweep(BASE, [0.0], seeds=1, out=tmp_path, checkpoints=True)
+    assert len(calls) == 1 and ckpt.read_bytes() == good  # trained again, the same bytes
+    calls.clear()
+    run_sweep(BASE, [0.0], seeds=1, out=tmp_path, checkpoints=True)
+    assert calls == []

@@ -25,6 +25,7 @@ twice; the run of a process that died is taken over (at once on the same host, a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -88,7 +89,9 @@ def run_one(cfg: TrainConfig, data: Any = None, save_dir: str | None = None) -> 
         failed = {"status": "failed", "error": str(e), "history": [], "runtime": runtime(cfg)}
         return {**record, **failed}
     if save_dir:
-        save_checkpoint(result.model, Path(save_dir) / f"{record['run_id']}.safetensors")
+        path = Path(save_dir) / f"{record['run_id']}.safetensors"
+        save_checkpoint(result.model, path)
+        record["checkpoint_sha256"] = _sha256(path)  # (the record vouches for these bytes)
     summary = summarize(result.history)
     finished = {"status": "finished", "history": result.history, "runtime": result.runtime}
     return {**record, **finished, **summary}
@@ -311,11 +314,23 @@ def _done(out: Path, cfg: TrainConfig, warn: bool = True, checkpoints: bool = Fa
     rec = read_record(path, "it will be re-run" if warn else "")
     if rec is None or not checkpoints or rec["status"] != "finished":
         return rec is not None
-    why = checkpoint_problem(path.with_suffix(".safetensors"))
+    checkpoint = path.with_suffix(".safetensors")
+    why = checkpoint_problem(checkpoint)
+    want = rec.get("checkpoint_sha256")  # (None in records of older versions)
+    if not why and want is not None and want != _sha256(checkpoint):
+        why = "its bytes are not those the run record vouches for (sha256): damaged since"
     if why and warn:
         msg = f"{path.stem}: its checkpoint is missing or unreadable ({why}); it will be re-run"
         warnings.warn(msg, RunRecordWarning, stacklevel=3)
     return not why
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:
