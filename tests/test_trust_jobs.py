@@ -116,3 +116,19 @@ def test_a_checkpoint_damaged_after_its_run_is_trained_again(tmp_path, monkeypat
     calls.clear()
     run_sweep(BASE, [0.0], seeds=1, out=tmp_path, checkpoints=True)
     assert calls == []
+
+
+def test_analyses_run_with_a_fixed_thread_count(tmp_path, monkeypatch) -> None:
+    """analyze's float32 numbers differed between OMP_NUM_THREADS=1 and 2 (up to 5.7e-6 in
+    responses_lam0.csv): its analyses now run with a fixed count, as training does."""
+    seen = []
+    monkeypatch.setattr(
+        analyze, "templates_figure", lambda *a, **k: seen.append(torch.get_num_threads()) or {}
+    )
+    data = type("D", (), {"test_x": torch.randn(5, 4), "test_y": torch.arange(5) % 3})()
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        analyze.analyze(torch.nn.Linear(4, 3), data, tmp_path, what=("templates",), n=4)
+    torch.set_num_threads(before)
+    assert seen == [analyze.ANALYSIS_THREADS] * 2

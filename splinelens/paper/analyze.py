@@ -24,15 +24,30 @@ from splinelens.paper.data import Data
 from splinelens.paper.files import write_csv, write_json
 from splinelens.paper.neighbors import neighbor_stats, others, region_stats
 from splinelens.paper.templates import bimodality, template_responses, template_stats
+from splinelens.paper.train import reproducible
 from splinelens.view import partition_codes, view_of
 
 ANALYSES = ("templates", "bimodality", "neighbors", "regions", "convexity")
 
 
+ANALYSIS_THREADS = 2  # fixed, as training's: results independent of the machine
+
+
 def analyze(
     model: nn.Module, data: Data, out: str | Path, what: tuple[str, ...] = ANALYSES, n: int = 1000
 ) -> dict[str, Any]:
-    """Run the chosen analyses on n test examples (a fixed random subset); write into out."""
+    """Run the chosen analyses on n test examples (a fixed random subset); write into out.
+
+    They run with ``ANALYSIS_THREADS`` CPU threads, so their float32 numbers are the same on any
+    machine and under any OMP_NUM_THREADS (a sum's rounding depends on how it is split).
+    """
+    with reproducible(ANALYSIS_THREADS, torch.device("cpu")):
+        return _analyze(model, data, out, what, n)
+
+
+def _analyze(
+    model: nn.Module, data: Data, out: str | Path, what: tuple[str, ...], n: int
+) -> dict[str, Any]:
     out = Path(out)
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n]
     several = sorted({"bimodality", "neighbors", "regions"} & set(what))

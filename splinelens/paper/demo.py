@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from splinelens.paper.analyze import (
+    ANALYSIS_THREADS,
     bimodality_figure,
     convexity_example,
     partition_figures,
@@ -28,7 +29,7 @@ from splinelens.paper.data import Data, load_dataset
 from splinelens.paper.files import write_json, write_text
 from splinelens.paper.report import report as sweep_report
 from splinelens.paper.sweep import run_id, run_sweep
-from splinelens.paper.train import load_checkpoint, make_model
+from splinelens.paper.train import load_checkpoint, make_model, reproducible
 
 
 def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1000) -> Path:
@@ -45,7 +46,8 @@ def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n_test]
     facts: dict[str, Any] = {"epochs": epochs, "lam": lam, "n_test": len(pick)}
     facts["test_indices"] = pick.tolist()
-    facts.update(_analyses(models, data, pick, out))
+    with reproducible(ANALYSIS_THREADS, torch.device("cpu")):  # (as sl analyze)
+        facts.update(_analyses(models, data, pick, out))
     write_json(out / "results.json", facts)
     page = out / "report.html"
     write_text(page, render(facts))
