@@ -285,3 +285,27 @@ def test_two_sweeps_of_other_settings_started_at_once_one_is_refused(tmp_path, m
         t.join()
     assert len(errors) == 1 and "other settings" in str(errors[0]) and len(started) == 1
     assert not (tmp_path / "sweep.json.lock").exists()
+
+
+def test_a_run_whose_worker_dies_meanwhile_is_taken_over(tmp_path, monkeypatch) -> None:
+    """A worker that found a run held by a live worker left it to that one, also once the other
+    died while this one trained: the run stayed untrained until a new sweep (found by a fuzzing
+    review). The runs others held are looked at again while a pass trains one."""
+    first, second = configs(BASE, [0.0, 0.1], 1)
+    lock = tmp_path / "runs" / f"{run_id(first)}.lock"  # met first, held
+    lock.parent.mkdir(parents=True)
+    alive = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": "other", "started": 0}
+    lock.write_text(json.dumps(alive))  # held by a live worker
+    trained = []
+    real = sweep_mod.run_one
+
+    def run_and_let_the_other_die(cfg, *args):
+        trained.append(run_id(cfg))
+        if cfg == second:  # meanwhile the other worker dies
+            lock.write_text(json.dumps({**alive, "pid": _dead_pid()}))
+        return real(cfg, *args)
+
+    monkeypatch.setattr(sweep_mod, "run_one", run_and_let_the_other_die)
+    rows = run_sweep(BASE, [0.0, 0.1], 1, tmp_path)
+    assert trained == [run_id(second), run_id(first)]
+    assert [r["status"] for r in rows] == ["finished", "finished"]

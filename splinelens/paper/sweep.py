@@ -222,16 +222,21 @@ def _lock_path(out: Path, cfg: TrainConfig) -> Path:
 
 
 def _run_local(out: Path, todo: list[TrainConfig], locks: Locks, save: str | None) -> None:
-    """Claim, train, write, release: one run at a time."""
+    """Claim, train, write, release: one run at a time; then again the runs others held, while
+    that trains one (a worker that died meanwhile leaves its run to us)."""
     data = None
-    for cfg in todo:
-        if not _claim(out, cfg, locks, save):
-            continue
-        try:
-            data = load_data(cfg) if data is None else data  # once, for the first run we own
-            _finish(out, run_one(cfg, data, save))
-        finally:
-            locks.release(_lock_path(out, cfg))
+    while todo:
+        held = []
+        for cfg in todo:
+            if not _claim(out, cfg, locks, save):
+                held.append(cfg)
+                continue
+            try:
+                data = load_data(cfg) if data is None else data  # once, for the first run we own
+                _finish(out, run_one(cfg, data, save))
+            finally:
+                locks.release(_lock_path(out, cfg))
+        todo = [] if len(held) == len(todo) else held
 
 
 def _check_same_sweep(out: Path, base: TrainConfig) -> None:
@@ -326,11 +331,8 @@ def _done(out: Path, cfg: TrainConfig, warn: bool = True, checkpoints: bool = Fa
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    with open(path, "rb") as f:  # (the paper's models: a few MB)
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:
