@@ -84,12 +84,9 @@ def nearest_neighbors(
     unpacked bits for torch). ``backend``: "faiss" (CPU), "torch" (matrix products; the default
     on GPU or without FAISS) or "auto".
 
-    >>> import torch, torch.nn as nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    >>> x = torch.randn(5, 3)
-    >>> import splinelens as sl
-    >>> codes = sl.partition_codes(net, x)
+    >>> import torch, torch.nn as nn, splinelens as sl
+    >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU()).eval()
+    >>> codes = sl.partition_codes(net, torch.randn(6, 2))
     >>> dist, idx = nearest_neighbors(codes[:2], codes, k=3)
     >>> dist.shape, idx.shape, bool(dist[:, 0].eq(0).all())  # each query's own code is at 0
     (torch.Size([2, 3]), torch.Size([2, 3]), True)

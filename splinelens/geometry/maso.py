@@ -296,10 +296,8 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
     most 1e-2, as in ``verify``.
 
     >>> import torch, torch.nn as nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
-    >>> x = torch.randn(5, 3)
-    >>> check_masos(net, x).ok
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).eval()
+    >>> check_masos(net, torch.randn(3, 1, 6, 6)).ok  # the ReLU layer and the max-pooling one
     True
     """
     if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
