@@ -293,7 +293,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
         h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.reshape(-1).view(np.uint8))  # (empty and 0-d arrays too)
     return h.hexdigest()
 
 
