@@ -9,6 +9,8 @@ A write goes to a temporary file beside the target, renamed over it when complet
 >>> target.read_text()
 'done'
 
+``write_npz`` writes arrays that way; ``array_sha256`` is the checksum files keep of each array.
+
 A lock file is created with O_EXCL (one creator wins, also over NFS), names its owner (host, pid,
 a random nonce) and is kept fresh by a heartbeat; a stale one (dead owner, or no heartbeat for
 ``timeout`` seconds) is taken over by exactly one of the processes that find it (see ``Locks``).
@@ -29,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -68,6 +72,23 @@ def _remove_stale(path: Path) -> None:
         with contextlib.suppress(OSError):  # (another process may remove it first)
             if now - old.stat().st_mtime > _STALE:
                 old.unlink()
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` of ``arrays`` to ``path``, atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (C order), as files record it.
+
+    >>> array_sha256(np.zeros(2)) == array_sha256(np.zeros(2)) != array_sha256(np.zeros(3))
+    True
+    """
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 class Locks:

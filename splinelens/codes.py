@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from splinelens._checks import layer_index
-from splinelens._io import atomic_path
+from splinelens._io import array_sha256, write_npz
 
 Tensor = torch.Tensor
 # /2 adds the row count and a sha256 per array, /3 a sha256 of the metadata itself
@@ -206,12 +206,11 @@ class PartitionCodes:
         arrays = {f"layer{i}": c.data.cpu().numpy() for i, c in enumerate(self.layers)}
         meta = [
             {"name": c.name, "kind": c.kind, "units": c.units, "pieces": c.pieces, "sha256": h}
-            for c, h in zip(self.layers, map(_sha256, arrays.values()))
+            for c, h in zip(self.layers, map(array_sha256, arrays.values()))
         ]
         head = {"format": _FORMAT, "rows": len(self), "layers": meta}
         arrays["meta"] = np.array(json.dumps({**head, "sha256": _meta_sha256(head)}))
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        write_npz(path, **arrays)
 
     @staticmethod
     def load(path: str | Path) -> PartitionCodes:
@@ -256,7 +255,7 @@ def _read_layer(f: Any, i: int, m: Any, path: str | Path) -> LayerCodes:
     if not isinstance(m, dict) or not {"name", "kind", "units", "pieces"} <= m.keys():
         raise CodesFileError(path, f"meta.layers[{i}]", "needs name, kind, units and pieces")
     arr = f[field]
-    if "sha256" in m and m["sha256"] != _sha256(arr):
+    if "sha256" in m and m["sha256"] != array_sha256(arr):
         raise CodesFileError(path, field, "checksum mismatch (the data was changed)")
     if arr.dtype.kind not in "iu" or arr.ndim != 2:
         raise CodesFileError(
@@ -270,12 +269,6 @@ def _read_layer(f: Any, i: int, m: Any, path: str | Path) -> LayerCodes:
     if problem:
         raise CodesFileError(path, field, problem)
     return c
-
-
-def _sha256(a: np.ndarray) -> str:
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def _meta_sha256(head: dict[str, Any]) -> str:

@@ -13,11 +13,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._io import atomic_path
+from splinelens._io import write_npz
 from splinelens.geometry.convexity import convexity, convexity_gap, make_input_convex
 from splinelens.paper import figures
 from splinelens.paper.data import Data
@@ -90,14 +89,13 @@ def templates_figure(
         picked = amap.templates(rows=classes)  # only these rows of A
     resp = resp_all.gather(1, top)
     figures.plot_templates(xs, picked, resp, top.tolist(), data.classes, out / "templates.png")
-    with atomic_path(out / "templates.npz") as tmp, open(tmp, "wb") as f:  # the figure's data
-        np.savez(
-            f,
-            x=xs.numpy(),
-            templates=picked.detach().numpy(),
-            responses=resp.detach().numpy(),
-            classes=top.numpy(),
-        )
+    write_npz(  # the figure's data
+        out / "templates.npz",
+        x=xs.numpy(),
+        templates=picked.detach().numpy(),
+        responses=resp.detach().numpy(),
+        classes=top.numpy(),
+    )
     stats = _template_summary(model, x[:200])
     write_json(out / "template_stats.json", stats)
     return stats

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splinelens._io import atomic_path
+from splinelens._io import array_sha256, write_npz
 
 Tensor = torch.Tensor
 _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -270,8 +270,7 @@ def _cached_decode(source: Path) -> dict[str, np.ndarray]:
             return arrays
         warnings.warn(f"{cache}: a damaged image cache (decoding {source} again)", stacklevel=2)
     arrays = _decode_images(_image_files(source))
-    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays, sha256=np.array(_digest(arrays)))
+    write_npz(cache, **arrays, sha256=np.array(_digest(arrays)))
     return arrays
 
 
@@ -288,13 +287,9 @@ def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of the arrays' names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.reshape(-1).view(np.uint8))  # (empty and 0-d arrays too)
-    return h.hexdigest()
+    """sha256 of the arrays by name (``array_sha256`` of each)."""
+    each = "".join(f"{k}:{array_sha256(arrays[k])};" for k in sorted(arrays))
+    return hashlib.sha256(each.encode()).hexdigest()
 
 
 def _image_files(source: Path) -> dict[str, list[tuple[str, bytes]]]:

@@ -79,7 +79,8 @@ def report(out: str | Path, lambdas: Sequence[float] | None = None) -> list[dict
     out = Path(out)
     groups = by_lambda(load_runs(out))
     if lambdas is not None:
-        groups = {lam: runs for lam, runs in groups.items() if lam in {float(v) for v in lambdas}}
+        keep = {float(v) for v in lambdas}
+        groups = {lam: runs for lam, runs in groups.items() if lam in keep}
     if not groups:
         raise ValueError(f"{out} holds no finished runs (expected {out}/runs/*.json)")
     rows = table(groups)
