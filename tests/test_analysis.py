@@ -80,11 +80,11 @@ def test_neighbor_stats_brute_force() -> None:
         assert row["same_label"] == float((y[idx] == y[:, None]).float().mean())
 
 
-def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
+def test_figures_for_grey_colour_and_signals(tmp_path, monkeypatch) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
 
     from splinelens.paper import figures
 
@@ -100,13 +100,16 @@ def test_figures_for_grey_colour_and_signals(tmp_path) -> None:
             tmp_path / f"t{len(shape)}{shape[0]}.png",
         )
         assert p.stat().st_size > 0
-    fig, ax = plt.subplots()
-    img = torch.zeros(3, 2, 2)
-    img[0, 0, 0] = 1.0
-    figures._show(ax, img, signed=True)  # colour templates: 0 is mid-grey, sign is direction
-    shown = ax.images[0].get_array()
-    assert abs(float(shown[1, 1, 0]) - 0.5) < 1e-6 and float(shown[0, 0, 0]) == 1.0
-    plt.close(fig)
+    shown = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, a, **kw: shown.append(a) or imshow(ax, a, **kw))
+    img = torch.zeros(1, 1, 3, 2, 2)
+    img[0, 0, 0, 0, 0] = 1.0
+    figures.plot_templates(
+        torch.zeros(1, 3, 2, 2), img, torch.ones(1, 1), [[0]], ["a"], tmp_path / "c.png"
+    )
+    template = shown[1]  # colour templates: 0 is mid-grey, sign is direction
+    assert abs(float(template[1, 1, 0]) - 0.5) < 1e-6 and float(template[0, 0, 0]) == 1.0
 
 
 def test_templates_figure_for_chosen_classes(tmp_path) -> None:

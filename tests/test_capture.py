@@ -6,6 +6,7 @@ Executors are checked against the model's own forward pass and against torch.fun
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import warnings
 
@@ -32,6 +33,45 @@ def test_registry_answers_what_each_op_is() -> None:
     assert info("reshape").regroups and not info("permute").regroups
     assert info("detach").rewrite is torch.ops.aten.alias.default
     assert info("view").view and info("detach").view and not info("linear").view
+
+
+def test_registry_holds_argument_checks_sums_slices_and_decompositions() -> None:
+    from splinelens._capture.registry import decompositions
+
+    assert dict(info("max").renames) == {"other": "maximum"} and info("max").check is not None
+    assert info("sub").terms == ((0, 1.0, ""), (1, -1.0, "alpha")) and not info("mul").signed
+    assert info("slice").slice_start == 2 and info("slice_scatter").slice_start == 3
+    assert info("_to_copy").cast and not info("clone").cast
+    assert info("bernoulli").random and info("bernoulli").kind == "refused"
+    assert torch.ops.aten.rnn_relu_cell.default in decompositions()
+
+
+def test_no_module_but_the_registry_decides_by_op_name() -> None:
+    """Op facts live in the registry: no other module compares an op's name with a literal
+    (``layers`` builds each MASO piece from its op's arguments, by family; ``smooth`` names
+    activation functions, not ops)."""
+    import pathlib
+
+    names = {e.name for e in entries()}
+    root = pathlib.Path(sl.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("registry.py", "layers.py") or path.parent.name == "smooth":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and _names_an_op(node):
+                consts = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
+                found += [f"{path.name}:{node.lineno} {c}" for c in consts & names]
+    assert not found
+
+
+def _names_an_op(node: ast.Compare) -> bool:
+    sides = [node.left, *node.comparators]
+    return any(
+        (isinstance(s, ast.Name) and s.id in ("name", "op", "target"))
+        or (isinstance(s, ast.Attribute) and s.attr in ("op", "target"))
+        for s in sides
+    )
 
 
 def test_every_maso_entry_has_a_family_and_every_refusal_says_why() -> None:

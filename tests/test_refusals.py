@@ -380,3 +380,22 @@ def test_unknown_layer_names_and_indices() -> None:
     codes = view.partition_codes(x)
     with pytest.raises(KeyError, match="no layer named"):
         sl.partition_distance(codes, codes, layer="nope")
+
+
+RANDOM = {
+    "alpha_dropout": lambda z: F.alpha_dropout(z, 0.5, training=True),
+    "dropout1d": lambda z: F.dropout1d(z.unsqueeze(-1), 0.5, training=True).squeeze(-1),
+    "feature_alpha_dropout": lambda z: F.feature_alpha_dropout(
+        z.unsqueeze(-1), 0.5, training=True
+    ).squeeze(-1),
+    "noise": lambda z: z + torch.randn_like(z),
+    "rand": lambda z: z * torch.rand(z.shape[1]),
+}
+
+
+@pytest.mark.parametrize("how", sorted(RANDOM))
+def test_random_draws_are_refused_by_name(how: str) -> None:
+    """Dropouts left in training mode, noise: refused where they draw, not as a batch effect."""
+    model = Wrap(RANDOM[how]).eval()
+    with pytest.raises(sl.UnsupportedOperationError, match="draws random numbers"):
+        sl.SplineView(model, torch.randn(3, 4))

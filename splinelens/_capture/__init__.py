@@ -5,14 +5,18 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 
 * ``registry``: what every ATen operation is (affine, a MASO, the output nonlinearity, refused,
   and why), the single table that capture, convexity and refusals read;
-* ``mixing``: which dims of its operands each op reads together (the batch must not be one);
-* ``refusals``: the refusals of an op's arguments and of casts to less precision;
+* ``mixing``: the rules the registry gives ops, which dims of its operands an op reads together
+  (the batch must not be one);
+* ``arguments``: the checks the registry gives ops, arguments that make an op something else;
+* ``rewrites``: the canonical forms and decompositions the registry gives ops;
+* ``nodes``: a graph node's op name, overload and arguments by schema name;
+* ``refusals``: the errors, located at the module and source line, of what the registry refuses;
 * ``pieces``: the MASO nonlinearities, how each picks its affine piece and freezes it;
 * ``spline_op``: the spline activation op that ``sl.splinify`` puts in place of smooth ones;
 * ``mode``: which modules compute differently in training mode, and the refusal of a model in it;
 * ``compiler``: export, canonicalisation, the walk that builds the program's steps and layers;
 * ``batch_axis``: where the batch dim lies in every value, and the views that must keep it;
-* ``layers``: the Definition-1 layers built from the MASO steps;
+* ``layers``: each MASO step's piece (``make_maso``) and its Definition-1 layer;
 * ``agreement``: the checks that the capture computes what the model computes;
 * ``program``: the frozen program and its two generated executors, ``record`` and ``frozen``;
 * ``batch``: the batch sizes a capture holds for.

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from splinelens._capture.nodes import op_name
+from splinelens._capture.registry import info
 from splinelens._precision import exact_matmul
 from splinelens.errors import BatchSizeError
 
@@ -218,7 +220,7 @@ def _ops_of(ep: torch.export.ExportedProgram) -> list[tuple]:
         if n.op != "call_function" or not _is_tensor_op(n):
             continue
         args = norm(n.args)
-        kept = _full_slice(str(n.target), args)
+        kept = _full_slice(info(op_name(n.target)).slice_start, args)
         if kept is not None:  # a no-op the static export leaves out: the value it keeps
             index[n.name] = kept
             continue
@@ -244,10 +246,9 @@ def _is_tensor_op(n: torch.fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) for v in vals) and "_assert" not in str(n.target)
 
 
-def _full_slice(target: str, args: tuple) -> Any:
-    """For a slice of a whole dim, its input; for a write into such a slice (slice_scatter), the
-    value written; else None."""
-    at = {"aten.slice.Tensor": 2, "aten.slice_scatter.default": 3}.get(target)
+def _full_slice(at: int | None, args: tuple) -> Any:
+    """For a slice of a whole dim (its start, end and step from ``at``), its input; for a write
+    into such a slice (slice_scatter), the value written; else None."""
     if at is None or len(args) < at:
         return None
     start, end, step = [*args[at : at + 3], None, None, None][:3]

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch._decomp import decomposition_table
 
 from splinelens._capture.agreement import (
     changes_input,
@@ -39,37 +38,15 @@ from splinelens._capture.agreement import (
 )
 from splinelens._capture.batch import BatchSizes
 from splinelens._capture.batch_axis import BatchAxes, is_tensor
-from splinelens._capture.layers import maso_layer, unique_names
+from splinelens._capture.layers import make_maso, maso_layer, unique_names
 from splinelens._capture.mode import check_eval_mode
+from splinelens._capture.nodes import bound_args, op_name, overload
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
-from splinelens._capture.refusals import check_affine, check_batch_kept, check_kind, error
-from splinelens._capture.registry import bound_args, final_ir, info, make_maso, op_name
+from splinelens._capture.refusals import check_batch_kept, check_op, error
+from splinelens._capture.registry import decompositions, final_ir, info
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens.errors import UnsupportedOperationError
-
-
-def _rnn_relu_cell(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    w_ih: torch.Tensor,
-    w_hh: torch.Tensor,
-    b_ih: torch.Tensor | None = None,
-    b_hh: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``nn.RNNCell(nonlinearity="relu")``'s step, which torch does not decompose."""
-    return torch.relu(
-        torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
-    )
-
-
-_RNN_DECOMPS = {
-    **{
-        op: decomposition_table[op]
-        for op in (torch.ops.aten.rnn_relu.input, torch.ops.aten.rnn_relu.data)
-    },
-    torch.ops.aten.rnn_relu_cell.default: _rnn_relu_cell,
-}
 
 
 @contextlib.contextmanager
@@ -147,14 +124,12 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-_SLICE_END = {"slice": 3, "slice_copy": 3, "slice_scatter": 4}  # op -> position of ``end``
-
-
 def _open_ended(name: str, args: tuple) -> tuple:
     """A slice to the end as ``end=None`` (export writes 2^63 - 1, which functorch's batching
     of slice_scatter overflows: forward-mode derivatives of the frozen program use it)."""
-    at = _SLICE_END.get(name)
-    if at is None or len(args) <= at or not isinstance(args[at], int) or args[at] < 2**62:
+    start = info(name).slice_start
+    at = start + 1 if start is not None else len(args)
+    if len(args) <= at or not isinstance(args[at], int) or args[at] < 2**62:
         return args
     return (*args[:at], None, *args[at + 1 :])
 
@@ -168,7 +143,7 @@ def _export(
             warnings.simplefilter("ignore")
             with splines_as_ops():
                 ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)
-            return ep if final_ir(ep) else ep.run_decompositions(_RNN_DECOMPS)
+            return ep if final_ir(ep) else ep.run_decompositions(decompositions())
     except UnsupportedOperationError:
         raise
     except Exception as e:  # torch.export raises many types; keep its message
@@ -287,6 +262,8 @@ class _Compiler:
 
     def _visit(self, node: torch.fx.Node) -> None:
         name = op_name(node.target)
+        if info(name).random:
+            raise error(node, name, info(name).why, info(name).fix)
         deps = [a for a in node.all_input_nodes if a.name in self.act]
         maso = None
         if deps and is_tensor(node) and info(name).kind != "shape":
@@ -299,9 +276,7 @@ class _Compiler:
         self, node: torch.fx.Node, name: str, deps: list[torch.fx.Node]
     ) -> MasoOp | None:
         """Check an op on activations; its MASO (and layer) if it is a nonlinearity."""
-        kind = check_kind(node, name, self.precision)
-        if kind == "affine":
-            check_affine(node, name, self.act)
+        kind = check_op(node, name, self.act, self.precision)
         if not self.axes.has_batch(node):
             raise error(
                 node,
@@ -321,8 +296,7 @@ class _Compiler:
         self.axes.record(node, deps)
         if kind != "maso":
             return None
-        if name in ("max", "min") and node.target._overloadname == "other":
-            name = "maximum" if name == "max" else "minimum"
+        name = dict(info(name).renames).get(overload(node), name)
         maso = make_maso(name, node, tuple(node.args[0].meta["val"].shape))
         self.layers.append(maso_layer(node, name, maso, self.axes, len(self.layers)))
         return maso

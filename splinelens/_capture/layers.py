@@ -1,4 +1,5 @@
-"""Definition-1 layers: each MASO nonlinearity of the graph, named after the module it runs in.
+"""Definition-1 layers: each MASO nonlinearity of the graph (its piece, from the registry's
+family and the node's arguments), named after the module it runs in.
 
 >>> # used by splinelens._capture.compiler while it walks the exported graph
 """
@@ -8,13 +9,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from splinelens._capture.batch_axis import BatchAxes
-from splinelens._capture.pieces import MasoOp
+from splinelens._capture.nodes import bound_args, ints, is_tensor_arg
+from splinelens._capture.pieces import (
+    Clip,
+    MasoOp,
+    Pairwise,
+    Pool,
+    Reduce,
+    Sign,
+    Spline,
+    adaptive_width,
+)
 from splinelens._capture.program import Layer
 from splinelens._capture.refusals import error, module_of
+from splinelens._capture.registry import info
 
 Node = torch.fx.Node
 _ACTIVATION_MODULES = {
@@ -103,3 +117,85 @@ def unique_names(layers: list[Layer]) -> tuple[Layer, ...]:
             name = f"{name}[{seen[name]}]"
         out.append(dataclasses.replace(layer, name=name))
     return tuple(out)
+
+
+def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp:
+    """The MASO of one graph node. ``in_shape``: the activation's concrete shape."""
+    a, family = bound_args(node), info(name).family
+    if family == "sign":
+        return _make_sign(name, a)
+    if family == "clip":
+        return _make_clip(name, a)
+    if family == "pairwise":
+        return Pairwise("maximum" if name in ("maximum", "fmax") else "minimum")
+    if family == "pool":
+        return _make_pool(name, a, in_shape)
+    if family == "spline":
+        return Spline("spline", int(node.args[2].meta["val"].shape[0]))
+    return _make_reduce(name, a, in_shape)
+
+
+def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
+    if name == "leaky_relu":
+        return Sign(name, float(a["negative_slope"]))
+    if name == "rrelu":  # in eval (training mode is refused): the mean of its slopes
+        return Sign("leaky_relu", (float(a.get("lower", 0.125)) + float(a.get("upper", 1 / 3))) / 2)
+    if name == "threshold":  # x above t, else t (another value is refused): max(x, t)
+        t = float(a["threshold"])
+        return Sign("relu", 0.0) if t == 0 else Sign("clamp_min", None, t)
+    if name in ("prelu", "_prelu_kernel"):
+        return Sign("prelu", None)
+    if name in ("clamp_min", "clamp_max"):
+        bound = a["min" if name == "clamp_min" else "max"]
+        if is_tensor_arg(bound):  # a tensor bound: an elementwise max / min with it
+            return Pairwise("maximum" if name == "clamp_min" else "minimum")
+        return Sign(name, None, float(bound))
+    return Sign(name, 0.0 if name == "relu" else -1.0)
+
+
+def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip | Pairwise:
+    if name == "relu6":
+        return Clip(name, 0.0, 6.0)
+    lo, hi = (a["min_val"], a["max_val"]) if name == "hardtanh" else (a["min"], a["max"])
+    if is_tensor_arg(lo) or is_tensor_arg(hi):  # clamp.Tensor: bounds come from the args
+        if lo is None or hi is None:
+            return Pairwise(
+                "maximum" if hi is None else "minimum", bound_arg=1 if hi is None else 2
+            )
+        return Clip(name, None, None)
+    if lo is None:
+        return Sign("clamp_max", None, float(hi))
+    if hi is None:
+        return Sign("clamp_min", None, float(lo))
+    return Clip(name, float(lo), float(hi))
+
+
+def _make_pool(name: str, a: dict[str, Any], in_shape: Sequence[int]) -> Pool:
+    nd = int(name.split("pool")[1][0])
+    spatial = tuple(int(s) for s in in_shape[-nd:])
+    if name.startswith("adaptive"):
+        out = ints(a["output_size"], nd)
+        out = tuple(o if o is not None else s for o, s in zip(out, spatial))
+        widths = [adaptive_width(s, o) for s, o in zip(spatial, out)]
+        return Pool(name, nd, output_size=out, pieces=math.prod(widths), in_spatial=spatial)
+    k = ints(a["kernel_size"], nd)
+    pool = Pool(
+        name,
+        nd,
+        kernel=k,
+        stride=ints(a["stride"], nd, k),
+        padding=ints(a["padding"], nd, 0),
+        dilation=ints(a["dilation"], nd, 1),
+        ceil_mode=bool(a["ceil_mode"]),
+        pieces=math.prod(k),
+        in_spatial=spatial,
+    )
+    return pool
+
+
+def _make_reduce(name: str, a: dict[str, Any], in_shape: Sequence[int]) -> Reduce:
+    dims = a.get("dim")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or range(len(in_shape)))
+    pieces = math.prod(int(in_shape[d]) for d in dims)
+    largest = name in ("amax", "max")
+    return Reduce(name, dims, bool(a.get("keepdim") or False), largest, pieces)

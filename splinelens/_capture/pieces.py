@@ -72,6 +72,17 @@ class Sign:
         """The unit codes, 0 or 1: the boolean state itself (packed as bits without a copy)."""
         return state
 
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z, given the op's argument values (PReLU's slopes).
+
+        >>> Sign("relu").shape([]), Sign("abs", -1.0).shape([]), Sign("leaky_relu", 2.0).shape([])
+        ((True, True), (False, True), (True, False))
+        """
+        if self.kind in ("relu", "clamp_min", "clamp_max", "abs"):
+            return self.kind != "abs", self.kind != "clamp_max"
+        slope = torch.as_tensor(args[1] if self.kind == "prelu" else self.neg_slope)
+        return bool((slope >= 0).all()), bool((slope <= 1).all())
+
 
 @dataclass(frozen=True)
 class Clip:
@@ -108,6 +119,10 @@ class Clip:
     def code(self, state: Tensor) -> Tensor:
         return state
 
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z, given the op's argument values."""
+        return True, False
+
 
 @dataclass(frozen=True)
 class Pairwise:
@@ -130,6 +145,10 @@ class Pairwise:
 
     def code(self, state: Tensor) -> Tensor:
         return state.to(torch.uint8)
+
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z, given the op's argument values."""
+        return True, self.kind == "maximum"
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,10 @@ class Reduce:
 
     def code(self, state: Tensor) -> Tensor:
         return state
+
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z: a max is both, a min non-decreasing and concave."""
+        return True, self.largest
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,10 @@ class Pool:
                 cache[state.device] = self._positions(plane)
             return cache[state.device].take(state)
         return self._positions(state)
+
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z: a max over windows is both."""
+        return True, True
 
     def _tiled(self) -> bool:
         """Windows tile the plane: fixed, stride = kernel, no padding, no dilation."""
@@ -288,62 +315,10 @@ class Spline:
     def code(self, state: Tensor) -> Tensor:
         return state
 
+    def shape(self, args: Sequence[Any]) -> tuple[bool, bool]:
+        """(non-decreasing, convex) in z, given its slopes (the third argument)."""
+        slopes = args[2]
+        return bool((slopes >= 0).all()), bool((slopes[1:] >= slopes[:-1]).all())
+
 
 MasoOp = Sign | Clip | Pairwise | Reduce | Pool | Spline
-
-
-class _EvalBatchNorm(torch.autograd.Function):
-    """Batchnorm with running statistics: PyTorch's forward, and a one-multiply backward.
-
-    In eval mode batchnorm is y = z * scale + shift per channel, so its input gradient is
-    grad * scale: the same derivative as ``native_batch_norm_backward``, at a third of the cost.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        z: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        mean: Tensor,
-        var: Tensor,
-        momentum: float,
-        eps: float,
-    ) -> Tensor:
-        out = torch.ops.aten._native_batch_norm_legit_no_training.default(
-            z, weight, bias, mean, var, momentum, eps
-        )[0]
-        scale = torch.rsqrt(var + eps) * (weight if weight is not None else 1.0)
-        ctx.save_for_backward(scale.view(-1, *([1] * (z.dim() - 2))))
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None, None, None, None, None, None
-
-
-def eval_batch_norm(*args: Any) -> tuple[Tensor, None, None]:
-    """Drop-in for ``aten._native_batch_norm_legit_no_training`` (returns its output tuple).
-
-    Arguments as that op's: (z, weight, bias, running_mean, running_var, momentum, eps).
-    """
-    if not torch.is_grad_enabled():  # no backward: PyTorch's own op, without Function overhead
-        return torch.ops.aten._native_batch_norm_legit_no_training.default(*args)[0], None, None
-    return _EvalBatchNorm.apply(*args), None, None
-
-
-def copy_into(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
-    """Drop-in for ``aten.copy`` (an in-place ``copy_``, functionalised): src in dst's shape and
-    dtype, differentiable in src (``aten.copy`` has no derivative). dst's values are not read."""
-    return src.to(dst.dtype).expand(dst.shape).clone()
-
-
-def reshape_view(t: Tensor, *args: Any) -> Tensor:
-    """Drop-in for ``aten.view`` / ``_unsafe_view`` / ``view_copy``: a reshape, which copies where
-    t's layout has no view of the new shape (an input or activation in another memory layout than
-    the capture's example, channels_last or sliced). The graph is functional: nothing relies on
-    the alias. ``view(dtype)`` stays a view."""
-    if args and isinstance(args[0], torch.dtype):
-        return torch.ops.aten.view.dtype(t, *args)
-    return torch.ops.aten.reshape.default(t, *args)

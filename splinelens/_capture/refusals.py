@@ -1,6 +1,7 @@
 """Why an operation cannot be part of a piecewise-affine network, said where it happens.
 
-Each check reads the op's registry entry and the graph node, and raises
+Each check reads the op's registry entry (its kind, whether it is a cast or a product, the
+check of its arguments from ``arguments``) and the graph node, and raises
 ``UnsupportedOperationError`` naming the ATen op, the module path and source line, the reason
 and the fix.
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import torch
 
+from splinelens._capture.arguments import Call
 from splinelens._capture.batch_axis import holding
-from splinelens._capture.registry import OpInfo, bound_args, info
+from splinelens._capture.nodes import bound_args, overload
+from splinelens._capture.registry import OpInfo, info
 from splinelens.errors import UnsupportedOperationError
 
 Node = torch.fx.Node
@@ -25,14 +28,12 @@ def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperatio
     return UnsupportedOperationError(f"aten.{name}", location(node), why, fix)
 
 
-def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> str:
-    """The op's kind ('affine' or 'maso'), or its refusal (g inside the net, refused, integer,
-    a cast to less precision than both its input and ``precision``, the input x's dtype)."""
+def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None = None) -> str:
+    """The op's kind ('affine' or 'maso'), or its refusal: g inside the net, refused, integer,
+    a cast to less precision than both its input and ``precision`` (the input x's dtype), a
+    product of two activations, or arguments its registry ``check`` refuses (``arguments``)."""
     entry = info(name)
-    kind = entry.kind
-    if name in ("max", "min"):
-        kind = _max_overload(node, name)
-    if kind in ("g", "refused"):
+    if entry.kind in ("g", "refused"):
         raise error(node, name, entry.why, entry.fix)
     if not _floating(node):
         raise error(
@@ -41,40 +42,17 @@ def check_kind(node: Node, name: str, precision: torch.dtype | None = None) -> s
             "turns activations into integers or booleans (a step function), which is not "
             "piecewise affine",
         )
-    if name in _CASTS:
+    a = bound_args(node)
+    if entry.cast:
         _check_widening(node, name, precision)
-    if name in ("threshold", "rrelu", "clamp"):
-        _check_arguments(node, name)
-    return kind
-
-
-def _check_arguments(node: Node, name: str) -> None:
-    """Refuse arguments that make an op of the table something else: a threshold whose value is
-    not its threshold (a jump), rrelu in training mode (random slopes), a clamp with constant
-    min > max (the constant max)."""
-    args = [*node.args, None, None, None][:4]
-    bounds = [a for a in args[1:3] if isinstance(a, (int, float))]
-    if name == "clamp" and len(bounds) == 2 and bounds[0] > bounds[1]:
-        raise error(
-            node,
-            name,
-            f"has min {bounds[0]} > max {bounds[1]}: torch.clamp is then the constant max, "
-            f"not a clip",
-            "write the constant, or give min <= max",
-        )
-    if name == "threshold" and args[1] != args[2]:
-        raise error(
-            node,
-            name,
-            f"jumps from {args[2]} to {args[1]} at its threshold (a step), so it is not "
-            f"piecewise affine",
-            "use nn.Threshold(t, t), which is max(x, t), or a ReLU",
-        )
-    if name == "rrelu" and (args[3] or node.kwargs.get("training")):
-        raise error(node, name, "draws random slopes in training mode", "call model.eval()")
-
-
-_CASTS = frozenset({"_to_copy", "to", "type_as"})
+    if entry.operands:
+        _check_product(node, name, entry, list(a.values()), act)
+    refusal = (
+        entry.check(Call(a, overload(node), lambda v: _is_act(v, act))) if entry.check else None
+    )
+    if refusal is not None:
+        raise error(node, name, *refusal)
+    return entry.kind
 
 
 def _check_widening(node: Node, name: str, precision: torch.dtype | None) -> None:
@@ -97,51 +75,11 @@ def _check_widening(node: Node, name: str, precision: torch.dtype | None) -> Non
         )
 
 
-def _max_overload(node: Node, name: str) -> str:
-    if node.target._overloadname in ("other", "dim"):
-        return "maso"
-    raise error(
-        node,
-        name,
-        "reduces over every dimension, the batch included",
-        "reduce over the feature dimensions only",
-    )
-
-
-def check_affine(node: Node, name: str, act: set[str]) -> None:
-    """Refuse affine-looking ops used non-affinely: products of two activations, division by one,
-    rounding, selections by an activation-dependent condition, training-mode batchnorm."""
-    entry, a = info(name), bound_args(node)
-    if entry.operands:
-        _check_product(node, name, entry, list(a.values()), act)
-        if name == "div" and a.get("rounding_mode") is not None:
-            raise error(node, name, "rounds the quotient (a step function)")
-    elif name in ("where", "masked_fill"):
-        if _is_act(a.get("condition", a.get("mask")), act):
-            raise error(
-                node,
-                name,
-                "selects with a condition computed from the activations (a step function), "
-                "which splinelens cannot split into MASO pieces",
-                "use relu / max / clamp instead",
-            )
-    elif name in ("batch_norm", "dropout", "native_dropout") and a.get("train", a.get("training")):
-        raise error(node, name, "runs in training mode", "call model.eval()")
-
-
 def _check_product(node: Node, name: str, entry: OpInfo, vals: list[Any], act: set[str]) -> None:
     flat = [v for i in entry.operands if i < len(vals) for v in _flat(vals[i])]
     if sum(isinstance(v, Node) and v.name in act for v in flat) > 1:
         raise error(
             node, name, "multiplies two activation-dependent tensors, which is not piecewise affine"
-        )
-    if name == "div" and _is_act(vals[1], act):
-        raise error(
-            node,
-            name,
-            "divides by an activation, which is not affine",
-            "softsign x / (1 + |x|)? sl.splinify(model) replaces nn.Softsign / F.softsign by a "
-            "certified spline",
         )
 
 

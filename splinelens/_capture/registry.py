@@ -14,27 +14,15 @@ a convex input (Theorem 2), and what canonicalisation replaces it by.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._decomp import decomposition_table
 
-from splinelens._capture import mixing
-from splinelens._capture.pieces import (
-    Clip,
-    MasoOp,
-    Pairwise,
-    Pool,
-    Reduce,
-    Sign,
-    Spline,
-    adaptive_width,
-    copy_into,
-    eval_batch_norm,
-    reshape_view,
-)
+from splinelens._capture import arguments, mixing
+from splinelens._capture.rewrites import copy_into, eval_batch_norm, reshape_view, rnn_relu_cell
 
 
 @dataclass(frozen=True)
@@ -48,13 +36,18 @@ class OpInfo:
     ``coefficients`` names the constants that multiply a convex input ("weights": every constant
     operand but the bias at ``bias``; "scalars": the constant factors of mul/div; "bn_weight":
     batchnorm's scale), which must be nonnegative ("kernel": the op's own weights are not, as
-    bicubic interpolation's); ``signed``: a sum whose terms carry signs (a subtracted convex term
-    breaks convexity); ``view``: a view or copy through which a parameter keeps its name.
+    bicubic interpolation's); ``view``: a view or copy through which a parameter keeps its name.
     ``family``: the MASO kind built by ``make_maso``. ``rewrite``: the function run in place of the
     op (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
     backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
     ``mixes``: the dims of an operand that one output entry reads several entries along
     (``mixing``), which must not hold the batch; None for ops that keep every dim apart.
+    ``check``: the refusal of arguments that make the op something else (``arguments``);
+    ``cast``: a dtype cast (refused when it rounds the activations). ``renames``: overloads that
+    are another op of the table (``max.other`` is ``maximum``). ``terms``: for sums, (argument
+    position, sign, keyword that scales it) of each term. ``slice_start``: where a slice's
+    start, end and step arguments begin. ``decompose``: overloads written out before capture.
+    ``random``: draws random numbers (refused wherever it is, on activations or not).
     """
 
     name: str
@@ -63,14 +56,25 @@ class OpInfo:
     regroups: bool = False
     coefficients: str = ""
     bias: int | None = None
-    signed: bool = False
+    terms: tuple[tuple[int, float, str], ...] = ()
     view: bool = False
     family: str = ""
     rewrite: Callable[..., Any] | None = None
     vmap_backward: bool = True
     mixes: mixing.Rule | None = None
+    check: Callable[[arguments.Call], arguments.Refusal] | None = None
+    cast: bool = False
+    renames: tuple[tuple[str, str], ...] = ()
+    slice_start: int | None = None
+    decompose: tuple[tuple[Any, Callable[..., Any]], ...] = ()
+    random: bool = False
     why: str = ""
     fix: str = ""
+
+    @property
+    def signed(self) -> bool:
+        """A sum whose terms carry signs (a subtracted convex term breaks convexity)."""
+        return bool(self.terms)
 
 
 _TABLE: dict[str, OpInfo] = {}
@@ -131,8 +135,13 @@ _set(
     view=True,
 )
 # Linear in every activation argument (sums, concatenations, selections by constant condition).
-_add("cat concat stack where masked_fill", "affine")
-_add("add sub rsub neg", "affine", signed=True)
+_add("cat concat stack", "affine")
+_add("where masked_fill", "affine", check=arguments.selection)
+# Sums: (argument position, sign, keyword that scales it) of each term.
+_add("add", "affine", terms=((0, 1.0, ""), (1, 1.0, "alpha")))
+_add("sub", "affine", terms=((0, 1.0, ""), (1, -1.0, "alpha")))
+_add("rsub", "affine", terms=((0, -1.0, "alpha"), (1, 1.0, "")))
+_add("neg", "affine", terms=((0, -1.0, ""),))
 # Products: affine as long as at most one of these argument positions holds an activation.
 _add("linear", "affine", operands=(0, 1), coefficients="weights", bias=2)
 for _nd in ["1d", "2d", "3d"]:
@@ -141,10 +150,17 @@ for _nd in ["1d", "2d", "3d"]:
     )
 _add("convolution", "affine", operands=(0, 1), coefficients="weights", bias=2)
 _add("mm bmm matmul mv", "affine", operands=(0, 1), coefficients="weights")
-_add("addmm baddbmm addmv", "affine", operands=(1, 2), coefficients="weights", bias=0, signed=True)
+_add(
+    "addmm baddbmm addmv",
+    "affine",
+    operands=(1, 2),
+    coefficients="weights",
+    bias=0,
+    terms=((0, 1.0, "beta"),),
+)
 _add("einsum", "affine", operands=(1,), coefficients="weights")
 _add("mul", "affine", operands=(0, 1), coefficients="scalars")
-_add("div", "affine", operands=(1,), coefficients="scalars")
+_add("div", "affine", operands=(1,), coefficients="scalars", check=arguments.div)
 # Depend on an activation's shape only, never its values.
 _add(
     "sym_size sym_numel sym_stride size zeros_like ones_like empty_like full_like new_zeros "
@@ -164,7 +180,9 @@ _add(
     "maso",
     family="pool",
 )
-_add("amax amin max min", "maso", family="reduce")
+_add("amax amin", "maso", family="reduce")
+_add("max", "maso", family="reduce", check=arguments.extreme, renames=(("other", "maximum"),))
+_add("min", "maso", family="reduce", check=arguments.extreme, renames=(("other", "minimum"),))
 _add("maximum minimum fmax fmin", "maso", family="pairwise")
 _add("spline_activation", "maso", family="spline")  # splinelens' own op (``sl.splinify``)
 # Backward passes that vmap loops over (``Program.batched_rows``): no batching rule in functorch.
@@ -175,9 +193,77 @@ _set(
     "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d",
     vmap_backward=False,
 )
-# What each op mixes: the batch dimension must not be among those dims.
-for _names, _rule in mixing.RULES.items():
-    _set(" ".join(n for n in _names.split() if n in _TABLE), mixes=_rule)
+# Arguments that make an op something else (``arguments``), casts, slices.
+_set("clamp", check=arguments.clamp)
+_set("threshold", check=arguments.threshold)
+_set("rrelu", check=arguments.rrelu)
+_set("batch_norm dropout native_dropout", check=arguments.training)
+_set("_to_copy to type_as", cast=True)
+_set("slice slice_copy", slice_start=2)
+_set("slice_scatter", slice_start=3)
+# What each op mixes: the batch dimension must not be among those dims (``mixing``).
+_set("mm", mixes=mixing.contracts({"self": (1,), "mat2": (0,)}))
+_set("addmm", mixes=mixing.contracts({"mat1": (1,), "mat2": (0,)}))
+_set("bmm", mixes=mixing.contracts({"self": (2,), "mat2": (1,)}))
+_set("baddbmm", mixes=mixing.contracts({"batch1": (2,), "batch2": (1,)}))
+_set("mv", mixes=mixing.contracts({"self": (1,), "vec": (0,)}))
+_set("addmv", mixes=mixing.contracts({"mat": (1,), "vec": (0,)}))
+_set("linear", mixes=mixing.contracts({"input": (-1,), "weight": (-1,)}))
+_set("channel_shuffle", mixes=mixing.contracts({"self": (1,)}))
+_set("matmul", mixes=mixing.matmul)
+_set("einsum", mixes=mixing.einsum)
+_set("index", mixes=mixing.indexed)
+_set("repeat tile", mixes=mixing.repeated)
+_set("repeat_interleave", mixes=mixing.interleaved)
+_set("cumsum", mixes=mixing.along("dim"))
+# (slice_scatter: src written into a slice of self; a full slice mixes nothing)
+_set("slice slice_copy slice_scatter", mixes=mixing.sliced)
+_set("select_scatter", mixes=mixing.scattered)
+_set("copy", mixes=mixing.along())  # (src broadcast over dst: each entry from one entry)
+_set("roll", mixes=mixing.rolled)
+_set("sum mean amax amin", mixes=mixing.reduced)
+_set("max min", mixes=mixing.extreme)
+_set("constant_pad_nd pad", mixes=mixing.padded)
+_set("flip", mixes=mixing.along("dims"))
+_set("diagonal", mixes=mixing.along("dim1", "dim2"))
+_set("unfold", mixes=mixing.along("dimension"))
+_set("gather", mixes=mixing.gathered)
+_set(
+    "index_select narrow select select_copy split split_with_sizes chunk unbind cat concat",
+    mixes=mixing.along("dim"),
+)
+_set(
+    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution",
+    mixes=mixing.conv,
+)
+for _nd in (1, 2, 3):
+    _set(
+        f"avg_pool{_nd}d adaptive_avg_pool{_nd}d max_pool{_nd}d max_pool{_nd}d_with_indices "
+        f"adaptive_max_pool{_nd}d upsample_nearest{_nd}d _upsample_nearest_exact{_nd}d",
+        mixes=mixing.spatial(_nd),
+    )
+    _set(f"reflection_pad{_nd}d replication_pad{_nd}d", mixes=mixing.padded)
+_set(
+    "_adaptive_avg_pool2d upsample_bilinear2d _upsample_bilinear2d_aa upsample_bicubic2d "
+    "_upsample_bicubic2d_aa col2im",
+    mixes=mixing.spatial(2),
+)
+_set("upsample_linear1d", mixes=mixing.spatial(1))
+_set(
+    "upsample_trilinear3d _adaptive_avg_pool3d pixel_shuffle pixel_unshuffle im2col",
+    mixes=mixing.spatial(3),
+)
+# Written out as linear maps and ReLUs before capture (torch keeps them whole).
+_add(
+    "rnn_relu rnn_relu_cell",
+    "refused",
+    why="is an RNN the capture writes out before it walks the graph, yet it was left whole",
+    decompose=(
+        (torch.ops.aten.rnn_relu.input, decomposition_table[torch.ops.aten.rnn_relu.input]),
+        (torch.ops.aten.rnn_relu.data, decomposition_table[torch.ops.aten.rnn_relu.data]),
+        (torch.ops.aten.rnn_relu_cell.default, rnn_relu_cell),
+    ),
+)
 _add(
     "softmax _softmax log_softmax _log_softmax",
     "g",
@@ -216,6 +302,15 @@ _add(
     "F.gelu, ...), which " + _SPLINIFY,
 )
 _add(
+    "bernoulli rand rand_like randn randn_like randint randint_like normal uniform exponential "
+    "cauchy log_normal geometric multinomial randperm poisson",
+    "refused",
+    random=True,
+    why="draws random numbers (dropout in training mode, noise), so the network is not one "
+    "function of its input",
+    fix="call model.eval(), give functional dropouts training=False, remove the noise",
+)
+_add(
     "layer_norm native_layer_norm group_norm native_group_norm instance_norm",
     "refused",
     why="divides by a statistic of the activations, which is not piecewise affine",
@@ -243,6 +338,11 @@ _FINAL_IR = frozenset(f"aten.{name}" for name in _FINAL_IR_NAMES.split()) | {
 def final_ir(ep: torch.export.ExportedProgram) -> bool:
     """Whether every op of an exported graph is in its final form (see ``_FINAL_IR``)."""
     return all(str(n.target) in _FINAL_IR for n in ep.graph.nodes if n.op == "call_function")
+
+
+def decompositions() -> dict[Any, Callable[..., Any]]:
+    """Overload -> function: the ops written out before capture (``OpInfo.decompose``)."""
+    return {op: fn for entry in _TABLE.values() for op, fn in entry.decompose}
 
 
 def entries() -> tuple[OpInfo, ...]:
@@ -277,121 +377,3 @@ def apply_g(g: tuple[str, int] | None, logits: torch.Tensor) -> torch.Tensor:
         return logits
     name, dim = g
     return torch.log_softmax(logits, dim) if "log" in name else torch.softmax(logits, dim)
-
-
-def op_name(target: Any) -> str:
-    """ATen packet name of a graph target: ``aten.conv2d.default`` -> ``conv2d``."""
-    name = getattr(target, "__name__", str(target))
-    packet = getattr(target, "_overloadpacket", None)
-    return packet.__name__ if packet is not None else name.split(".")[0]
-
-
-def bound_args(node: torch.fx.Node) -> dict[str, Any]:
-    """Arguments of an ATen node by schema name, defaults filled in."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return {str(i): a for i, a in enumerate(node.args)}
-    out = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
-
-
-def _ints(v: Any, nd: int, default: int | Sequence[int] | None = None) -> tuple[int, ...]:
-    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
-        v = default
-    if isinstance(v, int):
-        return (v,) * nd
-    v = tuple(int(i) for i in v)  # type: ignore[union-attr]
-    return v * nd if len(v) == 1 else v
-
-
-def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp:
-    """The MASO of one graph node. ``in_shape``: the activation's concrete shape."""
-    a, family = bound_args(node), info(name).family
-    if family == "sign":
-        return _make_sign(name, a)
-    if family == "clip":
-        return _make_clip(name, a)
-    if family == "pairwise":
-        return Pairwise("maximum" if name in ("maximum", "fmax") else "minimum")
-    if family == "pool":
-        return _make_pool(name, a, in_shape)
-    if family == "spline":
-        return Spline("spline", int(node.args[2].meta["val"].shape[0]))
-    return _make_reduce(name, a, in_shape)
-
-
-def _is_tensor_arg(v: Any) -> bool:
-    return isinstance(v, (torch.fx.Node, torch.Tensor))
-
-
-def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
-    if name == "leaky_relu":
-        return Sign(name, float(a["negative_slope"]))
-    if name == "rrelu":  # in eval (training mode is refused): the mean of its slopes
-        return Sign("leaky_relu", (float(a.get("lower", 0.125)) + float(a.get("upper", 1 / 3))) / 2)
-    if name == "threshold":  # x above t, else t (another value is refused): max(x, t)
-        t = float(a["threshold"])
-        return Sign("relu", 0.0) if t == 0 else Sign("clamp_min", None, t)
-    if name in ("prelu", "_prelu_kernel"):
-        return Sign("prelu", None)
-    if name in ("clamp_min", "clamp_max"):
-        bound = a["min" if name == "clamp_min" else "max"]
-        if _is_tensor_arg(bound):  # a tensor bound: an elementwise max / min with it
-            return Pairwise("maximum" if name == "clamp_min" else "minimum")
-        return Sign(name, None, float(bound))
-    return Sign(name, 0.0 if name == "relu" else -1.0)
-
-
-def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip | Pairwise:
-    if name == "relu6":
-        return Clip(name, 0.0, 6.0)
-    lo, hi = (a["min_val"], a["max_val"]) if name == "hardtanh" else (a["min"], a["max"])
-    if _is_tensor_arg(lo) or _is_tensor_arg(hi):  # clamp.Tensor: bounds come from the args
-        if lo is None or hi is None:
-            return Pairwise(
-                "maximum" if hi is None else "minimum", bound_arg=1 if hi is None else 2
-            )
-        return Clip(name, None, None)
-    if lo is None:
-        return Sign("clamp_max", None, float(hi))
-    if hi is None:
-        return Sign("clamp_min", None, float(lo))
-    return Clip(name, float(lo), float(hi))
-
-
-def _make_pool(name: str, a: dict[str, Any], in_shape: Sequence[int]) -> Pool:
-    nd = int(name.split("pool")[1][0])
-    spatial = tuple(int(s) for s in in_shape[-nd:])
-    if name.startswith("adaptive"):
-        out = _ints(a["output_size"], nd)
-        out = tuple(o if o is not None else s for o, s in zip(out, spatial))
-        widths = [adaptive_width(s, o) for s, o in zip(spatial, out)]
-        return Pool(name, nd, output_size=out, pieces=math.prod(widths), in_spatial=spatial)
-    k = _ints(a["kernel_size"], nd)
-    pool = Pool(
-        name,
-        nd,
-        kernel=k,
-        stride=_ints(a["stride"], nd, k),
-        padding=_ints(a["padding"], nd, 0),
-        dilation=_ints(a["dilation"], nd, 1),
-        ceil_mode=bool(a["ceil_mode"]),
-        pieces=math.prod(k),
-        in_spatial=spatial,
-    )
-    return pool
-
-
-def _make_reduce(name: str, a: dict[str, Any], in_shape: Sequence[int]) -> Reduce:
-    dims = a.get("dim")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims or range(len(in_shape)))
-    pieces = math.prod(int(in_shape[d]) for d in dims)
-    largest = name in ("amax", "max")
-    return Reduce(name, dims, bool(a.get("keepdim") or False), largest, pieces)

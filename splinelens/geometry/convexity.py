@@ -28,14 +28,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from splinelens._capture import (
-    Clip,
-    Pairwise,
-    Pool,
     Program,
-    Reduce,
     Ref,
-    Sign,
-    Spline,
     Step,
     info,
     refs_in,
@@ -159,7 +153,9 @@ class _Walk:
     def _maso(self, step: Step, ins: list[str]) -> str:
         layer = self.by_step[step.name]
         maso = step.maso
-        monotone, convex = _shape_of(maso, self.env, step)
+        monotone, convex = maso.shape(
+            [self.env.get(a.name) if isinstance(a, Ref) else a for a in step.args]
+        )
         if "other" in ins:
             return "other"
         if not convex:
@@ -192,45 +188,10 @@ class _Walk:
 
 
 def _signed_terms(step: Step, name: str) -> list[tuple[Any, float]]:
-    """(argument, sign of its coefficient) for sums: add / sub / rsub / neg, alpha and beta."""
+    """(argument, sign of its coefficient) of each term of a sum (registry ``terms``)."""
     a, kw = step.args, step.kwargs
-    alpha, beta = float(kw.get("alpha", 1)), float(kw.get("beta", 1))
-    if name == "add" and len(a) > 1:
-        return [(a[0], 1.0), (a[1], alpha)]
-    if name == "sub" and len(a) > 1:
-        return [(a[0], 1.0), (a[1], -alpha)]
-    if name == "rsub" and len(a) > 1:
-        return [(a[0], -alpha), (a[1], 1.0)]
-    if name == "neg":
-        return [(a[0], -1.0)]
-    if name in ("addmm", "addmv", "baddbmm"):
-        return [(a[0], beta)]
-    return []
-
-
-def _shape_of(maso: Any, env: dict[str, Any], step: Step) -> tuple[bool, bool]:
-    """(non-decreasing, convex) for a MASO nonlinearity."""
-    if isinstance(maso, (Pool,)):
-        return True, True
-    if isinstance(maso, Reduce):
-        return maso.largest, maso.largest
-    if isinstance(maso, Pairwise):
-        return True, maso.kind == "maximum"
-    if isinstance(maso, Clip):
-        return True, False
-    if isinstance(maso, Spline):  # convex: slopes increase; non-decreasing: slopes >= 0
-        slopes = env[step.args[2].name]
-        return bool((slopes >= 0).all()), bool((slopes[1:] >= slopes[:-1]).all())
-    if isinstance(maso, Sign):
-        if maso.kind in ("relu", "clamp_min"):
-            return True, True
-        if maso.kind == "clamp_max":
-            return True, False
-        if maso.kind == "abs":
-            return False, True
-        slope = env[step.args[1].name] if maso.kind == "prelu" else torch.tensor(maso.neg_slope)
-        return bool((slope >= 0).all()), bool((slope <= 1).all())
-    return False, False
+    terms = info(name).terms
+    return [(a[i], sign * float(kw.get(by, 1))) for i, sign, by in terms if i < len(a)]
 
 
 class _NonNegative(nn.Module):

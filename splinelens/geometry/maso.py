@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._capture import Clip, Layer, Pairwise, Reduce, Sign, Spline
+from splinelens._capture import Layer, Pairwise, Sign, Spline
 from splinelens._checks import default_rtol
 from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
@@ -104,13 +105,8 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
     and whether ties go to the last piece."""
     step = view.program.step(layer.step)
     maso, k = step.maso, layer.units
-    concave = (
-        isinstance(maso, Clip)
-        or (isinstance(maso, Pairwise) and maso.kind == "minimum")
-        or (isinstance(maso, Reduce) and not maso.largest)
-        or (isinstance(maso, Sign) and maso.kind == "clamp_max")
-    )
-    if concave:
+    args = _arguments(view, step, x)
+    if not maso.shape(args)[1]:
         raise NotAMasoError(
             f"layer {layer.name!r} ({maso.kind}) is piecewise affine but not convex in its "
             "input, so it is no MASO (Propositions 1-4 cover max-affine operators only)"
@@ -122,11 +118,7 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
         return replace(table, **rev), True
     if not isinstance(maso, Sign) or maso.kind == "clamp_min":
         return table, False
-    slope = _negative_slopes(view, step, x, k)
-    if (slope > 1).any():
-        raise NotAMasoError(
-            f"layer {layer.name!r} ({maso.kind}) has a slope above 1 below 0: it is concave"
-        )
+    slope = _negative_slopes(view, step, args, k)
     if (slope == 1).any():  # (as a spline with two pieces on one line)
         raise NotAMasoError(
             f"layer {layer.name!r} ({maso.kind}) has slope 1 on both sides of 0: its two pieces "
@@ -142,13 +134,7 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
 
 def _spline_pieces(view: SplineView, step, table: UnitTable, layer: Layer) -> UnitTable:
     """A spline activation's own pieces [s_r z + b_r], when they form a convex function."""
-    slopes = view.program.leaf(step.args[2].name).double().cpu().numpy()  # (R,)
-    if (np.diff(slopes) < 0).any():
-        raise NotAMasoError(
-            f"layer {layer.name!r} (spline activation) has slopes that decrease somewhere: it "
-            "is piecewise affine but not convex, so it is no MASO (only convex approximants, "
-            "such as softplus's, are)"
-        )
+    slopes = view.program.leaf(step.args[2].name).double().cpu().numpy()  # (R,), increasing
     intercepts = view.program.leaf(step.args[3].name).double().cpu().numpy()
     same = (np.diff(slopes) == 0) & (np.diff(intercepts) == 0)
     if same.any():
@@ -164,16 +150,20 @@ def _spline_pieces(view: SplineView, step, table: UnitTable, layer: Layer) -> Un
     return replace(table, scale=scale, const=const)
 
 
-def _negative_slopes(view: SplineView, step, x: Tensor, k: int) -> np.ndarray:
-    """(K,) the slope of each unit's piece below 0 (PReLU: per channel)."""
-    prog = view.program
+def _arguments(view: SplineView, step, x: Tensor) -> list[Any]:
+    """The values of a layer's arguments at x's first input (its pre-activation, PReLU's
+    slopes, a spline's tables)."""
     with torch.no_grad(), exact_matmul():
-        env, _ = prog.record(x[:1], stop=step.name)
-    args = [env[a.name] if hasattr(a, "name") else a for a in step.args]
+        env, _ = view.program.record(x[:1], stop=step.name)
+    return [env[a.name] if hasattr(a, "name") else a for a in step.args]
+
+
+def _negative_slopes(view: SplineView, step, args: list[Any], k: int) -> np.ndarray:
+    """(K,) the slope of each unit's piece below 0 (PReLU: per channel)."""
     z = args[0]
     factor = step.maso.factor(args, torch.zeros_like(z, dtype=torch.bool))
     factor = torch.broadcast_to(factor, z.shape)
-    return prog.per_sample(step.args[0].name, factor).reshape(-1)[:k].cpu().double().numpy()
+    return view.program.per_sample(step.args[0].name, factor).reshape(-1)[:k].cpu().double().numpy()
 
 
 def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:

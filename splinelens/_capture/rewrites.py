@@ -1,0 +1,86 @@
+"""Canonical forms: the functions the registry runs in place of some ops (``OpInfo.rewrite``)
+and the decompositions of ops torch keeps whole (``OpInfo.decompose``).
+
+>>> import torch
+>>> reshape_view(torch.arange(6.0).view(2, 3).t(), [6]).tolist()   # any memory layout
+[0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    """Batchnorm with running statistics: PyTorch's forward, and a one-multiply backward.
+
+    In eval mode batchnorm is y = z * scale + shift per channel, so its input gradient is
+    grad * scale: the same derivative as ``native_batch_norm_backward``, at a third of the cost.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        z: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        out = torch.ops.aten._native_batch_norm_legit_no_training.default(
+            z, weight, bias, mean, var, momentum, eps
+        )[0]
+        scale = torch.rsqrt(var + eps) * (weight if weight is not None else 1.0)
+        ctx.save_for_backward(scale.view(-1, *([1] * (z.dim() - 2))))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None, None, None, None, None, None
+
+
+def eval_batch_norm(*args: Any) -> tuple[Tensor, None, None]:
+    """Drop-in for ``aten._native_batch_norm_legit_no_training`` (returns its output tuple).
+
+    Arguments as that op's: (z, weight, bias, running_mean, running_var, momentum, eps).
+    """
+    if not torch.is_grad_enabled():  # no backward: PyTorch's own op, without Function overhead
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(*args)[0], None, None
+    return _EvalBatchNorm.apply(*args), None, None
+
+
+def copy_into(dst: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
+    """Drop-in for ``aten.copy`` (an in-place ``copy_``, functionalised): src in dst's shape and
+    dtype, differentiable in src (``aten.copy`` has no derivative). dst's values are not read."""
+    return src.to(dst.dtype).expand(dst.shape).clone()
+
+
+def reshape_view(t: Tensor, *args: Any) -> Tensor:
+    """Drop-in for ``aten.view`` / ``_unsafe_view`` / ``view_copy``: a reshape, which copies where
+    t's layout has no view of the new shape (an input or activation in another memory layout than
+    the capture's example, channels_last or sliced). The graph is functional: nothing relies on
+    the alias. ``view(dtype)`` stays a view."""
+    if args and isinstance(args[0], torch.dtype):
+        return torch.ops.aten.view.dtype(t, *args)
+    return torch.ops.aten.reshape.default(t, *args)
+
+
+def rnn_relu_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``nn.RNNCell(nonlinearity="relu")``'s step, which torch does not decompose."""
+    return torch.relu(
+        torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
+    )
