@@ -80,6 +80,12 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read at once (checkpoints: a few MB)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def array_sha256(a: np.ndarray) -> str:
     """sha256 of an array's dtype, shape and bytes (C order), as files record it.
 

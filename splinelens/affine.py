@@ -38,6 +38,8 @@ from splinelens._fingerprint import ModelTensors, WeightsFingerprint
 from splinelens._precision import exact_matmul
 from splinelens._tensors import model_state, version
 
+__all__ = ["AffineMap"]
+
 Tensor = torch.Tensor
 _CHANGED = (
     "the model's parameters or buffers (or a tensor its hooks hold) changed after this "

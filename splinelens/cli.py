@@ -37,6 +37,8 @@ import torch.nn as nn
 from splinelens import __version__
 from splinelens.view import SplineView, verify
 
+__all__ = ["main"]
+
 
 def _example_cnn() -> nn.Module:
     """A small CNN with batchnorm, ReLU, max-pooling and a residual-free head."""

@@ -28,6 +28,8 @@ import torch
 from splinelens._checks import layer_index
 from splinelens._io import array_sha256, write_npz
 
+__all__ = ["CodesFileError", "LayerCodes", "PartitionCodes", "pack_bits", "unpack_bits"]
+
 Tensor = torch.Tensor
 # /2 adds the row count and a sha256 per array, /3 a sha256 of the metadata itself
 _FORMAT = "splinelens.partition_codes/3"

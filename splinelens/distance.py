@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from splinelens._checks import check_positive_int
 from splinelens.codes import LayerCodes, PartitionCodes, pack_bits, unpack_bits
 
+__all__ = ["chunk_sizes", "nearest_neighbors", "partition_distance"]
+
 Tensor = torch.Tensor
 LayerSel = int | str | Sequence[int | str] | None
 

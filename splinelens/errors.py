@@ -10,6 +10,8 @@ Every error is a ``ValueError``: splinelens refuses rather than answer with a pl
 
 from __future__ import annotations
 
+__all__ = ["BatchSizeError", "StaleCaptureError", "UnsupportedOperationError"]
+
 
 class UnsupportedOperationError(ValueError):
     """The model contains an operation that is not a max-affine spline operator.

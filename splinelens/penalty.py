@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from splinelens._checks import LayerNotFoundError, layer_index
 
+__all__ = ["PENALTY_KINDS", "classifier", "orthogonality_penalty", "template_penalty"]
+
 Tensor = torch.Tensor
 
 

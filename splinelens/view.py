@@ -23,10 +23,11 @@ import torch.nn as nn
 from splinelens._capture import Layer, Program, apply_g, capture, check_eval_mode, mode_modules
 from splinelens._checks import (
     HoldsCapture,
+    check_dtype,
     check_finite,
+    check_input,
     check_overflow,
     check_positive_int,
-    check_untransformed,
     default_rtol,
     layer_index,
     unwrap_model,
@@ -39,6 +40,16 @@ from splinelens._tensors import model_dtype, model_state, model_tensors
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
+
+__all__ = [
+    "SplineView",
+    "Verification",
+    "affine_map",
+    "layer_codes",
+    "partition_codes",
+    "verify",
+    "view_of",
+]
 
 Tensor = torch.Tensor
 LayerKey = int | str | None
@@ -257,54 +268,6 @@ class Verification:
         return (
             f"{verdict}: max |f(x) - (A x + B)| = {self.max_abs_error:.3g} "
             f"(relative {self.max_rel_error:.3g}, tolerance {self.tolerance:.3g})"
-        )
-
-
-def check_input(name: str, x: object, values: bool = True) -> None:
-    """A batch of inputs: a floating tensor (N, ...) with N >= 1 and finite entries
-    (``values``: False leaves the entries to the caller)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 0:
-        raise ValueError(f"{name} must have a batch dimension first, e.g. shape (N, ...)")
-    if len(x) == 0:
-        raise ValueError(f"{name} holds no inputs (batch size 0)")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
-    check_untransformed(name, x)
-    dt = _autocast_rounding(x)
-    if dt is not None:
-        raise ValueError(
-            f"splinelens was called inside torch.autocast({x.device.type!r}, {dt}), under which "
-            f"the network rounds its activations to {dt}: f(x) = A x + B would not hold. Call "
-            f"it outside the autocast block (the maps are exact in the model's own dtype)"
-        )
-    if values:
-        check_finite(name, x)
-
-
-def _autocast_rounding(x: Tensor) -> torch.dtype | None:
-    """The dtype torch.autocast would round x's float32 activations to, if it is on (it leaves
-    float64 alone)."""
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
-        return None
-    dt = torch.get_autocast_dtype(x.device.type)
-    return dt if torch.finfo(dt).eps > torch.finfo(x.dtype).eps else None
-
-
-def check_dtype(
-    model: nn.Module,
-    x: Tensor,
-    name: str = "x",
-    known: tuple[torch.dtype, torch.device] | None = None,
-) -> None:
-    """x must have the dtype and device of the model's parameters and buffers (``known``: the
-    model's, if already known)."""
-    dt = known or model_dtype(model)
-    if dt is not None and (dt[0] != x.dtype or dt[1] != x.device):
-        raise ValueError(
-            f"{name} is {x.dtype} on {x.device} but the model's parameters are "
-            f"{dt[0]} on {dt[1]}; call {name}.to(...) to match"
         )
 
 

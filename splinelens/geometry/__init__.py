@@ -3,3 +3,5 @@
 Analyses built on the core (``splinelens.view`` / ``affine``): they read a captured program, never
 the figures. The public names are re-exported by ``splinelens``.
 """
+
+__all__: list[str] = []  # (its modules are imported by name)

@@ -36,6 +36,8 @@ from splinelens._capture import (
 )
 from splinelens.view import view_of
 
+__all__ = ["ConvexityReport", "convexity", "convexity_gap", "make_input_convex"]
+
 Tensor = torch.Tensor
 
 

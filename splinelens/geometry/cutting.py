@@ -15,6 +15,8 @@ from splinelens.geometry import polygons as poly
 from splinelens.geometry.plane import Plane, cell_chunks
 from splinelens.geometry.units import UnitTable
 
+__all__ = ["cut", "decision_boundary"]
+
 Array = np.ndarray
 _REL_TOL = 1e-10  # a line closer than this (relative) to a vertex does not cut there
 

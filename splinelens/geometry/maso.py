@@ -37,6 +37,8 @@ from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of
 
+__all__ = ["MASO", "LayerMasoCheck", "MasoCheck", "NotAMasoError", "check_masos", "layer_maso"]
+
 Tensor = torch.Tensor
 _DENSE = 1 << 24  # slot-Jacobian entries up to which W is materialised
 

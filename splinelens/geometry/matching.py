@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from splinelens._checks import check_input
 from splinelens._precision import exact_matmul
-from splinelens.view import SplineView, check_input, view_of
+from splinelens.view import SplineView, view_of
+
+__all__ = ["TemplateMatchingGap", "greedy_is_optimal", "template_matching_gap"]
 
 Tensor = torch.Tensor
 _SAMPLES_PER_PASS = 1 << 12  # (input, candidate) pairs run through the frozen network at once

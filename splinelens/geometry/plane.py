@@ -20,6 +20,8 @@ from splinelens._tensors import model_dtype
 from splinelens.geometry.units import UnitTable, last_step, slot_differences
 from splinelens.view import SplineView
 
+__all__ = ["Plane", "cell_chunks", "make_plane", "plane_through"]
+
 Tensor = torch.Tensor
 Array = np.ndarray
 _WORK = 1 << 23  # float64 entries of candidate values per chunk (64 MiB)

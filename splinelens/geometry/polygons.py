@@ -14,6 +14,21 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = [
+    "areas",
+    "clean",
+    "clip",
+    "extremes",
+    "interior",
+    "locate",
+    "next_vertex",
+    "pad",
+    "snap",
+    "square",
+    "valid",
+    "values",
+]
+
 Array = np.ndarray
 
 

@@ -32,6 +32,16 @@ from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, unit_table
 from splinelens.view import SplineView, view_of
 
+__all__ = [
+    "LocalComplexity",
+    "RegionPolytope",
+    "local_complexity",
+    "region_polytope",
+    "region_radius",
+    "sampled_local_complexity",
+    "unit_distances",
+]
+
 Tensor = torch.Tensor
 _BUDGET = 1 << 28  # bytes of activations per batched pass
 

@@ -34,6 +34,8 @@ from splinelens.geometry.plane import Plane, cell_chunks, make_plane
 from splinelens.geometry.units import unit_table
 from splinelens.view import layer_codes, view_of
 
+__all__ = ["LayerSlice", "SlicePartition", "slice_partition"]
+
 Tensor = torch.Tensor
 Array = np.ndarray
 

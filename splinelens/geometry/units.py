@@ -35,6 +35,15 @@ import torch
 from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign, Spline
 from splinelens._precision import exact_matmul
 
+__all__ = [
+    "UnitTable",
+    "last_step",
+    "slot_differences",
+    "slot_tangents",
+    "slot_values",
+    "unit_table",
+]
+
 Tensor = torch.Tensor
 OUTPUT = "output"
 

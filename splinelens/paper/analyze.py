@@ -26,6 +26,16 @@ from splinelens.paper.templates import bimodality, template_responses, template_
 from splinelens.paper.train import reproducible
 from splinelens.view import partition_codes, view_of
 
+__all__ = [
+    "ANALYSES",
+    "ANALYSIS_THREADS",
+    "analyze",
+    "bimodality_figure",
+    "convexity_example",
+    "partition_figures",
+    "templates_figure",
+]
+
 ANALYSES = ("templates", "bimodality", "neighbors", "regions", "convexity")
 
 

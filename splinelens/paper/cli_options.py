@@ -29,6 +29,19 @@ from splinelens.paper.config import (
 )
 from splinelens.penalty import PENALTY_KINDS
 
+__all__ = [
+    "add_train_options",
+    "analyses",
+    "count",
+    "data_dir",
+    "device",
+    "existing",
+    "field_option",
+    "lambdas",
+    "out_dir",
+    "sweep_dir",
+]
+
 _LAMBDAS = "expected comma-separated non-negative numbers such as 0,0.01,0.1"
 
 

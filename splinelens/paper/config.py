@@ -23,6 +23,8 @@ import torch
 
 from splinelens.penalty import PENALTY_KINDS
 
+__all__ = ["INT_MAX", "TrainConfig", "device_name", "field_value", "parse_number", "resolve_device"]
+
 
 @dataclass
 class TrainConfig:

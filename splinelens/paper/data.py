@@ -35,6 +35,8 @@ import torch
 
 from splinelens._io import array_sha256, write_npz
 
+__all__ = ["DATASETS", "Data", "DataError", "load_dataset", "preprocess", "read_idx"]
+
 Tensor = torch.Tensor
 _FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX = {

@@ -31,6 +31,8 @@ from splinelens.paper.report import report as sweep_report
 from splinelens.paper.sweep import run_id, run_sweep
 from splinelens.paper.train import load_checkpoint, make_model, reproducible
 
+__all__ = ["render", "run_demo"]
+
 
 def run_demo(out: str | Path, epochs: int = 2, lam: float = 1.0, n_test: int = 1000) -> Path:
     """Run everything; return the path of report.html."""

@@ -38,6 +38,17 @@ from splinelens._checks import layer_index
 from splinelens._io import atomic_path
 from splinelens.paper.files import write_csv
 
+__all__ = [
+    "Rows",
+    "plot_bimodality",
+    "plot_neighbors",
+    "plot_slice",
+    "plot_sweep_accuracy",
+    "plot_sweep_curves",
+    "plot_templates",
+    "slice_figure",
+]
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from splinelens._io import atomic_path
 
+__all__ = ["write_csv", "write_json", "write_text"]
+
 
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (missing parent folders are created)."""

@@ -18,6 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "Classifier",
+    "ModelSpec",
+    "build_model",
+    "large_cnn",
+    "mlp",
+    "resnet",
+    "small_cnn",
+]
+
 
 @dataclass(frozen=True)
 class ModelSpec:

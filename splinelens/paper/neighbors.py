@@ -17,6 +17,8 @@ from splinelens._checks import check_positive_int
 from splinelens.codes import PartitionCodes
 from splinelens.distance import nearest_neighbors
 
+__all__ = ["neighbor_stats", "others", "region_ids", "region_stats"]
+
 Tensor = torch.Tensor
 
 

@@ -23,6 +23,8 @@ from typing import Any
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.train import summarize
 
+__all__ = ["CONFIG_KEYS", "RunRecordWarning", "read_record", "run_id"]
+
 CONFIG_KEYS = ("dataset", "arch", "lam", "seed", "epochs")  # the config's columns in results.csv
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))
 

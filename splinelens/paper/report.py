@@ -22,6 +22,8 @@ from splinelens.paper import figures
 from splinelens.paper.files import write_csv, write_text
 from splinelens.paper.sweep import load_runs
 
+__all__ = ["by_lambda", "report", "table"]
+
 
 def by_lambda(runs: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
     """Finished runs grouped by lambda, in increasing order."""

@@ -25,7 +25,6 @@ twice; the run of a process that died is taken over (at once on the same host, a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from splinelens._io import Locks
+from splinelens._io import Locks, file_sha256
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.files import write_csv, write_json
 from splinelens.paper.records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
@@ -50,7 +49,8 @@ from splinelens.paper.train import (
     train,
 )
 
-__all__ = ["COLUMNS", "MAX_RUNS", "RunRecordWarning", "load_runs", "run_id", "run_sweep"]
+__all__ = ["COLUMNS", "MAX_RUNS", "RunRecordWarning", "grid_problem", "load_runs", "out_problem"]
+__all__ += ["configs", "run_id", "run_one", "run_sweep", "unfinished", "write_results"]
 
 COLUMNS = [
     "run_id",
@@ -91,7 +91,7 @@ def run_one(cfg: TrainConfig, data: Any = None, save_dir: str | None = None) -> 
     if save_dir:
         path = Path(save_dir) / f"{record['run_id']}.safetensors"
         save_checkpoint(result.model, path)
-        record["checkpoint_sha256"] = _sha256(path)  # (the record vouches for these bytes)
+        record["checkpoint_sha256"] = file_sha256(path)  # (the record vouches for these bytes)
     summary = summarize(result.history)
     finished = {"status": "finished", "history": result.history, "runtime": result.runtime}
     return {**record, **finished, **summary}
@@ -322,17 +322,12 @@ def _done(out: Path, cfg: TrainConfig, warn: bool = True, checkpoints: bool = Fa
     checkpoint = path.with_suffix(".safetensors")
     why = checkpoint_problem(checkpoint)
     want = rec.get("checkpoint_sha256")  # (None in records of older versions)
-    if not why and want is not None and want != _sha256(checkpoint):
+    if not why and want is not None and want != file_sha256(checkpoint):
         why = "its bytes are not those the run record vouches for (sha256): damaged since"
     if why and warn:
         msg = f"{path.stem}: its checkpoint is missing or unreadable ({why}); it will be re-run"
         warnings.warn(msg, RunRecordWarning, stacklevel=3)
     return not why
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:  # (the paper's models: a few MB)
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _finish(out: Path, record: dict[str, Any]) -> None:

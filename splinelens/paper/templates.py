@@ -20,6 +20,8 @@ import torch.nn as nn
 from splinelens._checks import check_positive_int
 from splinelens.view import view_of
 
+__all__ = ["bimodality", "template_responses", "template_stats"]
+
 Tensor = torch.Tensor
 
 

@@ -33,6 +33,24 @@ from splinelens.paper.data import Data, load_dataset
 from splinelens.paper.models import build_model
 from splinelens.penalty import classifier, orthogonality_penalty
 
+__all__ = [
+    "DivergedError",
+    "RunResult",
+    "batch_indices",
+    "checkpoint_problem",
+    "evaluate",
+    "is_finite",
+    "load_checkpoint",
+    "load_data",
+    "make_model",
+    "reproducible",
+    "runtime",
+    "save_checkpoint",
+    "summarize",
+    "train",
+    "train_epoch",
+]
+
 Tensor = torch.Tensor
 
 

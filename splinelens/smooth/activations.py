@@ -21,6 +21,8 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+__all__ = ["ACTIVATIONS", "Activation", "Curve", "Exact", "activation", "activation_function"]
+
 Tensor = torch.Tensor
 Fn = Callable[[Tensor], Tensor]
 

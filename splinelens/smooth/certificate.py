@@ -20,6 +20,8 @@ import torch
 
 from splinelens.smooth.activations import Curve
 
+__all__ = ["bound", "residual"]
+
 Tensor = torch.Tensor
 F64 = torch.float64
 EPS = torch.finfo(F64).eps

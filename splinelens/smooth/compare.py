@@ -22,6 +22,8 @@ import torch.nn as nn
 
 from splinelens._checks import check_finite
 
+__all__ = ["ApproximationError", "approximation_error"]
+
 Tensor = torch.Tensor
 
 

@@ -35,6 +35,8 @@ from splinelens.smooth.fit import fit_activation
 from splinelens.smooth.module import SplineActivation
 from splinelens.smooth.rnn import SplineRNN
 
+__all__ = ["functional_splines", "spline_for", "splinify"]
+
 Tensor = torch.Tensor
 
 # Activation modules: class -> (activation name, its parameters read from the module).

@@ -25,6 +25,8 @@ import torch.nn as nn
 
 from splinelens._capture import as_op, cell_tables, evaluate, is_continuous, spline_activation
 
+__all__ = ["SplineActivation"]
+
 Tensor = torch.Tensor
 _TABLES = ("cells", "cell_slopes", "cell_intercepts")
 

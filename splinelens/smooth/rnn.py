@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["SplineRNN"]
+
 Tensor = torch.Tensor
 
 
