@@ -197,7 +197,10 @@ _set(
 _set("clamp", check=arguments.clamp)
 _set("threshold", check=arguments.threshold)
 _set("rrelu", check=arguments.rrelu)
-_set("batch_norm dropout native_dropout", check=arguments.training)
+_set(
+    "batch_norm dropout native_dropout feature_dropout alpha_dropout feature_alpha_dropout",
+    check=arguments.training,
+)
 _set("_to_copy to type_as", cast=True)
 _set("slice slice_copy", slice_start=2)
 _set("slice_scatter", slice_start=3)
