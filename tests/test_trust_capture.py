@@ -136,6 +136,37 @@ def test_a_squeeze_that_drops_the_batch_of_one_input_refuses_one_input() -> None
     torch.testing.assert_close(pred, model(x).detach(), rtol=0, atol=1e-12)
 
 
+FULL = {
+    "h[:, :]": lambda h: h[:, :],
+    "h[:, 0:]": lambda h: h[:, 0:],
+    "h[:, :6]": lambda h: h[:, :6],
+    "h[:, ::1]": lambda h: h[:, ::1],
+    "h.clone()": lambda h: h.clone().contiguous(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(FULL))
+def test_a_slice_of_every_feature_holds_for_one_input(how: str) -> None:
+    """``h[:, :]`` slices the batch dim whole: the batch-of-1 export writes it as an alias, which
+    is no other graph (a review found one input refused as if forward branched on N)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), _Lambda(FULL[how]), nn.Linear(6, 3))
+    model = model.to(DT).eval()
+    x = torch.randn(3, 4, dtype=DT)
+    for n in (3, 1):
+        amap = sl.affine_map(model, x[:n])
+        pred = torch.einsum("nod,nd->no", amap.A, x[:n]) + amap.B
+        torch.testing.assert_close(pred, model(x[:n]).detach(), rtol=0, atol=1e-12)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
+
+
 def test_constants_written_into_slices_are_affine() -> None:
     def body(h, x):
         h = h.clone()

@@ -219,9 +219,9 @@ def _ops_of(ep: torch.export.ExportedProgram) -> list[tuple]:
     for n in ep.graph.nodes:
         if n.op != "call_function" or not _is_tensor_op(n):
             continue
-        args = norm(n.args)
-        kept = _full_slice(info(op_name(n.target)).slice_start, args)
-        if kept is not None:  # a no-op the static export leaves out: the value it keeps
+        args, entry = norm(n.args), info(op_name(n.target))
+        kept = args[0] if entry.identity else _full_slice(entry.slice_start, args)
+        if kept is not None:  # a no-op one export leaves out (or writes as alias): its value
             index[n.name] = kept
             continue
         index[n.name] = ("node", len(out))

@@ -48,6 +48,7 @@ class OpInfo:
     position, sign, keyword that scales it) of each term. ``slice_start``: where a slice's
     start, end and step arguments begin. ``decompose``: overloads written out before capture.
     ``random``: draws random numbers (refused wherever it is, on activations or not).
+    ``identity``: returns its first argument's values (graphs are compared without it).
     """
 
     name: str
@@ -68,6 +69,7 @@ class OpInfo:
     slice_start: int | None = None
     decompose: tuple[tuple[Any, Callable[..., Any]], ...] = ()
     random: bool = False
+    identity: bool = False
     why: str = ""
     fix: str = ""
 
@@ -202,6 +204,7 @@ _set(
     check=arguments.training,
 )
 _set("_to_copy to type_as", cast=True)
+_set("alias detach clone contiguous lift_fresh_copy", identity=True)
 _set("slice slice_copy", slice_start=2)
 _set("slice_scatter", slice_start=3)
 # What each op mixes: the batch dimension must not be among those dims (``mixing``).
