@@ -119,3 +119,25 @@ def test_a_leaky_relu_of_slope_one_has_no_maso_form_and_is_skipped() -> None:
     with pytest.raises(sl.NotAMasoError, match=r"'1' \(leaky_relu\).*one line"):
         sl.layer_maso(net, x, 0)
     assert sl.check_masos(net, x).ok
+
+
+def test_ties_of_max_pooling_after_max_pooling_agree_to_the_tolerance() -> None:
+    """Max-pooling copies maxima to neighbours, so the next pool's windows hold exact ties,
+    which the MASO recomputes in another order, an ulp apart: check_masos said FAILED
+    (argmax != code) at an error of 1e-16 on most seeds (found by a review helper)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 1, 1),
+        nn.Conv2d(5, 5, 1),
+        nn.MaxPool2d(3, 1, 1),
+        nn.Flatten(),
+        nn.Linear(125, 3),
+    )
+    net = net.double().eval()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    check = sl.check_masos(net, x)
+    assert check.ok and check.max_abs_error <= 1e-14, str(check)
+    strict = sl.check_masos(net, x, rtol=1e-300)  # ties count only if exact: some are not
+    assert not all(layer.codes_agree for layer in strict.layers)
