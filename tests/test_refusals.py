@@ -56,7 +56,9 @@ REFUSED = {
     "product": (Wrap(lambda z: z * z), r"aten\.mul .*multiplies two activation"),
     "gated": (Wrap(lambda z: z * F.relu(z)), r"multiplies two activation"),
     "divide": (Wrap(lambda z: 1.0 / (z.abs() + 1)), r"aten\.(div|reciprocal)"),
-    "where": (Wrap(lambda z: torch.where(z > 0, z, 2 * z)), r"aten\.gt"),
+    "where": (Wrap(lambda z: torch.where(z > 0, z, 2 * z)), r"aten\.gt .*step function.*relu"),
+    "masked_fill": (Wrap(lambda z: z.masked_fill(z < 0, 0.0)), r"aten\.lt .*step function"),
+    "round": (Wrap(torch.round), r"aten\.round .*step function"),
     "inner_softmax": (Wrap(lambda z: torch.softmax(z, -1)), r"output nonlinearity g"),
     "batch_mean": (Wrap(lambda z: z - z.mean(0)), r"mixes the samples"),
     "global_max": (Wrap(lambda z: z * 0 + z.max()), r"(every dimension|mixes the samples)"),
@@ -118,6 +120,8 @@ def _resampled(z: torch.Tensor, mode: str, nd: int, antialias: bool) -> torch.Te
 
 # The same ops, keeping the samples apart: exact (reference: jacrev of each input alone).
 KEPT = {
+    "clip": lambda z: torch.clip(z, -0.5, 0.5),
+    "true_divide": lambda z: torch.true_divide(z, 3.0),
     "einsum": lambda z: torch.einsum("nd,dk->nk", z, torch.ones(6, 6, dtype=z.dtype)),
     "index": lambda z: z[:, torch.tensor([2, 0, 1, 3, 5, 4])],
     "cat": lambda z: torch.cat([z, z], 1)[:, 3:9],

@@ -162,7 +162,7 @@ _add(
 )
 _add("einsum", "affine", operands=(1,), coefficients="weights")
 _add("mul", "affine", operands=(0, 1), coefficients="scalars")
-_add("div", "affine", operands=(1,), coefficients="scalars", check=arguments.div)
+_add("div true_divide", "affine", operands=(1,), coefficients="scalars", check=arguments.div)
 # Depend on an activation's shape only, never its values.
 _add(
     "sym_size sym_numel sym_stride size zeros_like ones_like empty_like full_like new_zeros "
@@ -176,6 +176,7 @@ _add(
     family="sign",
 )
 _add("hardtanh relu6 clamp", "maso", family="clip")
+_add("clip", "maso", family="clip", renames=(("default", "clamp"), ("Tensor", "clamp")))
 _add(
     "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
     "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
@@ -196,7 +197,7 @@ _set(
     vmap_backward=False,
 )
 # Arguments that make an op something else (``arguments``), casts, slices.
-_set("clamp", check=arguments.clamp)
+_set("clamp clip", check=arguments.clamp)
 _set("threshold", check=arguments.threshold)
 _set("rrelu", check=arguments.rrelu)
 _set(
@@ -315,6 +316,13 @@ _add(
     why="draws random numbers (dropout in training mode, noise), so the network is not one "
     "function of its input",
     fix="call model.eval(), give functional dropouts training=False, remove the noise",
+)
+_add(
+    "gt lt ge le eq ne sign heaviside round floor ceil trunc frac remainder fmod",
+    "refused",
+    why="is a step function of the activations (a comparison, a rounding), which splinelens "
+    "cannot split into MASO pieces",
+    fix="use relu / max / clamp instead (torch.where(h > 0, h, 0) is torch.relu(h))",
 )
 _add(
     "layer_norm native_layer_norm group_norm native_group_norm instance_norm",
