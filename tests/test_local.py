@@ -152,3 +152,35 @@ def test_slopes_fall_back_to_differences_where_forward_mode_fails(monkeypatch) -
 
     monkeypatch.setattr(torch.func, "vmap", no_rule)
     torch.testing.assert_close(sl.region_radius(model, x), want, rtol=1e-10, atol=0)
+
+
+class _CrossingClamp(nn.Module):
+    """Clamps with tensor bounds that cross (min > max gives max): constant bounds, crossing in
+    some units, and bounds taken from other units' activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(2, 6), nn.Linear(7, 2)
+        self.register_buffer("lo", torch.tensor([0.5, -0.5, 0.2]))
+        self.register_buffer("hi", torch.tensor([-0.5, 0.5, 0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        fixed = torch.clamp(h[:, :3], self.lo, self.hi)
+        moving = torch.clamp(h[:, 4:], min=h[:, 2:3], max=h[:, 3:4])
+        return self.c(torch.cat([fixed, h[:, 3:4], moving, h[:, 2:3]], 1))
+
+
+def test_polytope_of_clamps_whose_tensor_bounds_cross() -> None:
+    """torch.clamp with tensor bounds is max with min, then min with max: where the bounds cross,
+    one three-piece unit put boundaries where the network has none (found by a fuzzing review:
+    most nearby points with x's code fell outside x's polytope)."""
+    torch.manual_seed(3)
+    model = _CrossingClamp().double().eval()
+    g = torch.Generator().manual_seed(4)
+    for x in torch.randn(4, 1, 2, generator=g, dtype=torch.float64):
+        poly = sl.region_polytope(model, x)
+        y = x + torch.randn(400, 2, generator=g, dtype=torch.float64)
+        inside = poly.contains(y)
+        assert 0 < inside.sum() < len(y)
+        assert (inside == _same_code(model, x, y)).all()

@@ -120,6 +120,11 @@ def _resampled(z: torch.Tensor, mode: str, nd: int, antialias: bool) -> torch.Te
 
 # The same ops, keeping the samples apart: exact (reference: jacrev of each input alone).
 KEPT = {
+    "maximum_constant_first": lambda z: torch.maximum(torch.full((6,), 0.3, dtype=z.dtype), z),
+    "clamp_a_constant": lambda z: torch.clamp(torch.full((6,), 0.3, dtype=z.dtype), min=z),
+    "clamp_crossing_bounds": lambda z: torch.clamp(
+        z, torch.linspace(-1, 1, 6, dtype=z.dtype), torch.linspace(1, -1, 6, dtype=z.dtype)
+    ),
     "clip": lambda z: torch.clip(z, -0.5, 0.5),
     "true_divide": lambda z: torch.true_divide(z, 3.0),
     "einsum": lambda z: torch.einsum("nd,dk->nk", z, torch.ones(6, 6, dtype=z.dtype)),
@@ -394,6 +399,7 @@ RANDOM = {
     ).squeeze(-1),
     "noise": lambda z: z + torch.randn_like(z),
     "rand": lambda z: z * torch.rand(z.shape[1]),
+    "normal_": lambda z: z + torch.empty_like(z).normal_(),
 }
 
 
@@ -403,3 +409,30 @@ def test_random_draws_are_refused_by_name(how: str) -> None:
     model = Wrap(RANDOM[how]).eval()
     with pytest.raises(sl.UnsupportedOperationError, match="draws random numbers"):
         sl.SplineView(model, torch.randn(3, 4))
+
+
+class _Last(nn.Module):
+    """Linear -> ReLU -> fn, fn's output the network's (no later layer pins its size)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fc, self.fn = nn.Linear(4, 6), fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(torch.relu(self.fc(x)))
+
+
+MASK = torch.tensor([True, False, True, True, False, True])
+SIZED_BY_VALUES = {
+    "bool_mask": lambda h: h[:, MASK],
+    "nonzero": lambda h: h[:, torch.where(MASK)[0]],
+    "tensor_repeats": lambda h: h.repeat_interleave(torch.tensor([1, 2, 0, 1, 1, 1]), dim=1),
+}
+
+
+@pytest.mark.parametrize("how", sorted(SIZED_BY_VALUES))
+def test_sizes_set_by_tensor_values_are_refused_by_name(how: str) -> None:
+    """A selection whose size export cannot know (a boolean mask, nonzero, repeats given as a
+    tensor) raised a raw GuardOnDataDependentSymNode (found by a fuzzing review)."""
+    with pytest.raises(sl.UnsupportedOperationError, match="size depends on the values"):
+        sl.affine_map(_Last(SIZED_BY_VALUES[how]).eval(), torch.randn(3, 4))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import splinelens as sl
 
@@ -198,3 +199,43 @@ def test_a_threshold_with_a_jump_and_a_training_rrelu_are_refused() -> None:
         sl.affine_map(_net(lambda h, x: nn.functional.threshold(h, 0.3, 0.0)), x)
     with pytest.raises(sl.UnsupportedOperationError, match="random slopes in training mode"):
         sl.affine_map(_net(lambda h, x: nn.functional.rrelu(h, training=True)), x)
+
+
+class _OneEntryMax(nn.Module):
+    """Maxima over one entry (a channel max of one channel, a 1-wide pool, an adaptive pool to
+    its own size): the identity, which partition_codes refused with an internal error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 2, 3, padding=1), nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = torch.relu(F.max_pool1d(F.adaptive_max_pool1d(h, 5), 1)[:, :1].amax(1, keepdim=True))
+        return self.fc(torch.cat([h, self.conv(x)[:, 1:]], 1).flatten(1))
+
+
+def test_a_max_over_one_entry_is_no_layer() -> None:
+    torch.manual_seed(0)
+    model, x = _OneEntryMax().to(DT).eval(), torch.randn(4, 1, 5, dtype=DT)
+    assert [la.kind for la in sl.SplineView(model, x).layers] == ["relu"]
+    assert len(sl.partition_codes(model, x).layers) == 1
+    jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(v) for v in x])
+    torch.testing.assert_close(sl.affine_map(model, x).A, jac, rtol=0, atol=1e-12)
+
+
+def test_a_nan_constant_the_output_ignores_holds_for_one_input() -> None:
+    """addmm with beta=0 ignores its NaN input; the batch-of-1 graph check compared NaN != NaN
+    and refused one input as if forward branched on N (found by a fuzzing review)."""
+    torch.manual_seed(0)
+    fc, w = nn.Linear(6, 6).to(DT), torch.randn(6, 5, dtype=DT)
+
+    def body(h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(torch.full((5,), float("nan"), dtype=h.dtype), h, w, beta=0)
+
+    model = nn.Sequential(fc, nn.ReLU(), _Lambda(body)).eval()
+    x = torch.randn(1, 6, dtype=DT)
+    amap = sl.affine_map(model, x)
+    torch.testing.assert_close(
+        amap.A[0] @ x[0] + amap.B[0], model(x)[0].detach(), rtol=0, atol=1e-12
+    )

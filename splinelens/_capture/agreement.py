@@ -28,8 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from splinelens._capture.program import Program, leaves
-from splinelens._capture.registry import apply_g
+from splinelens._capture.program import Program, apply_g, leaves
 from splinelens._checks import default_rtol
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError

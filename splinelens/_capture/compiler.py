@@ -43,7 +43,7 @@ from splinelens._capture.mode import check_eval_mode
 from splinelens._capture.nodes import bound_args, op_name, overload
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
-from splinelens._capture.refusals import check_batch_kept, check_op, error
+from splinelens._capture.refusals import check_batch_kept, check_op, check_sizes, error
 from splinelens._capture.registry import decompositions, final_ir, info
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens.errors import UnsupportedOperationError
@@ -277,6 +277,7 @@ class _Compiler:
     ) -> MasoOp | None:
         """Check an op on activations; its MASO (and layer) if it is a nonlinearity."""
         kind = check_op(node, name, self.act, self.precision)
+        check_sizes(node, name)
         if not self.axes.has_batch(node):
             raise error(
                 node,
@@ -298,6 +299,8 @@ class _Compiler:
             return None
         name = dict(info(name).renames).get(overload(node), name)
         maso = make_maso(name, node, tuple(node.args[0].meta["val"].shape))
+        if maso.pieces < 2:  # a max over one entry (a 1-wide pool): the identity, no layer
+            return None
         self.layers.append(maso_layer(node, name, maso, self.axes, len(self.layers)))
         return maso
 

@@ -63,7 +63,7 @@ def maso_layer(node: Node, name: str, maso: MasoOp, axes: BatchAxes, index: int)
     if getattr(maso, "nd", 0) and bdim != 0:
         raise error(node, name, "pools a tensor whose first dimension is not the batch")
     dims = [d % rank for d in getattr(maso, "dims", ())]
-    if axes.bdims[src.name] in dims:
+    if dims and axes.bdims[src.name] in dims:  # (a pairwise op's src may be a constant)
         raise error(
             node,
             name,
@@ -153,16 +153,11 @@ def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
     return Sign(name, 0.0 if name == "relu" else -1.0)
 
 
-def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip | Pairwise:
+def _make_clip(name: str, a: dict[str, Any]) -> Sign | Clip:
     if name == "relu6":
         return Clip(name, 0.0, 6.0)
     lo, hi = (a["min_val"], a["max_val"]) if name == "hardtanh" else (a["min"], a["max"])
-    if is_tensor_arg(lo) or is_tensor_arg(hi):  # clamp.Tensor: bounds come from the args
-        if lo is None or hi is None:
-            return Pairwise(
-                "maximum" if hi is None else "minimum", bound_arg=1 if hi is None else 2
-            )
-        return Clip(name, None, None)
+    # (scalar bounds: tensor ones are max and min, ``rewrites.clamp_tensor``)
     if lo is None:
         return Sign("clamp_max", None, float(hi))
     if hi is None:

@@ -92,14 +92,12 @@ class Clip:
     """
 
     kind: str
-    lo: float | None
-    hi: float | None
+    lo: float
+    hi: float
     pieces: int = 3
 
-    def _bounds(self, args: Sequence[Any]) -> tuple[Any, Any]:
+    def _bounds(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
-        if self.lo is None or self.hi is None:
-            return args[1].to(z.dtype), args[2].to(z.dtype)
         return z.new_tensor(self.lo), z.new_tensor(self.hi)  # in z's dtype, not the default
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
@@ -108,7 +106,6 @@ class Clip:
         state = (z > lo).to(torch.uint8) + (z >= hi).to(torch.uint8)
         if self.kind in ("hardtanh", "relu6"):  # its gradient is 1 exactly on lo < z < hi
             return F.hardtanh(z, self.lo, self.hi), state
-        state = torch.where(lo > hi, 2, state)  # tensor bounds min > max: torch.clamp is max
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
@@ -126,22 +123,18 @@ class Clip:
 
 @dataclass(frozen=True)
 class Pairwise:
-    """Elementwise max / min of two activations (or an activation and a constant).
-
-    ``bound_arg``: the position of the second operand (2 for ``clamp(z, None, t)``).
-    """
+    """Elementwise max / min of two activations (or an activation and a constant)."""
 
     kind: str  # "maximum" or "minimum"
     pieces: int = 2
-    bound_arg: int = 1
 
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        a, b = torch.broadcast_tensors(args[0], args[self.bound_arg].to(args[0].dtype))
+        a, b = torch.broadcast_tensors(args[0], args[1].to(args[0].dtype))
         state = a >= b if self.kind == "maximum" else a <= b  # True: the first argument wins
         return torch.where(state, a, b), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
-        return torch.where(state, args[0], args[self.bound_arg].to(args[0].dtype))
+        return torch.where(state, args[0], args[1].to(args[0].dtype))
 
     def code(self, state: Tensor) -> Tensor:
         return state.to(torch.uint8)

@@ -347,3 +347,16 @@ class _Writer:
         if type(a) in (int, bool, str, type(None)) or (type(a) is float and math.isfinite(a)):
             return repr(a)
         return self._const(a)
+
+
+def apply_g(g: tuple[str, int] | None, logits: torch.Tensor) -> torch.Tensor:
+    """The excluded output nonlinearity g = (softmax or log-softmax, its dim) on logits
+    (N, *shape), or none.
+
+    >>> apply_g(("softmax", 1), torch.zeros(2, 4)).sum(1)
+    tensor([1., 1.])
+    """
+    if g is None:
+        return logits
+    name, dim = g
+    return (torch.log_softmax if name.endswith("log_softmax") else torch.softmax)(logits, dim)

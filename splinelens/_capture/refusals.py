@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from splinelens._capture.arguments import Call
 from splinelens._capture.batch_axis import holding
@@ -53,6 +54,19 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
     if refusal is not None:
         raise error(node, name, *refusal)
     return entry.kind
+
+
+def check_sizes(node: Node, name: str) -> None:
+    """Refuse an op on activations whose output size depends on tensor values (a boolean mask,
+    ``nonzero``, repeats given as a tensor): export cannot say which entries it keeps."""
+    if free_unbacked_symbols(node.meta.get("val")):
+        raise error(
+            node,
+            name,
+            "makes a tensor whose size depends on the values of another (a boolean mask, "
+            "nonzero, repeats given as a tensor), so the capture cannot say which entries it keeps",
+            "index with positions fixed outside forward: a tensor of indices kept as a buffer",
+        )
 
 
 def _check_widening(node: Node, name: str, precision: torch.dtype | None) -> None:

@@ -22,7 +22,13 @@ import torch
 from torch._decomp import decomposition_table
 
 from splinelens._capture import arguments, mixing
-from splinelens._capture.rewrites import copy_into, eval_batch_norm, reshape_view, rnn_relu_cell
+from splinelens._capture.rewrites import (
+    clamp_tensor,
+    copy_into,
+    eval_batch_norm,
+    reshape_view,
+    rnn_relu_cell,
+)
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,14 @@ _add(
     family="sign",
 )
 _add("hardtanh relu6 clamp", "maso", family="clip")
-_add("clip", "maso", family="clip", renames=(("default", "clamp"), ("Tensor", "clamp")))
+_add("clip", "maso", family="clip", renames=(("default", "clamp"),))
+_set(  # tensor bounds: two pairwise MASOs (``clamp_tensor``)
+    "clamp clip",
+    decompose=(
+        (torch.ops.aten.clamp.Tensor, clamp_tensor),
+        (torch.ops.aten.clip.Tensor, clamp_tensor),
+    ),
+)
 _add(
     "max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices "
     "max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d",
@@ -310,7 +323,7 @@ _add(
 )
 _add(
     "bernoulli rand rand_like randn randn_like randint randint_like normal uniform exponential "
-    "cauchy log_normal geometric multinomial randperm poisson",
+    "cauchy log_normal geometric multinomial randperm poisson normal_functional random",
     "refused",
     random=True,
     why="draws random numbers (dropout in training mode, noise), so the network is not one "
@@ -378,16 +391,3 @@ _UNKNOWN_FIX = (
     "write it with supported operations (README, 'What is supported'), or report it if it is "
     "affine or a MASO"
 )
-
-
-def apply_g(g: tuple[str, int] | None, logits: torch.Tensor) -> torch.Tensor:
-    """The excluded output nonlinearity g = (softmax or log-softmax, its dim) on logits
-    (N, *shape), or none.
-
-    >>> apply_g(("softmax", 1), torch.zeros(2, 4)).sum(1)
-    tensor([1., 1.])
-    """
-    if g is None:
-        return logits
-    name, dim = g
-    return torch.log_softmax(logits, dim) if "log" in name else torch.softmax(logits, dim)

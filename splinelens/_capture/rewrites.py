@@ -84,3 +84,12 @@ def rnn_relu_cell(
     return torch.relu(
         torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
     )
+
+
+def clamp_tensor(x: Tensor, min: Tensor | None = None, max: Tensor | None = None) -> Tensor:
+    """``torch.clamp`` / ``torch.clip`` with tensor bounds, as torch defines it: max with
+    ``min``, then min with ``max``. Two pairwise MASOs, exact when the bounds cross (min > max
+    gives max) or come from the activations, where one three-piece unit would not be."""
+    if min is not None:
+        x = torch.maximum(x, min)
+    return x if max is None else torch.minimum(x, max)

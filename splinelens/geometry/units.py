@@ -107,7 +107,7 @@ def unit_table(prog: Program, layer: Layer | None) -> UnitTable:
         return _spline_table(step, prog.leaf(step.args[1].name), k)
     if isinstance(maso, Pairwise):
         sign = 1.0 if maso.kind == "maximum" else -1.0
-        ops = (step.args[0], step.args[maso.bound_arg])
+        ops = (step.args[0], step.args[1])
         return _table(step.name, ops, True, _terms(np.stack([ar, ar + k], 1)), [sign, 0.0], 0.0)
     windows = (
         _pool_windows(maso, prog.shapes[step.args[0].name], layer)
@@ -134,14 +134,9 @@ def _table(step: str, ops: tuple, elementwise: bool, idx: np.ndarray, scale, con
 
 def _clip_table(step: Any, k: int) -> UnitTable:
     maso, ar, none = step.maso, np.arange(k), np.full(k, -1)
-    if maso.lo is not None:  # [lo - z, 0, z - hi]
-        idx = _terms(np.stack([ar, none, ar], 1))
-        scale = [[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
-        return _table(step.name, step.args[:1], True, idx, scale, [maso.lo, 0.0, -maso.hi])
-    lo, hi = ar + k, ar + 2 * k  # tensor bounds are slots too: [lo - z, 0, z - hi]
-    idx = np.stack([np.stack([lo, ar], 1), np.stack([none, none], 1), np.stack([ar, hi], 1)], 1)
-    scale = [[1.0, -1.0], [0.0, 0.0], [1.0, -1.0]]
-    return _table(step.name, tuple(step.args[:3]), True, idx, scale, 0.0)
+    idx = _terms(np.stack([ar, none, ar], 1))  # [lo - z, 0, z - hi]
+    scale = [[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+    return _table(step.name, step.args[:1], True, idx, scale, [maso.lo, 0.0, -maso.hi])
 
 
 def _spline_table(step: Any, knots: Tensor, k: int) -> UnitTable:
