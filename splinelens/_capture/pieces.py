@@ -7,7 +7,8 @@ selects one of a few affine pieces. For each, this module gives
 * ``frozen(args, state)``: the same piece applied to other activations (affine in them), so the
   network with every state frozen is the linear network of x's region (Sec. 4);
 * ``code(state) -> int tensor``: the partition code of each unit (Sec. 7, eq. (14));
-* ``pieces``: the number of affine pieces per unit.
+* ``pieces``: the number of affine pieces per unit;
+* ``shape(args)``: whether it is non-decreasing and convex in its input (Theorem 2, Prop. 1-4).
 
 >>> op = Sign("relu")
 >>> value, state = op.forward((torch.tensor([-1.0, 2.0]),))
