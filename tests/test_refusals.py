@@ -350,6 +350,14 @@ def test_functional_dropout_in_training_is_refused() -> None:
         sl.SplineView(model, torch.randn(3, 4))
 
 
+def test_native_dropout_without_a_train_flag_is_training() -> None:
+    """ATen's native_dropout reads ``train=None`` as training; it was let through to a misleading
+    batch-size refusal (found by a review helper)."""
+    model = Wrap(lambda z: torch.ops.aten.native_dropout(z, 0.5, None)[0]).eval()
+    with pytest.raises(sl.UnsupportedOperationError, match=r"native_dropout .*training mode"):
+        sl.SplineView(model, torch.randn(3, 4))
+
+
 def test_data_dependent_control_flow_is_refused() -> None:
     class Branchy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

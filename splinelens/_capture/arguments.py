@@ -58,6 +58,11 @@ def training(c: Call) -> Refusal:
     return None
 
 
+def native_dropout(c: Call) -> Refusal:
+    """``native_dropout``'s ``train=None`` means training, as in ATen."""
+    return training(Call({"train": c.args.get("train") in (None, True)}))
+
+
 def rrelu(c: Call) -> Refusal:
     """rrelu draws random slopes in training mode."""
     if c.args.get("training"):

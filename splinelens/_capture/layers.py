@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from splinelens._capture.batch_axis import BatchAxes
-from splinelens._capture.nodes import bound_args, ints, is_tensor_arg
+from splinelens._capture.nodes import bound_args, ints
 from splinelens._capture.pieces import (
     Clip,
     MasoOp,
@@ -135,7 +135,7 @@ def make_maso(name: str, node: torch.fx.Node, in_shape: Sequence[int]) -> MasoOp
     return _make_reduce(name, a, in_shape)
 
 
-def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
+def _make_sign(name: str, a: dict[str, Any]) -> Sign:
     if name == "leaky_relu":
         return Sign(name, float(a["negative_slope"]))
     if name == "rrelu":  # in eval (training mode is refused): the mean of its slopes
@@ -145,11 +145,8 @@ def _make_sign(name: str, a: dict[str, Any]) -> Sign | Pairwise:
         return Sign("relu", 0.0) if t == 0 else Sign("clamp_min", None, t)
     if name in ("prelu", "_prelu_kernel"):
         return Sign("prelu", None)
-    if name in ("clamp_min", "clamp_max"):
-        bound = a["min" if name == "clamp_min" else "max"]
-        if is_tensor_arg(bound):  # a tensor bound: an elementwise max / min with it
-            return Pairwise("maximum" if name == "clamp_min" else "minimum")
-        return Sign(name, None, float(bound))
+    if name in ("clamp_min", "clamp_max"):  # (tensor bounds are maximum / minimum: registry)
+        return Sign(name, None, float(a["min" if name == "clamp_min" else "max"]))
     return Sign(name, 0.0 if name == "relu" else -1.0)
 
 

@@ -41,11 +41,6 @@ def overload(node: torch.fx.Node) -> str:
     return str(getattr(node.target, "_overloadname", ""))
 
 
-def is_tensor_arg(v: Any) -> bool:
-    """A tensor argument: a graph node or a constant tensor."""
-    return isinstance(v, (torch.fx.Node, torch.Tensor))
-
-
 def ints(v: Any, nd: int, default: int | Sequence[int] | None = None) -> tuple[int, ...]:
     """An int-or-list argument (kernel sizes, strides) as ``nd`` ints; empty or None: default."""
     if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):

@@ -89,7 +89,7 @@ class Sign:
 class Clip:
     """Hardtanh / ReLU6 / two-sided clamp: three states, 0 below lo, 1 in between, 2 above hi.
 
-    ``lo``/``hi`` None: the bounds are tensors, the op's second and third arguments.
+    (Clamps with tensor bounds are a maximum and a minimum, ``rewrites.clamp_tensor``.)
     """
 
     kind: str

@@ -183,6 +183,8 @@ _add(
 )
 _add("hardtanh relu6 clamp", "maso", family="clip")
 _add("clip", "maso", family="clip", renames=(("default", "clamp"),))
+_set("clamp_min", decompose=((torch.ops.aten.clamp_min.Tensor, torch.maximum),))
+_set("clamp_max", decompose=((torch.ops.aten.clamp_max.Tensor, torch.minimum),))
 _set(  # tensor bounds: two pairwise MASOs (``clamp_tensor``)
     "clamp clip",
     decompose=(
@@ -214,9 +216,10 @@ _set("clamp clip", check=arguments.clamp)
 _set("threshold", check=arguments.threshold)
 _set("rrelu", check=arguments.rrelu)
 _set(
-    "batch_norm dropout native_dropout feature_dropout alpha_dropout feature_alpha_dropout",
+    "batch_norm dropout feature_dropout alpha_dropout feature_alpha_dropout",
     check=arguments.training,
 )
+_set("native_dropout", check=arguments.native_dropout)
 _set("_to_copy to type_as", cast=True)
 _set("alias detach clone contiguous lift_fresh_copy", identity=True)
 _set("slice slice_copy", slice_start=2)

@@ -73,8 +73,8 @@ def reshape_view(t: Tensor, *args: Any) -> Tensor:
 
 
 def rnn_relu_cell(
-    x: torch.Tensor,
-    h: torch.Tensor,
+    input: torch.Tensor,  # (the schema's names)
+    hx: torch.Tensor,
     w_ih: torch.Tensor,
     w_hh: torch.Tensor,
     b_ih: torch.Tensor | None = None,
@@ -82,7 +82,7 @@ def rnn_relu_cell(
 ) -> torch.Tensor:
     """``nn.RNNCell(nonlinearity="relu")``'s step, which torch does not decompose."""
     return torch.relu(
-        torch.nn.functional.linear(x, w_ih, b_ih) + torch.nn.functional.linear(h, w_hh, b_hh)
+        torch.nn.functional.linear(input, w_ih, b_ih) + torch.nn.functional.linear(hx, w_hh, b_hh)
     )
 
 

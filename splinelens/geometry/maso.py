@@ -107,8 +107,8 @@ def _pieces(view: SplineView, layer: Layer, table: UnitTable, x: Tensor) -> tupl
     and whether ties go to the last piece."""
     step = view.program.step(layer.step)
     maso, k = step.maso, layer.units
-    args = _arguments(view, step, x)
-    if not maso.shape(args)[1]:
+    args = _arguments(view, step, x) if isinstance(maso, (Sign, Spline)) else step.args
+    if not maso.shape(args)[1]:  # (only signs and splines read their arguments' values)
         raise NotAMasoError(
             f"layer {layer.name!r} ({maso.kind}) is piecewise affine but not convex in its "
             "input, so it is no MASO (Propositions 1-4 cover max-affine operators only)"
@@ -283,7 +283,8 @@ class MasoCheck:
 def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoCheck:
     """Each MASO layer of ``model`` at x against the network's own values (Sec. 3).
 
-    Per layer: max |MASO(h(x)) - layer(x)| and whether the MASO's argmax is x's partition code.
+    Per layer: max |MASO(h(x)) - layer(x)| and whether x's partition code picks a MASO argmax
+    (where pieces tie, to the tolerance: "argmax == code" in the report).
     Layers that are no MASO (hardtanh, min-type ops) are skipped. The tolerance is relative to
     the largest |layer output| (at least 1): by default 1e4 machine epsilons of x's dtype, at
     most 1e-2, as in ``verify``.

@@ -1,7 +1,7 @@
 """Every MASO unit as an argmax over affine candidates, and those candidates along directions.
 
 A layer's units all read a few *slots*: the entries of its MASO's tensor operands (a ReLU's
-pre-activation; both operands of ``maximum``; a hardtanh's input and tensor bounds). Unit k
+pre-activation; both operands of ``maximum``; a hardtanh's input). Unit k
 chooses piece r where candidate r is the largest, candidate r being
 ``sum_t scale[k, r, t] * slot[idx[k, r, t]] + const[k, r]``. So the partition of one unit is
 an argmax of affine functions of the slots, whatever the op:
