@@ -51,16 +51,17 @@ def threshold(c: Call) -> Refusal:
     return None
 
 
+_TRAINING = ("runs in training mode", "call model.eval()")
+
+
 def training(c: Call) -> Refusal:
     """Batchnorm and dropout in training mode."""
-    if c.args.get("train", c.args.get("training")):
-        return "runs in training mode", "call model.eval()"
-    return None
+    return _TRAINING if c.args.get("train", c.args.get("training")) else None
 
 
 def native_dropout(c: Call) -> Refusal:
     """``native_dropout``'s ``train=None`` means training, as in ATen."""
-    return training(Call({"train": c.args.get("train") in (None, True)}))
+    return _TRAINING if c.args.get("train") in (None, True) else None
 
 
 def rrelu(c: Call) -> Refusal:

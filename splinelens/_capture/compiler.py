@@ -43,7 +43,7 @@ from splinelens._capture.mode import check_eval_mode
 from splinelens._capture.nodes import bound_args, op_name, overload
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
-from splinelens._capture.refusals import check_batch_kept, check_op, check_sizes, error
+from splinelens._capture.refusals import check_batch_kept, check_op, error
 from splinelens._capture.registry import decompositions, final_ir, info
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens.errors import UnsupportedOperationError
@@ -262,11 +262,12 @@ class _Compiler:
 
     def _visit(self, node: torch.fx.Node) -> None:
         name = op_name(node.target)
-        if info(name).random:
-            raise error(node, name, info(name).why, info(name).fix)
+        entry = info(name)
+        if entry.random:
+            raise error(node, name, entry.why, entry.fix)
         deps = [a for a in node.all_input_nodes if a.name in self.act]
         maso = None
-        if deps and is_tensor(node) and info(name).kind != "shape":
+        if deps and is_tensor(node) and entry.kind != "shape":
             maso = self._activation(node, name, deps)
         tuple_out = maso is not None and isinstance(node.meta["val"], (tuple, list))
         args, kwargs = _refs(_open_ended(name, tuple(node.args))), _refs(dict(node.kwargs))
@@ -277,7 +278,6 @@ class _Compiler:
     ) -> MasoOp | None:
         """Check an op on activations; its MASO (and layer) if it is a nonlinearity."""
         kind = check_op(node, name, self.act, self.precision)
-        check_sizes(node, name)
         if not self.axes.has_batch(node):
             raise error(
                 node,

@@ -32,7 +32,8 @@ def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperatio
 def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None = None) -> str:
     """The op's kind ('affine' or 'maso'), or its refusal: g inside the net, refused, integer,
     a cast to less precision than both its input and ``precision`` (the input x's dtype), a
-    product of two activations, or arguments its registry ``check`` refuses (``arguments``)."""
+    product of two activations, arguments its registry ``check`` refuses (``arguments``), or an
+    output whose size depends on tensor values."""
     entry = info(name)
     if entry.kind in ("g", "refused"):
         raise error(node, name, entry.why, entry.fix)
@@ -53,10 +54,11 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
     )
     if refusal is not None:
         raise error(node, name, *refusal)
+    _check_sizes(node, name)
     return entry.kind
 
 
-def check_sizes(node: Node, name: str) -> None:
+def _check_sizes(node: Node, name: str) -> None:
     """Refuse an op on activations whose output size depends on tensor values (a boolean mask,
     ``nonzero``, repeats given as a tensor): export cannot say which entries it keeps."""
     if free_unbacked_symbols(node.meta.get("val")):
