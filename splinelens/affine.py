@@ -319,9 +319,12 @@ class AffineMap(HoldsCapture):
         return self._states, self._z_start, self._output
 
     def _keep_records(self, recorded: list[tuple]) -> None:
-        self._states = self.program.cat_states([r[0] for r in recorded])
-        self._z_start = torch.cat([r[1] for r in recorded])
-        self._output = torch.cat([r[2] for r in recorded])
+        if len(recorded) == 1:  # one chunk: nothing to join
+            self._states, self._z_start, self._output = recorded[0]
+        else:
+            self._states = self.program.cat_states([r[0] for r in recorded])
+            self._z_start = torch.cat([r[1] for r in recorded])
+            self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
 
     def _node(self, z: Tensor) -> Tensor:
@@ -345,6 +348,10 @@ def rows_by_tiling(program: Program, x: Tensor) -> bool:
 
 def _seeds(y: Tensor, rows: list[int]) -> Tensor:
     """(len(rows), *y.shape) one-hot seeds for y (n, R_total): seed j selects row rows[j]."""
+    n, total = y.shape
+    if len(rows) == total and rows == list(range(total)):  # every row: an identity, copied
+        eye = torch.eye(total, dtype=y.dtype, device=y.device)  # (a batched backward pass is
+        return eye.unsqueeze(1).expand(total, n, total).contiguous()  # slower on an expanded one)
     seeds = y.new_zeros(len(rows), *y.shape)
     seeds[torch.arange(len(rows)), :, torch.tensor(rows)] = 1
     return seeds

@@ -32,10 +32,11 @@ from splinelens._checks import (
     layer_index,
     unwrap_model,
 )
-from splinelens._fingerprint import ModelTensors, all_finite, check_model_finite
+from splinelens._fingerprint import ModelTensors, check_model_finite
 from splinelens._precision import exact_matmul
 from splinelens._structure import Structure, structure
 from splinelens._structure_diff import describe_change
+from splinelens._sums import all_finite
 from splinelens._tensors import model_dtype, model_state, model_tensors
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-from splinelens import _fingerprint, _structure
+from splinelens import _fingerprint, _structure, _sums
 from splinelens._fingerprint import check_model, check_model_finite, weights_fingerprint
 from splinelens._structure import Structure, structure
 from splinelens._structure_diff import describe_change
@@ -68,6 +68,64 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
     model[3].weight.data[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"'3\.weight' holds inf at index \(0, 0\)"):
         tensors.check()
+
+
+_INTS = {2: (torch.int16, torch.int32), 4: (torch.int32, torch.int32), 8: (torch.int64,) * 2}
+
+
+def _reference_fingerprint(named: list[tuple[str, torch.Tensor]]) -> tuple[tuple, tuple]:
+    """The wide fingerprint's sums and bits from their definitions: each tensor of more than
+    8192 entries (or not contiguous) alone, the others of a dtype and device joined; the
+    thread-independent float sum (``fixed_sum``) of each piece; per width of the bit patterns,
+    the sum of the pieces' row sums of bit patterns (a joined piece's entries) times the odd
+    weights ((k * 0x9E3779B97F4A7C15, wrapping; its high half for 32 bits) | 1, k = 1, 2, ...),
+    in integers that wrap."""
+    alone, small = [], {}
+    for _, t in named:
+        t = t.detach()
+        if t.numel() > 8192 or not t.is_contiguous():
+            alone.append(t)
+        else:
+            small.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+    pieces = alone + [torch.cat(v) for v in small.values()]
+    sums = tuple(float(_sums.fixed_sum(p)) for p in pieces)
+    rows: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in pieces:
+        if p.numel():
+            ints, acc = _INTS[p.element_size()]
+            v = p.view(ints)
+            r = v.to(acc) if v.dim() == 1 else v.reshape(len(v), -1).sum(1, dtype=acc)
+            rows.setdefault(acc, []).append(r)
+    bits = []
+    for acc, parts in rows.items():
+        k = torch.arange(1, sum(map(len, parts)) + 1) * -7046029254386353131
+        w = ((k >> 32) if acc == torch.int32 else k) | 1
+        bits.append(int((torch.cat(parts) * w.to(acc)).sum(dtype=acc)))
+    return sums, tuple(bits)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_planned_fingerprint_is_its_definition(seed: int) -> None:
+    """The views made once per layout (rows of large tensors, their bit patterns) give the sums
+    and bits of the definition (``_reference_fingerprint``), exactly, for tensors of every
+    layout the plan tells apart: 0-d, vectors, matrices with rows or columns past 32768 entries,
+    conv weights, transposed (non-contiguous), empty, and the 16- to 64-bit floats; and again
+    after writes through .data, which the views follow."""
+    torch.manual_seed(seed)
+    vectors, matrices = [(), (5,), (9000,)], [(300, 40), (300, 200), (40000, 1), (2, 40000)]
+    shapes = [*vectors, *matrices, (8, 3, 5, 5), (0, 3)]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    named = []
+    for i, shape in enumerate(shapes * 2):
+        t = torch.randn(shape, dtype=dtypes[(i + seed) % 4])
+        named.append((f"t{i}", t.t() if t.dim() == 2 and i % 3 == seed % 3 else t))
+    tensors = _fingerprint.ModelTensors(named)
+    for _ in range(2):
+        fp = tensors.check()
+        assert (fp.sums, fp.bits) == _reference_fingerprint(named)
+        for _, t in named:
+            if t.numel():
+                t.data.mul_(-1.5).add_(0.25)  # through .data: no version bump
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -218,7 +276,7 @@ def test_tensor_attributes_made_in_inference_mode_have_no_version_but_a_fingerpr
 
 def test_sums_on_several_devices_come_back_in_order() -> None:
     parts = [torch.tensor(1.5), torch.tensor(2.0, dtype=torch.float64), torch.tensor(-3.0)]
-    assert _fingerprint._stack_per_device(parts) == [1.5, 2.0, -3.0]
+    assert _sums._stack_per_device(parts) == [1.5, 2.0, -3.0]
 
 
 # 3. The structure's fast paths agree with its general image -------------------------------------
