@@ -81,7 +81,8 @@ def nearest_neighbors(
 
     ``database``: codes, or an iterable of code shards (e.g. loaded one file at a time), which
     are indexed consecutively. Returns ``dist`` (Nq, k) float64 ascending and ``idx`` (Nq, k)
-    int64 into the database. Ties at equal distance may come in any order. Each shard is
+    int64 into the database. Ties at equal distance go to the lower database index (the
+    same neighbours for either backend, any chunk size, shards and query batches). Each shard is
     streamed in chunks of ``chunk_size`` codes (default: 65,536 for FAISS, about 256 MiB of
     unpacked bits for torch). ``backend``: "faiss" (CPU), "torch" (matrix products; the default
     on GPU or without FAISS) or "auto".
@@ -164,13 +165,24 @@ def _search_faiss(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
     index = faiss.IndexBinaryFlat(db.shape[1] * 8)
     index.add(np.ascontiguousarray(db.cpu().numpy()))
     d, i = index.search(np.ascontiguousarray(q.cpu().numpy()), k)
-    return torch.from_numpy(d).long(), torch.from_numpy(i).long()
+    d, i = torch.from_numpy(d).long(), torch.from_numpy(i).long()
+    order = torch.argsort(d * len(db) + i, dim=1)  # ties by index, as the torch backend's
+    return d.gather(1, order), i.gather(1, order)
+
+
+_FLOAT_INTEGERS = 1 << 53  # float64 holds every integer below this exactly
 
 
 def _search_torch(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    d = _hamming_matmul(q, db)  # (Nq, Ndb)
-    d, i = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    return d.round().long(), i
+    """The k smallest (distance, index) pairs of each query: one integer key per pair, so that
+    ties go to the lower index whatever the chunks (``torch.topk`` breaks ties arbitrarily)."""
+    n = len(db)
+    key = _hamming_matmul(q, db)  # (Nq, Ndb) counts, exact in float64
+    if (db.shape[1] * 8 + 1) * n >= _FLOAT_INTEGERS:  # keys past float64's integers: int64
+        key = key.long()
+    key.mul_(n).add_(torch.arange(n, device=key.device, dtype=key.dtype))  # exact integers
+    key = torch.topk(key, k, dim=1, largest=False, sorted=True).values.long()  # (Nq, k)
+    return key // n, key % n
 
 
 _BLOCK = 1 << 20  # packed bytes: 2^23 bits, whose counts and sums float32 holds exactly

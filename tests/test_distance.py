@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import splinelens as sl
+from splinelens import distance
 from tests import zoo
 from tests.test_codes import pool_zoo
 
@@ -66,6 +67,32 @@ def test_backends_agree_on_large_random_database() -> None:
     d1, _ = sl.nearest_neighbors(c[:50], c, k=20, backend="faiss", chunk_size=1000)
     d2, _ = sl.nearest_neighbors(c[:50], c, k=20, backend="torch", chunk_size=777)
     torch.testing.assert_close(d1, d2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("int_keys", [False, True])
+def test_tied_neighbours_are_the_lowest_indices_whatever_the_split(monkeypatch, int_keys) -> None:
+    """With many codes at equal distance, each backend returns the k smallest (distance, index)
+    pairs, in that order (reference: a stable sort of brute-force distances), the same for any
+    chunk size, query batch and shard split (torch's top-k broke ties by the chunk it ran on).
+    ``int_keys``: the torch backend's keys in int64, as for databases past 2^53 / bits codes."""
+    if int_keys:
+        monkeypatch.setattr(distance, "_FLOAT_INTEGERS", 0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 12))
+    c = sl.partition_codes(torch.nn.Sequential(*net, torch.nn.ReLU()).eval(), torch.randn(900, 4))
+    q, k = c[:70], 20
+    full = brute_distance(q, c, [0, 1])
+    order = torch.sort(full, dim=1, stable=True).indices[:, :k]  # ties: the lower index first
+    expected = (full.gather(1, order), order)
+    shards = [c[:333], c[333:700], c[700:]]
+    for backend in ("faiss", "torch"):
+        for chunk in (None, 1, 97, 500):
+            for db in (c, shards):
+                got = sl.nearest_neighbors(q, db, k=k, chunk_size=chunk, backend=backend)
+                torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        alone = sl.nearest_neighbors(q[5:6], c, k=k, backend=backend)
+        torch.testing.assert_close(alone[1], expected[1][5:6], atol=0, rtol=0)
+    assert (full.gather(1, order)[:, k - 1 : k] == full.sort(1).values[:, k : k + 1]).any()
 
 
 @pytest.mark.parametrize("layer", [None, 2, "5", [1, 4]])
