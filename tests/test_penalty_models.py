@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import splinelens as sl
 from splinelens.paper.models import MODELS, build_model
-from splinelens.penalty import classifier, orthogonality_penalty, template_penalty
+from splinelens.penalty import PENALTY_KINDS, classifier, orthogonality_penalty, template_penalty
 
 
 def explicit_penalty(w: torch.Tensor) -> torch.Tensor:
@@ -159,3 +159,24 @@ def test_penalty_kinds_differ_where_they_should() -> None:
         torch.testing.assert_close(template_penalty(net, 0.5, kind=kind), expected)
     with pytest.raises(ValueError, match="eq13, reference, row-norm"):
         orthogonality_penalty(rows, "l2")
+
+
+def test_penalties_do_not_depend_on_the_thread_count() -> None:
+    """With 1000 classes the C x C sums pass ATen's one-thread grain (32768 entries): every
+    kind is the same with 1 and 2 threads, bit for bit, and is the float64 sum of the float32
+    Gram matrix's terms (reference: the explicit formula in float64, to float32 rounding)."""
+    torch.manual_seed(1)
+    w = torch.randn(1000, 64)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append([orthogonality_penalty(w, kind) for kind in PENALTY_KINDS])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*got, strict=True):
+        assert torch.equal(one, two)
+    gram = (w @ w.T).double()
+    off = gram - torch.diag_embed(gram.diagonal())
+    torch.testing.assert_close(got[0][0].double(), off.pow(2).sum(), rtol=1e-5, atol=0)
