@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
+from splinelens.geometry.region import unit_distances
 from tests import zoo
 
 
@@ -184,3 +185,73 @@ def test_polytope_of_clamps_whose_tensor_bounds_cross() -> None:
         inside = poly.contains(y)
         assert 0 < inside.sum() < len(y)
         assert (inside == _same_code(model, x, y)).all()
+
+
+def _float32_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 5),
+        nn.Dropout(0.5),  # (in eval mode: the identity)
+    ).eval()
+
+
+def test_float32_region_geometry_is_the_float64_models_and_ignores_the_batch() -> None:
+    """A float32 model's radii, unit distances, local complexity, sampled complexity and
+    polytope are those of its float64 copy (reference: the same functions on
+    ``model.double()``, float64 inputs), rounded to float32, and the same whether an input comes
+    alone or in a batch (in float32 the margins lost digits: radii 1% off, batch-dependent)."""
+    model = _float32_cnn()
+    ref = _float32_cnn().double()
+    x = torch.randn(4, 3, 8, 8)
+    radius = sl.region_radius(model, x)
+    assert radius.dtype == torch.float32
+    torch.testing.assert_close(radius, sl.region_radius(ref, x.double()).float(), rtol=0, atol=0)
+    alone = torch.cat([sl.region_radius(model, x[i : i + 1]) for i in range(4)])
+    assert torch.equal(radius, alone)
+    for ours, theirs in zip(unit_distances(model, x), unit_distances(ref, x.double())):
+        assert torch.equal(ours, theirs.float())
+    radii = torch.logspace(-4, 0, 50)
+    lc = sl.local_complexity(model, x, radii).counts
+    assert torch.equal(lc, sl.local_complexity(ref, x.double(), radii.double()).counts)
+    slc = sl.sampled_local_complexity(model, x, [1e-3, 0.1], directions=4).counts
+    assert torch.equal(slc, sl.sampled_local_complexity(ref, x.double(), [1e-3, 0.1], 4).counts)
+    poly, poly64 = sl.region_polytope(model, x[:1]), sl.region_polytope(ref, x[:1].double())
+    assert poly.A.dtype == torch.float32 and torch.equal(poly.A, poly64.A.float())
+    assert torch.equal(poly.b, poly64.b.float())
+
+
+def test_the_float64_twin_follows_the_model() -> None:
+    """The float64 copy is kept per model: writes through .data and in place reach it, a
+    replaced module makes a new copy, and the model's refusals still name its own tensors and
+    dtypes (reference: the float64 model built from the same values)."""
+    model, x = _float32_cnn(), torch.randn(2, 3, 8, 8)
+    before = sl.region_radius(model, x)
+    model[0].weight.data.mul_(0.5)  # through .data: no version bump
+    with torch.no_grad():
+        model[3].bias.add_(0.1)
+    ref = _float32_cnn().double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    now = sl.region_radius(model, x)
+    assert not torch.equal(now, before)
+    torch.testing.assert_close(now, sl.region_radius(ref, x.double()).float(), rtol=0, atol=0)
+    model[6] = nn.Linear(8 * 4 * 4, 3)  # a new module: a new copy
+    ref[6] = nn.Linear(8 * 4 * 4, 3).double()
+    ref[6].load_state_dict({k: v.double() for k, v in model[6].state_dict().items()})
+    torch.testing.assert_close(
+        sl.region_radius(model, x), sl.region_radius(ref, x.double()).float(), rtol=0, atol=0
+    )
+    model[3].weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'3\.weight' holds nan"):
+        sl.region_radius(model, x)
+    model[3].weight.data[0, 0, 0, 0] = 0.0
+    with pytest.raises(ValueError, match="float64"):
+        sl.region_radius(model, x.double())  # x must still match the model's dtype
+    model.train()
+    with pytest.raises(ValueError, match="train"):
+        sl.region_radius(model, x)

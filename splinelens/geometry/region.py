@@ -27,8 +27,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._checks import check_finite, check_positive_int
+from splinelens._checks import (
+    check_dtype,
+    check_finite,
+    check_input,
+    check_positive_int,
+    unwrap_model,
+)
 from splinelens._precision import exact_matmul
+from splinelens._tensors import float64_twin
 from splinelens.geometry.units import UnitTable, slot_tangents, unit_table
 from splinelens.view import SplineView, view_of
 
@@ -96,8 +103,22 @@ def unit_distances(model: nn.Module, x: Tensor) -> list[Tensor]:
 
     Exact for the first layer; for deeper ones it is the distance to the unit's hyperplane as
     seen from x's region (the linearised local geometry). ``inf``: the unit is constant there.
+    Computed in float64 (``_exact_view``), returned in x's dtype.
     """
-    return _unit_distances(view_of(model, x), x)
+    view, x64 = _exact_view(model, x)
+    return [d.to(x.dtype) for d in _unit_distances(view, x64)]
+
+
+def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor]:
+    """The view of the model's float64 twin (``float64_twin``) and x in float64, after checking
+    x against the model: the region geometry runs in float64 whatever the model's dtype. (In
+    float32 a margin near a boundary is a difference of nearly equal numbers: a radius came out
+    1% off, and changed with the other inputs of the batch.)"""
+    model = unwrap_model(model)
+    check_input("x", x)
+    check_dtype(model, x)
+    x64 = x.double()
+    return view_of(float64_twin(model), x64), x64
 
 
 def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
@@ -109,9 +130,9 @@ def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
 def region_radius(model: nn.Module, x: Tensor) -> Tensor:
     """(N,) the exact radius of the largest ball around each x inside its region of the
     partition (one partition code): the smallest distance from x to the hyperplanes of its
-    region's units (Sec. 7), in the dtype of the model (float64 is the exact mode); ``inf`` for
-    an affine network. The network is affine on that ball, and may be on a larger one where a
-    unit's change does not reach the output.
+    region's units (Sec. 7), computed in float64 whatever the model's dtype and returned in
+    x's; ``inf`` for an affine network. The network is affine on that ball, and may be on a
+    larger one where a unit's change does not reach the output.
 
     >>> import torch, torch.nn as nn
     >>> _ = torch.manual_seed(0)
@@ -154,9 +175,9 @@ def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -
     (torch.Size([4, 1, 3]), True)
     """
     radii = _radii(radii, x)
-    view = view_of(model, x)
-    dists = _unit_distances(view, x)
-    counts = [(d[..., None] <= radii).sum(1) for d in dists]
+    view, x64 = _exact_view(model, x)
+    dists = _unit_distances(view, x64)
+    counts = [(d[..., None] <= radii.double()).sum(1) for d in dists]
     counts = torch.stack(counts, 1) if counts else radii.new_zeros(len(x), 0, len(radii)).long()
     return LocalComplexity(radii, counts, tuple(la.name for la in view.layers))
 
@@ -178,13 +199,14 @@ def sampled_local_complexity(
     >>> lc.counts.shape  # (N, layers, radii)
     torch.Size([5, 1, 2])
     """
-    view = view_of(model, x)
+    view, x64 = _exact_view(model, x)
     radii = _radii(radii, x)
     directions = check_positive_int("directions", directions)
     d = math.prod(x.shape[1:])
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, min(directions, d), generator=g, dtype=torch.float64))
-    q = torch.cat([q.T, -q.T]).to(x)  # (2P, D)
+    q = torch.cat([q.T, -q.T]).to(x64)  # (2P, D)
+    x, radii = x64, radii.double()
     counts = []
     for r in radii:
         pts = x.reshape(len(x), 1, d) + r * q  # (N, 2P, D)
@@ -259,9 +281,10 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> R
     >>> bool((poly.A @ x[0] <= poly.b).all())
     True
     """
-    view = view_of(model, x)
+    view, x64 = _exact_view(model, x)
     if len(x) != 1:
         raise ValueError(f"region_polytope takes one input (1, ...), got a batch of {len(x)}")
+    dtype, x = x.dtype, x64
     max_rows = check_positive_int("max_rows", max_rows)
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
@@ -274,7 +297,7 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> R
         none = torch.zeros(0, dtype=torch.long, device=x.device)
         rows = [(x.new_zeros(0, d), x.new_zeros(0), none, none, none)]
     A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
-    return RegionPolytope(A, b, layer, unit, piece, tuple(x.shape[1:]))
+    return RegionPolytope(A.to(dtype), b.to(dtype), layer, unit, piece, tuple(x.shape[1:]))
 
 
 def _layer_rows(li: int, z: Tensor, dz: Tensor, table: UnitTable, x: Tensor) -> tuple[Tensor, ...]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._checks import unwrap_model
-from splinelens._tensors import float64_copy
+from splinelens._tensors import float64_twin
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
 from splinelens.geometry.cutting import cut, decision_boundary
@@ -144,7 +144,7 @@ def slice_partition(
     (u0, u1, v0, v1), or ``points``: three inputs; the plane through them gets an orthonormal
     basis (Gram-Schmidt of x1 - x0, x2 - x0), its origin at their mean, and a square domain
     centred on them whose half-side is (1 + margin) times their largest offset from its centre.
-    A float32 model is analysed through a float64 copy.
+    A float32 model is analysed through a float64 copy (kept per model: see ``float64_twin``).
 
     >>> import torch, torch.nn as nn
     >>> _ = torch.manual_seed(0)
@@ -155,7 +155,7 @@ def slice_partition(
     (True, 1)
     """
     start = time.perf_counter()
-    model64 = float64_copy(unwrap_model(model))
+    model64 = float64_twin(unwrap_model(model))
     origin, dirs, bounds, anchors = make_plane(model64, origin, directions, bounds, points, margin)
     # computed about the window's centre (u, v) = c, so that tolerances are those of its size
     c = np.array([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2])
