@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn as nn
@@ -255,3 +258,7 @@ def test_the_float64_twin_follows_the_model() -> None:
     model.train()
     with pytest.raises(ValueError, match="train"):
         sl.region_radius(model, x)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the copy kept per model does not keep the model alive
