@@ -126,7 +126,7 @@ class ModelTensors:
                         name, t = self.named[j]
                         check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
                 sums[i] = wide_sum(joined[i])
-        rows = [p.bitrow_sums(t) for p, t in zip(self._plan, joined, strict=True)]
+        rows = [p.bit_rows(t) for p, t in zip(self._plan, joined, strict=True)]
         bits = [(torch.cat([rows[i] for i in ix]) * w).sum(dtype=dt) for dt, ix, w in self._groups]
         return WeightsFingerprint(self.ids(), tuple(sums), tuple(stacked(bits)) if bits else ())
 
@@ -190,7 +190,7 @@ class _Piece:
             return self._floats.sum(1, dtype=dt).sum()
         return fixed_sum(t, dt)
 
-    def bitrow_sums(self, t: Tensor) -> Tensor:
+    def bit_rows(self, t: Tensor) -> Tensor:
         """``row_sums`` of the piece's bit patterns (``int_view``)."""
         if self._ints is not None:
             return self._ints.sum(1, dtype=BITS[t.element_size()][1])
