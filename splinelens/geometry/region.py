@@ -206,9 +206,9 @@ def sampled_local_complexity(
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, min(directions, d), generator=g, dtype=torch.float64))
     q = torch.cat([q.T, -q.T]).to(x64)  # (2P, D)
-    x, radii = x64, radii.double()
+    x = x64
     counts = []
-    for r in radii:
+    for r in radii.double():
         pts = x.reshape(len(x), 1, d) + r * q  # (N, 2P, D)
         pts = torch.cat([x.reshape(len(x), 1, d), pts], 1).reshape(-1, *x.shape[1:])
         codes = [c.view(len(x), -1, c.shape[1]) for c in _unit_codes(view, pts)]  # (N, 2P+1, K)
