@@ -47,12 +47,34 @@ def _near_knots(knots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("dyadic", [True, False])
 def test_piece_index_is_bucketize(dtype: torch.dtype, dyadic: bool) -> None:
-    """The table lookup finds bucketize's piece, at the knots and the floats beside them too."""
+    """The table lookup finds bucketize's piece against the float64 knots, at the knots and the
+    floats beside them too (float32 inputs at float32-rounded knots included: rounding the knots
+    to float32 put such an input in the next piece)."""
     act = _random_spline(40, seed=1, dyadic=dyadic)
     assert (len(act.cells) > 0) == dyadic  # the fast path is taken exactly for dyadic knots
     z = _near_knots(act.knots, dtype)
     k = piece_index(z, act.knots, act.cells, act.inv_step, act.first)
-    assert torch.equal(k, torch.bucketize(z, act.knots.to(dtype)))
+    assert torch.equal(k, torch.bucketize(z.double(), act.knots))
+
+
+def test_a_float32_input_at_a_rounded_knot_takes_the_float64_knots_piece() -> None:
+    """softsign with 1000 pieces has knots too spread for a lookup table; a float32 input equal
+    to a knot rounded to float32 lies in the piece the float64 knots give it (reference:
+    bucketize in float64), in the codes and in A (that piece's slope)."""
+    fit = sl.fit_activation("softsign", pieces=1000)
+    act = sl.SplineActivation.from_fit(fit)
+    assert len(act.cells) == 0
+    moved = (fit.knots.float().double() != fit.knots).nonzero().reshape(-1)
+    assert len(moved) > 0
+    net = nn.Sequential(nn.Linear(1, 1), act).eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    z = fit.knots[moved].float()[:, None]  # (M, 1) float32 inputs at rounded knots
+    piece = torch.bucketize(z.double(), fit.knots)[:, 0]
+    assert torch.equal(sl.partition_codes(net, z).layers[0].states()[:, 0], piece)
+    slopes = sl.affine_map(net, z).A[:, 0, 0]
+    torch.testing.assert_close(slopes, fit.slopes[piece].float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dyadic", [True, False])

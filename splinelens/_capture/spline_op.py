@@ -73,9 +73,11 @@ def _common_step(knots: Tensor) -> float | None:
 
 
 def piece_index(z: Tensor, knots: Tensor, cells: Tensor, inv_step: float, first: int) -> Tensor:
-    """The piece of every entry of z (same shape, int64): ``torch.bucketize(z, knots)``."""
+    """The piece of every entry of z (same shape, int64): ``torch.bucketize(z, knots)``, in the
+    wider of the two dtypes (float32 knots rounded from float64 ones move; z widens exactly)."""
     if len(cells) == 0 or z.dtype not in _EXACT:
-        return torch.bucketize(z, knots.to(z.dtype))
+        dt = torch.promote_types(z.dtype, knots.dtype)
+        return torch.bucketize(z.detach().to(dt), knots.to(dt))
     return lookup(cells, _cell(z, cells, inv_step, first))
 
 
