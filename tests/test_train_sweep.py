@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from splinelens.paper import sweep as sweep_mod
 from splinelens.paper.config import TrainConfig
+from splinelens.paper.records import MixedDevicesWarning
 from splinelens.paper.report import report
 from splinelens.paper.sweep import load_runs, run_id, run_sweep
 from splinelens.paper.train import (
@@ -248,6 +250,16 @@ def test_run_ids_of_existing_sweeps_are_unchanged() -> None:
     fmnist = TrainConfig(epochs=12, train_subset=2000, test_subset=2000, progress=False)
     assert run_id(fmnist) == "8b4bb939c8b8"  # results/fmnist-2k, lam 0, seed 0
     assert run_id(replace(BASE, threads=2)) != run_id(BASE)  # a setting that may change results
+    # results/cifar10-*: Python-API sweeps with relative data paths keep their ids
+    cifar = TrainConfig(dataset="cifar10", data_dir="../shared/data/cifar10-jpeg.tar.xz")
+    assert cifar.data_dir == "../shared/data/cifar10-jpeg.tar.xz"
+
+
+def test_one_data_path_spelled_several_ways_is_one_run() -> None:
+    """The Python API normalises data_dir as the command line does its own ("./d", "d/",
+    "e/../d" and "d" are one run id; the command line also makes it absolute)."""
+    ids = {run_id(replace(BASE, data_dir=d)) for d in ("./data", "data/", "x/../data", "data")}
+    assert len(ids) == 1 and run_id(replace(BASE, data_dir="data2")) not in ids
 
 
 @pytest.mark.parametrize(
@@ -517,3 +529,19 @@ def test_a_folder_that_cannot_hold_a_sweep_is_refused_before_training(
     ):
         run_sweep(BASE, [0.0], seeds=1, out=tmp_path / "b")
     assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_a_sweep_of_runs_trained_on_two_kinds_of_device_says_so(tmp_path) -> None:
+    """Run ids do not name the device, so a sweep resumed on a GPU takes up the CPU's runs; its
+    records then hold two kinds of device (runtime.device), whose numbers differ in their last
+    digits: loading them warns, naming both (one kind, or a device index, is quiet)."""
+    run_sweep(BASE, [0.0, 0.5], seeds=1, out=tmp_path)
+    path = tmp_path / "runs" / f"{run_id(replace(BASE, lam=0.5))}.json"
+    rec = json.loads(path.read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_runs(tmp_path)) == 2  # all on the cpu: no warning
+    rec["runtime"]["device"] = "cuda:0"  # as a GPU machine resuming the sweep writes it
+    path.write_text(json.dumps(rec))
+    with pytest.warns(MixedDevicesWarning, match="trained on cpu and cuda"):
+        assert len(load_runs(tmp_path)) == 2

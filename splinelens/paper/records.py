@@ -23,7 +23,15 @@ from typing import Any
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.train import summarize
 
-__all__ = ["CONFIG_KEYS", "RunRecordWarning", "read_record", "run_id"]
+__all__ = [
+    "CONFIG_KEYS",
+    "MixedDevicesWarning",
+    "RunRecordWarning",
+    "check_devices",
+    "read_record",
+    "run_id",
+    "valid_records",
+]
 
 CONFIG_KEYS = ("dataset", "arch", "lam", "seed", "epochs")  # the config's columns in results.csv
 _FIELDS = frozenset(f.name for f in fields(TrainConfig))
@@ -31,6 +39,36 @@ _FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 class RunRecordWarning(UserWarning):
     """A run record that is not valid JSON or lacks what a record holds; it is re-run."""
+
+
+class MixedDevicesWarning(UserWarning):
+    """The finished runs of one sweep were trained on different kinds of device."""
+
+
+def check_devices(records: list[dict[str, Any]]) -> None:
+    """Warn when finished runs were trained on different kinds of device (cpu, cuda, mps): a
+    run's id does not name its device, so a sweep resumed elsewhere takes up the runs it finds,
+    but float kernels round otherwise on each kind, so their numbers are not comparable bit for
+    bit (each record's ``runtime.device`` says which).
+
+    >>> check_devices([{"status": "finished", "runtime": {"device": "cpu"}}])  # one kind: quiet
+    """
+    kinds = sorted(
+        {
+            str(rec["runtime"]["device"]).split(":")[0]
+            for rec in records
+            if rec.get("status") == "finished" and "device" in (rec.get("runtime") or {})
+        }
+    )
+    if len(kinds) > 1:
+        warnings.warn(
+            f"the finished runs of this sweep were trained on {' and '.join(kinds)} (each "
+            "record's runtime.device): their numbers differ between kinds of device in their "
+            "last digits; to compare them bit for bit, delete the records of one kind and run "
+            "the sweep again on the other",
+            MixedDevicesWarning,
+            stacklevel=3,
+        )
 
 
 def run_id(cfg: TrainConfig) -> str:
@@ -54,6 +92,12 @@ def read_record(path: Path, then: str = "skipped") -> dict[str, Any] | None:
         msg = f"{path} is not a valid run record ({why}); {then}"
         warnings.warn(msg, RunRecordWarning, stacklevel=3)
     return None
+
+
+def valid_records(out: Path, then: str = "") -> list[tuple[Path, dict[str, Any]]]:
+    """Each valid run record in ``out/runs`` with its path (invalid ones: warned ``then``)."""
+    found = ((p, read_record(p, then)) for p in sorted((out / "runs").glob("*.json")))
+    return [(p, rec) for p, rec in found if rec is not None]
 
 
 def _problem(rec: Any, stem: str) -> str:

@@ -38,7 +38,14 @@ from typing import Any
 from splinelens._io import Locks, file_sha256
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.files import write_csv, write_json
-from splinelens.paper.records import CONFIG_KEYS, RunRecordWarning, read_record, run_id
+from splinelens.paper.records import (
+    CONFIG_KEYS,
+    RunRecordWarning,
+    check_devices,
+    read_record,
+    run_id,
+    valid_records,
+)
 from splinelens.paper.train import (
     DivergedError,
     checkpoint_problem,
@@ -245,7 +252,7 @@ def _check_same_sweep(out: Path, base: TrainConfig) -> None:
     old = _sweep_base(out)
     changes = _differences(old, base) if old else ""
     if not changes:
-        for path, rec in _valid_records(out):
+        for path, rec in valid_records(out):
             changes = _differences(_config(rec), base)
             if changes:
                 changes += f"; see {path}"
@@ -281,12 +288,6 @@ def _differences(old: TrainConfig, new: TrainConfig) -> str:
 def _config(rec: dict[str, Any]) -> TrainConfig:
     """The config of a valid run record."""
     return TrainConfig(**rec["config"])
-
-
-def _valid_records(out: Path, then: str = "") -> list[tuple[Path, dict[str, Any]]]:
-    """Each valid run record in ``out/runs`` with its path (invalid ones: warned ``then``)."""
-    found = ((p, read_record(p, then)) for p in sorted((out / "runs").glob("*.json")))
-    return [(p, rec) for p, rec in found if rec is not None]
 
 
 def _run_ray(
@@ -341,8 +342,9 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
     Runs of different settings (apart from lambda and seed), among themselves or with
     sweep.json, are not one sweep: a ValueError naming two such files and the settings.
     """
-    found = _valid_records(Path(out), "skipped (splinelens sweep re-runs it)")
+    found = valid_records(Path(out), "skipped (splinelens sweep re-runs it)")
     _check_one_sweep(Path(out), found)
+    check_devices([rec for _, rec in found])
     return [rec for _, rec in found]
 
 
