@@ -14,7 +14,6 @@ ValueError: TrainConfig.epochs: expected an integer >= 1 and <= 2147483647, got 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -47,7 +46,7 @@ class TrainConfig:
     bias: bool = True
     train_subset: int = 0  # use the first N training examples (0: all)
     test_subset: int = 0  # use the first N test examples (0: all)
-    data_dir: str = ""  # local dataset directory or archive ("": the default; normalised)
+    data_dir: str = ""  # dataset directory or archive ("": default); in the id as written
     device: str = "auto"  # "auto": cuda when available
     bf16: bool = False  # bf16 autocast for the forward pass (GPU)
     threads: int = 1  # torch CPU threads during the run (results may depend on it)
@@ -72,8 +71,6 @@ class TrainConfig:
             self.device = device_name(self.device)
         except ValueError as e:
             raise ValueError(f"TrainConfig.device: {e}") from None
-        if self.data_dir:  # one spelling per path: "./d", "d/" and "d" are one run id
-            self.data_dir = os.path.normpath(self.data_dir)
 
     def identity(self) -> dict[str, object]:
         """The fields that define the run's result (not how it is displayed or where it runs).
