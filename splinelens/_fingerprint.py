@@ -43,6 +43,7 @@ from splinelens._tensors import model_state, version
 
 Tensor = torch.Tensor
 _DIVERGED = "the model diverged?"
+Groups = tuple[torch.dtype, list[int], Tensor]  # (dtype of a bit sum, its pieces, odd weights)
 
 
 class WeightsFingerprint(NamedTuple):
@@ -88,9 +89,8 @@ class ModelTensors:
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
         self.named = named
-        self._key: list[tuple] = []
-        self._plan: list[_Piece] = []
-        self._groups: list[tuple[torch.dtype, list[int], Tensor]] = []  # of the bit sums
+        # (layout key, pieces, groups of the bit sums), replaced as one (threads share a view)
+        self._planned: tuple[list[tuple], list[_Piece], list[Groups]] = ([], [], [])
 
     def fingerprint(self) -> WeightsFingerprint:
         """The wide fingerprint of the tensors now (non-finite entries allowed)."""
@@ -108,35 +108,37 @@ class ModelTensors:
     def sums(self) -> list[Tensor]:
         """Each piece's sum in its own dtype, 0-d, not synchronised: all finite means every
         entry is (``all_finite``); else ``check_finite`` says which, or that a sum overflowed."""
-        return sum_parts(self._pieces())
+        return sum_parts(self._pieces()[2])
 
     def ids(self) -> tuple[tuple[str, int, int, int], ...]:
         """(name, id, version counter, data pointer) of each tensor, as in a fingerprint."""
         return _ids(self.named)
 
     def _fingerprint(self, check: bool) -> WeightsFingerprint:
-        joined = self._pieces()
+        plan, groups, joined = self._pieces()
         if not joined:
             return WeightsFingerprint(self.ids(), (), ())
-        sums = stacked([p.float_sum(t) for p, t in zip(self._plan, joined, strict=True)])
+        sums = stacked([p.float_sum(t) for p, t in zip(plan, joined, strict=True)])
         for i, s in enumerate(sums):
             if not math.isfinite(s):  # NaN or inf entries, or only a sum that overflows?
                 if check:
-                    for j in self._plan[i].idx:
+                    for j in plan[i].idx:
                         name, t = self.named[j]
                         check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
                 sums[i] = wide_sum(joined[i])
-        rows = [p.bit_rows(t) for p, t in zip(self._plan, joined, strict=True)]
-        bits = [(torch.cat([rows[i] for i in ix]) * w).sum(dtype=dt) for dt, ix, w in self._groups]
+        rows = [p.bit_rows(t) for p, t in zip(plan, joined, strict=True)]
+        bits = [(torch.cat([rows[i] for i in ix]) * w).sum(dtype=dt) for dt, ix, w in groups]
         return WeightsFingerprint(self.ids(), tuple(sums), tuple(stacked(bits)) if bits else ())
 
-    def _pieces(self) -> list[Tensor]:
-        """What is summed: each large tensor, and the small ones of a dtype and device joined."""
+    def _pieces(self) -> tuple[list[_Piece], list[Groups], list[Tensor]]:
+        """The plan, its groups, and what is summed: each large tensor, and the small ones of a
+        dtype and device joined (planned again when a tensor's layout or storage changed)."""
         key = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for _, t in self.named]
-        if key != self._key:
-            self._key, self._plan = key, _plan(self.named)
-            self._groups = _piece_groups(self._plan)
-        return [p.tensor() for p in self._plan]
+        planned = self._planned
+        if key != planned[0]:
+            plan = _plan(self.named)
+            planned = self._planned = (key, plan, _piece_groups(plan))
+        return planned[1], planned[2], [p.tensor() for p in planned[1]]
 
 
 _SMALL = 8192  # entries: a tensor this small is summed with the others of its dtype and device
@@ -198,7 +200,7 @@ class _Piece:
         return row_sums(v, dt)
 
 
-def _piece_groups(plan: list[_Piece]) -> list[tuple[torch.dtype, list[int], Tensor]]:
+def _piece_groups(plan: list[_Piece]) -> list[Groups]:
     """The groups of the bit sums, by dtype of the sum and device: (that dtype, the indices of
     the group's non-empty pieces in ``plan``, fixed odd weights, one per row of those pieces).
 
@@ -215,7 +217,8 @@ def _piece_groups(plan: list[_Piece]) -> list[tuple[torch.dtype, list[int], Tens
         numel = sum(v.numel() for v in piece.views)
         if numel:
             v, dt = int_view(piece.views[0])
-            rows = row_count(v) if len(piece.views) == 1 else numel
+            joined_rows = 1 if numel > ROWS else numel  # (row_count of the joined vector)
+            rows = row_count(v) if len(piece.views) == 1 else joined_rows
             idx, n = groups.get((dt, v.device), ([], 0))
             groups[(dt, v.device)] = ([*idx, i], n + rows)
     return [(dt, idx, odd_weights(n, dt, dev)) for (dt, dev), (idx, n) in groups.items()]

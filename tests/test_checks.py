@@ -70,6 +70,35 @@ def test_model_tensors_follow_data_that_moves_to_new_storage() -> None:
         tensors.check()
 
 
+def test_a_fingerprint_taken_while_another_call_plans_is_whole(monkeypatch) -> None:
+    """Threads share a view's ModelTensors: a fingerprint taken while another call is still
+    planning (here from inside the planning) uses a whole plan, never new pieces with the old
+    groups of the bit sums (reference: a fresh ModelTensors; it gave bits=(); found in review)."""
+    named = list(model_state(mnist_mlp()))
+    tensors, reference = _fingerprint.ModelTensors(named), _fingerprint.ModelTensors(named)
+    inner: list = []
+    real = _fingerprint._piece_groups
+
+    def planning(plan: list) -> list:
+        if not inner:
+            inner.append(None)
+            inner[0] = tensors.fingerprint()  # another caller, mid-planning
+        return real(plan)
+
+    monkeypatch.setattr(_fingerprint, "_piece_groups", planning)
+    assert tensors.fingerprint() == inner[0] == reference.fingerprint()
+
+
+def test_the_fingerprint_of_many_small_tensors_past_4m_entries_is_its_definition() -> None:
+    """520 small float32 vectors joined hold more than 4M entries: their bit sum is the total's
+    (as a vector past 4M rows), beside a large tensor of the same width (its weights were
+    misaligned: other bits, or an error; found in review)."""
+    torch.manual_seed(0)
+    named = [(f"b{i}", torch.randn(8192)) for i in range(520)] + [("w", torch.randn(300, 200))]
+    fp = _fingerprint.ModelTensors(named).check()
+    assert (fp.sums, fp.bits) == _reference_fingerprint(named)
+
+
 _INTS = {2: (torch.int16, torch.int32), 4: (torch.int32, torch.int32), 8: (torch.int64,) * 2}
 
 
@@ -94,7 +123,10 @@ def _reference_fingerprint(named: list[tuple[str, torch.Tensor]]) -> tuple[tuple
         if p.numel():
             ints, acc = _INTS[p.element_size()]
             v = p.view(ints)
-            r = v.to(acc) if v.dim() == 1 else v.reshape(len(v), -1).sum(1, dtype=acc)
+            if len(v) > 1 << 22:  # past 4M rows (a vector's entries): its total alone
+                r = v.sum(dtype=acc).reshape(1)
+            else:
+                r = v.to(acc) if v.dim() == 1 else v.reshape(len(v), -1).sum(1, dtype=acc)
             rows.setdefault(acc, []).append(r)
     bits = []
     for acc, parts in rows.items():
