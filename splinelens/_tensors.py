@@ -1,8 +1,7 @@
 """The model's tensors: every floating parameter, buffer and tensor attribute it computes with.
 
 ``model_state`` lists them by qualified name (``_fingerprint`` checks them for NaN and inf and
-sees whether they changed); ``float64_copy`` is the model in float64, for exact references, and
-``float64_twin`` such a copy kept per model and given its current values at every call.
+sees whether they changed); ``float64_copy`` is the model in float64, for exact references.
 
 >>> import torch.nn as nn
 >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
@@ -13,13 +12,12 @@ sees whether they changed); ``float64_copy`` is the model in float64, for exact 
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
-from splinelens._structure import Structure, added_attributes, module_list, structure
+from splinelens._structure import added_attributes, module_list
 
 Tensor = torch.Tensor
 _REGISTERED = ("_parameters", "_buffers", "_modules")  # a module's own bookkeeping
@@ -125,45 +123,3 @@ def _to_float64(v: object, depth: int = 0) -> object:
     if depth < 4 and type(v) is dict:
         return {k: _to_float64(u, depth + 1) for k, u in v.items()}
     return v
-
-
-_TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def float64_twin(model: nn.Module) -> nn.Module:
-    """``float64_copy(model)``, kept per model (its capture is reused) and given the model's
-    current values at every call; copied again when the model's structure changed.
-
-    >>> import torch.nn as nn
-    >>> net = nn.Linear(2, 1)
-    >>> twin = float64_twin(net)
-    >>> _ = net.weight.data.fill_(0.5)  # through .data: the twin follows at the next call
-    >>> float64_twin(net) is twin, twin.weight.dtype, float(twin.weight[0, 0].detach())
-    (True, torch.float64, 0.5)
-    """
-    if all(t.dtype == torch.float64 for _, t in model_state(model)):
-        return model
-    now = structure(model)
-    held = _TWINS.get(model)
-    if held is not None and held[0] == now and _refresh(model, held[1]):
-        return held[1]
-    twin = float64_copy(model)
-    _TWINS[model] = (now, twin)
-    return twin
-
-
-def _refresh(model: nn.Module, twin: nn.Module) -> bool:
-    """Copy the model's floating tensors and modes into its twin's; False if they no longer
-    match."""
-    ours, theirs = list(model_state(model)), list(model_state(twin))
-    pairs = list(zip(ours, theirs, strict=False))
-    if len(ours) != len(theirs) or any(a != b or t.shape != u.shape for (a, t), (b, u) in pairs):
-        return False
-    with torch.no_grad():
-        for (_, t), (_, u) in pairs:
-            u.copy_(t)
-    for (_, m), (_, twin_m) in zip(module_list(model), module_list(twin), strict=True):
-        twin_m.training = m.training  # (not in the structure: the checks refuse it by module)
-    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -264,3 +265,55 @@ def test_the_float64_twin_follows_the_model() -> None:
     del model
     gc.collect()
     assert gone() is None  # the copy kept per model does not keep the model alive
+
+
+class _Permuted(nn.Module):
+    """An MLP whose input is permuted by an int64 buffer, with an attribute (a function) that
+    closes over the module itself, and optionally a lock (an object deepcopy refuses)."""
+
+    def __init__(self, lock: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+        self.register_buffer("perm", torch.arange(4))
+        self.describe = lambda: f"{sum(p.numel() for p in self.parameters())} parameters"
+        if lock:
+            self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x[:, self.perm])))
+
+
+def _radius64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The float64 reference: region_radius of an explicit float64 rebuild of the model."""
+    ref = _Permuted().double().eval()
+    state = model.state_dict()
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    return sl.region_radius(ref, x.double())
+
+
+def test_the_float64_twin_follows_integer_buffers_and_frees_its_model() -> None:
+    """An in-place change of an int64 buffer reaches the float64 copy (it is the model's own
+    tensor), and a model with a function closing over itself is still freed once dropped (its
+    copy, which would lead back to it, is not kept). Reference: explicit float64 rebuilds."""
+    torch.manual_seed(0)
+    model, x = _Permuted().eval(), torch.randn(5, 4)
+    torch.testing.assert_close(sl.region_radius(model, x), _radius64(model, x).float())
+    model.perm.copy_(torch.tensor([3, 2, 1, 0]))  # in place: no new object, no new structure
+    after = sl.region_radius(model, x)
+    torch.testing.assert_close(after, _radius64(model, x).float(), rtol=0, atol=0)
+    assert not torch.equal(after, sl.region_radius(_Permuted().eval(), x))  # (it did change)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_model_that_cannot_be_copied_is_measured_in_its_own_dtype_with_a_warning() -> None:
+    """A float32 model holding a lock cannot be deep-copied to float64: the region geometry
+    says so and runs in float32, as it did before (reference: the float64 rebuild, to float32
+    precision)."""
+    torch.manual_seed(0)
+    model, x = _Permuted(lock=True).eval(), torch.randn(5, 4)
+    with pytest.warns(UserWarning, match="cannot be copied to float64.*computing in torch.float32"):
+        r = sl.region_radius(model, x)
+    torch.testing.assert_close(r, _radius64(model, x).float(), rtol=1e-4, atol=1e-6)

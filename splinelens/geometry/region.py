@@ -21,6 +21,7 @@ tensor([1.4000], dtype=torch.float64)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ from splinelens._checks import (
     unwrap_model,
 )
 from splinelens._precision import exact_matmul
-from splinelens._tensors import float64_twin
+from splinelens._twin import float64_twin
 from splinelens.geometry.units import UnitTable, slot_tangents, unit_table
 from splinelens.view import SplineView, view_of
 
@@ -117,8 +118,13 @@ def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor]:
     model = unwrap_model(model)
     check_input("x", x)
     check_dtype(model, x)
+    try:
+        twin = float64_twin(model)
+    except ValueError as e:  # a model that cannot be copied: in its own dtype, as said
+        warnings.warn(f"{e}; computing in {x.dtype} instead", stacklevel=3)
+        return view_of(model, x), x
     x64 = x.double()
-    return view_of(float64_twin(model), x64), x64
+    return view_of(twin, x64), x64
 
 
 def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._checks import unwrap_model
-from splinelens._tensors import float64_twin
+from splinelens._twin import float64_twin
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
 from splinelens.geometry.cutting import cut, decision_boundary

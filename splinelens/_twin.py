@@ -1,0 +1,107 @@
+"""A model's float64 twin: a float64 copy kept per model, for exact geometry of any model.
+
+``float64_twin(model)`` is ``float64_copy(model)`` made once and kept while the model lives (so
+its capture is reused), given the model's current floating values and modes at every call, and
+copied again when the model's structure changes. Its other tensors (integer index buffers,
+boolean masks) are the model's own objects, so they follow every change.
+
+>>> import torch.nn as nn
+>>> net = nn.Linear(2, 1)
+>>> twin = float64_twin(net)
+>>> _ = net.weight.data.fill_(0.5)  # through .data: the twin follows at the next call
+>>> float64_twin(net) is twin, twin.weight.dtype, float(twin.weight[0, 0].detach())
+(True, torch.float64, 0.5)
+"""
+
+from __future__ import annotations
+
+import gc
+import types
+import weakref
+
+import torch
+import torch.nn as nn
+
+from splinelens._structure import Structure, module_list, structure
+from splinelens._tensors import float64_copy, model_state
+
+__all__ = ["float64_twin"]
+
+_TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+_WALK = 200_000  # objects looked at for a way back from a twin to its model
+
+
+def float64_twin(model: nn.Module) -> nn.Module:
+    """The model itself if it is float64, else its float64 twin (see the module); a ValueError
+    naming why if it cannot be copied (deep-copied, then converted)."""
+    if all(t.dtype == torch.float64 for _, t in model_state(model)):
+        return model
+    now = structure(model)
+    held = _TWINS.get(model)
+    if held is not None and held[0] == now and _refresh(model, held[1]):
+        return held[1]
+    try:
+        twin = float64_copy(model)
+    except Exception as e:  # (a lock, a file handle, an object that refuses to be copied)
+        raise ValueError(
+            f"the model cannot be copied to float64 ({type(e).__name__}: {e}); pass "
+            f"model.double() and float64 inputs"
+        ) from e
+    _share_other_tensors(model, twin)
+    if not _refers_to(twin, model):  # (kept, a twin that refers to its model keeps it alive)
+        _TWINS[model] = (now, twin)
+    return twin
+
+
+def _refresh(model: nn.Module, twin: nn.Module) -> bool:
+    """Copy the model's floating tensors and modes into its twin's; False if they no longer
+    match."""
+    ours, theirs = list(model_state(model)), list(model_state(twin))
+    pairs = list(zip(ours, theirs, strict=False))
+    if len(ours) != len(theirs) or any(a != b or t.shape != u.shape for (a, t), (b, u) in pairs):
+        return False
+    with torch.no_grad():
+        for (_, t), (_, u) in pairs:
+            u.copy_(t)
+    for (_, m), (_, twin_m) in zip(module_list(model), module_list(twin), strict=True):
+        twin_m.training = m.training  # (not in the structure: the checks refuse it by module)
+    return True
+
+
+def _share_other_tensors(model: nn.Module, twin: nn.Module) -> None:
+    """Give the twin the model's own non-floating buffers and tensor attributes (float64_copy
+    leaves them as they are): an in-place change of an index buffer reaches the twin."""
+    for (_, m), (_, twin_m) in zip(module_list(model), module_list(twin), strict=True):
+        for name, t in m._buffers.items():
+            if t is not None and not t.is_floating_point():
+                twin_m._buffers[name] = t
+        for name, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                vars(twin_m)[name] = v
+
+
+def _refers_to(twin: nn.Module, model: nn.Module) -> bool:
+    """Whether the twin's objects lead back to one of the model's modules (a function that
+    deepcopy shares, closing over the model); or more objects than ``_WALK`` to tell.
+    Functions' globals, modules and classes are not followed: they are not the twin's."""
+    targets = {id(m) for _, m in module_list(model)}
+    seen, todo = {id(twin)}, [twin]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in targets:
+            return True
+        if isinstance(obj, types.FunctionType):
+            nxt = [obj.__closure__, obj.__defaults__, obj.__kwdefaults__, obj.__dict__]
+        elif isinstance(obj, (type, types.ModuleType)):
+            continue
+        else:
+            nxt = gc.get_referents(obj)
+        for o in nxt:
+            if o is not None and id(o) not in seen:
+                seen.add(id(o))
+                todo.append(o)
+        if len(seen) > _WALK:
+            return True
+    return False
