@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import splinelens as sl
-from splinelens.geometry import maso as maso_mod
 from splinelens.paper.neighbors import others, region_ids
 from splinelens.paper.templates import template_responses
 
@@ -1058,53 +1057,6 @@ def test_a_cached_view_does_not_keep_a_mode_dependent_model_alive() -> None:
     del net
     gc.collect()
     assert ref() is None
-
-
-class _RootOwned(nn.Module):
-    """A network whose root module owns a parameter and a buffer itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-        self.register_buffer("shift", torch.zeros(3))
-        self.l0, self.l1 = nn.Linear(3, 8), nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l1(torch.relu(self.l0(x * self.scale + self.shift)))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_caches_do_not_keep_a_model_that_owns_parameters_alive(dtype) -> None:
-    """A parameter or buffer of the root module made the program hold the root, and the cache
-    keyed weakly by that root then never let it go (found in review): every entry point leaves
-    it to the garbage collector (reference: a weak reference to it)."""
-    calls = [
-        lambda m, x: sl.affine_map(m, x).A,
-        lambda m, x: sl.partition_codes(m, x),
-        lambda m, x: sl.verify(m, x),
-        lambda m, x: sl.region_radius(m, x),
-        lambda m, x: sl.slice_partition(m, points=tuple(x[:3]), margin=0.1),
-    ]
-    for call in calls:
-        net = _RootOwned().to(dtype).eval()
-        call(net, torch.randn(4, 3, dtype=dtype))
-        ref = weakref.ref(net)
-        del net
-        gc.collect()
-        assert ref() is None
-
-
-def test_a_layer_maso_outlives_the_models_other_references(monkeypatch) -> None:
-    """The MASO of a large layer runs the capture for its slots: it holds its model, so it
-    keeps working once the caller dropped the model (reference: its values before)."""
-    monkeypatch.setattr(maso_mod, "_DENSE", 0)  # no dense W: slots come from the capture
-    net, x = _RootOwned().double().eval(), torch.randn(4, 3, dtype=torch.float64)
-    maso = sl.layer_maso(net, x, 0)
-    h = torch.randn(5, 3, dtype=torch.float64)
-    before = maso(h)
-    del net
-    gc.collect()
-    torch.testing.assert_close(maso(h), before, rtol=0, atol=0)
 
 
 def test_a_map_refuses_x_or_an_index_buffer_changed_in_place() -> None:

@@ -21,7 +21,6 @@ import gc
 import io
 import logging
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -252,15 +251,11 @@ class _Compiler:
         return out, None
 
     def _params(self) -> tuple[tuple[str, nn.Module, str], ...]:
-        """(placeholder, owner module, attribute) of each parameter and buffer, the owner by a
-        weak proxy: a program in a cache keyed weakly by its model must not keep the model alive
-        (a parameter or buffer of the root module made the root its owner). Whoever runs the
-        program holds the model (a view, a map); a freed one raises ReferenceError."""
         sig = self.ep.graph_signature
         out = []
         for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
             owner_path, _, attr = fqn.rpartition(".")
-            out.append((ph, weakref.proxy(self.model.get_submodule(owner_path)), attr))
+            out.append((ph, self.model.get_submodule(owner_path), attr))
         for ph, cname in sig.inputs_to_lifted_tensor_constants.items():
             self.ep.constants.setdefault(ph, self.ep.constants[cname])
         return tuple(out)

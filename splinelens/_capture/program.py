@@ -15,8 +15,7 @@ runs except the given ones and those only given nodes read (a slice's prefix run
 
 >>> import torch, torch.nn as nn
 >>> from splinelens._capture import capture
->>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()  # (the program reads it live)
->>> prog = capture(net, torch.randn(2, 4))
+>>> prog = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4))
 >>> values, states = prog.record(torch.randn(5, 4))
 >>> frozen = prog.frozen(torch.zeros(5, 4), states)   # B[x]: the frozen network at zero
 >>> frozen[prog.output_name].shape
@@ -93,7 +92,7 @@ class Program:
     steps: tuple[Step, ...]
     input_name: str
     output_name: str
-    params: tuple[tuple[str, torch.nn.Module, str], ...]  # (placeholder, owner (weak), attribute)
+    params: tuple[tuple[str, torch.nn.Module, str], ...]  # (placeholder, owner module, attribute)
     constants: Mapping[str, Tensor]
     layers: tuple[Layer, ...]
     bdims: Mapping[str, int]  # node -> position of the batch dimension in its value

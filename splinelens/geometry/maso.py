@@ -195,7 +195,6 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
         return _run_from(view, table, x1, states, start, h)
 
     m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
-    m._held = (model,)  # pre runs the capture, which reads the live model (a plain attribute)
     d, s = math.prod(in_shape), table.idx.max() + 1
     if d * s <= _DENSE:
         basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)
