@@ -31,6 +31,7 @@ _TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
 _WALK = 200_000  # objects looked at for a way back from a twin to its model
+_ATOMS = frozenset({str, bytes, int, float, bool, complex, type(None)})  # (no referents)
 
 
 def float64_twin(model: nn.Module) -> nn.Module:
@@ -62,8 +63,13 @@ def _refresh(model: nn.Module, twin: nn.Module) -> bool:
     pairs = list(zip(ours, theirs, strict=False))
     if len(ours) != len(theirs) or any(a != b or t.shape != u.shape for (a, t), (b, u) in pairs):
         return False
+    others, twins = _other_tensors(model), _other_tensors(twin)
+    if len(others) != len(twins) or any(t.shape != u.shape for t, u in zip(others, twins)):
+        return False
     with torch.no_grad():
         for (_, t), (_, u) in pairs:
+            u.copy_(t)
+        for t, u in zip(others, twins):
             u.copy_(t)
     for (_, m), (_, twin_m) in zip(module_list(model), module_list(twin), strict=True):
         twin_m.training = m.training  # (not in the structure: the checks refuse it by module)
@@ -82,10 +88,31 @@ def _share_other_tensors(model: nn.Module, twin: nn.Module) -> None:
                 vars(twin_m)[name] = v
 
 
+def _other_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's non-floating tensors inside list, tuple and dict attributes (not shared
+    with the twin: copied into it at every call)."""
+    out: list[torch.Tensor] = []
+
+    def walk(v: object, depth: int) -> None:
+        if isinstance(v, torch.Tensor):
+            if not v.is_floating_point():
+                out.append(v)
+        elif depth < 4 and type(v) in (list, tuple, dict):
+            for u in v.values() if type(v) is dict else v:
+                walk(u, depth + 1)
+
+    for _, m in module_list(model):
+        for k, v in vars(m).items():
+            if k not in ("_parameters", "_buffers", "_modules") and type(v) in (list, tuple, dict):
+                walk(v, 1)
+    return out
+
+
 def _refers_to(twin: nn.Module, model: nn.Module) -> bool:
     """Whether the twin's objects lead back to one of the model's modules (a function that
     deepcopy shares, closing over the model); or more objects than ``_WALK`` to tell.
-    Functions' globals, modules and classes are not followed: they are not the twin's."""
+    Functions' globals and modules are not followed (they are not the twin's); classes are
+    (deepcopy shares them, and a class made in ``__init__`` may close over the model)."""
     targets = {id(m) for _, m in module_list(model)}
     seen, todo = {id(twin)}, [twin]
     while todo:
@@ -94,12 +121,12 @@ def _refers_to(twin: nn.Module, model: nn.Module) -> bool:
             return True
         if isinstance(obj, types.FunctionType):
             nxt = [obj.__closure__, obj.__defaults__, obj.__kwdefaults__, obj.__dict__]
-        elif isinstance(obj, (type, types.ModuleType)):
+        elif isinstance(obj, types.ModuleType) or obj is object or obj is type:
             continue
         else:
             nxt = gc.get_referents(obj)
         for o in nxt:
-            if o is not None and id(o) not in seen:
+            if type(o) not in _ATOMS and id(o) not in seen:
                 seen.add(id(o))
                 todo.append(o)
         if len(seen) > _WALK:

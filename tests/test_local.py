@@ -267,38 +267,57 @@ def test_the_float64_twin_follows_the_model() -> None:
     assert gone() is None  # the copy kept per model does not keep the model alive
 
 
-class _Permuted(nn.Module):
-    """An MLP whose input is permuted by an int64 buffer, with an attribute (a function) that
-    closes over the module itself, and optionally a lock (an object deepcopy refuses)."""
+class _Perm(nn.Module):
+    """Permutes its input's features by an int64 buffer, or by an index held in a list."""
 
-    def __init__(self, lock: bool = False) -> None:
+    def __init__(self, in_list: bool) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
         self.register_buffer("perm", torch.arange(4))
-        self.describe = lambda: f"{sum(p.numel() for p in self.parameters())} parameters"
+        self.held = [torch.arange(4)] if in_list else []
+
+    def index(self) -> torch.Tensor:
+        return self.held[0] if self.held else self.perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.index()]
+
+
+class _Permuted(nn.Module):
+    """An MLP whose input is permuted (``_Perm``), with an attribute (a function) that closes
+    over the module itself, and optionally a lock (an object deepcopy refuses)."""
+
+    def __init__(self, lock: bool = False, in_list: bool = False, closure: bool = True) -> None:
+        super().__init__()
+        self.p = _Perm(in_list)
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+        if closure:
+            self.describe = lambda: f"{sum(p.numel() for p in self.parameters())} parameters"
         if lock:
             self.lock = threading.Lock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x[:, self.perm])))
+        return self.fc2(self.act(self.fc1(self.p(x))))
 
 
-def _radius64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _radius64(model: _Permuted, x: torch.Tensor) -> torch.Tensor:
     """The float64 reference: region_radius of an explicit float64 rebuild of the model."""
-    ref = _Permuted().double().eval()
+    ref = _Permuted(in_list=bool(model.p.held)).double().eval()
     state = model.state_dict()
     ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    ref.p.held = [t.clone() for t in model.p.held]
     return sl.region_radius(ref, x.double())
 
 
-def test_the_float64_twin_follows_integer_buffers_and_frees_its_model() -> None:
-    """An in-place change of an int64 buffer reaches the float64 copy (it is the model's own
-    tensor), and a model with a function closing over itself is still freed once dropped (its
+@pytest.mark.parametrize("closure", [False, True])
+@pytest.mark.parametrize("in_list", [False, True])
+def test_the_float64_twin_follows_integer_indices_and_frees_its_model(in_list, closure) -> None:
+    """An in-place change of an int64 index, a buffer or a tensor in a list, reaches the float64
+    copy, and a model with a function closing over itself is still freed once dropped (its
     copy, which would lead back to it, is not kept). Reference: explicit float64 rebuilds."""
     torch.manual_seed(0)
-    model, x = _Permuted().eval(), torch.randn(5, 4)
+    model, x = _Permuted(in_list=in_list, closure=closure).eval(), torch.randn(5, 4)
     torch.testing.assert_close(sl.region_radius(model, x), _radius64(model, x).float())
-    model.perm.copy_(torch.tensor([3, 2, 1, 0]))  # in place: no new object, no new structure
+    model.p.index().copy_(torch.tensor([3, 2, 1, 0]))  # in place: no new object or structure
     after = sl.region_radius(model, x)
     torch.testing.assert_close(after, _radius64(model, x).float(), rtol=0, atol=0)
     assert not torch.equal(after, sl.region_radius(_Permuted().eval(), x))  # (it did change)

@@ -106,15 +106,16 @@ def unit_distances(model: nn.Module, x: Tensor) -> list[Tensor]:
     seen from x's region (the linearised local geometry). ``inf``: the unit is constant there.
     Computed in float64 (``_exact_view``), returned in x's dtype.
     """
-    view, x64 = _exact_view(model, x)
+    view, x64, _twin = _exact_view(model, x)
     return [d.to(x.dtype) for d in _unit_distances(view, x64)]
 
 
-def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor]:
+def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor, nn.Module]:
     """The view of the model's float64 twin (``float64_twin``) and x in float64, after checking
     x against the model: the region geometry runs in float64 whatever the model's dtype. (In
     float32 a margin near a boundary is a difference of nearly equal numbers: a radius came out
-    1% off, and changed with the other inputs of the batch.)"""
+    1% off, and changed with the other inputs of the batch.) Also the twin: a cached view holds
+    its model weakly, and a twin that is not kept lives as long as the caller holds it."""
     model = unwrap_model(model)
     check_input("x", x)
     check_dtype(model, x)
@@ -122,9 +123,9 @@ def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor]:
         twin = float64_twin(model)
     except ValueError as e:  # a model that cannot be copied: in its own dtype, as said
         warnings.warn(f"{e}; computing in {x.dtype} instead", stacklevel=3)
-        return view_of(model, x), x
+        return view_of(model, x), x, model
     x64 = x.double()
-    return view_of(twin, x64), x64
+    return view_of(twin, x64), x64, twin
 
 
 def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
@@ -181,7 +182,7 @@ def local_complexity(model: nn.Module, x: Tensor, radii: Tensor | list[float]) -
     (torch.Size([4, 1, 3]), True)
     """
     radii = _radii(radii, x)
-    view, x64 = _exact_view(model, x)
+    view, x64, _twin = _exact_view(model, x)
     dists = _unit_distances(view, x64)
     counts = [(d[..., None] <= radii.double()).sum(1) for d in dists]
     counts = torch.stack(counts, 1) if counts else radii.new_zeros(len(x), 0, len(radii)).long()
@@ -205,7 +206,7 @@ def sampled_local_complexity(
     >>> lc.counts.shape  # (N, layers, radii)
     torch.Size([5, 1, 2])
     """
-    view, x64 = _exact_view(model, x)
+    view, x64, _twin = _exact_view(model, x)
     radii = _radii(radii, x)
     directions = check_positive_int("directions", directions)
     d = math.prod(x.shape[1:])
@@ -287,7 +288,7 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> R
     >>> bool((poly.A @ x[0] <= poly.b).all())
     True
     """
-    view, x64 = _exact_view(model, x)
+    view, x64, _twin = _exact_view(model, x)
     if len(x) != 1:
         raise ValueError(f"region_polytope takes one input (1, ...), got a batch of {len(x)}")
     dtype, x = x.dtype, x64
