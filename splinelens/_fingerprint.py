@@ -157,7 +157,7 @@ def _plan(named: list[tuple[str, Tensor]]) -> list[_Piece]:
             piece = small.setdefault((t.dtype, t.device), _Piece([], []))
             piece.idx.append(i)
             piece.views.append(t.view(-1))
-    return plan + list(small.values())
+    return [piece.prepare() for piece in plan + list(small.values())]
 
 
 class _Piece:
@@ -170,16 +170,17 @@ class _Piece:
         self._floats: Tensor | None = None  # (rows, cols): summed by rows (``fixed_sum``)
         self._ints: Tensor | None = None  # (rows, cols) of its bit patterns (``row_sums``)
 
-    def prepare(self) -> None:
+    def prepare(self) -> _Piece:
         """Make the views of a large contiguous tensor once (the rest is read per call)."""
         t = self.views[0]
         if len(self.views) > 1 or not t.is_contiguous() or t.dim() < 2:
-            return
+            return self
         rows, cols = t.shape[0], t.numel() // max(t.shape[0], 1)
         if t.numel() > CHUNK and rows <= CHUNK and cols <= CHUNK:
             self._floats = t.view(rows, cols)
         if rows <= ROWS and t.is_floating_point() and t.element_size() in BITS:
             self._ints = int_view(t)[0].view(rows, cols)
+        return self
 
     def tensor(self) -> Tensor:
         """The piece now: the large tensor, or the small ones joined (a copy)."""
@@ -210,8 +211,6 @@ def _piece_groups(plan: list[_Piece]) -> list[Groups]:
     permutation of rows (units, channels: neurons permuted through ``.data``) moves row sums to
     other weights. Integers add exactly: the same for any number of threads.
     """
-    for piece in plan:
-        piece.prepare()
     groups: dict[tuple[torch.dtype, torch.device], tuple[list[int], int]] = {}
     for i, piece in enumerate(plan):
         numel = sum(v.numel() for v in piece.views)

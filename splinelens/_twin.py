@@ -3,7 +3,7 @@
 ``float64_twin(model)`` is ``float64_copy(model)`` made once and kept while the model lives (so
 its capture is reused), given the model's current floating values and modes at every call, and
 copied again when the model's structure changes. Its other tensors (integer index buffers,
-boolean masks) are the model's own objects, so they follow every change.
+boolean masks, also in lists and dicts) are copied from the model's at every call too.
 
 >>> import torch.nn as nn
 >>> net = nn.Linear(2, 1)
@@ -31,6 +31,7 @@ _TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
 _WALK = 200_000  # objects looked at for a way back from a twin to its model
+_REGISTERED = ("_parameters", "_buffers", "_modules")  # (walked by their own rule)
 _ATOMS = frozenset({str, bytes, int, float, bool, complex, type(None)})  # (no referents)
 
 
@@ -50,15 +51,14 @@ def float64_twin(model: nn.Module) -> nn.Module:
             f"the model cannot be copied to float64 ({type(e).__name__}: {e}); pass "
             f"model.double() and float64 inputs"
         ) from e
-    _share_other_tensors(model, twin)
     if not _refers_to(twin, model):  # (kept, a twin that refers to its model keeps it alive)
         _TWINS[model] = (now, twin)
     return twin
 
 
 def _refresh(model: nn.Module, twin: nn.Module) -> bool:
-    """Copy the model's floating tensors and modes into its twin's; False if they no longer
-    match."""
+    """Copy the model's tensors (floating ones converted) and modes into its twin's; False if
+    they no longer match."""
     ours, theirs = list(model_state(model)), list(model_state(twin))
     pairs = list(zip(ours, theirs, strict=False))
     if len(ours) != len(theirs) or any(a != b or t.shape != u.shape for (a, t), (b, u) in pairs):
@@ -76,21 +76,10 @@ def _refresh(model: nn.Module, twin: nn.Module) -> bool:
     return True
 
 
-def _share_other_tensors(model: nn.Module, twin: nn.Module) -> None:
-    """Give the twin the model's own non-floating buffers and tensor attributes (float64_copy
-    leaves them as they are): an in-place change of an index buffer reaches the twin."""
-    for (_, m), (_, twin_m) in zip(module_list(model), module_list(twin), strict=True):
-        for name, t in m._buffers.items():
-            if t is not None and not t.is_floating_point():
-                twin_m._buffers[name] = t
-        for name, v in vars(m).items():
-            if isinstance(v, torch.Tensor) and not v.is_floating_point():
-                vars(twin_m)[name] = v
-
-
 def _other_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The model's non-floating tensors inside list, tuple and dict attributes (not shared
-    with the twin: copied into it at every call)."""
+    """The model's non-floating tensors (index buffers, masks; also in list, tuple and dict
+    attributes), in the order of its modules: float64_copy leaves them as they are, and a
+    refresh copies them into the twin's."""
     out: list[torch.Tensor] = []
 
     def walk(v: object, depth: int) -> None:
@@ -102,9 +91,8 @@ def _other_tensors(model: nn.Module) -> list[torch.Tensor]:
                 walk(u, depth + 1)
 
     for _, m in module_list(model):
-        for k, v in vars(m).items():
-            if k not in ("_parameters", "_buffers", "_modules") and type(v) in (list, tuple, dict):
-                walk(v, 1)
+        walk([*m._parameters.values(), *m._buffers.values()], 0)
+        walk([v for k, v in vars(m).items() if k not in _REGISTERED], 0)
     return out
 
 

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from splinelens._checks import LayerNotFoundError, layer_index
-from splinelens._sums import CHUNK
+from splinelens._sums import fixed_sum
 
 __all__ = ["PENALTY_KINDS", "classifier", "orthogonality_penalty", "template_penalty"]
 
@@ -61,21 +60,12 @@ def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
     sq = gram.diagonal()  # (C,): ||W_c||^2
     if kind == "eq13":
-        return _sum((gram - torch.diag_embed(sq)).pow(2))  # the diagonal zeroed exactly
+        return fixed_sum((gram - torch.diag_embed(sq)).pow(2))  # the diagonal zeroed exactly
     if kind == "reference":
-        return _sum((gram - torch.diag_embed(sq / w.shape[1])).pow(2)) / gram.numel()
+        return fixed_sum((gram - torch.diag_embed(sq / w.shape[1])).pow(2)) / gram.numel()
     if kind == "row-norm":
-        return _sum((sq * (1 - 1 / w.shape[1])).pow(2)) / len(sq) ** 2
+        return fixed_sum((sq * (1 - 1 / w.shape[1])).pow(2)) / len(sq) ** 2
     raise ValueError(f"unknown penalty kind {kind!r}; choose one of {', '.join(PENALTY_KINDS)}")
-
-
-def _sum(t: Tensor) -> Tensor:
-    """t's sum, 0-d and differentiable, the same for any number of threads: row sums (each row
-    on one thread), then sums of chunks of ``CHUNK`` (a plain sum of more entries splits)."""
-    s = t.reshape(len(t), -1).sum(1) if t.dim() > 1 else t  # (rows,)
-    while len(s) > CHUNK:
-        s = F.pad(s, (0, -len(s) % CHUNK)).view(-1, CHUNK).sum(1)
-    return s.sum()
 
 
 def classifier(model: nn.Module, layer: int | str | None = None) -> nn.Linear:
