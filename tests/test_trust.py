@@ -1059,6 +1059,85 @@ def test_a_cached_view_does_not_keep_a_mode_dependent_model_alive() -> None:
     assert ref() is None
 
 
+class _RootOwned(nn.Module):
+    """A network whose root module owns a parameter and a buffer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.register_buffer("shift", torch.zeros(3))
+        self.l0, self.l1 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l1(torch.relu(self.l0(x * self.scale + self.shift)))
+
+
+_ENTRY_POINTS = {
+    "affine_map": lambda m, x: sl.affine_map(m, x).A,
+    "partition_codes": lambda m, x: sl.partition_codes(m, x),
+    "verify": lambda m, x: sl.verify(m, x),
+    "region_radius": lambda m, x: sl.region_radius(m, x),
+    "local_complexity": lambda m, x: sl.local_complexity(m, x, [0.1]),
+    "region_polytope": lambda m, x: sl.region_polytope(m, x[:1]),
+    "layer_maso": lambda m, x: sl.layer_maso(m, x, 0)(x),
+    "check_masos": lambda m, x: sl.check_masos(m, x),
+    "slice_partition": lambda m, x: sl.slice_partition(m, points=tuple(x[:3]), margin=0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+def test_the_caches_do_not_keep_a_model_that_owns_parameters_alive(entry, dtype) -> None:
+    """A parameter or buffer of the root module made the program hold the root, and the view
+    cache keyed weakly by that root then never let it go, nor the float64 copy that the region
+    functions make of a float32 model: every entry point leaves the model and its copies to the
+    garbage collector (reference: a weak reference, and every object the collector tracks)."""
+    torch.manual_seed(0)
+    net = _RootOwned().to(dtype).eval()
+    _ENTRY_POINTS[entry](net, torch.randn(4, 3, dtype=dtype))
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+    assert not [o for o in gc.get_objects() if isinstance(o, _RootOwned)]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_layer_maso_outlives_the_models_other_references(monkeypatch, dense) -> None:
+    """A MASO whose slots run the capture holds its model: it keeps working once the caller
+    dropped the model, and a deep copy of it shares the model rather than copying it
+    (reference: its values before, and the parameters' storage)."""
+    import splinelens.geometry.maso as maso_module
+
+    if not dense:  # no dense W: the slots come from the capture
+        monkeypatch.setattr(maso_module, "_DENSE", 0)
+    torch.manual_seed(0)
+    net, x = _RootOwned().double().eval(), torch.randn(4, 3, dtype=torch.float64)
+    maso, h = sl.layer_maso(net, x, 0), torch.randn(5, 3, dtype=torch.float64)
+    before = maso(h)
+    twin = copy.deepcopy(maso)
+    del net
+    gc.collect()
+    torch.testing.assert_close(maso(h), before, rtol=0, atol=0)
+    torch.testing.assert_close(twin(h), before, rtol=0, atol=0)
+
+
+def test_a_map_still_answers_for_its_model_after_a_submodule_was_replaced() -> None:
+    """A map answers for the model as it was when made (its owners held strongly): replacing a
+    submodule, or dropping the model, leaves it exact for the old one (reference: the values
+    computed before the change)."""
+    torch.manual_seed(0)
+    net, x = _RootOwned().double().eval(), torch.randn(4, 3, dtype=torch.float64)
+    amap = sl.affine_map(net, x)
+    b = amap.B.clone()
+    net.l1 = nn.Linear(8, 2).double()
+    torch.testing.assert_close(amap.A @ x.unsqueeze(-1), (amap.output - b).unsqueeze(-1))
+    del net
+    gc.collect()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(amap(z), (amap.A @ z.unsqueeze(-1)).squeeze(-1) + b)
+
+
 def test_a_map_refuses_x_or_an_index_buffer_changed_in_place() -> None:
     """The map holds x and reads integer buffers live: an in-place change of either after it
     was made is refused (found in review: the answer mixed old states with new values)."""

@@ -21,6 +21,7 @@ import gc
 import io
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,11 +252,17 @@ class _Compiler:
         return out, None
 
     def _params(self) -> tuple[tuple[str, nn.Module, str], ...]:
+        """(placeholder, owner module, attribute) of each parameter and buffer. The root module,
+        as an owner, is held by a weak proxy: a program in a cache keyed weakly by its model
+        must not keep that model alive. Whoever runs a program holds its model (a map, a
+        user's view, a MASO); submodules are held, so a map made before one was replaced
+        answers for the model it was made for."""
         sig = self.ep.graph_signature
         out = []
+        root = weakref.proxy(self.model)
         for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
             owner_path, _, attr = fqn.rpartition(".")
-            out.append((ph, self.model.get_submodule(owner_path), attr))
+            out.append((ph, self.model.get_submodule(owner_path) if owner_path else root, attr))
         for ph, cname in sig.inputs_to_lifted_tensor_constants.items():
             self.ep.constants.setdefault(ph, self.ep.constants[cname])
         return tuple(out)
