@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -86,6 +87,19 @@ def check_finite_numbers(name: str, values: Sequence[float]) -> None:
             raise ValueError(
                 f"{name} holds {float(v)} at index {i}; splinelens needs finite values"
             )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes ``warnings.warn``, called here in splinelens, name the
+    first caller outside the package (the user's line), however deep the call came from.
+
+    >>> user_stacklevel() >= 1
+    True
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("splinelens."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def default_rtol(dtype: torch.dtype) -> float:

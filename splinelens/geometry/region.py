@@ -34,6 +34,7 @@ from splinelens._checks import (
     check_input,
     check_positive_int,
     unwrap_model,
+    user_stacklevel,
 )
 from splinelens._precision import exact_matmul
 from splinelens._twin import float64_twin
@@ -122,7 +123,7 @@ def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor, nn.Mod
     try:
         twin = float64_twin(model)
     except ValueError as e:  # a model that cannot be copied: in its own dtype, as said
-        warnings.warn(f"{e}; computing in {x.dtype} instead", stacklevel=3)
+        warnings.warn(f"{e}; computing in {x.dtype} instead", stacklevel=user_stacklevel())
         return view_of(model, x), x, model
     x64 = x.double()
     return view_of(twin, x64), x64, twin
