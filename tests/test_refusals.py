@@ -65,6 +65,22 @@ REFUSED = {
     "exp": (Wrap(torch.exp), r"aten\.exp"),
     "unknown_op": (Wrap(lambda z: z.sort(1).values), r"aten\.sort .*not in splinelens's table"),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
+    "addcmul_of_activations": (
+        Wrap(lambda z: torch.addcmul(z, z, torch.relu(z))),
+        r"aten\.mul .*multiplies two activation",
+    ),
+    "addcdiv_by_activation": (
+        Wrap(lambda z: torch.addcdiv(z, z, torch.relu(z) + 1)),
+        r"aten\.div .*divides by an activation",
+    ),
+    "tril_over_the_batch": (  # a mask by position in the batch: another function per sample
+        Wrap(lambda z: z.t().tril().t()),
+        r"positions in the batch",
+    ),
+    "lerp_by_activation": (
+        Wrap(lambda z: torch.lerp(z, 2 * z, torch.relu(z))),
+        r"aten\.ge .*step function",
+    ),
     "int_cast": (Wrap(lambda z: torch.relu(z + z.to(torch.int64))), r"integers or booleans"),
     "floor_div": (
         Wrap(lambda z: torch.div(z, 0.5, rounding_mode="floor")),
@@ -99,6 +115,7 @@ REFUSED = {
             "repeat_interleave": lambda z: z.repeat_interleave(2, 0)[: z.shape[0]],
             "repeat_interleave_flat": lambda z: z.repeat_interleave(2).reshape(-1, 12)[:, :6],
             "cumsum": lambda z: z.cumsum(0),
+            "diff": lambda z: torch.diff(z, dim=0, append=z[:1]),
             "setitem": functools.partial(_written, how="batch"),
             "einsum_ellipsis": lambda z: torch.einsum(
                 "...d,nd->nd", z, torch.ones(z.shape[0], 6, dtype=z.dtype)
@@ -154,6 +171,20 @@ KEPT = {
         torch.tensor([2, 0, 1, 1, 2, 0]), dim=1
     ),
     "cumsum": lambda z: torch.relu(z).cumsum(1),
+    # linear ops torch keeps whole, written out by its own decompositions (since 2026-11-28)
+    "diff": lambda z: torch.diff(torch.relu(z), dim=1, prepend=z[:, :1]),
+    "tensordot": lambda z: torch.tensordot(
+        torch.relu(z), torch.linspace(-1, 1, 36, dtype=z.dtype).reshape(6, 6), dims=([1], [0])
+    ),
+    "addcmul": lambda z: torch.addcmul(z, torch.relu(z), torch.linspace(-1, 1, 6), value=0.5),
+    "addcdiv": lambda z: torch.addcdiv(z, torch.relu(z), torch.linspace(1, 2, 6), value=-2.0),
+    "lerp": lambda z: torch.lerp(z, torch.relu(z), 0.3),
+    "lerp_past_half": lambda z: torch.lerp(z, torch.relu(z), 0.8),
+    "lerp_tensor_weight": lambda z: torch.lerp(
+        torch.relu(z), z.flip(1), torch.linspace(-0.5, 1.5, 6, dtype=z.dtype)
+    ),
+    "tril": lambda z: torch.relu(z).reshape(-1, 2, 3).tril().reshape(-1, 6),
+    "triu": lambda z: torch.relu(z).reshape(-1, 3, 2).triu(-1).reshape(-1, 6),
     "copy_into_a_slice": functools.partial(_written, how="copy_"),
     "setitem": functools.partial(_written, how="setitem"),
     **{
@@ -185,6 +216,23 @@ def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
     model, x = Wrap(KEPT[name]).double().eval(), torch.randn(3, 4, dtype=torch.float64)
     jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(v) for v in x])
     assert torch.allclose(sl.affine_map(model, x).A, jac, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["diff", "tensordot", "addcmul", "lerp_tensor_weight", "tril"])
+def test_written_out_linear_ops_give_exact_offsets_at_any_batch_size(name: str) -> None:
+    """The ops written out by torch's decompositions before capture: one view answers for a
+    batch of 1 and of 5, A against jacrev and B against f(x) - A x (float64, 1e-12)."""
+    torch.manual_seed(0)
+    model = Wrap(KEPT[name]).double().eval()
+    view = sl.SplineView(model, torch.randn(3, 4, dtype=torch.float64))
+    for n in (1, 5):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        amap = view.affine_map(x)
+        jac = torch.stack([torch.func.jacrev(lambda v: model(v[None])[0])(v) for v in x])
+        torch.testing.assert_close(amap.A, jac, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            offsets = model(x) - torch.einsum("ncd,nd->nc", jac, x)
+        torch.testing.assert_close(amap.B, offsets, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("how", ["copy_", "setitem"])
