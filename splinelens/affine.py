@@ -79,8 +79,10 @@ class AffineMap(HoldsCapture):
     _read: tuple = field(init=False, repr=False)  # (id, version) of x and the tensors it reads
     _made: tuple = field(init=False, repr=False)  # the model's tensors' ids when made
     _x: Tensor = field(init=False, repr=False)  # x's values when made: what the map computes with
+    _owners: tuple = field(init=False, repr=False)  # the modules its program reads (held)
 
     def __post_init__(self) -> None:
+        self._owners = self.program.hold()  # (the program holds them weakly)
         if self.tensors is None:
             self.tensors = ModelTensors(list(model_state(self.model)))
         self._read = self._params()

@@ -86,6 +86,7 @@ class SplineView(HoldsCapture):
         self._model_ref = weakref.ref(model)
         check_model_finite(model)  # before exporting it
         self.program = capture(model, example_input)
+        self._owners: tuple[nn.Module, ...] = self.program.hold()  # (a cached view: none)
         # after the capture's forward (lazy modules get their weights), while the structure holds
         self.structure = structure(model)
         self.tensors = ModelTensors(_program_state(model, self.program))
@@ -295,7 +296,7 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     if view is None:
         check_finite("x", x)  # (the capture runs on x)
         view = SplineView(model, x)
-        view._model = None  # the cache must not keep the model alive
+        view._model, view._owners = None, ()  # the cache must not keep the model alive
         views.append(view)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view

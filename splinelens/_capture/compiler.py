@@ -6,8 +6,8 @@ the module path and the source line. Parameters are read from the live model at 
 capture stays valid while the model trains.
 
 >>> import torch.nn as nn
->>> prog = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval(),
-...                torch.randn(2, 4))
+>>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()  # (held: read live)
+>>> prog = capture(net, torch.randn(2, 4))
 >>> [layer.name for layer in prog.layers]
 ['1']
 """
@@ -221,7 +221,14 @@ class _Compiler:
             self.axes.shapes,
             None if g is None else self._g(g, out),
             {**sig.inputs_to_parameters, **sig.inputs_to_buffers},
+            owners=self._owners(),
         )
+
+    def _owners(self) -> tuple[weakref.ref, ...]:
+        """Weak references to the modules that own the program's parameters and buffers."""
+        sig = self.ep.graph_signature
+        paths = {fqn.rpartition(".")[0] for fqn in [*sig.parameters, *sig.buffers]}
+        return tuple(weakref.ref(self.model.get_submodule(p)) for p in sorted(paths))
 
     def _g(self, g: torch.fx.Node, out: torch.fx.Node) -> tuple[str, int]:
         """The output nonlinearity as (name, its dim in the per-sample layout (N, *shape)); over
@@ -252,17 +259,16 @@ class _Compiler:
         return out, None
 
     def _params(self) -> tuple[tuple[str, nn.Module, str], ...]:
-        """(placeholder, owner module, attribute) of each parameter and buffer. The root module,
-        as an owner, is held by a weak proxy: a program in a cache keyed weakly by its model
-        must not keep that model alive. Whoever runs a program holds its model (a map, a
-        user's view, a MASO); submodules are held, so a map made before one was replaced
-        answers for the model it was made for."""
+        """(placeholder, owner module, attribute) of each parameter and buffer, each owner by a
+        weak proxy: a program in a cache keyed weakly by its model must not keep that model
+        alive (the root owns a parameter; a submodule's hook is a method of the root). Whoever
+        runs a program holds its owners (``Program.hold``: a map, a user's view, a MASO), so a
+        map made before a submodule was replaced answers for the model it was made for."""
         sig = self.ep.graph_signature
         out = []
-        root = weakref.proxy(self.model)
         for ph, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
             owner_path, _, attr = fqn.rpartition(".")
-            out.append((ph, self.model.get_submodule(owner_path) if owner_path else root, attr))
+            out.append((ph, weakref.proxy(self.model.get_submodule(owner_path)), attr))
         for ph, cname in sig.inputs_to_lifted_tensor_constants.items():
             self.ep.constants.setdefault(ph, self.ep.constants[cname])
         return tuple(out)

@@ -15,7 +15,8 @@ runs except the given ones and those only given nodes read (a slice's prefix run
 
 >>> import torch, torch.nn as nn
 >>> from splinelens._capture import capture
->>> prog = capture(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4))
+>>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()  # (the program reads it live)
+>>> prog = capture(net, torch.randn(2, 4))
 >>> values, states = prog.record(torch.randn(5, 4))
 >>> frozen = prog.frozen(torch.zeros(5, 4), states)   # B[x]: the frozen network at zero
 >>> frozen[prog.output_name].shape
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +94,7 @@ class Program:
     steps: tuple[Step, ...]
     input_name: str
     output_name: str
-    params: tuple[tuple[str, torch.nn.Module, str], ...]  # (placeholder, owner module, attribute)
+    params: tuple[tuple[str, torch.nn.Module, str], ...]  # (placeholder, owner (weak), attribute)
     constants: Mapping[str, Tensor]
     layers: tuple[Layer, ...]
     bdims: Mapping[str, int]  # node -> position of the batch dimension in its value
@@ -100,6 +102,7 @@ class Program:
     output_g: tuple[str, int] | None = None  # the excluded output nonlinearity: (op, its dim)
     param_fqn: Mapping[str, str] = field(default_factory=dict)  # placeholder -> "fc.weight"
     batch: BatchSizes = field(default_factory=lambda: BatchSizes(1, None))  # sizes it holds for
+    owners: tuple[weakref.ref, ...] = field(default=(), repr=False, compare=False)  # (``hold``)
     position: Mapping[str, int] = field(init=False, repr=False)  # step name -> index in steps
     _code: dict = field(init=False, repr=False, compare=False)  # generated executors
 
@@ -126,6 +129,15 @@ class Program:
             if isinstance(t, Tensor) and all(t is not u for u in out.values()):
                 out[name] = t
         return out
+
+    def hold(self) -> tuple[torch.nn.Module, ...]:
+        """The modules that own the parameters and buffers, held: the program reads them through
+        weak proxies (a cache keyed weakly by the model must not keep it alive), so whoever runs
+        it later keeps this (a map, a user's view, a MASO)."""
+        owners = tuple(r() for r in self.owners)
+        if any(m is None for m in owners):
+            raise ReferenceError("the model this program was captured from no longer exists")
+        return owners
 
     def live_params(self) -> list[Tensor]:
         """The parameters and buffers the executors read now (from their owner modules)."""

@@ -191,8 +191,10 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     with torch.no_grad(), exact_matmul():
         _, states = view.program.record(x1, stop=table.step)  # x's pieces, frozen below
 
-    def pre(h: Tensor, model: nn.Module = model) -> Tensor:  # the frozen ops from h to the slots
-        return _run_from(view, table, x1, states, start, h)  # (holds the model its capture runs)
+    held = view.program.hold()  # the modules the capture reads, held by the MASO (through pre)
+
+    def pre(h: Tensor, owners: tuple = held) -> Tensor:  # the frozen ops from h to the slots
+        return _run_from(view, table, x1, states, start, h)
 
     m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
     d, s = math.prod(in_shape), table.idx.max() + 1
