@@ -108,9 +108,10 @@ def float64_copy(model: nn.Module) -> nn.Module:
         return model
     model = copy.deepcopy(model).double()
     for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if k not in _REGISTERED:
-                setattr(m, k, _to_float64(v))
+        attrs = vars(m)  # (written as they are: setattr would register a module it holds)
+        for k, v in list(attrs.items()):
+            if k not in _REGISTERED and (new := _to_float64(v)) is not v:
+                attrs[k] = new
     return model
 
 

@@ -308,6 +308,28 @@ def _radius64(model: _Permuted, x: torch.Tensor) -> torch.Tensor:
     return sl.region_radius(ref, x.double())
 
 
+@pytest.mark.parametrize("held", ["module", "root"])
+def test_the_float64_twin_keeps_unregistered_module_attributes_unregistered(
+    monkeypatch, held
+) -> None:
+    """A module held outside ``_modules`` (a helper, or a reference back to the root) stays so in
+    the float64 copy: it was registered there, so a reference to the root made the module tree
+    a cycle (RecursionError) and a helper made the copy differ from the model (copied again at
+    every call). Reference: the float64 rebuild's radius (float32 rounding of the inputs)."""
+    torch.manual_seed(0)
+    model, x = _Permuted(closure=False).eval(), torch.randn(5, 4)
+    target = model if held == "root" else nn.Linear(3, 3)
+    object.__setattr__(model.fc1, "held", target)
+    first = sl.region_radius(model, x)
+    torch.testing.assert_close(first, _radius64(model, x).float(), rtol=1e-6, atol=1e-7)
+    exports, export = [], torch.export.export
+    monkeypatch.setattr(
+        torch.export, "export", lambda *a, **k: exports.append(1) or export(*a, **k)
+    )
+    torch.testing.assert_close(sl.region_radius(model, x), first, rtol=0, atol=0)
+    assert not exports  # the copy and its capture are reused
+
+
 @pytest.mark.parametrize("closure", [False, True])
 @pytest.mark.parametrize("in_list", [False, True])
 def test_the_float64_twin_follows_integer_indices_and_frees_its_model(in_list, closure) -> None:
