@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._decomp import core_aten_decompositions, decomposition_table
+from torch._decomp import decomposition_table
 
 from splinelens._capture import arguments, mixing
 from splinelens._capture.rewrites import (
+    by_torch,
     clamp_tensor,
     copy_into,
     eval_batch_norm,
@@ -287,29 +288,9 @@ _add(
         (torch.ops.aten.rnn_relu_cell.default, rnn_relu_cell),
     ),
 )
-# Linear ops torch keeps whole, written out as the ops above by torch's own decompositions:
-# diff (slices and a subtraction), tensordot (permutes, views, mm), addcmul / addcdiv (products
-# and a sum), lerp (a selection by the constant weight, products and sums), tril / triu (a
-# selection by a constant mask). A product of two activations or a step on one stays refused.
-_WRITTEN_OUT = {
-    "diff": ("default",),
-    "tensordot": ("default",),
-    "addcmul": ("default",),
-    "addcdiv": ("default",),
-    "lerp": ("Scalar", "Tensor"),
-    "tril": ("default",),
-    "triu": ("default",),
-}
-_CORE = core_aten_decompositions()
-for _name, _overloads in _WRITTEN_OUT.items():
-    _ops = [getattr(getattr(torch.ops.aten, _name), o) for o in _overloads]
-    _add(
-        _name,
-        "refused",
-        why="is a linear op the capture writes out before it walks the graph, yet it was left "
-        "whole",
-        decompose=tuple((op, _CORE[op]) for op in _ops),
-    )
+# Linear ops torch keeps whole, written out by torch's own decompositions (``by_torch``).
+for _name, _pairs in by_torch().items():
+    _add(_name, "refused", why="is written out before capture, yet was left", decompose=_pairs)
 _add(
     "softmax _softmax log_softmax _log_softmax",
     "g",

@@ -8,9 +8,11 @@ and the decompositions of ops torch keeps whole (``OpInfo.decompose``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._decomp import core_aten_decompositions
 
 Tensor = torch.Tensor
 
@@ -93,3 +95,33 @@ def clamp_tensor(x: Tensor, min: Tensor | None = None, max: Tensor | None = None
     if min is not None:
         x = torch.maximum(x, min)
     return x if max is None else torch.minimum(x, max)
+
+
+# Linear ops torch keeps whole, by overload: diff (slices and a subtraction), tensordot (permutes,
+# views, mm), addcmul / addcdiv (products and a sum), lerp (a selection by its constant weight,
+# products and sums), tril / triu (a selection by a constant mask).
+_BY_TORCH = {
+    "diff": ("default",),
+    "tensordot": ("default",),
+    "addcmul": ("default",),
+    "addcdiv": ("default",),
+    "lerp": ("Scalar", "Tensor"),
+    "tril": ("default",),
+    "triu": ("default",),
+}
+
+
+def by_torch() -> dict[str, tuple[tuple[Any, Callable[..., Any]], ...]]:
+    """Op name -> (overload, torch's decomposition) of the linear ops written out before capture
+    into ops the registry reads, whose rules (products of activations, steps, the batch axis)
+    then apply unchanged.
+
+    >>> sorted(by_torch())[:3]
+    ['addcdiv', 'addcmul', 'diff']
+    """
+    table = core_aten_decompositions()
+    out = {}
+    for name, overloads in _BY_TORCH.items():
+        ops = [getattr(getattr(torch.ops.aten, name), o) for o in overloads]
+        out[name] = tuple((op, table[op]) for op in ops)
+    return out
