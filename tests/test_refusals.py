@@ -34,6 +34,17 @@ class Inner(nn.Module):
         return self.head(self.block(x))
 
 
+class _LastStep(nn.Module):
+    """A recurrent layer run on each input as a sequence of one step: its output."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.rnn(z[:, None])[0][:, 0]
+
+
 def _written(z: torch.Tensor, how: str) -> torch.Tensor:
     """In-place writes into a copy of z (functionalised by export: copy, slice/select_scatter);
     ``batch``: one sample's values written over another's."""
@@ -65,6 +76,19 @@ REFUSED = {
     "exp": (Wrap(torch.exp), r"aten\.exp"),
     "unknown_op": (Wrap(lambda z: z.sort(1).values), r"aten\.sort .*not in splinelens's table"),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
+    "normalize": (Wrap(lambda z: F.normalize(z, dim=1)), r"linalg_vector_norm .*abs\(\)\.sum"),
+    "cdist": (Wrap(lambda z: torch.cdist(z, torch.ones(6, 6))), r"aten\.cdist .*norm, distance"),
+    "cosine": (
+        Wrap(lambda z: F.cosine_similarity(z, torch.ones(1, 6))[:, None].expand(-1, 6)),
+        r"cosine_similarity .*norm, distance or cosine",
+    ),
+    "logsumexp": (Wrap(lambda z: z - z.logsumexp(1, keepdim=True)), r"logsumexp .*smooth function"),
+    "glu": (Wrap(lambda z: F.glu(z, 1).repeat(1, 2)), r"aten\.glu .*smooth function"),
+    "rms_norm": (Wrap(lambda z: F.rms_norm(z, (6,))), r"rms_norm .*statistic"),
+    "lstm": (
+        Inner(_LastStep(nn.LSTM(6, 6, batch_first=True))),
+        r"aten\.lstm .*not piecewise affine.*nn\.RNN\(nonlinearity='relu'\)",
+    ),
     "addcmul_of_activations": (
         Wrap(lambda z: torch.addcmul(z, z, torch.relu(z))),
         r"aten\.mul .*multiplies two activation",
@@ -433,6 +457,14 @@ def test_wrong_input_shape_dtype_and_type() -> None:
         view.affine_map(torch.randn(2, 6))
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         view.partition_codes([[0.0] * 6])  # type: ignore[arg-type]
+
+
+def test_an_input_without_its_batch_dimension_is_refused_saying_so() -> None:
+    """One input passed without the batch dimension: the refusal says that the first dimension
+    is the batch and how to pass one input (it said only that shapes could not be multiplied)."""
+    model = nn.Sequential(nn.Linear(6, 3), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"first dimension is the batch.*x\.unsqueeze\(0\)"):
+        sl.affine_map(model, torch.randn(6))
 
 
 def test_unknown_layer_names_and_indices() -> None:

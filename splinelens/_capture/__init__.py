@@ -22,11 +22,11 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 * ``batch``: the batch sizes a capture holds for.
 """
 
-from splinelens._capture.compiler import capture
+from splinelens._capture.compiler import capture, final_ir
 from splinelens._capture.mode import check_eval_mode, mode_modules
 from splinelens._capture.pieces import Clip, MasoOp, Pairwise, Pool, Reduce, Sign, Spline
 from splinelens._capture.program import Layer, Program, Ref, Step, apply_g, refs_in
-from splinelens._capture.registry import OpInfo, entries, final_ir, info
+from splinelens._capture.registry import OpInfo, entries, info
 from splinelens._capture.spline_op import (
     CellTables,
     as_op,

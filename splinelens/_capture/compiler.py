@@ -45,7 +45,7 @@ from splinelens._capture.nodes import bound_args, op_name, overload
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_batch_kept, check_op, error
-from splinelens._capture.registry import decompositions, final_ir, info
+from splinelens._capture.registry import decompositions, info
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens.errors import UnsupportedOperationError
 
@@ -65,6 +65,29 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+# Overloads that ``ExportedProgram.run_decompositions`` leaves as they are (no training-IR form,
+# no in-place variant, no decomposition in the table splinelens passes): a graph made of these
+# only is final as exported, and its decomposition pass (about 0.6 s on first use) is skipped.
+_FINAL_IR_NAMES = (
+    "linear.default conv1d.default conv2d.default conv3d.default conv_transpose2d.input "
+    "relu.default leaky_relu.default hardtanh.default relu6.default clamp.default "
+    "prelu.default abs.default add.Tensor sub.Tensor mul.Tensor div.Tensor neg.default "
+    "max_pool1d.default max_pool2d.default max_pool3d.default avg_pool2d.default "
+    "adaptive_avg_pool2d.default amax.default maximum.default minimum.default cat.default "
+    "stack.default pad.default view.default permute.default transpose.int select.int "
+    "slice.Tensor unsqueeze.default squeeze.dim sum.dim_IntList mean.dim matmul.default "
+    "sym_size.int zeros.default ones.default detach.default softmax.int log_softmax.int"
+)
+_FINAL_IR = frozenset(f"aten.{name}" for name in _FINAL_IR_NAMES.split()) | {
+    "splinelens.spline_activation.default"
+}
+
+
+def final_ir(ep: torch.export.ExportedProgram) -> bool:
+    """Whether every op of an exported graph is in its final form (see ``_FINAL_IR``)."""
+    return all(str(n.target) in _FINAL_IR for n in ep.graph.nodes if n.op == "call_function")
 
 
 @_gc_paused()

@@ -345,33 +345,30 @@ _add(
     fix="use relu / max / clamp instead (torch.where(h > 0, h, 0) is torch.relu(h))",
 )
 _add(
-    "layer_norm native_layer_norm group_norm native_group_norm instance_norm",
+    "layer_norm native_layer_norm group_norm native_group_norm instance_norm rms_norm "
+    "_fused_rms_norm",
     "refused",
     why="divides by a statistic of the activations, which is not piecewise affine",
 )
-
-
-# Overloads that ``ExportedProgram.run_decompositions`` leaves as they are (no training-IR form,
-# no in-place variant, no decomposition in the table splinelens passes): a graph made of these
-# only is final as exported, and its decomposition pass (about 0.6 s on first use) is skipped.
-_FINAL_IR_NAMES = (
-    "linear.default conv1d.default conv2d.default conv3d.default conv_transpose2d.input "
-    "relu.default leaky_relu.default hardtanh.default relu6.default clamp.default "
-    "prelu.default abs.default add.Tensor sub.Tensor mul.Tensor div.Tensor neg.default "
-    "max_pool1d.default max_pool2d.default max_pool3d.default avg_pool2d.default "
-    "adaptive_avg_pool2d.default amax.default maximum.default minimum.default cat.default "
-    "stack.default pad.default view.default permute.default transpose.int select.int "
-    "slice.Tensor unsqueeze.default squeeze.dim sum.dim_IntList mean.dim matmul.default "
-    "sym_size.int zeros.default ones.default detach.default softmax.int log_softmax.int"
+_add(
+    "linalg_vector_norm norm frobenius_norm cdist _cdist_forward _euclidean_dist cosine_similarity",
+    "refused",
+    why="is a norm, distance or cosine of the activations: a Euclidean one is not piecewise "
+    "affine, and splinelens reads the others only written out",
+    fix="an L1 or max norm is piecewise affine: write it as h.abs().sum(dim) or h.abs().amax(dim)",
 )
-_FINAL_IR = frozenset(f"aten.{name}" for name in _FINAL_IR_NAMES.split()) | {
-    "splinelens.spline_activation.default"
-}
-
-
-def final_ir(ep: torch.export.ExportedProgram) -> bool:
-    """Whether every op of an exported graph is in its final form (see ``_FINAL_IR``)."""
-    return all(str(n.target) in _FINAL_IR for n in ep.graph.nodes if n.op == "call_function")
+_add(
+    "tan atan asin acos sinh cosh asinh acosh atanh atan2 hypot logit logsumexp glu xlogy",
+    "refused",
+    why="is a smooth function of the activations, not piecewise affine",
+)
+_add(
+    "lstm gru lstm_cell gru_cell bilinear _trilinear",
+    "refused",
+    why="multiplies activation-dependent tensors (an LSTM's or GRU's gates, a bilinear form), "
+    "which is not piecewise affine",
+    fix="use nn.RNN(nonlinearity='relu'), linear layers and ReLUs",
+)
 
 
 def decompositions() -> dict[Any, Callable[..., Any]]:
