@@ -45,6 +45,9 @@ class _LastStep(nn.Module):
         return self.rnn(z[:, None])[0][:, 0]
 
 
+_TO = torch.tensor([[0, 0, 1, 2, 2, 5]])  # scatter_add's places: two pairs added into one
+
+
 def _written(z: torch.Tensor, how: str) -> torch.Tensor:
     """In-place writes into a copy of z (functionalised by export: copy, slice/select_scatter);
     ``batch``: one sample's values written over another's."""
@@ -88,6 +91,10 @@ REFUSED = {
     "lstm": (
         Inner(_LastStep(nn.LSTM(6, 6, batch_first=True))),
         r"aten\.lstm .*not piecewise affine.*nn\.RNN\(nonlinearity='relu'\)",
+    ),
+    "scatter_add_of_part": (
+        Wrap(lambda z: torch.zeros_like(z).scatter_add(1, _TO[:, :3].expand(z.shape[0], -1), z)),
+        r"scatter_add .*reads only part of src.*Slice src",
     ),
     "addcmul_of_activations": (
         Wrap(lambda z: torch.addcmul(z, z, torch.relu(z))),
@@ -139,6 +146,9 @@ REFUSED = {
             "repeat_interleave": lambda z: z.repeat_interleave(2, 0)[: z.shape[0]],
             "repeat_interleave_flat": lambda z: z.repeat_interleave(2).reshape(-1, 12)[:, :6],
             "cumsum": lambda z: z.cumsum(0),
+            "scatter_add": lambda z: torch.zeros_like(z).scatter_add(
+                0, torch.zeros_like(z, dtype=torch.long), z
+            ),
             "diff": lambda z: torch.diff(z, dim=0, append=z[:1]),
             "setitem": functools.partial(_written, how="batch"),
             "einsum_ellipsis": lambda z: torch.einsum(
@@ -209,6 +219,12 @@ KEPT = {
     ),
     "tril": lambda z: torch.relu(z).reshape(-1, 2, 3).tril().reshape(-1, 6),
     "triu": lambda z: torch.relu(z).reshape(-1, 3, 2).triu(-1).reshape(-1, 6),
+    "scatter_add": lambda z: torch.zeros_like(z).scatter_add(
+        1, _TO.expand(z.shape[0], -1), z.relu()
+    ),
+    "scatter_add_into_activation": lambda z: torch.relu(z).scatter_add(
+        1, _TO.expand(z.shape[0], -1), z.flip(1)
+    ),
     "copy_into_a_slice": functools.partial(_written, how="copy_"),
     "setitem": functools.partial(_written, how="setitem"),
     **{
@@ -242,7 +258,9 @@ def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
     assert torch.allclose(sl.affine_map(model, x).A, jac, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["diff", "tensordot", "addcmul", "lerp_tensor_weight", "tril"])
+@pytest.mark.parametrize(
+    "name", ["diff", "tensordot", "addcmul", "lerp_tensor_weight", "tril", "scatter_add"]
+)
 def test_written_out_linear_ops_give_exact_offsets_at_any_batch_size(name: str) -> None:
     """The ops written out by torch's decompositions before capture: one view answers for a
     batch of 1 and of 5, A against jacrev and B against f(x) - A x (float64, 1e-12)."""

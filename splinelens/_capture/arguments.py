@@ -103,3 +103,19 @@ def selection(c: Call) -> Refusal:
             "use relu / max / clamp instead",
         )
     return None
+
+
+def scatter_add(c: Call) -> Refusal:
+    """``scatter_add`` with an index smaller than src (PyTorch cannot differentiate it), or an
+    index computed from the activations."""
+    index, src = c.args.get("index"), c.args.get("src")
+    if c.is_act(index):
+        return "scatters by indices computed from the activations", "use constant indices"
+    shapes = [getattr(v, "meta", {}).get("val") for v in (index, src)]
+    if all(s is not None for s in shapes) and str(shapes[0].shape) != str(shapes[1].shape):
+        return (
+            f"reads only part of src (index {tuple(shapes[0].shape)}, src "
+            f"{tuple(shapes[1].shape)}), which PyTorch's backward pass cannot differentiate",
+            "slice src to the index's shape first",
+        )
+    return None

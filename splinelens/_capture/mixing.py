@@ -91,6 +91,12 @@ def gathered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | N
     return dims | {d for d in range(ndim) if str(kept[d]) != str(size[d])}
 
 
+def scatter_added(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``scatter_add(self, dim, index, src)``: src's ``dim`` (entries added into one); self is
+    added entry by entry. (An index smaller than src is refused: ``arguments.scatter_add``.)"""
+    return along("dim")(a, which, pos, ndim) if which == "src" else set()
+
+
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """Sums, means and extremes over ``dim`` (none or an empty list: every dim)."""
     dim = a.get("dim")

@@ -123,6 +123,7 @@ _add(
 # src alone; slice_scatter / select_scatter write src into a slice of self along dim
 _add("copy", "affine", rewrite=copy_into)
 _add("slice_scatter select_scatter", "affine")
+_add("scatter_add", "affine", mixes=mixing.scatter_added, check=arguments.scatter_add)
 # detach would hide paths from autograd; it is the identity
 _add("detach", "affine", rewrite=torch.ops.aten.alias.default, view=True)
 _add(
