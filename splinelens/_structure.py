@@ -72,8 +72,9 @@ class Structure:
     """What ``structure`` returns: ``tree``, nested tuples of plain values in which objects
     (modules, parameters, hooks...) appear as their ids, and ``objects``, id -> weak reference.
     Two are equal when their trees are and all their objects are alive: an id is reused only
-    after its object died, so equal ids of live objects are the same objects. Holding one never
-    keeps the model alive."""
+    after its object died, so equal ids of live objects are the same objects. Objects without
+    weak references (a ``SimpleNamespace``) are held (``held``): one that leads back to the model
+    would keep it alive in a cache, which therefore checks them."""
 
     __slots__ = ("objects", "tree")
 
@@ -93,6 +94,11 @@ class Structure:
     def alive(self) -> bool:
         """Whether every object it refers to still exists."""
         return all(r() is not None for r in self.objects.values())
+
+    def held(self) -> list[Any]:
+        """The objects it holds (those without weak references, kept so their ids stay theirs):
+        a cache must not keep one that leads back to the model."""
+        return [r.obj for r in self.objects.values() if isinstance(r, _Held)]
 
     def dead(self) -> set[int]:
         """The ids of the objects that no longer exist (a later object may have the id)."""

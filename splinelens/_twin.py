@@ -15,13 +15,12 @@ boolean masks, also in lists and dicts) are copied from the model's at every cal
 
 from __future__ import annotations
 
-import gc
-import types
 import weakref
 
 import torch
 import torch.nn as nn
 
+from splinelens._reach import refers_to
 from splinelens._structure import Structure, module_list, structure
 from splinelens._tensors import float64_copy, model_state
 
@@ -30,9 +29,7 @@ __all__ = ["float64_twin"]
 _TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
-_WALK = 200_000  # objects looked at for a way back from a twin to its model
 _REGISTERED = ("_parameters", "_buffers", "_modules")  # (walked by their own rule)
-_ATOMS = frozenset({str, bytes, int, float, bool, complex, type(None)})  # (no referents)
 
 
 def float64_twin(model: nn.Module) -> nn.Module:
@@ -51,7 +48,7 @@ def float64_twin(model: nn.Module) -> nn.Module:
             f"the model cannot be copied to float64 ({type(e).__name__}: {e}); pass "
             f"model.double() and float64 inputs"
         ) from e
-    if not _refers_to(twin, model):  # (kept, a twin that refers to its model keeps it alive)
+    if not refers_to([twin, now.held()], model):  # (kept, either would keep the model alive)
         _TWINS[model] = (now, twin)
     return twin
 
@@ -94,29 +91,3 @@ def _other_tensors(model: nn.Module) -> list[torch.Tensor]:
         walk([*m._parameters.values(), *m._buffers.values()], 0)
         walk([v for k, v in vars(m).items() if k not in _REGISTERED], 0)
     return out
-
-
-def _refers_to(twin: nn.Module, model: nn.Module) -> bool:
-    """Whether the twin's objects lead back to one of the model's modules (a function that
-    deepcopy shares, closing over the model); or more objects than ``_WALK`` to tell.
-    Functions' globals and modules are not followed (they are not the twin's); classes are
-    (deepcopy shares them, and a class made in ``__init__`` may close over the model)."""
-    targets = {id(m) for _, m in module_list(model)}
-    seen, todo = {id(twin)}, [twin]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in targets:
-            return True
-        if isinstance(obj, types.FunctionType):
-            nxt = [obj.__closure__, obj.__defaults__, obj.__kwdefaults__, obj.__dict__]
-        elif isinstance(obj, types.ModuleType) or obj is object or obj is type:
-            continue
-        else:
-            nxt = gc.get_referents(obj)
-        for o in nxt:
-            if type(o) not in _ATOMS and id(o) not in seen:
-                seen.add(id(o))
-                todo.append(o)
-        if len(seen) > _WALK:
-            return True
-    return False

@@ -34,6 +34,7 @@ from splinelens._checks import (
 )
 from splinelens._fingerprint import ModelTensors, check_model_finite
 from splinelens._precision import exact_matmul
+from splinelens._reach import refers_to
 from splinelens._structure import Structure, structure
 from splinelens._structure_diff import describe_change
 from splinelens._sums import all_finite
@@ -296,8 +297,9 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     if view is None:
         check_finite("x", x)  # (the capture runs on x)
         view = SplineView(model, x)
-        view._model, view._owners = None, ()  # the cache must not keep the model alive
-        views.append(view)
+        if not refers_to(view.structure.held(), model):  # (else it would keep the model alive)
+            view._model, view._owners = None, ()  # the cache must not keep the model alive
+            views.append(view)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view
 
