@@ -97,7 +97,7 @@ def user_stacklevel() -> int:
     True
     """
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("splinelens."):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "splinelens":
         frame, level = frame.f_back, level + 1
     return level
 

@@ -106,6 +106,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
     """
     if all(t.dtype == torch.float64 for _, t in model_state(model)):
         return model
+    _check_no_unregistered_modules(model)
     model = copy.deepcopy(model).double()
     for m in model.modules():
         attrs = vars(m)  # (written as they are: setattr would register a module it holds)
@@ -113,6 +114,25 @@ def float64_copy(model: nn.Module) -> nn.Module:
             if k not in _REGISTERED and (new := _to_float64(v)) is not v:
                 attrs[k] = new
     return model
+
+
+def _check_no_unregistered_modules(model: nn.Module) -> None:
+    """Refuse a module with floating tensors held outside ``_modules`` (``object.__setattr__``):
+    ``.double()`` does not reach it, and the model's state does not list its tensors."""
+    tree = {id(m) for m in model.modules()}
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            held = [u for u in (v if type(v) in (list, tuple) else [v]) if isinstance(u, nn.Module)]
+            if k not in _REGISTERED and any(id(u) not in tree and _floating(u) for u in held):
+                where = f"{name}.{k}" if name else k
+                raise ValueError(
+                    f"module attribute '{where}' holds a module outside the module tree; "
+                    f"register it (setattr, or an nn.ModuleList) so that it is converted"
+                )
+
+
+def _floating(m: nn.Module) -> bool:
+    return any(t.is_floating_point() for t in [*m.parameters(), *m.buffers()])
 
 
 def _to_float64(v: object, depth: int = 0) -> object:

@@ -308,18 +308,14 @@ def _radius64(model: _Permuted, x: torch.Tensor) -> torch.Tensor:
     return sl.region_radius(ref, x.double())
 
 
-@pytest.mark.parametrize("held", ["module", "root"])
-def test_the_float64_twin_keeps_unregistered_module_attributes_unregistered(
-    monkeypatch, held
-) -> None:
-    """A module held outside ``_modules`` (a helper, or a reference back to the root) stays so in
-    the float64 copy: it was registered there, so a reference to the root made the module tree
-    a cycle (RecursionError) and a helper made the copy differ from the model (copied again at
-    every call). Reference: the float64 rebuild's radius (float32 rounding of the inputs)."""
+def test_the_float64_twin_keeps_a_reference_to_the_root_unregistered(monkeypatch) -> None:
+    """A reference back to the root held outside ``_modules`` stays so in the float64 copy: it
+    was registered there, which made the module tree a cycle (RecursionError). Reference: the
+    float64 rebuild's radius (float32 rounding of the inputs); the copy and its capture are
+    reused at a second call."""
     torch.manual_seed(0)
     model, x = _Permuted(closure=False).eval(), torch.randn(5, 4)
-    target = model if held == "root" else nn.Linear(3, 3)
-    object.__setattr__(model.fc1, "held", target)
+    object.__setattr__(model.fc1, "held", model)
     first = sl.region_radius(model, x)
     torch.testing.assert_close(first, _radius64(model, x).float(), rtol=1e-6, atol=1e-7)
     exports, export = [], torch.export.export
@@ -327,7 +323,20 @@ def test_the_float64_twin_keeps_unregistered_module_attributes_unregistered(
         torch.export, "export", lambda *a, **k: exports.append(1) or export(*a, **k)
     )
     torch.testing.assert_close(sl.region_radius(model, x), first, rtol=0, atol=0)
-    assert not exports  # the copy and its capture are reused
+    assert not exports
+
+
+def test_a_module_held_outside_the_tree_is_measured_in_its_own_dtype_with_a_warning() -> None:
+    """A module with weights held outside ``_modules`` is not converted by ``.double()``, and the
+    model's state does not list its weights: the float64 copy would run mixed dtypes (it failed
+    with a dtype error) or go stale. The region functions say so and run in float32 (reference:
+    the float64 rebuild, to float32 precision)."""
+    torch.manual_seed(0)
+    model, x = _Permuted(closure=False).eval(), torch.randn(5, 4)
+    object.__setattr__(model.fc1, "helper", nn.Linear(3, 3))
+    with pytest.warns(UserWarning, match="'fc1.helper' holds a module outside the module tree"):
+        r = sl.region_radius(model, x)
+    torch.testing.assert_close(r, _radius64(model, x).float(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("closure", [False, True])

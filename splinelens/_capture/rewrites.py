@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._decomp import core_aten_decompositions
+from torch._decomp import decomposition_table
 
 Tensor = torch.Tensor
 
@@ -114,14 +114,14 @@ _BY_TORCH = {
 def by_torch() -> dict[str, tuple[tuple[Any, Callable[..., Any]], ...]]:
     """Op name -> (overload, torch's decomposition) of the linear ops written out before capture
     into ops the registry reads, whose rules (products of activations, steps, the batch axis)
-    then apply unchanged.
+    then apply unchanged: torch's decomposition table, or the op's own composite kernel
+    (``diff`` and ``tensordot`` have no entry there).
 
     >>> sorted(by_torch())[:3]
     ['addcdiv', 'addcmul', 'diff']
     """
-    table = core_aten_decompositions()
     out = {}
     for name, overloads in _BY_TORCH.items():
         ops = [getattr(getattr(torch.ops.aten, name), o) for o in overloads]
-        out[name] = tuple((op, table[op]) for op in ops)
+        out[name] = tuple((op, decomposition_table.get(op) or op.decompose) for op in ops)
     return out

@@ -193,7 +193,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
 
     held = view.program.hold()  # the modules the capture reads, held by the MASO (through pre)
 
-    def pre(h: Tensor, owners: tuple = held) -> Tensor:  # the frozen ops from h to the slots
+    def pre(h: Tensor, *, owners: tuple = held) -> Tensor:  # the frozen ops from h to the slots
         return _run_from(view, table, x1, states, start, h)
 
     m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
