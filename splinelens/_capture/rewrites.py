@@ -123,5 +123,16 @@ def by_torch() -> dict[str, tuple[tuple[Any, Callable[..., Any]], ...]]:
     out = {}
     for name, overloads in _BY_TORCH.items():
         ops = [getattr(getattr(torch.ops.aten, name), o) for o in overloads]
-        out[name] = tuple((op, decomposition_table.get(op) or op.decompose) for op in ops)
+        out[name] = tuple((op, decomposition_table.get(op) or _composite(op)) for op in ops)
     return out
+
+
+def _composite(op: Any) -> Callable[..., Any]:
+    """The op's composite kernel, called below the dispatcher's Python entry (``op.decompose``
+    would run the decomposition registered for it again, without end)."""
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return op._op_dk(key, *args, **kwargs)
+
+    return run
