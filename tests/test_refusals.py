@@ -45,6 +45,14 @@ class _LastStep(nn.Module):
         return self.rnn(z[:, None])[0][:, 0]
 
 
+class _Unpooled(nn.Module):
+    """Max-pooling with indices, then max_unpool back to the input's size."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h, idx = F.max_pool1d(z[:, None], 2, return_indices=True)
+        return F.max_unpool1d(h, idx, 2)[:, 0]
+
+
 _TO = torch.tensor([[0, 0, 1, 2, 2, 5]])  # scatter_add's places: two pairs added into one
 
 
@@ -95,6 +103,10 @@ REFUSED = {
     "scatter_add_of_part": (
         Wrap(lambda z: torch.zeros_like(z).scatter_add(1, _TO[:, :3].expand(z.shape[0], -1), z)),
         r"scatter_add .*reads only part of src.*Slice src",
+    ),
+    "max_unpool": (
+        Inner(_Unpooled()),
+        r"max_pool1d_with_indices .*argmax indices as data.*F\.interpolate",
     ),
     "addcmul_of_activations": (
         Wrap(lambda z: torch.addcmul(z, z, torch.relu(z))),

@@ -90,7 +90,13 @@ def _tuple_value(node: Node, name: str) -> Node:
     """The getitem node holding the values of an op returning (values, indices)."""
     users = {u.args[1]: u for u in node.users if u.target is operator.getitem}
     if 1 in users and users[1].users:
-        raise error(node, name, "uses the argmax indices as data")
+        raise error(
+            node,
+            name,
+            "uses the argmax indices as data (max_unpool, or indexing by them), which splinelens "
+            "does not read",
+            "upsample otherwise (F.interpolate, a transposed conv), or keep the pooled values only",
+        )
     if 0 not in users:
         raise error(node, name, "has no used output")
     return users[0]
