@@ -96,6 +96,30 @@ def test_signed_sums_with_alpha() -> None:
     assert cv.convexity(convex, X).is_convex and cv.convexity_gap(convex, X) <= 1e-12
 
 
+@pytest.mark.parametrize(("alpha", "convex"), [(-1.0, False), (0.5, True)])
+def test_index_add_of_a_convex_term_keeps_its_sign(alpha: float, convex: bool) -> None:
+    """``index_add`` adds its source times alpha: a negative alpha subtracts a convex term
+    (reference: the numerical gap, a region's plane above f, or none)."""
+
+    class Added(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1 = nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.l1(x))  # (N, 6), convex
+            places = torch.tensor([0, 0, 1, 1, 2, 2])
+            return torch.zeros_like(x[:, :3]).index_add(1, places, h, alpha=alpha)
+
+    torch.manual_seed(0)
+    model = Added().double().eval()
+    report = cv.convexity(model, X)
+    assert report.is_convex is convex
+    assert convex or any("subtracts a convex term" in r for r in report.reasons)
+    gap = cv.convexity_gap(model, X)
+    assert gap <= 1e-12 if convex else gap > 1e-3
+
+
 def test_top_level_and_transposed_parameters_are_constrained() -> None:
     for mode in ("matmul", "matmul_t"):
         torch.manual_seed(0)

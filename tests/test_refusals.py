@@ -158,6 +158,9 @@ REFUSED = {
             "repeat_interleave": lambda z: z.repeat_interleave(2, 0)[: z.shape[0]],
             "repeat_interleave_flat": lambda z: z.repeat_interleave(2).reshape(-1, 12)[:, :6],
             "cumsum": lambda z: z.cumsum(0),
+            "index_add": lambda z: torch.zeros_like(z).index_add(
+                0, torch.zeros(z.shape[0], dtype=torch.long), z
+            ),
             "scatter_add": lambda z: torch.zeros_like(z).scatter_add(
                 0, torch.zeros_like(z, dtype=torch.long), z
             ),
@@ -237,6 +240,10 @@ KEPT = {
     "scatter_add_into_activation": lambda z: torch.relu(z).scatter_add(
         1, _TO.expand(z.shape[0], -1), z.flip(1)
     ),
+    "index_add": lambda z: torch.zeros_like(z).index_add(1, _TO[0], z.relu()),
+    "index_add_negative_alpha": lambda z: torch.relu(z).index_add(
+        1, _TO[0, :3], z[:, :3], alpha=-2
+    ),
     "copy_into_a_slice": functools.partial(_written, how="copy_"),
     "setitem": functools.partial(_written, how="setitem"),
     **{
@@ -271,7 +278,8 @@ def test_ops_that_keep_the_samples_apart_are_exact(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["diff", "tensordot", "addcmul", "lerp_tensor_weight", "tril", "scatter_add"]
+    "name",
+    ["diff", "tensordot", "addcmul", "lerp_tensor_weight", "tril", "scatter_add", "index_add"],
 )
 def test_written_out_linear_ops_give_exact_offsets_at_any_batch_size(name: str) -> None:
     """The ops written out by torch's decompositions before capture: one view answers for a

@@ -119,3 +119,10 @@ def scatter_add(c: Call) -> Refusal:
             "slice src to the index's shape first",
         )
     return None
+
+
+def index_add(c: Call) -> Refusal:
+    """``index_add`` at places computed from the activations."""
+    if c.is_act(c.args.get("index")):
+        return "adds at places computed from the activations", "use constant indices"
+    return None

@@ -97,6 +97,12 @@ def scatter_added(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int
     return along("dim")(a, which, pos, ndim) if which == "src" else set()
 
 
+def added_at(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``index_add(self, dim, index, source)``: source's ``dim`` (its entries land at the
+    index's places, several into one); self is added entry by entry."""
+    return along("dim")(a, which, pos, ndim) if which == "source" else set()
+
+
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
     """Sums, means and extremes over ``dim`` (none or an empty list: every dim)."""
     dim = a.get("dim")
