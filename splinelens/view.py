@@ -13,6 +13,7 @@ torch.Size([5, 8, 8])
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,6 +32,7 @@ from splinelens._checks import (
     default_rtol,
     layer_index,
     unwrap_model,
+    user_stacklevel,
 )
 from splinelens._fingerprint import ModelTensors, check_model_finite
 from splinelens._precision import exact_matmul
@@ -297,7 +299,15 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     if view is None:
         check_finite("x", x)  # (the capture runs on x)
         view = SplineView(model, x)
-        if not refers_to(view.structure.held(), model):  # (else it would keep the model alive)
+        held = view.structure.held()  # (objects without weak references: rare)
+        if held and refers_to(held, model):  # kept, it would keep the model alive
+            warnings.warn(
+                f"{type(model).__name__} holds an object without weak references that leads back "
+                f"to it (or too many objects to tell), so splinelens cannot cache its capture and "
+                f"captures it at every call; hold that object in a module or a plain class",
+                stacklevel=user_stacklevel(),
+            )
+        else:
             view._model, view._owners = None, ()  # the cache must not keep the model alive
             views.append(view)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``

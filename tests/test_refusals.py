@@ -240,6 +240,9 @@ KEPT = {
     "scatter_add_into_activation": lambda z: torch.relu(z).scatter_add(
         1, _TO.expand(z.shape[0], -1), z.flip(1)
     ),
+    "scatter_add_of_a_constant_part": lambda z: z.relu().scatter_add(
+        1, _TO[:, :3].expand(z.shape[0], -1), torch.ones(1, 6, dtype=z.dtype).expand(z.shape[0], -1)
+    ),
     "index_add": lambda z: torch.zeros_like(z).index_add(1, _TO[0], z.relu()),
     "index_add_negative_alpha": lambda z: torch.relu(z).index_add(
         1, _TO[0, :3], z[:, :3], alpha=-2

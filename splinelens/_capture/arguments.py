@@ -106,13 +106,13 @@ def selection(c: Call) -> Refusal:
 
 
 def scatter_add(c: Call) -> Refusal:
-    """``scatter_add`` with an index smaller than src (PyTorch cannot differentiate it), or an
-    index computed from the activations."""
+    """``scatter_add`` with an index smaller than an activation src (PyTorch cannot
+    differentiate it), or an index computed from the activations."""
     index, src = c.args.get("index"), c.args.get("src")
     if c.is_act(index):
         return "scatters by indices computed from the activations", "use constant indices"
     shapes = [getattr(v, "meta", {}).get("val") for v in (index, src)]
-    if all(s is not None for s in shapes) and str(shapes[0].shape) != str(shapes[1].shape):
+    if c.is_act(src) and None not in shapes and str(shapes[0].shape) != str(shapes[1].shape):
         return (
             f"reads only part of src (index {tuple(shapes[0].shape)}, src "
             f"{tuple(shapes[1].shape)}), which PyTorch's backward pass cannot differentiate",

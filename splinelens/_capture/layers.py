@@ -95,7 +95,8 @@ def _tuple_value(node: Node, name: str) -> Node:
             name,
             "uses the argmax indices as data (max_unpool, or indexing by them), which splinelens "
             "does not read",
-            "upsample otherwise (F.interpolate, a transposed conv), or keep the pooled values only",
+            "keep only the values (to upsample, use F.interpolate or a transposed conv rather "
+            "than max_unpool)",
         )
     if 0 not in users:
         raise error(node, name, "has no used output")
