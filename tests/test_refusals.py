@@ -110,11 +110,11 @@ REFUSED = {
     ),
     "addcmul_of_activations": (
         Wrap(lambda z: torch.addcmul(z, z, torch.relu(z))),
-        r"aten\.mul .*multiplies two activation",
+        r"aten\.mul \(from aten\.addcmul\) .*multiplies two activation",
     ),
     "addcdiv_by_activation": (
         Wrap(lambda z: torch.addcdiv(z, z, torch.relu(z) + 1)),
-        r"aten\.div .*divides by an activation",
+        r"aten\.div \(from aten\.addcdiv\) .*divides by an activation",
     ),
     "tril_over_the_batch": (  # a mask by position in the batch: another function per sample
         Wrap(lambda z: z.t().tril().t()),
@@ -122,7 +122,7 @@ REFUSED = {
     ),
     "lerp_by_activation": (
         Wrap(lambda z: torch.lerp(z, 2 * z, torch.relu(z))),
-        r"aten\.ge .*step function",
+        r"aten\.ge \(from aten\.lerp\) .*step function",
     ),
     "int_cast": (Wrap(lambda z: torch.relu(z + z.to(torch.int64))), r"integers or booleans"),
     "floor_div": (

@@ -17,7 +17,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from splinelens._capture.arguments import Call
 from splinelens._capture.batch_axis import holding
-from splinelens._capture.nodes import bound_args, overload
+from splinelens._capture.nodes import bound_args, op_name, overload
 from splinelens._capture.registry import OpInfo, info
 from splinelens.errors import UnsupportedOperationError
 
@@ -25,8 +25,12 @@ Node = torch.fx.Node
 
 
 def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperationError:
-    """The refusal of ``node`` (ATen op ``name``), located at its module and source line."""
-    return UnsupportedOperationError(f"aten.{name}", location(node), why, fix)
+    """The refusal of ``node`` (ATen op ``name``), located at its module and source line, naming
+    the op the user wrote where a decomposition wrote it out (``lerp`` as sums and a ``ge``)."""
+    original = node.meta.get("original_aten")
+    source = op_name(original) if original is not None else name
+    what = f"aten.{name}" if source == name else f"aten.{name} (from aten.{source})"
+    return UnsupportedOperationError(what, location(node), why, fix)
 
 
 def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None = None) -> str:
