@@ -109,26 +109,36 @@ def float64_copy(model: nn.Module) -> nn.Module:
     _check_no_unregistered_modules(model)
     model = copy.deepcopy(model).double()
     for m in model.modules():
-        attrs = vars(m)  # (written as they are: setattr would register a module it holds)
-        for k, v in list(attrs.items()):
-            if k not in _REGISTERED and (new := _to_float64(v)) is not v:
-                attrs[k] = new
+        for k, v in plain_attributes(m):  # (written into vars: setattr would register a module)
+            if (new := _to_float64(v)) is not v:
+                vars(m)[k] = new
     return model
 
 
 def _check_no_unregistered_modules(model: nn.Module) -> None:
     """Refuse a module with floating tensors held outside ``_modules`` (``object.__setattr__``):
     ``.double()`` does not reach it, and the model's state does not list its tensors."""
-    tree = {id(m) for m in model.modules()}
-    for name, m in model.named_modules():
-        for k, v in vars(m).items():
+    modules = module_list(model)
+    tree = {id(m) for _, m in modules}
+    for name, m in modules:
+        for k, v in plain_attributes(m):
             held = [u for u in (v if type(v) in (list, tuple) else [v]) if isinstance(u, nn.Module)]
-            if k not in _REGISTERED and any(id(u) not in tree and _floating(u) for u in held):
+            if any(id(u) not in tree and _floating(u) for u in held):
                 where = f"{name}.{k}" if name else k
                 raise ValueError(
                     f"module attribute '{where}' holds a module outside the module tree; "
                     f"register it (setattr, or an nn.ModuleList) so that it is converted"
                 )
+
+
+def plain_attributes(m: nn.Module) -> list[tuple[str, object]]:
+    """The module's attributes other than its registered parameters, buffers and submodules
+    (those are walked by their own rule), as (name, value).
+
+    >>> [k for k, _ in plain_attributes(nn.Linear(2, 3))][-2:]
+    ['in_features', 'out_features']
+    """
+    return [(k, v) for k, v in vars(m).items() if k not in _REGISTERED]
 
 
 def _floating(m: nn.Module) -> bool:

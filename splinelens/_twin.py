@@ -22,14 +22,13 @@ import torch.nn as nn
 
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, module_list, structure
-from splinelens._tensors import float64_copy, model_state
+from splinelens._tensors import float64_copy, model_state, plain_attributes
 
 __all__ = ["float64_twin"]
 
 _TWINS: weakref.WeakKeyDictionary[nn.Module, tuple[Structure, nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
-_REGISTERED = ("_parameters", "_buffers", "_modules")  # (walked by their own rule)
 
 
 def float64_twin(model: nn.Module) -> nn.Module:
@@ -89,5 +88,5 @@ def _other_tensors(model: nn.Module) -> list[torch.Tensor]:
 
     for _, m in module_list(model):
         walk([*m._parameters.values(), *m._buffers.values()], 0)
-        walk([v for k, v in vars(m).items() if k not in _REGISTERED], 0)
+        walk([v for _, v in plain_attributes(m)], 0)
     return out

@@ -91,16 +91,16 @@ def gathered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | N
     return dims | {d for d in range(ndim) if str(kept[d]) != str(size[d])}
 
 
-def scatter_added(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-    """``scatter_add(self, dim, index, src)``: src's ``dim`` (entries added into one); self is
-    added entry by entry. (An index smaller than src is refused: ``arguments.scatter_add``.)"""
-    return along("dim")(a, which, pos, ndim) if which == "src" else set()
+def added_into(source: str) -> Rule:
+    """``scatter_add(self, dim, index, src)`` / ``index_add(self, dim, index, source)``: the
+    added tensor's ``dim`` (its entries land at the index's places, several into one); self is
+    added entry by entry. (scatter_add's index smaller than src: ``arguments.scatter_add``.)"""
+    dim = along("dim")
 
+    def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+        return dim(a, which, pos, ndim) if which == source else set()
 
-def added_at(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-    """``index_add(self, dim, index, source)``: source's ``dim`` (its entries land at the
-    index's places, several into one); self is added entry by entry."""
-    return along("dim")(a, which, pos, ndim) if which == "source" else set()
+    return rule
 
 
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:

@@ -123,7 +123,7 @@ _add(
 # src alone; slice_scatter / select_scatter write src into a slice of self along dim
 _add("copy", "affine", rewrite=copy_into)
 _add("slice_scatter select_scatter", "affine")
-_add("scatter_add", "affine", mixes=mixing.scatter_added, check=arguments.scatter_add)
+_add("scatter_add", "affine", mixes=mixing.added_into("src"), check=arguments.scatter_add)
 _add("index_add", "affine", terms=((0, 1.0, ""), (3, 1.0, "alpha")), check=arguments.index_add)
 # detach would hide paths from autograd; it is the identity
 _add("detach", "affine", rewrite=torch.ops.aten.alias.default, view=True)
@@ -242,7 +242,7 @@ _set("index", mixes=mixing.indexed)
 _set("repeat tile", mixes=mixing.repeated)
 _set("repeat_interleave", mixes=mixing.interleaved)
 _set("cumsum", mixes=mixing.along("dim"))
-_set("index_add", mixes=mixing.added_at)
+_set("index_add", mixes=mixing.added_into("source"))
 # (slice_scatter: src written into a slice of self; a full slice mixes nothing)
 _set("slice slice_copy slice_scatter", mixes=mixing.sliced)
 _set("select_scatter", mixes=mixing.scattered)
