@@ -4,7 +4,8 @@ This package is the core's only door to ``torch.export``. Its interface (everyth
 what the rest of splinelens may import; its modules are, in data-flow order:
 
 * ``registry``: what every ATen operation is (affine, a MASO, the output nonlinearity, refused,
-  and why), the single table that capture, convexity and refusals read;
+  and why), the single table that capture, convexity and refusals read; its entries are
+  ``opinfo.OpInfo``s, and the refused ones are written in ``refused``;
 * ``mixing``: the rules the registry gives ops, which dims of its operands an op reads together
   (the batch must not be one);
 * ``arguments``: the checks the registry gives ops, arguments that make an op something else;

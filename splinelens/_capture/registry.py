@@ -14,91 +14,21 @@ a convex input (Theorem 2), and what canonicalisation replaces it by.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._decomp import decomposition_table
 
-from splinelens._capture import arguments, mixing
-from splinelens._capture.rewrites import (
-    by_torch,
-    clamp_tensor,
-    copy_into,
-    eval_batch_norm,
-    reshape_view,
-    rnn_relu_cell,
-)
+from splinelens._capture import arguments, mixing, refused
+from splinelens._capture.opinfo import OpInfo, add, amend
+from splinelens._capture.rewrites import clamp_tensor, copy_into, eval_batch_norm, reshape_view
 
-
-@dataclass(frozen=True)
-class OpInfo:
-    """One ATen operation (by packet name) as splinelens sees it.
-
-    ``kind``: "affine", "maso", "shape" (reads only the activation's shape), "g" (the output
-    nonlinearity) or "refused". ``operands``: for products, the argument positions of which at most
-    one may hold an activation. ``regroups``: a view that may merge or split dims, so it may
-    reinterpret the batch (``batch_axis``'s layout must say it does not). Theorem 2:
-    ``coefficients`` names the constants that multiply a convex input ("weights": every constant
-    operand but the bias at ``bias``; "scalars": the constant factors of mul/div; "bn_weight":
-    batchnorm's scale), which must be nonnegative ("kernel": the op's own weights are not, as
-    bicubic interpolation's); ``view``: a view or copy through which a parameter keeps its name.
-    ``family``: the MASO kind built by ``make_maso``. ``rewrite``: the function run in place of the
-    op (canonicalisation). ``why``/``fix``: the refusal. ``vmap_backward``: PyTorch batches its
-    backward under ``vmap`` (convolutions and max-pooling loop over the vmapped rows instead).
-    ``mixes``: the dims of an operand that one output entry reads several entries along
-    (``mixing``), which must not hold the batch; None for ops that keep every dim apart.
-    ``check``: the refusal of arguments that make the op something else (``arguments``);
-    ``cast``: a dtype cast (refused when it rounds the activations). ``renames``: overloads that
-    are another op of the table (``max.other`` is ``maximum``). ``terms``: for sums, (argument
-    position, sign, keyword that scales it) of each term. ``slice_start``: where a slice's
-    start, end and step arguments begin. ``decompose``: overloads written out before capture.
-    ``random``: draws random numbers (refused wherever it is, on activations or not).
-    ``identity``: returns its first argument's values (graphs are compared without it).
-    """
-
-    name: str
-    kind: str
-    operands: tuple[int, ...] = ()
-    regroups: bool = False
-    coefficients: str = ""
-    bias: int | None = None
-    terms: tuple[tuple[int, float, str], ...] = ()
-    view: bool = False
-    family: str = ""
-    rewrite: Callable[..., Any] | None = None
-    vmap_backward: bool = True
-    mixes: mixing.Rule | None = None
-    check: Callable[[arguments.Call], arguments.Refusal] | None = None
-    cast: bool = False
-    renames: tuple[tuple[str, str], ...] = ()
-    slice_start: int | None = None
-    decompose: tuple[tuple[Any, Callable[..., Any]], ...] = ()
-    random: bool = False
-    identity: bool = False
-    why: str = ""
-    fix: str = ""
-
-    @property
-    def signed(self) -> bool:
-        """A sum whose terms carry signs (a subtracted convex term breaks convexity)."""
-        return bool(self.terms)
-
+__all__ = ["OpInfo", "decompositions", "entries", "info"]
 
 _TABLE: dict[str, OpInfo] = {}
-
-
-def _add(names: str, kind: str, **fields: Any) -> None:
-    for name in names.split():
-        _TABLE[name] = OpInfo(name, kind, **fields)
-
-
-def _set(names: str, **fields: Any) -> None:
-    """Add fields to entries already in the table."""
-    for name in names.split():
-        old = _TABLE[name]
-        _TABLE[name] = OpInfo(**{**old.__dict__, **fields})
+_add = functools.partial(add, _TABLE)
+_set = functools.partial(amend, _TABLE)
 
 
 # Linear maps of one activation: shape changes, copies, padding, pooling by averages, eval norms.
@@ -280,98 +210,7 @@ _set(
     "upsample_trilinear3d _adaptive_avg_pool3d pixel_shuffle pixel_unshuffle im2col",
     mixes=mixing.spatial(3),
 )
-# Written out as linear maps and ReLUs before capture (torch keeps them whole).
-_add(
-    "rnn_relu rnn_relu_cell",
-    "refused",
-    why="is an RNN the capture writes out before it walks the graph, yet it was left whole",
-    decompose=(
-        (torch.ops.aten.rnn_relu.input, decomposition_table[torch.ops.aten.rnn_relu.input]),
-        (torch.ops.aten.rnn_relu.data, decomposition_table[torch.ops.aten.rnn_relu.data]),
-        (torch.ops.aten.rnn_relu_cell.default, rnn_relu_cell),
-    ),
-)
-# Linear ops torch keeps whole, written out by torch's own decompositions (``by_torch``).
-for _name, _pairs in by_torch().items():
-    _add(_name, "refused", why="is written out before capture, yet was left", decompose=_pairs)
-_add(
-    "softmax _softmax log_softmax _log_softmax",
-    "g",
-    why="is excluded only as the model's final output nonlinearity g (Sec. 2); here it is "
-    "used inside the network",
-)
-_add(
-    "_native_batch_norm_legit _native_batch_norm_legit_functional",
-    "refused",
-    why="uses batch statistics (training mode, or track_running_stats=False)",
-    fix="call model.eval(); batchnorm needs running statistics to be affine",
-)
-_SPLINIFY = (
-    "sl.splinify(model) replaces it by a certified piecewise-affine approximation (its "
-    "error bound is the spline's .sup_error); capture the network it returns"
-)
-_add(
-    "sigmoid tanh gelu silu mish elu celu selu softplus log_sigmoid log_sigmoid_forward "
-    "hardswish rnn_tanh rnn_tanh_cell",
-    "refused",
-    why="is a smooth activation, not piecewise affine (Sec. 4: it is approximated arbitrarily "
-    "closely by an affine spline, but is not one)",
-    fix=_SPLINIFY,
-)
-_add(
-    "hardsigmoid softshrink",
-    "refused",
-    why="is piecewise affine, but not an op the capture reads",
-    fix="sl.splinify(model) represents it exactly (sup_error 0); capture the network it returns",
-)
-_add(
-    "exp log log1p expm1 sqrt rsqrt pow sin cos erf erfc reciprocal",
-    "refused",
-    why="is a smooth function of the activations, not piecewise affine",
-    fix="if it belongs to an activation, use the activation's module or function (torch.tanh, "
-    "F.gelu, ...), which " + _SPLINIFY,
-)
-_add(
-    "bernoulli rand rand_like randn randn_like randint randint_like normal uniform exponential "
-    "cauchy log_normal geometric multinomial randperm poisson normal_functional random",
-    "refused",
-    random=True,
-    why="draws random numbers (dropout in training mode, noise), so the network is not one "
-    "function of its input",
-    fix="call model.eval(), give functional dropouts training=False, remove the noise",
-)
-_add(
-    "gt lt ge le eq ne sign heaviside round floor ceil trunc frac remainder fmod",
-    "refused",
-    why="is a step function of the activations (a comparison, a rounding), which splinelens "
-    "cannot split into MASO pieces",
-    fix="use relu / max / clamp instead (torch.where(h > 0, h, 0) is torch.relu(h))",
-)
-_add(
-    "layer_norm native_layer_norm group_norm native_group_norm instance_norm rms_norm "
-    "_fused_rms_norm",
-    "refused",
-    why="divides by a statistic of the activations, which is not piecewise affine",
-)
-_add(
-    "linalg_vector_norm norm frobenius_norm cdist _cdist_forward _euclidean_dist cosine_similarity",
-    "refused",
-    why="is a norm, distance or cosine of the activations: a Euclidean one is not piecewise "
-    "affine, and splinelens reads the others only written out",
-    fix="an L1 or max norm is piecewise affine: write it as h.abs().sum(dim) or h.abs().amax(dim)",
-)
-_add(
-    "tan atan asin acos sinh cosh asinh acosh atanh atan2 hypot logit logsumexp glu xlogy",
-    "refused",
-    why="is a smooth function of the activations, not piecewise affine",
-)
-_add(
-    "lstm gru lstm_cell gru_cell bilinear _trilinear",
-    "refused",
-    why="multiplies activation-dependent tensors (an LSTM's or GRU's gates, a bilinear form), "
-    "which is not piecewise affine",
-    fix="use nn.RNN(nonlinearity='relu'), linear layers and ReLUs",
-)
+_TABLE.update(refused.TABLE)  # (none of them is read)
 
 
 def decompositions() -> dict[Any, Callable[..., Any]]:
