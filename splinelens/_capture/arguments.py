@@ -126,3 +126,79 @@ def index_add(c: Call) -> Refusal:
     if c.is_act(c.args.get("index")):
         return "adds at places computed from the activations", "use constant indices"
     return None
+
+
+_PLACES = "writes at places computed from the activations", "use constant indices"
+
+
+def _overwrite(what: str, fix: str) -> tuple[str, str]:
+    """The refusal of activations written over self at constant places."""
+    return (
+        f"writes activations ({what}) over self at constant places: where a place is written "
+        "twice, PyTorch keeps one write and its backward pass counts both, so splinelens "
+        "cannot differentiate it exactly without knowing the places never repeat",
+        f"if every place is written once, add into zeros there instead: {fix}",
+    )
+
+
+def index_put(c: Call) -> Refusal:
+    """``h[idx] = v`` (``index_put``): at places computed from the activations, or given by an
+    index sized by the batch (other places for other batches); an activation ``values`` written
+    over self (not accumulated)."""
+    indices = [i for i in c.args.get("indices") or [] if i is not None]
+    if any(c.is_act(i) for i in indices):
+        return _PLACES
+    if any(_batch_sized(i) for i in indices):
+        return (
+            "writes at places given by an index sized by the batch (built from x.shape[0]), "
+            "which differ from one batch to another",
+            "index the feature dimensions with constant indices: h[:, idx] = v",
+        )
+    if c.is_act(c.args.get("values")) and not c.args.get("accumulate"):
+        return _overwrite(
+            "h[idx] = v",
+            "h = h.index_put(idx, zeros).index_put(idx, v, accumulate=True), or for one dim "
+            "h.index_fill(dim, idx, 0).index_add(dim, idx, v)",
+        )
+    return None
+
+
+def scatter(c: Call) -> Refusal:
+    """``scatter``: at places computed from the activations, with a ``reduce`` (no derivative
+    in PyTorch), or writing an activation src over self."""
+    if c.is_act(c.args.get("index")):
+        return _PLACES
+    if c.args.get("reduce") is not None:
+        return (
+            f"scatters with reduce={c.args['reduce']!r}, which PyTorch cannot differentiate",
+            "write scatter_add(dim, index, src) for 'add'; multiply by a constant tensor for "
+            "'multiply'",
+        )
+    if c.is_act(c.args.get("src")):
+        return _overwrite(
+            "scatter's src", "self.scatter(dim, index, 0).scatter_add(dim, index, src)"
+        )
+    return None
+
+
+def index_fill(c: Call) -> Refusal:
+    """``index_fill`` at places computed from the activations."""
+    return _PLACES if c.is_act(c.args.get("index")) else None
+
+
+def index_copy(c: Call) -> Refusal:
+    """``index_copy`` at places computed from the activations, or of an activation source."""
+    if c.is_act(c.args.get("index")):
+        return _PLACES
+    if c.is_act(c.args.get("source")):
+        return _overwrite(
+            "index_copy's source",
+            "self.index_fill(dim, index, 0).index_add(dim, index, source)",
+        )
+    return None
+
+
+def _batch_sized(v: Any) -> bool:
+    """Whether a graph value's shape holds a symbolic size (the batch's, the only dynamic one)."""
+    val = getattr(v, "meta", {}).get("val")
+    return val is not None and any(not isinstance(s, int) for s in val.shape)

@@ -79,28 +79,45 @@ def along(*names: str) -> Rule:
 
 
 def gathered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-    """``gather(self, dim, index)``: ``dim``, and every other dim along which index is shorter
-    than self (gather reads only the first entries there: of a batch dim, the first samples)."""
+    """``gather(self, dim, index)`` (and ``scatter(self, dim, index, src)``): ``dim``, and for
+    self every other dim along which index is shorter (gather reads, and scatter writes, only the
+    first entries there: of a batch dim, the first samples)."""
     dims = along("dim")(a, which, pos, ndim) or set()
-    inp, idx = a.get("self"), a.get("index")
     if which != "self":
         return dims
-    if not isinstance(inp, torch.fx.Node) or not isinstance(idx, torch.fx.Node):
-        return None
-    size, kept = inp.meta["val"].shape, idx.meta["val"].shape
-    return dims | {d for d in range(ndim) if str(kept[d]) != str(size[d])}
+    shorter = _shorter(a, ndim)
+    return None if shorter is None else dims | shorter
 
 
 def added_into(source: str) -> Rule:
     """``scatter_add(self, dim, index, src)`` / ``index_add(self, dim, index, source)``: the
     added tensor's ``dim`` (its entries land at the index's places, several into one); self is
-    added entry by entry. (scatter_add's index smaller than src: ``arguments.scatter_add``.)"""
+    added entry by entry, but only where scatter_add's index reaches (its dims, but ``dim``,
+    along which the index is shorter: of a batch dim, only the first samples get the sum).
+    (scatter_add's index smaller than src: ``arguments.scatter_add``.)"""
     dim = along("dim")
 
     def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-        return dim(a, which, pos, ndim) if which == source else set()
+        if which == source:
+            return dim(a, which, pos, ndim)
+        index = a.get("index")
+        if which != "self" or not isinstance(index, torch.fx.Node):
+            return set()
+        if index.meta["val"].dim() != ndim:  # (index_add's index: a 1-d list of places)
+            return set()
+        shorter = _shorter(a, ndim)
+        return None if shorter is None else shorter - (dim(a, which, pos, ndim) or set())
 
     return rule
+
+
+def _shorter(a: dict[str, Any], ndim: int) -> set[int] | None:
+    """The dims along which ``index`` is shorter than ``self`` (None: their shapes are unknown)."""
+    inp, idx = a.get("self"), a.get("index")
+    if not isinstance(inp, torch.fx.Node) or not isinstance(idx, torch.fx.Node):
+        return None
+    size, kept = inp.meta["val"].shape, idx.meta["val"].shape
+    return {d for d in range(ndim) if str(kept[d]) != str(size[d])}
 
 
 def reduced(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
@@ -120,6 +137,24 @@ def indexed(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | No
     if which != "self":
         return None
     return {d for d, i in enumerate(a.get("indices") or []) if i is not None}
+
+
+def put(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
+    """``index_put(self, indices, values)``: self's dims that the indices select along (a
+    boolean mask of k dims covers k), where values are written; values land entry by entry (an
+    index sized by the batch is refused by ``arguments.index_put``)."""
+    if which == "values":
+        return set()
+    if which != "self":
+        return None
+    dims, d = set(), 0
+    for i in a.get("indices") or []:
+        val = i.meta.get("val") if isinstance(i, torch.fx.Node) else None
+        k = val.dim() if val is not None and val.dtype in (torch.bool, torch.uint8) else 1
+        if i is not None:
+            dims |= set(range(d, d + k))
+        d += k
+    return dims
 
 
 def repeated(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:

@@ -55,6 +55,12 @@ _add("copy", "affine", rewrite=copy_into)
 _add("slice_scatter select_scatter", "affine")
 _add("scatter_add", "affine", mixes=mixing.added_into("src"), check=arguments.scatter_add)
 _add("index_add", "affine", terms=((0, 1.0, ""), (3, 1.0, "alpha")), check=arguments.index_add)
+# writes at constant places: a constant written over self, or activations added there (an
+# activation written over self is refused: PyTorch's backward counts a place written twice twice)
+_add("index_put", "affine", mixes=mixing.put, check=arguments.index_put)
+_add("scatter", "affine", mixes=mixing.gathered, check=arguments.scatter)
+_add("index_fill", "affine", mixes=mixing.along("dim"), check=arguments.index_fill)
+_add("index_copy", "affine", mixes=mixing.along("dim"), check=arguments.index_copy)
 # detach would hide paths from autograd; it is the identity
 _add("detach", "affine", rewrite=torch.ops.aten.alias.default, view=True)
 _add(

@@ -108,6 +108,8 @@ _BY_TORCH = {
     "lerp": ("Scalar", "Tensor"),
     "tril": ("default",),
     "triu": ("default",),
+    "rot90": ("default",),
+    "diag_embed": ("default",),
 }
 
 
@@ -118,7 +120,7 @@ def by_torch() -> dict[str, tuple[tuple[Any, Callable[..., Any]], ...]]:
     (``diff`` and ``tensordot`` have no entry there).
 
     >>> sorted(by_torch())[:3]
-    ['addcdiv', 'addcmul', 'diff']
+    ['addcdiv', 'addcmul', 'diag_embed']
     """
     out = {}
     for name, overloads in _BY_TORCH.items():
