@@ -74,9 +74,12 @@ def check_overflow(out: Tensor, offset: int = 0) -> None:
         return
     if not bool(torch.isfinite(out).all()):
         i = offset + int(torch.nonzero(~torch.isfinite(out.reshape(len(out), -1)))[0, 0])
+        wider = ", use float64" if out.dtype != torch.float64 else ""
         raise ValueError(
-            f"the network's values overflow to inf / nan for input {i} (its entries are finite "
-            f"but too large for {out.dtype}); rescale the input or use float64"
+            f"the network's values overflow to inf / nan for input {i}, though its entries and "
+            f"the weights are finite: a value too large for {out.dtype}, or a division by a "
+            f"constant that holds a zero; rescale the input{wider}, or divide by nonzero "
+            f"constants"
         )
 
 

@@ -461,6 +461,25 @@ def test_overflow_is_refused_not_returned() -> None:
         _ = sl.affine_map(model, x).B
 
 
+def test_a_division_by_zero_in_float64_is_refused_without_advising_float64() -> None:
+    """A constant divisor holding a zero gives inf in float64 too: the error names that cause,
+    and does not tell a float64 user to use float64."""
+
+    class Divided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.scale = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x) / self.scale)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"overflow.*input 0.*division by a constant") as err:
+        _ = sl.affine_map(Divided().double().eval(), x).A
+    assert "use float64" not in str(err.value)
+
+
 def test_overflowing_codes_are_refused() -> None:
     x = torch.randn(3, 4)
     x[2] = 3e38
@@ -1151,6 +1170,28 @@ def test_a_layer_maso_outlives_the_models_other_references(monkeypatch, dense) -
     gc.collect()
     torch.testing.assert_close(maso(h), before, rtol=0, atol=0)
     torch.testing.assert_close(twin(h), before, rtol=0, atol=0)
+
+
+def test_a_dense_layer_maso_pickles_and_a_large_one_is_refused(monkeypatch, tmp_path) -> None:
+    """A dense MASO saves and loads with torch.save / pickle and gives the same values and
+    pieces (reference: the original's); one whose slots run the capture refuses by name."""
+    import pickle
+
+    import splinelens.geometry.maso as maso_module
+
+    torch.manual_seed(0)
+    net, x = _RootOwned().double().eval(), torch.randn(4, 3, dtype=torch.float64)
+    maso, h = sl.layer_maso(net, x, 0), torch.randn(5, 3, dtype=torch.float64)
+    torch.save(maso, tmp_path / "maso.pt")
+    for loaded in (
+        pickle.loads(pickle.dumps(maso)),
+        torch.load(tmp_path / "maso.pt", weights_only=False),
+    ):
+        torch.testing.assert_close(loaded(h), maso(h), rtol=0, atol=0)
+        assert torch.equal(loaded.argmax(h), maso.argmax(h))
+    monkeypatch.setattr(maso_module, "_DENSE", 0)
+    with pytest.raises(TypeError, match=r"too large for dense slopes.*sl\.layer_maso"):
+        pickle.dumps(sl.layer_maso(net, x, 0))
 
 
 def test_a_map_still_answers_for_its_model_after_a_submodule_was_replaced() -> None:

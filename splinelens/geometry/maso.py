@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -64,6 +65,24 @@ class MASO(nn.Module):
         self._pre = pre  # h (N, D) -> slots (N, S)
         self.W: Tensor | None = None  # (S, D) when dense
         self.b: Tensor | None = None  # (S,) when dense
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A dense MASO pickles (``torch.save``) as its table, W and b; one too large for dense
+        slopes runs the model's capture for its slots, which does not pickle: refused."""
+        if self.W is None:
+            raise TypeError(
+                f"layer {self.name!r}'s MASO is too large for dense slopes: it computes its "
+                "pre-activations with the model's capture, which is neither pickled nor saved. "
+                "Make it again with sl.layer_maso(model, x, layer) where you need it"
+            )
+        return {**self.__dict__, "_pre": None}  # (slots read W and b)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MASO:
+        """A copy whose attributes are copies, sharing the capture (``_pre``) as before."""
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return twin
 
     def pieces(self, h: Tensor) -> Tensor:
         """Every piece's value, (N, K, R) (-inf for window positions outside the input)."""
