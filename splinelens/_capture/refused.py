@@ -111,3 +111,17 @@ _add(
     "which is not piecewise affine",
     fix="use nn.RNN(nonlinearity='relu'), linear layers and ReLUs",
 )
+_add(
+    "sort topk kthvalue median nanmedian cummax cummin msort",
+    "refused",
+    why="orders the activations (a sort, a k-th largest, a running maximum): piecewise affine, "
+    "but not made of the max-affine pieces splinelens reads",
+    fix="a largest entry is h.amax(dim) and a largest entry per window max-pooling, both MASOs",
+)
+_add(
+    "nan_to_num",
+    "refused",
+    why="replaces NaN and inf, which splinelens never computes with (it refuses non-finite "
+    "inputs and weights, and values that overflow), so it would only hide an overflow",
+    fix="remove it from the forward pass you capture",
+)
