@@ -126,6 +126,10 @@ REFUSED = {
         lambda h: h.scatter(1, _IDX[None], 1.0),
         r"aten\.scatter .*along the batch dimension",
     ),
+    "index_add_into_the_first_sample": (  # caught by the batch-agreement probe before
+        lambda h: h.index_add(0, torch.tensor([0]), torch.ones(1, 6, dtype=h.dtype)),
+        r"aten\.index_add .*along the batch dimension",
+    ),
     "scatter_add_into_the_first_sample": (  # caught by the batch-agreement probe before
         lambda h: h.scatter_add(1, _IDX[None], torch.ones(1, 3, dtype=h.dtype)),
         r"aten\.scatter_add .*along the batch dimension",

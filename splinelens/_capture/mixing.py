@@ -91,32 +91,26 @@ def gathered(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | N
 
 def added_into(source: str) -> Rule:
     """``scatter_add(self, dim, index, src)`` / ``index_add(self, dim, index, source)``: the
-    added tensor's ``dim`` (its entries land at the index's places, several into one); self is
-    added entry by entry, but only where scatter_add's index reaches (its dims, but ``dim``,
-    along which the index is shorter: of a batch dim, only the first samples get the sum).
-    (scatter_add's index smaller than src: ``arguments.scatter_add``.)"""
-    dim = along("dim")
+    added tensor's ``dim`` (its entries land at the index's places, several into one); self's
+    ``dim`` (only the places listed get a sum: of a batch dim, some samples) and the dims along
+    which scatter_add's index is shorter than self (likewise). (scatter_add's index smaller than
+    src: ``arguments.scatter_add``.)"""
 
     def rule(a: dict[str, Any], which: str, pos: int, ndim: int) -> set[int] | None:
-        if which == source:
-            return dim(a, which, pos, ndim)
-        index = a.get("index")
-        if which != "self" or not isinstance(index, torch.fx.Node):
-            return set()
-        if index.meta["val"].dim() != ndim:  # (index_add's index: a 1-d list of places)
-            return set()
-        shorter = _shorter(a, ndim)
-        return None if shorter is None else shorter - (dim(a, which, pos, ndim) or set())
+        return gathered(a, which, pos, ndim) if which in (source, "self") else set()
 
     return rule
 
 
 def _shorter(a: dict[str, Any], ndim: int) -> set[int] | None:
-    """The dims along which ``index`` is shorter than ``self`` (None: their shapes are unknown)."""
+    """The dims along which ``index`` is shorter than ``self`` (None: their shapes are unknown;
+    none for an index that lists places along one dim, as ``index_add``'s)."""
     inp, idx = a.get("self"), a.get("index")
     if not isinstance(inp, torch.fx.Node) or not isinstance(idx, torch.fx.Node):
         return None
     size, kept = inp.meta["val"].shape, idx.meta["val"].shape
+    if len(kept) != ndim:
+        return set()
     return {d for d in range(ndim) if str(kept[d]) != str(size[d])}
 
 
