@@ -4,6 +4,7 @@ exact against float64 references, or refused with a clear error."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -161,3 +162,24 @@ def test_writes_keep_a_convex_input_convex(name: str) -> None:
     model, x = Convex().double().eval(), torch.randn(16, 4, dtype=torch.float64)
     assert cv.convexity(model, x).is_convex
     assert cv.convexity_gap(model, x) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["setitem_constant", "index_put_accumulate", "scatter_value"])
+def test_slices_through_writes_match_grid_samples(name: str) -> None:
+    """The exact 2-D slice of a network with writes: same region if and only if same code, and
+    each region's affine logits, on random plane points (reference: codes and forward pass)."""
+    torch.manual_seed(0)
+    model = Wrap(EXACT[name]).double().eval()
+    part = sl.slice_partition(model, torch.zeros(4, dtype=torch.float64), torch.eye(4)[:2].double())
+    keys = np.concatenate([la.data.reshape(len(part), -1).numpy() for la in part.codes.layers], 1)
+    assert len(part) > 5 and len(np.unique(keys, axis=0)) == len(part)
+    uv = np.random.default_rng(0).uniform(-3, 3, (2000, 2))
+    region = part.locate(uv)
+    x = part.to_input(uv)
+    codes = sl.partition_codes(model, x)
+    got = np.concatenate([la.data.reshape(len(uv), -1).numpy() for la in codes.layers], 1)
+    assert (got == keys[region]).all()
+    with torch.no_grad():
+        f = model(x).numpy()
+    pred = np.einsum("pck,pk->pc", part.logits[region], np.c_[uv, np.ones(len(uv))])
+    np.testing.assert_allclose(pred, f, rtol=0, atol=1e-9 * max(1.0, np.abs(f).max()))
