@@ -138,9 +138,15 @@ REFUSED = {
     "index_by_activation": (Wrap(lambda z: z.gather(1, z.long().clamp(0, 5))), r"integers"),
     "flip_batch": (Wrap(lambda z: torch.relu(z).flip(0)), r"along the batch dimension"),
     "roll_batch": (Wrap(lambda z: z + z.roll(1, 0)), r"along the batch dimension"),
-    "merged_batch": (
-        Wrap(lambda z: torch.relu(z.reshape(-1)).reshape(-1, 6)),
-        r"without a single batch dimension",
+    "prelu_on_merged_batch": (  # its weight is read along dim 1: not entry by entry
+        Wrap(lambda z: F.prelu(z.reshape(-1, 3), torch.full((3,), 0.1)).reshape(-1, 6)),
+        r"prelu .*without a single batch dimension",
+    ),
+    "max_pool_on_merged_batch": (
+        Wrap(
+            lambda z: F.max_pool1d(z.reshape(-1, 1, 3), 2, 1).reshape(-1, 4)[:, [0, 1, 2, 3, 0, 1]]
+        ),
+        r"max_pool.*without a single batch dimension",
     ),
     **{
         f"{name}_batch": (
@@ -217,6 +223,12 @@ KEPT = {
         torch.stack([z, 2 * z, 3 * z]).reshape(3, -1)[1:].reshape(2, -1, 6).sum(0)
     ),
     "max_over_stack": lambda z: torch.stack([z, -z]).max(dim=0).values,
+    # elementwise MASOs on a merged batch, written batch first (since 2026-11-28)
+    "relu_on_merged_batch": lambda z: torch.relu(z.reshape(-1)).reshape(-1, 6),
+    "leaky_relu_on_merged_rows": lambda z: F.leaky_relu(z.reshape(-1, 3), 0.2).reshape(-1, 6),
+    "clamp_on_a_transposed_merge": lambda z: (
+        z.reshape(-1, 2).t().clamp(-0.5, 0.3).t().reshape(-1, 6)
+    ),
     "fold_linear": lambda z: (
         F.linear(z.reshape(-1, 3), torch.ones(1, 3, dtype=z.dtype)).reshape(-1, 2).repeat(1, 3)
     ),

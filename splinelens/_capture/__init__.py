@@ -17,6 +17,7 @@ what the rest of splinelens may import; its modules are, in data-flow order:
 * ``mode``: which modules compute differently in training mode, and the refusal of a model in it;
 * ``compiler``: export, canonicalisation, the walk that builds the program's steps and layers;
 * ``batch_axis``: where the batch dim lies in every value, and the views that must keep it;
+* ``unmerge``: an elementwise MASO on a batch merged with other dims, written batch first;
 * ``layers``: each MASO step's piece (``make_maso``) and its Definition-1 layer;
 * ``agreement``: the checks that the capture computes what the model computes;
 * ``program``: the frozen program and its two generated executors, ``record`` and ``frozen``;

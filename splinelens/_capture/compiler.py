@@ -47,6 +47,7 @@ from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_batch_kept, check_op, error
 from splinelens._capture.registry import decompositions, info
 from splinelens._capture.spline_op import splines_as_ops
+from splinelens._capture.unmerge import batch_first, merged_input, restore
 from splinelens.errors import UnsupportedOperationError
 
 
@@ -185,7 +186,9 @@ class _Compiler:
     """Walks the exported graph once: classifies and checks each op, builds steps and layers."""
 
     def __init__(self, model: nn.Module, ep: torch.export.ExportedProgram) -> None:
-        self.model, self.ep, self.gm = model, ep, ep.graph_module
+        self.model, self.ep = model, ep
+        self.graph = ep.graph
+        self.written: list[tuple[torch.fx.Node, list[torch.fx.Node]]] = []  # (``unmerge``)
         sig = ep.graph_signature
         if len(sig.user_inputs) != 1:
             raise ValueError(
@@ -193,7 +196,7 @@ class _Compiler:
                 "needs a forward(x) of one tensor"
             )
         self.input_name = sig.user_inputs[0]
-        node = next(n for n in self.gm.graph.nodes if n.name == self.input_name)
+        node = next(n for n in self.graph.nodes if n.name == self.input_name)
         val = node.meta.get("val")  # x's dtype: casts to less precision than it are refused
         self.precision = val.dtype if isinstance(val, torch.Tensor) else None
         self.axes = BatchAxes(node)
@@ -224,10 +227,14 @@ class _Compiler:
             )
 
     def compile(self) -> Program:
-        out, g = self._output(next(n for n in self.gm.graph.nodes if n.op == "output"))
-        for node in self.gm.graph.nodes:
-            if node.op == "call_function" and (g is None or node is not g):
-                self._visit(node)
+        out, g = self._output(next(n for n in self.graph.nodes if n.op == "output"))
+        try:
+            for node in self.graph.nodes:  # (nodes written after this one are visited too)
+                if node.op == "call_function" and (g is None or node is not g):
+                    self._visit(node)
+        finally:  # the exported graph as it was (the batch sizes compare it with another)
+            for node, new in reversed(self.written):
+                restore(self.graph, node, new)
         if out.name not in self.axes.bdims:
             raise ValueError(
                 "the model's output does not depend on its input, or has no single batch dimension"
@@ -297,6 +304,10 @@ class _Compiler:
         return tuple(out)
 
     def _visit(self, node: torch.fx.Node) -> None:
+        merged = merged_input(node, self.axes)
+        if merged is not None:  # an elementwise MASO on a merged batch: written batch first
+            self.written.append((node, batch_first(self.graph, node, *merged)))
+            return
         name = op_name(node.target)
         entry = info(name)
         if entry.random:
