@@ -58,8 +58,44 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
     )
     if refusal is not None:
         raise error(node, name, *refusal)
+    _check_places(node, name, a)
     _check_sizes(node, name)
     return entry.kind
+
+
+_SHAPES = frozenset({"size", "shape", "sizes"})  # arguments that give a shape, not values
+
+
+def _check_places(node: Node, name: str, a: dict[str, Any]) -> None:
+    """Refuse indices whose values are computed from the batch size (``arange(N) // 6``): the
+    places then differ from one batch to another, and the batch-agreement probe tries only a
+    few sizes. An index only shaped by it (``idx.expand(N, -1)``) is constant."""
+    places = [v for key in ("index", "indices") for v in _flat(a.get(key))]
+    if any(isinstance(v, Node) and _batch_valued(v, {}) for v in places):
+        raise error(
+            node,
+            name,
+            "reads or writes at places computed from the batch size (an arange or a number "
+            "made from x.shape[0]), so samples are mixed: the places differ from one batch to "
+            "another",
+            "use constant indices (a tensor made outside forward, or expanded to the batch)",
+        )
+
+
+def _batch_valued(v: Node, seen: dict[str, bool]) -> bool:
+    """Whether a tensor's values depend on a symbolic size (the batch's, the only dynamic one):
+    some op before it takes a size as data (arange's end, a fill value), not as a shape."""
+    if v.name not in seen:
+        seen[v.name] = False
+        args = bound_args(v) if hasattr(v.target, "_schema") else {}
+        data = [u for k, u in args.items() if k not in _SHAPES]
+        sized = any(isinstance(u, Node) and _sym(u) for x in data for u in _flat(x))
+        seen[v.name] = sized or any(_batch_valued(u, seen) for u in v.all_input_nodes)
+    return seen[v.name]
+
+
+def _sym(v: Node) -> bool:
+    return isinstance(v.meta.get("val"), torch.SymInt)
 
 
 def _check_sizes(node: Node, name: str) -> None:
