@@ -124,7 +124,7 @@ REFUSED = {
     ),
     "tril_over_the_batch": (  # a mask by position in the batch: another function per sample
         Wrap(lambda z: z.t().tril().t()),
-        r"positions in the batch",
+        r"(positions in the batch|made from the batch size)",
     ),
     "lerp_by_activation": (
         Wrap(lambda z: torch.lerp(z, 2 * z, torch.relu(z))),

@@ -67,18 +67,19 @@ _SHAPES = frozenset({"size", "shape", "sizes"})  # arguments that give a shape, 
 
 
 def _check_places(node: Node, name: str, a: dict[str, Any]) -> None:
-    """Refuse indices whose values are computed from the batch size (``arange(N) // 6``): the
-    places then differ from one batch to another, and the batch-agreement probe tries only a
-    few sizes. An index only shaped by it (``idx.expand(N, -1)``) is constant."""
-    places = [v for key in ("index", "indices") for v in _flat(a.get(key))]
-    if any(isinstance(v, Node) and _batch_valued(v, {}) for v in places):
+    """Refuse an op that computes with values made from the batch size (``h * (N // 6)``,
+    indices ``arange(N) // 6``): an input's output then depends on its batch, and the
+    batch-agreement probe tries only a few sizes. Sizes used as shapes (``idx.expand(N, -1)``,
+    ``h.view(N, -1)``) are not values."""
+    data = [u for k, v in a.items() if k not in _SHAPES for u in _flat(v)]
+    if any(isinstance(u, Node) and (_sym(u) or _batch_valued(u, {})) for u in data):
         raise error(
             node,
             name,
-            "reads or writes at places computed from the batch size (an arange or a number "
-            "made from x.shape[0]), so samples are mixed: the places differ from one batch to "
-            "another",
-            "use constant indices (a tensor made outside forward, or expanded to the batch)",
+            "computes with a number or tensor made from the batch size (x.shape[0], an arange "
+            "to it: indices, factors), so samples are mixed: an input's output depends on its "
+            "batch",
+            "use constants (indices made outside forward, or expanded to the batch)",
         )
 
 
