@@ -101,6 +101,8 @@ def test_forwards_that_compute_with_the_batch_size_are_refused() -> None:
     bodies = {
         "scaled by N": lambda h, x: torch.relu(h * x.shape[0]),
         "positions sliced to N": lambda h, x: torch.relu(h + pe[: x.shape[0]]),
+        # the same for every batch the probe tries (2, 3), another from N = 6: found by review
+        "scaled by N // 6": lambda h, x: torch.relu(h * (x.shape[0] // 6 + 1)),
     }
     for body in bodies.values():
         for n in (1, 2, 5):
