@@ -42,6 +42,8 @@ class OpInfo:
     start, end and step arguments begin. ``decompose``: overloads written out before capture.
     ``random``: draws random numbers (refused wherever it is, on activations or not).
     ``identity``: returns its first argument's values (graphs are compared without it).
+    ``elementwise``: a MASO acting entry by entry with constant arguments besides its input,
+    the same function on any view of it (``unmerge`` writes it batch first on a merged batch).
     """
 
     name: str
@@ -63,6 +65,7 @@ class OpInfo:
     decompose: tuple[tuple[Any, Callable[..., Any]], ...] = ()
     random: bool = False
     identity: bool = False
+    elementwise: bool = False
     why: str = ""
     fix: str = ""
 

@@ -141,7 +141,12 @@ _add("amax amin", "maso", family="reduce")
 _add("max", "maso", family="reduce", check=arguments.extreme, renames=(("other", "maximum"),))
 _add("min", "maso", family="reduce", check=arguments.extreme, renames=(("other", "minimum"),))
 _add("maximum minimum fmax fmin", "maso", family="pairwise")
-_add("spline_activation", "maso", family="spline")  # splinelens' own op (``sl.splinify``)
+_add("spline_activation", "maso", family="spline")
+# entry by entry on any view (not PReLU: its weight is read along dim 1)
+_set(
+    "relu leaky_relu abs clamp_min clamp_max rrelu threshold hardtanh relu6 clamp clip",
+    elementwise=True,
+)  # splinelens' own op (``sl.splinify``)
 # Backward passes that vmap loops over (``Program.batched_rows``): no batching rule in functorch.
 _set(
     "conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d "

@@ -20,16 +20,12 @@ from splinelens._capture.nodes import op_name
 from splinelens._capture.registry import info
 
 Node = torch.fx.Node
-_ELEMENTWISE = frozenset({"sign", "clip"})  # (PReLU's weight is read along dim 1: not any view)
-_PER_CHANNEL = frozenset({"prelu", "_prelu_kernel"})
 
 
 def merged_input(node: Node, axes: BatchAxes) -> tuple[int, tuple[int, int]] | None:
     """(the dim holding the batch, its layout) of an elementwise MASO whose input holds the
     batch merged into one dim, with constant arguments besides it; None for any other node."""
-    name = op_name(node.target)
-    entry = info(name)
-    if entry.kind != "maso" or entry.family not in _ELEMENTWISE or name in _PER_CHANNEL:
+    if not info(op_name(node.target)).elementwise:  # (registry)
         return None
     z, rest = node.args[0], [*node.args[1:], *node.kwargs.values()]
     if not isinstance(z, Node) or any(isinstance(a, Node) for a in rest):
