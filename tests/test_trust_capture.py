@@ -242,3 +242,24 @@ def test_a_nan_constant_the_output_ignores_holds_for_one_input() -> None:
     torch.testing.assert_close(
         amap.A[0] @ x[0] + amap.B[0], model(x)[0].detach(), rtol=0, atol=1e-12
     )
+
+
+def test_an_op_export_writes_otherwise_for_one_input_holds_for_a_batch_of_one() -> None:
+    """An einsum after a conv is exported with an _unsafe_view for two or more inputs and a view
+    for one (the same op): a batch of one is exact (reference: jacrev), not refused as a forward
+    that branches on the batch size (found by the audit)."""
+
+    class ChannelMix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.w = nn.Parameter(torch.randn(2, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nchw,dc->ndhw", torch.relu(self.conv(x)), self.w).flatten(1)
+
+    torch.manual_seed(0)
+    model = ChannelMix().double().eval()
+    x = torch.randn(1, 3, 5, 5, dtype=DT)
+    jac = torch.func.jacrev(lambda v: model(v[None])[0])(x[0])
+    torch.testing.assert_close(sl.affine_map(model, x).A[0], jac, rtol=0, atol=1e-12)

@@ -169,8 +169,12 @@ def _single_input_problem(
         static = static_export(model)
     except Exception as e:
         return f"torch.export fails on one input ({type(e).__name__})"
-    if not _same_graph(_ops_of(ep), _ops_of(static)):
-        return "for one input the forward builds another graph (it branches on the batch size)"
+    ops, single = _ops_of(ep), _ops_of(static)
+    if not _same_graph(ops, single):
+        return (
+            f"for one input the forward builds another graph ({_first_difference(ops, single)}): "
+            f"it branches on the batch size, or PyTorch writes an op otherwise for one input"
+        )
     return _outputs_differ(model, run, ex)
 
 
@@ -226,11 +230,15 @@ def _ops_of(ep: torch.export.ExportedProgram) -> list[tuple]:
             index[n.name] = kept
             continue
         index[n.name] = ("node", len(out))
-        out.append((str(n.target), args, norm(n.kwargs), _ranks(n)))
+        target = _SAME_OP.get(str(n.target), str(n.target))
+        out.append((target, args, norm(n.kwargs), _ranks(n)))
     return out
 
 
 _SIZE = ("size",)
+# overloads export writes for one input where it writes another for more (``reshape`` of a
+# non-contiguous tensor: a copy and an _unsafe_view, a plain view when N = 1 keeps it contiguous)
+_SAME_OP = {"aten._unsafe_view.default": "aten.view.default"}
 
 
 def _ranks(n: torch.fx.Node) -> tuple[int, ...]:
@@ -256,6 +264,14 @@ def _full_slice(at: int | None, args: tuple) -> Any:
     full_end = end is None or end == _SIZE or (isinstance(end, int) and end >= _BIG)
     full = start in (0, None) and step in (1, None) and full_end
     return args[at - 2] if full else None
+
+
+def _first_difference(a: list[tuple], b: list[tuple]) -> str:
+    """Where two graphs' op lists (``_ops_of``) first differ, in words."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if not _same(x, y):
+            return f"op {i}: {x[0]} for two or more inputs, {y[0]} for one"
+    return f"{len(a)} ops for two or more inputs, {len(b)} for one"
 
 
 def _same_graph(a: list[tuple], b: list[tuple]) -> bool:
