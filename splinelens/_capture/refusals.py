@@ -58,7 +58,7 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
     )
     if refusal is not None:
         raise error(node, name, *refusal)
-    _check_places(node, name, a)
+    _check_batch_values(node, name, a, act)
     _check_sizes(node, name)
     return entry.kind
 
@@ -66,13 +66,14 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
 _SHAPES = frozenset({"size", "shape", "sizes"})  # arguments that give a shape, not values
 
 
-def _check_places(node: Node, name: str, a: dict[str, Any]) -> None:
+def _check_batch_values(node: Node, name: str, a: dict[str, Any], act: set[str]) -> None:
     """Refuse an op that computes with values made from the batch size (``h * (N // 6)``,
     indices ``arange(N) // 6``): an input's output then depends on its batch, and the
     batch-agreement probe tries only a few sizes. Sizes used as shapes (``idx.expand(N, -1)``,
-    ``h.view(N, -1)``) are not values."""
+    ``h.view(N, -1)``) are not values; activations were checked where they were made."""
     data = [u for k, v in a.items() if k not in _SHAPES for u in _flat(v)]
-    if any(isinstance(u, Node) and (_sym(u) or _batch_valued(u, {})) for u in data):
+    seen = {n: False for n in act}  # (the walk stops at activations)
+    if any(isinstance(u, Node) and (_sym(u) or _batch_valued(u, seen)) for u in data):
         raise error(
             node,
             name,
