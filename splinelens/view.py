@@ -41,6 +41,7 @@ from splinelens._structure import Structure, structure
 from splinelens._structure_diff import describe_change
 from splinelens._sums import all_finite
 from splinelens._tensors import model_dtype, model_state, model_tensors
+from splinelens._twin import made_in_float64
 from splinelens.affine import AffineMap
 from splinelens.codes import LayerCodes, PartitionCodes
 from splinelens.errors import StaleCaptureError
@@ -88,7 +89,8 @@ class SplineView(HoldsCapture):
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
         check_model_finite(model)  # before exporting it
-        self.program = capture(model, example_input)
+        # (a float64 twin: the constants its forward makes are float64)
+        self.program = capture(model, example_input, within=made_in_float64(model))
         self._owners: tuple[nn.Module, ...] = self.program.hold()  # (a cached view: none)
         # after the capture's forward (lazy modules get their weights), while the structure holds
         self.structure = structure(model)

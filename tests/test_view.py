@@ -14,7 +14,7 @@ from tests import zoo
 def test_plain_functions_reuse_one_capture(monkeypatch) -> None:
     calls = []
     real = view_mod.capture
-    monkeypatch.setattr(view_mod, "capture", lambda m, x: calls.append(1) or real(m, x))
+    monkeypatch.setattr(view_mod, "capture", lambda m, x, **k: calls.append(1) or real(m, x, **k))
     model = zoo.build("small_cnn")
     for n in (3, 5, 2):  # different batch sizes share the capture
         x = zoo.inputs("small_cnn", n)

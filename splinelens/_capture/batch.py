@@ -24,6 +24,7 @@ once, on the first batch of 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -57,10 +58,12 @@ class BatchSizes:
         model: nn.Module,
         ex: torch.Tensor,
         run: Callable[[torch.Tensor], torch.Tensor],
+        within: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> BatchSizes:
         """From a dynamic export: its range and guards; N = 1 checked lazily (see module doc).
 
-        ``run`` is the captured program's output (after g) on a batch of inputs."""
+        ``run`` is the captured program's output (after g) on a batch of inputs; ``within``
+        makes the context the model's forward was captured in."""
         size = _batch_size(ep)
         if not isinstance(size, torch.SymInt):
             return BatchSizes(int(size), int(size))
@@ -74,7 +77,12 @@ class BatchSizes:
         if lo == 2:
             ref = weakref.ref(model)  # the cache must not keep the model alive
             ex1 = ex[:2].detach().clone()
-            sizes._single = lambda: _single_input_problem(ep, static_export, ref(), ex1, run)
+
+            def single() -> str:
+                with within():
+                    return _single_input_problem(ep, static_export, ref(), ex1, run)
+
+            sizes._single = single
         return sizes
 
     def accepts(self, n: int) -> bool:

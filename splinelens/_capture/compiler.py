@@ -22,7 +22,7 @@ import io
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -92,12 +92,27 @@ def final_ir(ep: torch.export.ExportedProgram) -> bool:
 
 
 @_gc_paused()
-def capture(model: nn.Module, example: torch.Tensor) -> Program:
+def capture(
+    model: nn.Module,
+    example: torch.Tensor,
+    within: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> Program:
     """Export ``model`` on ``example`` (batch first) and compile it into a checked Program.
 
     The program holds for the batch sizes that ``torch.export`` guarded (``BatchSizes``).
-    Python's garbage collector is paused meanwhile (``_gc_paused``).
+    Python's garbage collector is paused meanwhile (``_gc_paused``). ``within`` makes the
+    context the model's forward runs in (for a float64 twin, see ``made_in_float64``); it must
+    not hold the model.
     """
+    with within():
+        return _capture(model, example, within)
+
+
+def _capture(
+    model: nn.Module,
+    example: torch.Tensor,
+    within: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> Program:
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedOperationError(
             "torch.jit.script",
@@ -126,6 +141,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> Program:
         model,
         ex,
         functools.partial(program_output, prog),
+        within,
     )
     prog = dataclasses.replace(prog, batch=batch)
     check_per_sample(model, prog, ex[:2], out)

@@ -37,7 +37,7 @@ from splinelens._checks import (
     user_stacklevel,
 )
 from splinelens._precision import exact_matmul
-from splinelens._twin import float64_twin
+from splinelens._twin import float64_twin, said_of_twin
 from splinelens.geometry.units import UnitTable, slot_tangents, unit_table
 from splinelens.view import SplineView, view_of
 
@@ -126,7 +126,8 @@ def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor, nn.Mod
         warnings.warn(f"{e}; computing in {x.dtype} instead", stacklevel=user_stacklevel())
         return view_of(model, x), x, model
     x64 = x.double()
-    return view_of(twin, x64), x64, twin
+    with said_of_twin(model, twin, x):
+        return view_of(twin, x64), x64, twin
 
 
 def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._checks import unwrap_model
-from splinelens._twin import float64_twin
+from splinelens._twin import float64_twin, said_of_twin
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
 from splinelens.geometry.cutting import cut, decision_boundary
@@ -160,7 +160,9 @@ def slice_partition(
     # computed about the window's centre (u, v) = c, so that tolerances are those of its size
     c = np.array([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2])
     centre = origin + float(c[0]) * dirs[0] + float(c[1]) * dirs[1]
-    view = view_of(model64, torch.stack([centre, centre + dirs[0], centre + dirs[1]]))
+    three = torch.stack([centre, centre + dirs[0], centre + dirs[1]])
+    with said_of_twin(unwrap_model(model), model64, three):
+        view = view_of(model64, three)
     plane = Plane(view, centre, dirs)
     local = (bounds[0] - c[0], bounds[1] - c[0], bounds[2] - c[1], bounds[3] - c[1])
     V, n = poly.square(local)
