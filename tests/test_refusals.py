@@ -92,6 +92,30 @@ REFUSED = {
         r"aten\.topk .*orders the activations",
     ),
     "nan_to_num": (Wrap(torch.nan_to_num), r"aten\.nan_to_num .*hide an overflow.*Remove it"),
+    "softshrink": (
+        Inner(nn.Softshrink(0.3)),
+        r"aten\.gt \(from torch's softshrink\) at module 'block\.1'.*splinify.*exactly",
+    ),
+    "hardshrink": (Wrap(F.hardshrink), r"aten\.le \(from torch's hardshrink\) .*a step"),
+    "square": (Wrap(torch.square), r"aten\.square .*smooth function.*F\.gelu, \.\.\.\): sl"),
+    "argsort": (Wrap(lambda z: z.gather(1, z.argsort(1))), r"aten\.argsort .*indices.*amax"),
+    "argmax": (Wrap(lambda z: z + z.argmax(1, keepdim=True)), r"aten\.argmax .*indices"),
+    "masked_scatter": (
+        Wrap(lambda z: z.masked_scatter(torch.tensor([True, False] * 3), z)),
+        r"aten\.masked_scatter .*mask or by flat indices.*index_add",
+    ),
+    "put": (
+        Wrap(lambda z: z.put(torch.tensor([0, 7]), torch.tensor([1.0, 2.0]))),
+        r"aten\.put .*flat indices",
+    ),
+    "index_reduce": (
+        Wrap(lambda z: z.index_reduce(1, torch.tensor([0, 1]), z[:, 2:4], "prod")),
+        r"aten\.index_reduce .*reduction.*index_add",
+    ),
+    "scatter_reduce": (
+        Wrap(lambda z: z.scatter_reduce(1, _TO.expand(z.shape[0], -1), z, "amax")),
+        r"aten\.scatter_reduce .*reduction.*amax",
+    ),
     "sqrt": (Wrap(lambda z: z.abs().sqrt()), r"aten\.sqrt"),
     "normalize": (Wrap(lambda z: F.normalize(z, dim=1)), r"linalg_vector_norm .*abs\(\)\.sum"),
     "cdist": (Wrap(lambda z: torch.cdist(z, torch.ones(6, 6))), r"aten\.cdist .*norm, distance"),

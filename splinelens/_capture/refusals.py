@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from splinelens._capture.arguments import Call
 from splinelens._capture.batch_axis import holding
 from splinelens._capture.nodes import bound_args, op_name, overload
-from splinelens._capture.registry import OpInfo, info
+from splinelens._capture.registry import OpInfo, info, known
 from splinelens.errors import UnsupportedOperationError
 
 Node = torch.fx.Node
@@ -26,10 +26,15 @@ Node = torch.fx.Node
 
 def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperationError:
     """The refusal of ``node`` (ATen op ``name``), located at its module and source line, naming
-    the op the user wrote where a decomposition wrote it out (``lerp`` as sums and a ``ge``)."""
+    the op the user wrote where a decomposition wrote it out (``lerp`` as sums and a ``ge``);
+    where that op is refused in the registry (``F.softshrink`` written out as a ``gt``), for
+    its own reason."""
     original = node.meta.get("original_aten")
-    source = op_name(original) if original is not None else name
-    what = f"aten.{name}" if source == name else f"aten.{name} (from aten.{source})"
+    source = f"aten.{op_name(original)}" if original is not None else f"aten.{name}"
+    fn = str((node.meta.get("torch_fn") or ("", name))[1]).rsplit(".", 1)[-1]
+    if source == f"aten.{name}" and fn != name and known(fn) and info(fn).kind == "refused":
+        source, why, fix = f"torch's {fn}", info(fn).why, info(fn).fix  # ('module.softshrink')
+    what = f"aten.{name}" if source == f"aten.{name}" else f"aten.{name} (from {source})"
     return UnsupportedOperationError(what, location(node), why, fix)
 
 

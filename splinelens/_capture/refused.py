@@ -64,11 +64,17 @@ _add(
     fix="sl.splinify(model) represents it exactly (sup_error 0); capture the network it returns",
 )
 _add(
-    "exp log log1p expm1 sqrt rsqrt pow sin cos erf erfc reciprocal",
+    "hardshrink",
+    "refused",
+    why="jumps from 0 to +-lambda at +-lambda (a step), so it is not piecewise affine",
+    fix="F.softshrink is its continuous counterpart, which sl.splinify(model) represents exactly",
+)
+_add(
+    "exp log log1p expm1 sqrt rsqrt pow square sin cos erf erfc reciprocal",
     "refused",
     why="is a smooth function of the activations, not piecewise affine",
     fix="if it belongs to an activation, use the activation's module or function (torch.tanh, "
-    "F.gelu, ...), which " + _SPLINIFY,
+    "F.gelu, ...): " + _SPLINIFY,
 )
 _add(
     "bernoulli rand rand_like randn randn_like randint randint_like normal uniform exponential "
@@ -117,6 +123,29 @@ _add(
     why="orders the activations (a sort, a k-th largest, a running maximum): piecewise affine, "
     "but not made of the max-affine pieces splinelens reads",
     fix="a largest entry is h.amax(dim) and a largest entry per window max-pooling, both MASOs",
+)
+_add(
+    "argsort argmax argmin",
+    "refused",
+    why="gives indices computed from the activations (a step function of them), which is not "
+    "piecewise affine",
+    fix="a largest entry is h.amax(dim), and a largest entry per window max-pooling, both MASOs",
+)
+_add(
+    "masked_scatter put",
+    "refused",
+    why="writes values at places given by a mask or by flat indices over the whole batch, which "
+    "splinelens does not read",
+    fix="write at constant places of the features: h.index_fill(dim, idx, 0).index_add(dim, "
+    "idx, v), or h * keep + v * (1 - keep) with a constant 0/1 mask",
+)
+_add(
+    "index_reduce scatter_reduce",
+    "refused",
+    why="combines values by a reduction ('prod', 'mean', 'amax', 'amin') at given places, which "
+    "splinelens does not read",
+    fix="for sums write index_add / scatter_add (a mean: then divide by the constant counts); "
+    "a largest entry is h.amax(dim), or max-pooling",
 )
 _add(
     "nan_to_num",

@@ -234,6 +234,11 @@ def entries() -> tuple[OpInfo, ...]:
     return tuple(_TABLE.values())
 
 
+def known(name: str) -> bool:
+    """Whether the table has an entry for this ATen packet name."""
+    return name in _TABLE
+
+
 def info(name: str) -> OpInfo:
     """The entry of an ATen packet name; an operation not in the table is refused, saying so
     (it may be linear, like ``repeat_interleave`` or bicubic upsampling, or not)."""
