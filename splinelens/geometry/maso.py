@@ -77,6 +77,13 @@ class MASO(nn.Module):
             )
         return {**self.__dict__, "_pre": None}  # (slots read W and b)
 
+    def __copy__(self) -> MASO:
+        """A shallow copy, sharing the attributes (and the capture), as ``copy.copy`` of any
+        module (which would go through ``__getstate__``: refused for a large MASO)."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
     def __deepcopy__(self, memo: dict[int, Any]) -> MASO:
         """A copy whose attributes are copies, sharing the capture (``_pre``) as before."""
         twin = object.__new__(type(self))
