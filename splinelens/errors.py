@@ -26,7 +26,8 @@ class UnsupportedOperationError(ValueError):
             "is not piecewise affine, so the network is not a max-affine spline operator (MASO)"
         )
         msg = f"{op} at {where or '<top level>'} {why}"
-        super().__init__(msg + (f". {fix[0].upper()}{fix[1:]}" if fix else ""))
+        first = fix[:1] if fix.startswith("sl.") else fix[:1].upper()  # (sl. stays a name)
+        super().__init__(msg + (f". {first}{fix[1:]}" if fix else ""))
 
 
 class StaleCaptureError(ValueError):

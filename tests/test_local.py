@@ -378,3 +378,18 @@ def test_the_float32_fallback_warning_names_the_callers_line(entry) -> None:
     with pytest.warns(UserWarning, match="computing in torch.float32") as seen:
         getattr(sl, entry)(model, x, *args)
     assert {w.filename for w in seen} == {__file__}
+
+
+@pytest.mark.parametrize("scale", [1e155, 1e-160, 1e-200])
+def test_radius_holds_at_extreme_weight_scales(scale: float) -> None:
+    """Scaling a layer moves none of its hyperplanes: the radius and local complexity stay those
+    at scale 1 (before: the squared gradients overflowed to a radius of 0, or vanished to inf)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double().eval()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    ref, counts = sl.region_radius(model, x), sl.local_complexity(model, x, [0.3]).counts
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+        model[0].bias.mul_(scale)
+    torch.testing.assert_close(sl.region_radius(model, x), ref, rtol=1e-12, atol=0)
+    assert torch.equal(sl.local_complexity(model, x, [0.3]).counts, counts)

@@ -606,3 +606,16 @@ def test_a_repeated_piece_has_no_maso_form() -> None:
     with pytest.raises(sl.NotAMasoError, match="pieces 0 and 1 lie on one line"):
         sl.layer_maso(net, x, 0)
     assert sl.check_masos(net, x).layers == ()  # skipped, like other layers without a MASO form
+
+
+def test_a_certificate_is_dropped_as_soon_as_the_pieces_change() -> None:
+    """Read before any forward pass, sup_error and the repr of a spline whose pieces changed in
+    place (or through .data) are inf, not the old bound (reference: the real error on a grid)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.GELU(), nn.Linear(4, 2)).double().eval()
+    spline = sl.splinify(net, tol=1e-3)[1]
+    z = torch.linspace(-5, 5, 1001, dtype=F64)
+    assert (spline(z) - F.gelu(z)).abs().max() <= spline.sup_error <= 1e-3
+    spline.intercepts.data.add_(0.1)
+    assert spline.sup_error == math.inf and "not certified" in repr(spline)
+    assert (spline(z) - F.gelu(z)).abs().max() > 0.09

@@ -57,15 +57,18 @@ _BUDGET = 1 << 28  # bytes of activations per batched pass
 
 @dataclass(frozen=True)
 class _Constraints:
-    """One layer's constraints g_kj >= 0 at x: margins (N, K, R) and squared gradient norms."""
+    """One layer's constraints g_kj >= 0 at x: margins (N, K, R) and gradient norms, as
+    ``scale * sqrt(sq_norm)`` (scaled as LAPACK's nrm2: the squares neither overflow for weights
+    of 1e155 nor vanish for weights of 1e-200)."""
 
     margin: Tensor
-    sq_norm: Tensor
+    sq_norm: Tensor  # sum of (gradient / scale)^2
+    scale: Tensor  # the largest |gradient entry|
 
     def distances(self) -> Tensor:
         """(N, K) each unit's distance to its nearest boundary hyperplane (inf: none)."""
-        d = self.margin.clamp_min(0) / self.sq_norm.sqrt()
-        return torch.where(self.sq_norm > 0, d, torch.full_like(d, math.inf)).amin(-1)
+        d = (self.margin.clamp_min(0) / self.scale) / self.sq_norm.sqrt()
+        return torch.where(self.scale > 0, d, torch.full_like(d, math.inf)).amin(-1)
 
 
 def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
@@ -76,6 +79,7 @@ def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
     wins: list[Tensor] = []
     margins: list[Tensor] = []
     sums: list[Tensor] = []
+    scales: list[Tensor] = []
     for s in range(0, d, chunk):
         res = slot_tangents(view.program, tables, x, basis[s : s + chunk])
         if s == 0:
@@ -85,11 +89,15 @@ def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
                 wins.append(win)
                 margins.append(cand.gather(-1, win) - cand)  # +inf against invalid pieces
                 sums.append(torch.zeros_like(cand))
-        for (_, dz), table, win, acc in zip(res, tables, wins, sums):
+                scales.append(torch.zeros_like(cand))
+        for i, ((_, dz), table, win) in enumerate(zip(res, tables, wins)):
             dc = table.values(dz, tangent=True)  # (N, T, K, R)
             dg = dc.gather(-1, win.unsqueeze(1).expand(*dc.shape[:-1], 1)) - dc
-            acc += (dg * dg).sum(1)
-    return [_Constraints(m, q) for m, q in zip(margins, sums)]
+            new = torch.maximum(scales[i], dg.abs().amax(1))  # (N, K, R)
+            safe = torch.where(new > 0, new, torch.ones_like(new))
+            sums[i] = sums[i] * (scales[i] / safe) ** 2 + ((dg / safe.unsqueeze(1)) ** 2).sum(1)
+            scales[i] = new
+    return [_Constraints(m, q, c) for m, q, c in zip(margins, sums, scales)]
 
 
 def _batches(view: SplineView, x: Tensor) -> tuple[int, int]:

@@ -88,6 +88,19 @@ class SplineActivation(nn.Module):
             self.first,
         )
 
+    @property
+    def sup_error(self) -> float:
+        """The certified bound of |spline - activation|; inf once the pieces differ from those
+        it was certified for (changed in place, through ``.data`` too, or loaded)."""
+        built = self.__dict__.get("_built")
+        if built is not None and not self._unchanged():
+            return math.inf
+        return self._sup_error
+
+    @sup_error.setter
+    def sup_error(self, value: float) -> None:
+        self.__dict__["_sup_error"] = float(value)
+
     def extra_repr(self) -> str:
         note = " (pieces changed or loaded: not certified)" if math.isinf(self.sup_error) else ""
         return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}{note}"
