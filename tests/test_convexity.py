@@ -159,9 +159,28 @@ class _Upsampled(nn.Module):
 def test_cubic_interpolation_weighs_negatively_and_is_named(mode: str) -> None:
     torch.manual_seed(0)
     model = _Upsampled(mode).double().eval()
-    assert cv.make_input_convex(model, X) == ["head.weight"]
+    if mode == "bicubic":  # no parameter makes it convex: refused, the model left as it was
+        with pytest.raises(ValueError, match=r"upsample_bicubic2d\) weighs some inputs negat"):
+            cv.make_input_convex(model, X)
+        assert not hasattr(model.head, "parametrizations")
+    else:
+        assert cv.make_input_convex(model, X) == ["head.weight"]
     report = cv.convexity(model, X)
     cubic = any("(upsample_bicubic2d) weighs some inputs negatively" in r for r in report.reasons)
     assert report.is_convex == (mode == "bilinear") and cubic == (mode == "bicubic")
     if mode == "bilinear":
         assert cv.convexity_gap(model, X) <= 1e-12
+
+
+def test_make_input_convex_refuses_what_it_cannot_constrain_and_changes_nothing() -> None:
+    """A weight_norm'd layer's weight is computed (no parameter to constrain): refused, naming
+    it, with the model's parameters and parametrizations as they were (it returned [] before)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), weight_norm(nn.Linear(6, 2))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)left it as it was.*_weight_norm has negative"):
+        cv.make_input_convex(model, torch.randn(8, 3))
+    assert not hasattr(model[0], "parametrizations")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

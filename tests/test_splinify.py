@@ -130,9 +130,9 @@ def test_pieces_changed_in_place_are_followed_by_the_model_and_every_capture(whe
             act.intercepts.mul_(1.5)
     with pytest.raises(sl.StaleCaptureError, match="changed the values of"):
         view.affine_map(x)
-    certified = act.sup_error
-    model(x)  # the module's tables follow; its certificate was for the old pieces
-    assert certified < 0.1 and math.isinf(act.sup_error) and "not certified" in repr(act)
+    assert math.isinf(act.sup_error)  # at once: the certificate was for the old pieces
+    model(x)  # the module's tables follow
+    assert math.isinf(act.sup_error) and "not certified" in repr(act)
     with pytest.raises(sl.StaleCaptureError, match="changed the values of"):
         view.affine_map(x)
     amap = sl.affine_map(model, x)

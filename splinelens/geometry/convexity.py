@@ -227,6 +227,18 @@ def make_input_convex(model: nn.Module, example_input: Tensor) -> list[str]:
         owner = model.get_submodule(owner_path)
         parametrize.register_parametrization(owner, attr, _NonNegative())
         owner.parametrizations.train(owner.training)  # keep the model's mode
+    report = convexity(model, example_input)
+    if not report.is_convex:  # (a coefficient that is no parameter, a non-convex activation)
+        for name in reversed(names):  # the model as it was: the change is all or nothing
+            owner_path, _, attr = name.rpartition(".")
+            parametrize.remove_parametrizations(
+                model.get_submodule(owner_path), attr, leave_parametrized=False
+            )
+        raise ValueError(
+            f"make_input_convex cannot make this model convex by constraining its parameters, "
+            f"and left it as it was: {report}. Constrain those coefficients or activations "
+            f"yourself (a weight computed in forward, a weight_norm: parametrise its parameters)"
+        )
     return names
 
 
