@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, module_list, structure
-from splinelens._tensors import float64_copy, model_state, plain_attributes
+from splinelens._tensors import float64_copy, model_dtype, model_state, plain_attributes
 
 __all__ = ["float64_twin", "made_in_float64", "said_of_twin"]
 
@@ -159,10 +159,10 @@ def said_of_twin(model: nn.Module, twin: nn.Module, x: torch.Tensor) -> Iterator
 
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether the model runs on x in the dtype of its weights."""
-    dtype = next((t.dtype for _, t in model_state(model)), x.dtype)
+    dt = model_dtype(model)
     try:
         with torch.no_grad():
-            model(x.to(dtype))
+            model(x.to(dt[0] if dt is not None else x.dtype))
     except Exception:
         return False
     return True
