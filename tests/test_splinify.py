@@ -319,6 +319,42 @@ def test_in_place_smooth_activations_are_splinified_and_exact() -> None:
     torch.testing.assert_close(sl.affine_map(splined, x).A, jac, rtol=0, atol=1e-12)
 
 
+class _Spellings(nn.Module):
+    """ELU-family activations written with torch's other spellings (torch.selu, F.elu_...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = torch.selu(h) + torch.celu(h, alpha=0.5)
+        h = torch.celu_(torch.selu_(h * 0.5), 2.0)
+        return self.b(F.elu_(h, alpha=0.7))
+
+
+def _spellings_reference(x: torch.Tensor, net: _Spellings) -> torch.Tensor:
+    h = net.a(x)
+    h = F.selu(h) + F.celu(h, alpha=0.5)
+    return net.b(F.elu(F.celu(F.selu(h * 0.5), 2.0), alpha=0.7))
+
+
+def test_every_spelling_of_the_elu_family_is_splinified() -> None:
+    """torch.selu, torch.selu_, torch.celu, torch.celu_ and F.elu_ were not redirected: the
+    splinified model was refused with "run sl.splinify"."""
+    torch.manual_seed(0)
+    net = _Spellings().double().eval()
+    x = torch.randn(6, 4, dtype=F64)
+    splined = sl.splinify(net, tol=1e-4, example_input=x)
+    keys = ["celu_alpha0p5", "celu_alpha2p0", "elu_alpha0p7", "selu"]
+    assert sorted(functional_splines(splined)) == keys
+    with torch.no_grad():
+        gap = (splined(x) - _spellings_reference(x, net)).abs().max()
+    assert 0 < gap < 1e-2  # the splines, not the smooth functions
+    jac = torch.stack([torch.func.jacrev(lambda v: splined(v[None])[0])(v) for v in x])
+    torch.testing.assert_close(sl.affine_map(splined, x).A, jac, rtol=0, atol=1e-12)
+
+
 def test_a_model_that_is_itself_an_activation_or_rnn_is_replaced() -> None:
     """splinify(nn.RNN(tanh)) and splinify(nn.GELU()) returned the model unchanged."""
     torch.manual_seed(0)

@@ -75,8 +75,9 @@ _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.silu: ("silu", ("inplace",)),
     F.mish: ("mish", ("inplace",)),
     F.elu: ("elu", ("alpha", "inplace")),
-    F.celu: ("celu", ("alpha", "inplace")),
-    F.selu: ("selu", ("inplace",)),
+    F.elu_: ("elu", ("alpha",)),
+    **{f: ("celu", ("alpha", "inplace")) for f in (F.celu, torch.celu, torch.celu_)},
+    **{f: ("selu", ("inplace",)) for f in (F.selu, torch.selu, torch.selu_)},
     F.softplus: ("softplus", ("beta", "threshold")),
     F.logsigmoid: ("logsigmoid", ()),
     F.softsign: ("softsign", ()),
@@ -86,6 +87,7 @@ _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.tanhshrink: ("tanhshrink", ()),
 }
 _IN_PLACE = {torch.tanh_, torch.Tensor.tanh_, torch.sigmoid_, torch.Tensor.sigmoid_}
+_IN_PLACE |= {F.elu_, torch.celu_, torch.selu_}
 
 
 def splinify(
