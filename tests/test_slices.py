@@ -248,3 +248,55 @@ def test_a_small_window_is_located_as_exactly_as_a_unit_one(h: float) -> None:
     truth = sl.partition_codes(m, part.to_input(uv))
     for mine, ref in zip(part.codes.layers, truth.layers, strict=True):
         assert torch.equal(mine.data[loc], ref.data)
+
+
+def _scaled_mlp(scale: float, classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, classes)).double().eval()
+    with torch.no_grad():
+        m[2].weight.mul_(scale)
+        m[2].bias.mul_(scale)
+    return m
+
+
+@pytest.mark.parametrize("classes", [1, 2])
+def test_a_slice_whose_values_overflow_is_refused(classes: int) -> None:
+    """Outputs of 1e316 on the window: the logits were nan and the decision boundary empty,
+    with only numpy's overflow warnings (one class: logits of inf, no warning)."""
+    o, d = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    m = _scaled_mlp(1e306, classes)
+    with pytest.raises(ValueError, match=r"overflow float64 .* narrow the bounds"):
+        sl.slice_partition(m, o, d, bounds=(-1e10, 1e10, -1e10, 1e10))
+
+
+def test_large_but_finite_values_give_the_partition_of_the_unscaled_model() -> None:
+    """Scaling the last layer by 1e300 changes neither the regions nor the decision boundary
+    (reference: the same model at scale 1); the logits scale with it (rtol 1e-12)."""
+    o, d = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    big = sl.slice_partition(_scaled_mlp(1e300), o, d, bounds=(-3, 3, -3, 3))
+    ref = sl.slice_partition(_scaled_mlp(1.0), o, d, bounds=(-3, 3, -3, 3))
+    assert np.array_equal(big.counts, ref.counts)
+    np.testing.assert_allclose(big.vertices, ref.vertices, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(big.boundary, ref.boundary, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(big.logits, ref.logits * 1e300, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "uv, match",
+    [
+        ([0.1, 0.2], r"\(P, 2\).* \[\[0.1, 0.2\]\]"),
+        (np.zeros((3, 3)), r"\(P, 2\).* got shape \(3, 3\)"),
+        ([[0.1, float("nan")]], r"uv holds nan at index \(0, 1\)"),
+        ([["a", "b"]], r"numbers"),
+    ],
+)
+def test_locate_and_to_input_refuse_points_that_are_not_p_by_2(uv, match: str) -> None:
+    """A single point as a 1-D list raised numpy's IndexError; a NaN point was located at -1
+    ("outside the bounds") with a numpy warning."""
+    o, d = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    part = sl.slice_partition(_scaled_mlp(1.0), o, d, bounds=(-1, 1, -1, 1))
+    for method in (part.locate, part.to_input):
+        with pytest.raises(ValueError, match=match):
+            method(uv)
+    assert part.locate([[0.1, 0.2]]).shape == (1,)
+    assert part.locate(torch.tensor([[0.1, 0.2], [5.0, 0.0]]))[1] == -1

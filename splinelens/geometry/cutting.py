@@ -15,7 +15,7 @@ from splinelens.geometry import polygons as poly
 from splinelens.geometry.plane import Plane, cell_chunks
 from splinelens.geometry.units import UnitTable
 
-__all__ = ["cut", "decision_boundary"]
+__all__ = ["check_in_range", "cut", "decision_boundary"]
 
 Array = np.ndarray
 _REL_TOL = 1e-10  # a line closer than this (relative) to a vertex does not cut there
@@ -101,8 +101,26 @@ def _sign_changes(d: Array, V: Array, n: Array, scale: float) -> Array:
 
 def _tolerance(coef: Array, scale: float) -> Array:
     """How close to 0 an affine function (..., 3) counts as 0 on the domain."""
-    size = (np.abs(coef[..., 0]) + np.abs(coef[..., 1])) * scale + np.abs(coef[..., 2])
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below
+        size = (np.abs(coef[..., 0]) + np.abs(coef[..., 1])) * scale + np.abs(coef[..., 2])
+    check_in_range(size)
     return _REL_TOL * size + 1e-300
+
+
+def check_in_range(values: Array) -> None:
+    """Refuse values of the slice (coefficients, their sizes on the window) that overflowed.
+
+    >>> check_in_range(np.array([1.0, np.inf]))
+    Traceback (most recent call last):
+    ...
+    ValueError: the network's values on this slice overflow float64 ...
+    """
+    if not np.isfinite(values).all():
+        raise ValueError(
+            "the network's values on this slice overflow float64 (an affine function of (u, v) "
+            "exceeds 1.8e308 within the bounds), so its regions cannot be computed exactly; "
+            "narrow the bounds, or rescale the model's weights or the directions"
+        )
 
 
 def _argmax_pieces(

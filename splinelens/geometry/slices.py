@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._checks import unwrap_model
+from splinelens._checks import check_finite, unwrap_model
 from splinelens._twin import float64_twin, said_of_twin
 from splinelens.codes import PartitionCodes
 from splinelens.geometry import polygons as poly
-from splinelens.geometry.cutting import cut, decision_boundary
+from splinelens.geometry.cutting import check_in_range, cut, decision_boundary
 from splinelens.geometry.plane import Plane, cell_chunks, make_plane
 from splinelens.geometry.units import unit_table
 from splinelens.view import layer_codes, view_of
@@ -117,11 +117,11 @@ class SlicePartition:
 
     def locate(self, uv: Array) -> Array:
         """(P,) the region holding each plane point (P, 2); -1 outside the bounds."""
-        return poly.locate(self.vertices, self.counts, np.asarray(uv, dtype=np.float64))
+        return poly.locate(self.vertices, self.counts, _plane_points(uv))
 
     def to_input(self, uv: Array) -> Tensor:
         """Plane points (P, 2) as network inputs (P, *input_shape)."""
-        uv_t = torch.as_tensor(np.asarray(uv), dtype=self.origin.dtype, device=self.origin.device)
+        uv_t = torch.as_tensor(_plane_points(uv)).to(self.origin)
         flat = self.origin.reshape(1, -1) + uv_t @ self.directions.reshape(2, -1)
         return flat.view(len(uv_t), *self.origin.shape)
 
@@ -175,7 +175,9 @@ def slice_partition(
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
     boundary = decision_boundary(V, n, logits, scale)
     layers = [LayerSlice(la.name, la.vertices + c, la.counts, la.parent) for la in layers]
-    logits[..., 2] -= logits[..., 0] * c[0] + logits[..., 1] * c[1]  # (a, b, c) in (u, v) again
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below
+        logits[..., 2] -= logits[..., 0] * c[0] + logits[..., 1] * c[1]  # (a, b, c) in (u, v)
+    check_in_range(logits)
     part = SlicePartition(origin, dirs, bounds, layers, codes, logits, boundary + c, anchors, 0.0)
     part.seconds = time.perf_counter() - start
     return part
@@ -191,3 +193,22 @@ def _outputs(plane: Plane, V: Array, n: Array) -> tuple[Array, PartitionCodes]:
         logits.append(coef)
         codes.append(layer_codes(prog, states, e - s))
     return np.concatenate(logits), PartitionCodes.cat(codes)
+
+
+def _plane_points(uv: object) -> Array:
+    """Plane points as a float64 (P, 2) array; what is not (P, 2) finite numbers is refused."""
+    if isinstance(uv, Tensor):
+        uv = uv.detach().cpu()
+    try:
+        arr = np.asarray(uv, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"uv must be plane points (P, 2) of numbers: {e}") from None
+    if arr.shape == (2,):
+        raise ValueError(
+            f"uv must be plane points (P, 2), got one point of shape (2,): write it as "
+            f"[[{arr[0]}, {arr[1]}]]"
+        )
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"uv must be plane points (P, 2), got shape {arr.shape}")
+    check_finite("uv", torch.from_numpy(arr), "the points must be on the plane")
+    return arr
