@@ -99,6 +99,22 @@ def test_spline_stays_float64_and_survives_saving() -> None:
     assert torch.equal(other[1](z), act(z))  # the lookup tables follow the loaded knots
 
 
+def test_a_whole_module_pickled_before_sup_error_was_a_property_loads() -> None:
+    """A SplineActivation saved whole (torch.save(module)) when sup_error was a plain attribute
+    holds it in its __dict__; reading sup_error raised AttributeError after loading."""
+    act = sl.splinify(nn.GELU(), tol=1e-3)
+    old = act.__dict__.copy()
+    old["sup_error"] = old.pop("_sup_error")  # the earlier layout
+    restored = sl.SplineActivation.__new__(sl.SplineActivation)
+    restored.__setstate__(old)
+    assert restored.sup_error == act.sup_error <= 1e-3
+    z = torch.linspace(-5, 5, 101, dtype=F64)
+    assert torch.equal(restored(z), act(z))
+    buf = io.BytesIO()
+    torch.save(act, buf)
+    assert torch.load(io.BytesIO(buf.getvalue()), weights_only=False).sup_error == act.sup_error
+
+
 def test_a_loaded_spline_of_other_pieces_is_not_certified() -> None:
     """The state holds the pieces, not the certificate: loading other pieces drops it."""
     gelu = sl.splinify(nn.Sequential(nn.Linear(2, 3), nn.GELU()), pieces=12)[1]

@@ -101,6 +101,14 @@ class SplineActivation(nn.Module):
     def sup_error(self, value: float) -> None:
         self.__dict__["_sup_error"] = float(value)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a module saved whole before ``sup_error`` was a property holds it as a
+        plain attribute (``sup_error``), now kept as ``_sup_error``."""
+        state = dict(state)
+        if "sup_error" in state:
+            state["_sup_error"] = float(state.pop("sup_error"))
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         note = " (pieces changed or loaded: not certified)" if math.isinf(self.sup_error) else ""
         return f"{self.activation}, pieces={self.pieces}, sup_error={self.sup_error:.3g}{note}"
