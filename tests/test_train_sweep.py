@@ -535,3 +535,41 @@ def test_a_sweep_of_runs_trained_on_two_kinds_of_device_says_so(tmp_path) -> Non
     path.write_text(json.dumps(rec))
     with pytest.warns(MixedDevicesWarning, match="trained on cpu and cuda"):
         assert len(load_runs(tmp_path)) == 2
+
+
+def test_sweeps_of_other_penalty_kinds_are_not_mixed_in_one_folder(tmp_path) -> None:
+    """A --penalty reference sweep into an eq13 sweep's folder was accepted: its lambda > 0
+    runs were averaged with the eq13 ones in one table row (the kind was compared only where
+    lambda > 0, and a sweep's base config has lambda = 0)."""
+    base = replace(BASE, epochs=1, train_subset=100, test_subset=50)
+    run_sweep(base, [0.0, 0.1], seeds=1, out=tmp_path)
+    with pytest.raises(ValueError, match=r"penalty_kind: 'eq13' -> 'reference'"):
+        run_sweep(replace(base, penalty_kind="reference"), [0.0, 0.1], seeds=1, out=tmp_path)
+    assert len(load_runs(tmp_path)) == 2
+    rec = next((tmp_path / "runs").glob("*.json"))  # a record of the other kind (an old folder)
+    data = json.loads(rec.read_text())
+    data["config"]["penalty_kind"] = "reference"
+    rec.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"penalty_kind"):
+        report(tmp_path)
+
+
+def test_failed_runs_are_counted_in_the_table(tmp_path, monkeypatch) -> None:
+    """3 of 4 runs at lambda = 1 diverged: the table showed 1 run and its mean, with nothing
+    saying the others failed; a lambda whose runs all failed was left out of the table."""
+    base = replace(BASE, epochs=1, train_subset=100, test_subset=50)
+    real = sweep_mod.train
+
+    def diverge(cfg, *args):
+        if cfg.lam > 0 and (cfg.seed >= 1 or cfg.lam == 2.0):
+            raise DivergedError("loss became nan")
+        return real(cfg, *args)
+
+    monkeypatch.setattr(sweep_mod, "train", diverge)
+    run_sweep(base, [0.0, 1.0, 2.0], seeds=4, out=tmp_path)
+    with pytest.warns(UserWarning, match=r"7 of 12 runs failed \(lambda 1: 3 of 4, 2: 4 of 4\)"):
+        rows = report(tmp_path)
+    assert [(r["lam"], r["runs"], r["failed"]) for r in rows] == [(0, 4, 0), (1, 1, 3), (2, 0, 4)]
+    assert math.isnan(rows[2]["mean"])
+    md = (tmp_path / "table.md").read_text()
+    assert "| failed |" in md and "| 1 | 1 | 3 |" in md

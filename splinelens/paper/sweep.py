@@ -279,8 +279,11 @@ def _sweep_base(out: Path) -> TrainConfig | None:
 
 
 def _differences(old: TrainConfig, new: TrainConfig) -> str:
-    """The settings apart from lambda and seed that differ, as "key: old -> new, ..."."""
-    keys = [k for k in {**old.identity(), **new.identity()} if k not in ("lam", "seed")]
+    """The settings apart from lambda and seed that differ, as "key: old -> new, ...". The
+    penalty kind counts at lambda = 0 too: a sweep's base has lambda = 0, and its lambda > 0
+    runs, and every run's recorded penalty, are of its kind."""
+    keys = {**old.identity(), **new.identity(), "penalty_kind": None}
+    keys = [k for k in keys if k not in ("lam", "seed")]
     diff = [k for k in keys if getattr(old, k) != getattr(new, k)]
     return ", ".join(f"{k}: {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in diff)
 
