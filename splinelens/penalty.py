@@ -24,6 +24,9 @@ True
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -57,6 +60,8 @@ def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
             f"{got}; pass the classifier's weight (rows: classes)"
         )
     w = weight.reshape(weight.shape[0], -1)  # (C, D)
+    if w.is_floating_point() and w.element_size() < 4:  # 16-bit: sums past 65504 overflow
+        w = w.float()  # (the result is float32; the gradient reaches the weight in its dtype)
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
     sq = gram.diagonal()  # (C,): ||W_c||^2
     if kind == "eq13":
@@ -103,4 +108,16 @@ def template_penalty(
     >>> template_penalty(net, 0.1).shape  # a scalar to add to the loss (the last linear's rows)
     torch.Size([])
     """
-    return lam * orthogonality_penalty(classifier(model, layer).weight, kind)
+    return _checked_lam(lam) * orthogonality_penalty(classifier(model, layer).weight, kind)
+
+
+def _checked_lam(lam: object) -> float | Tensor:
+    """lam if it is a finite real number >= 0 (a 0-d tensor too), else a ValueError."""
+    real = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
+    scalar = isinstance(lam, Tensor) and lam.numel() == 1 and not lam.is_complex()
+    if not (real or scalar) or not (math.isfinite(float(lam)) and float(lam) >= 0):
+        raise ValueError(
+            f"lam must be a finite number >= 0, got {lam!r}; it weighs the penalty in the loss "
+            "(0 turns it off)"
+        )
+    return lam
