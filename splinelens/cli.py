@@ -131,6 +131,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from splinelens.paper.analyze import analyze
     from splinelens.paper.config import TrainConfig
+    from splinelens.paper.records import checkpoint_source
     from splinelens.paper.train import load_checkpoint, load_data, make_model
 
     cfg = TrainConfig(
@@ -142,7 +143,8 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     data = load_data(cfg)
     model = load_checkpoint(make_model(cfg, data), args.checkpoint).eval()
-    facts = analyze(model, data, args.out, args.what, args.n)
+    source, lam = checkpoint_source(args.checkpoint)
+    facts = analyze(model, data, args.out, args.what, args.n, lam=lam, source=source)
     print(f"wrote {', '.join(facts)} into {args.out} (figures as PNG, data as CSV / JSON)")
     return 0
 

@@ -97,5 +97,6 @@ def test_analyze_command_on_a_checkpoint(demo_dir, tmp_path) -> None:
         == 0
     )
     facts = json.loads((out / "analysis.json").read_text())
-    assert set(facts) == {"bimodality", "neighbors", "regions", "test_indices"}
-    assert (out / "regions.csv").exists() and (out / "bimodality_lam0.png").exists()
+    assert set(facts) == {"bimodality", "neighbors", "regions", "test_indices", "model"}
+    lam = json.loads(ckpt.with_suffix(".json").read_text())["config"]["lam"]  # the run's
+    assert (out / "regions.csv").exists() and (out / f"bimodality_lam{lam:g}.png").exists()

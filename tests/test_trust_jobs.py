@@ -3,6 +3,7 @@ each test fails before its fix)."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import replace
 
@@ -126,9 +127,62 @@ def test_analyses_run_with_a_fixed_thread_count(tmp_path, monkeypatch) -> None:
         analyze, "templates_figure", lambda *a, **k: seen.append(torch.get_num_threads()) or {}
     )
     data = type("D", (), {"test_x": torch.randn(5, 4), "test_y": torch.arange(5) % 3})()
-    before = torch.get_num_threads()
+    before, net = torch.get_num_threads(), torch.nn.Linear(4, 3)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        analyze.analyze(torch.nn.Linear(4, 3), data, tmp_path, what=("templates",), n=4)
+        analyze.analyze(net, data, tmp_path, what=("templates",), n=4)  # (one model a folder)
     torch.set_num_threads(before)
     assert seen == [analyze.ANALYSIS_THREADS] * 2
+
+
+def _tiny_data() -> object:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 2, 2, generator=g), torch.arange(40) % 3
+    return type("D", (), {"name": "tiny", "test_x": x, "test_y": y, "classes": list("abc")})()
+
+
+def _tiny_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 6), torch.nn.ReLU())
+    return torch.nn.Sequential(*net, torch.nn.Linear(6, 3)).eval()
+
+
+def test_an_analysis_folder_holds_one_model(tmp_path) -> None:
+    """A second analyze of another model into the same folder mixed its files with the first
+    one's, and analysis.json kept only the second call's analyses; Figure 2's files were named
+    "lam0" whatever the model was trained with."""
+    data, out = _tiny_data(), tmp_path / "an"
+    analyze.analyze(_tiny_net(0), data, out, what=("bimodality",), n=30)
+    assert (out / "bimodality.png").exists() and (out / "responses.csv").exists()
+    assert not list(out.glob("*lam*"))
+    analyze.analyze(_tiny_net(0), data, out, what=("regions",), n=30)  # the same model: adds
+    facts = json.loads((out / "analysis.json").read_text())
+    assert {"bimodality", "regions", "model"} <= set(facts)
+    assert facts["model"]["dataset"] == "tiny" and len(facts["model"]["weights_sha256"]) == 64
+    for other, n in ((_tiny_net(1), 30), (_tiny_net(0), 20)):
+        with pytest.raises(ValueError, match=r"holds the analysis of another model.* --out"):
+            analyze.analyze(other, data, out, what=("regions",), n=n)
+    assert json.loads((out / "analysis.json").read_text()) == facts
+    analyze.analyze(_tiny_net(0), data, tmp_path / "b", what=("bimodality",), n=30, lam=0.5)
+    assert (tmp_path / "b" / "bimodality_lam0.5.png").exists()
+
+
+def test_analyze_names_a_sweep_checkpoint_by_its_lambda(tmp_path) -> None:
+    """The lambda = 1 run of a sweep was analysed into bimodality_lam0.*; its run record beside
+    the checkpoint gives its lambda (when the record vouches for the checkpoint's bytes)."""
+    from splinelens._io import file_sha256
+    from splinelens.cli import main
+
+    base = replace(BASE, epochs=1, train_subset=100, test_subset=50)
+    run_sweep(base, [1.0], seeds=1, out=tmp_path / "s", checkpoints=True)
+    (ckpt,) = (tmp_path / "s" / "runs").glob("*.safetensors")
+    args = ["analyze", "--dataset", "digits", "--arch", "mlp", "--checkpoint", str(ckpt)]
+    args += ["--what", "bimodality", "--n", "20", "--out"]
+    assert main([*args, str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "bimodality_lam1.png").exists()
+    facts = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert facts["model"]["checkpoint_sha256"] == file_sha256(ckpt)
+    assert facts["model"]["lam"] == 1.0
+    ckpt.with_suffix(".json").unlink()  # no record: no lambda
+    assert main([*args, str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "bimodality.png").exists()

@@ -10,6 +10,8 @@ architecture on a registered dataset); every function takes any ``nn.Module``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "convexity_example",
     "partition_figures",
     "templates_figure",
+    "weights_sha256",
 ]
 
 ANALYSES = ("templates", "bimodality", "neighbors", "regions", "convexity")
@@ -43,37 +46,88 @@ ANALYSIS_THREADS = 2  # fixed, as training's: results independent of the machine
 
 
 def analyze(
-    model: nn.Module, data: Data, out: str | Path, what: tuple[str, ...] = ANALYSES, n: int = 1000
+    model: nn.Module,
+    data: Data,
+    out: str | Path,
+    what: tuple[str, ...] = ANALYSES,
+    n: int = 1000,
+    *,
+    lam: float | None = None,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen analyses on n test examples (a fixed random subset); write into out.
 
     They run with ``ANALYSIS_THREADS`` CPU threads, so their float32 numbers are the same on any
     machine and under any OMP_NUM_THREADS (a sum's rounding depends on how it is split).
+    ``lam``: the lambda the model was trained with, if known (Figure 2's files name it);
+    ``source``: where the model comes from (a checkpoint and its sha256), for analysis.json.
+    A folder holds the analyses of one model, data and n: analyses of the same add to it (its
+    ``model`` entry in analysis.json says which), another is refused.
     """
     with reproducible(ANALYSIS_THREADS, torch.device("cpu")):
-        return _analyze(model, data, out, what, n)
+        return _analyze(model, data, out, what, n, lam, source or {})
 
 
 def _analyze(
-    model: nn.Module, data: Data, out: str | Path, what: tuple[str, ...], n: int
+    model: nn.Module,
+    data: Data,
+    out: str | Path,
+    what: tuple[str, ...],
+    n: int,
+    lam: float | None,
+    source: dict[str, Any],
 ) -> dict[str, Any]:
     out = Path(out)
     pick = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))[:n]
     several = sorted({"bimodality", "neighbors", "regions"} & set(what))
     if len(pick) < 2 and several:  # (before anything is written)
         raise ValueError(f"{', '.join(several)} need at least 2 inputs (--n 2 or more)")
+    me = {"weights_sha256": weights_sha256(model), "dataset": getattr(data, "name", None)}
+    me.update(n=len(pick), lam=lam, **source)
+    facts = {**_earlier(out, me), "model": me, "test_indices": pick.tolist()}
     out.mkdir(parents=True, exist_ok=True)
     x, y = data.test_x[pick], data.test_y[pick]  # datasets may be stored class by class
-    facts: dict[str, Any] = {"test_indices": pick.tolist()}  # positions below index these
     if "templates" in what:
         facts["templates"] = templates_figure(model, x, data, out)
     if "bimodality" in what:
-        facts["bimodality"] = bimodality_figure(model, x, y, out, 0.0)
+        facts["bimodality"] = bimodality_figure(model, x, y, out, lam)
     if "neighbors" in what or "regions" in what:
         facts["neighbors"], facts["regions"] = partition_figures(model, x, y, out)
     if "convexity" in what:
         facts["convexity"] = convexity_example(model, x[:200])
     write_json(out / "analysis.json", facts)
+    return facts
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 of the model's state (names, dtypes, shapes and bytes of its tensors).
+
+    >>> weights_sha256(nn.Linear(2, 1)) == weights_sha256(nn.Linear(2, 1))  # random weights
+    False
+    """
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _earlier(out: Path, me: dict[str, Any]) -> dict[str, Any]:
+    """The facts already in ``out`` (of the same model, data and n), or a ValueError."""
+    path = out / "analysis.json"
+    if not path.exists():
+        return {}
+    try:
+        facts = json.loads(path.read_text())
+        held = {k: facts["model"].get(k) for k in ("weights_sha256", "dataset", "n")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        held = None
+    if held != {k: me[k] for k in ("weights_sha256", "dataset", "n")}:
+        raise ValueError(
+            f"{out} holds the analysis of another model, dataset or n ({path} says "
+            f"{held or 'nothing readable'}); use another --out, or remove the folder"
+        )
     return facts
 
 
@@ -126,14 +180,16 @@ def _template_summary(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 def bimodality_figure(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, lam: float
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path, lam: float | None
 ) -> dict[str, float]:
-    """Fig. 2 for the model trained with ``lam``: the histogram of template responses, one row
-    per input of them in ``responses_lam<lam>.csv``; returns Prop. 5's statistics."""
+    """Fig. 2 for the model trained with ``lam`` (None: not known): the histogram of template
+    responses, one row per input of them in ``responses_lam<lam>.csv`` (``responses.csv``);
+    returns Prop. 5's statistics."""
     r = template_responses(model, x)
-    figures.plot_bimodality(r, y, out / f"bimodality_lam{lam:g}.png")
+    tag = "" if lam is None else f"_lam{lam:g}"
+    figures.plot_bimodality(r, y, out / f"bimodality{tag}.png")
     write_csv(
-        out / f"responses_lam{lam:g}.csv",
+        out / f"responses{tag}.csv",
         [
             {"label": int(y[i]), **{f"class{c}": float(r[i, c]) for c in range(r.shape[1])}}
             for i in range(len(y))

@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from splinelens._io import file_sha256
 from splinelens.paper.config import TrainConfig
 from splinelens.paper.train import summarize
 
@@ -28,6 +29,7 @@ __all__ = [
     "MixedDevicesWarning",
     "RunRecordWarning",
     "check_devices",
+    "checkpoint_source",
     "read_record",
     "run_id",
     "valid_records",
@@ -213,3 +215,19 @@ def _is_number(x: Any) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an int beyond any float
         return False
+
+
+def checkpoint_source(path: str | Path) -> tuple[dict[str, Any], float | None]:
+    """Where a checkpoint comes from: its path and sha256, and (when a valid run record beside
+    it, ``<id>.json``, vouches for those bytes) its run id; and that run's lambda, else None.
+
+    >>> # checkpoint_source("runs/fmnist/runs/1922830b58b8.safetensors")
+    >>> # ({'checkpoint': ..., 'checkpoint_sha256': ..., 'run_id': '1922830b58b8'}, 0.0)
+    """
+    path = Path(path)
+    source: dict[str, Any] = {"checkpoint": str(path), "checkpoint_sha256": file_sha256(path)}
+    record = path.with_suffix(".json")
+    rec = read_record(record, "not used for the checkpoint's lambda") if record.exists() else None
+    if rec is None or rec.get("checkpoint_sha256") != source["checkpoint_sha256"]:
+        return source, None
+    return {**source, "run_id": rec["run_id"]}, float(rec["config"]["lam"])
