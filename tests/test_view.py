@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import splinelens as sl
 import splinelens.view as view_mod
@@ -126,3 +127,55 @@ def test_verify_applies_g_over_its_own_dim_and_the_output_layout() -> None:
     assert sl.verify(tr, x).ok
     with pytest.raises(sl.UnsupportedOperationError, match="along the batch dimension"):
         sl.affine_map(_BatchSoftmax().double().eval(), torch.randn(3, 3, dtype=torch.float64))
+
+
+class _CastAfterG(nn.Module):
+    """A softmax or log-softmax output followed by what only passes its values on."""
+
+    def __init__(self, tail) -> None:
+        super().__init__()
+        self.a, self.b, self.tail = nn.Linear(4, 6), nn.Linear(6, 3), tail
+
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        z = self.b(torch.relu(self.a(x)))
+        return z if logits else self.tail(z)
+
+
+@pytest.mark.parametrize(
+    "tail, dtype",
+    [
+        (lambda z: F.softmax(z, 1).double(), torch.float64),
+        (lambda z: F.softmax(z, 1).float(), torch.float32),
+        (lambda z: F.softmax(z, 1).double(), torch.float32),
+        (lambda z: F.log_softmax(z, 1).to(torch.float64).clone(), torch.float64),
+        (lambda z: F.log_softmax(z, 1).detach().contiguous(), torch.float64),
+    ],
+)
+def test_what_only_passes_g_on_belongs_to_g(tail, dtype: torch.dtype) -> None:
+    """softmax(z).double() raised NameError from the generated executor; softmax(z).clone()
+    was refused as "g used inside the network". A is the logits' (reference: jacrev of the
+    float64 logits; float32: rtol 1e-5), and verify holds."""
+    torch.manual_seed(0)
+    net = _CastAfterG(tail).to(dtype).eval()
+    x = torch.randn(5, 4, dtype=dtype)
+    ref = net.double()
+    jac = torch.stack(
+        [torch.func.jacrev(lambda v: ref(v[None], logits=True)[0])(v) for v in x.double()]
+    )
+    net = net.to(dtype)
+    torch.testing.assert_close(sl.affine_map(net, x).A.double(), jac, rtol=1e-5, atol=1e-6)
+    assert sl.verify(net, x).ok
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        lambda z: F.softmax(z, 1) * 2,
+        lambda z: F.softmax(z, 1).long(),
+        lambda z: F.softmax(z, 1) + z,
+    ],
+)
+def test_what_changes_g_s_values_after_it_is_still_refused(tail) -> None:
+    net = _CastAfterG(tail).double().eval()
+    with pytest.raises(sl.UnsupportedOperationError, match=r"output nonlinearity g"):
+        sl.affine_map(net, torch.randn(5, 4, dtype=torch.float64))

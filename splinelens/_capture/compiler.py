@@ -42,6 +42,7 @@ from splinelens._capture.batch_axis import BatchAxes, is_tensor
 from splinelens._capture.layers import make_maso, maso_layer, unique_names
 from splinelens._capture.mode import check_eval_mode
 from splinelens._capture.nodes import bound_args, op_name, overload
+from splinelens._capture.output import split_output
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
 from splinelens._capture.refusals import check_batch_kept, check_op, error
@@ -243,10 +244,10 @@ class _Compiler:
             )
 
     def compile(self) -> Program:
-        out, g = self._output(next(n for n in self.graph.nodes if n.op == "output"))
+        out, g, after = split_output(self.graph)
         try:
             for node in self.graph.nodes:  # (nodes written after this one are visited too)
-                if node.op == "call_function" and (g is None or node is not g):
+                if node.op == "call_function" and node is not g and node not in after:
                     self._visit(node)
         finally:  # the exported graph as it was (the batch sizes compare it with another)
             for node, new in reversed(self.written):
@@ -289,20 +290,6 @@ class _Compiler:
                 "apply it over the class dimension (or return the logits)",
             )
         return op_name(g.target), d + 1 if d < b else d
-
-    def _output(self, node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-        """The output node, and the output nonlinearity g's node if the model ends with one."""
-        outs = node.args[0]
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
-            raise ValueError(
-                f"the model returns {len(outs)} values; splinelens needs forward(x) "
-                "to return one tensor (e.g. the logits)"
-            )
-        out = outs[0]
-        if out.op == "call_function" and info(op_name(out.target)).kind == "g":
-            return out.args[0], out
-        return out, None
 
     def _params(self) -> tuple[tuple[str, nn.Module, str], ...]:
         """(placeholder, owner module, attribute) of each parameter and buffer, each owner by a
