@@ -10,7 +10,7 @@ Every error is a ``ValueError``: splinelens refuses rather than answer with a pl
 
 from __future__ import annotations
 
-__all__ = ["BatchSizeError", "StaleCaptureError", "UnsupportedOperationError"]
+__all__ = ["BatchSizeError", "DataError", "StaleCaptureError", "UnsupportedOperationError"]
 
 
 class UnsupportedOperationError(ValueError):
@@ -42,3 +42,7 @@ class BatchSizeError(ValueError):
     """The model's forward depends on the batch size, and this batch is outside the range the
     capture holds for (``torch.export``'s range constraints, or a batch of 1 that computes
     something else)."""
+
+
+class DataError(ValueError):
+    """A dataset is missing or malformed; the message says what was expected and where."""

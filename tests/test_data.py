@@ -210,5 +210,57 @@ def test_damaged_data_files_are_named(tmp_path, monkeypatch, idx_dir) -> None:
         read_idx(labels)
     _image_tree(tmp_path / "imgs", colour=True)
     next((tmp_path / "imgs" / "train" / "dog").iterdir()).write_bytes(b"no image")
-    with pytest.raises(DataError, match="train/dog: one of its files is not an image"):
+    with pytest.raises(DataError, match=r"train/dog/\d\.png is not an image"):
         load_dataset("folder", tmp_path / "imgs")
+
+
+def test_folder_layout_problems_are_named_not_skipped(tmp_path, monkeypatch) -> None:
+    """A test class with no training images became a class the model cannot learn; an image one
+    level too deep was skipped; a .DS_Store was refused as "one of its files is not an image";
+    mixed sizes and non-images did not name the file."""
+    from PIL import Image
+
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "a", colour=True)
+    (tmp_path / "a" / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01 finder")
+    (tmp_path / "a" / "test" / "Thumbs.db").write_bytes(b"\x00")
+    (tmp_path / "a" / "README.txt").write_text("not under train/ or test/")
+    assert load_dataset("folder", tmp_path / "a").train_x.shape == (6, 3, 6, 5)
+    typo = tmp_path / "a" / "test" / "dgo"
+    typo.mkdir()
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(typo / "0.png")
+    with pytest.raises(DataError, match=r"test/ has classes with no training images \(dgo\)"):
+        load_dataset("folder", tmp_path / "a")
+    typo.rename(tmp_path / "a" / "train" / "dog" / "deeper")
+    with pytest.raises(DataError, match=r"train/dog/deeper/0.png is not in a class folder"):
+        load_dataset("folder", tmp_path / "a")
+    _image_tree(tmp_path / "b", colour=True)
+    Image.fromarray(np.zeros((7, 5, 3), np.uint8)).save(tmp_path / "b" / "train" / "dog" / "9.png")
+    with pytest.raises(DataError, match=r"train/cat/0.png is 5x6, train/dog/9.png is 5x7"):
+        load_dataset("folder", tmp_path / "b")
+    (tmp_path / "b" / "train" / "dog" / "9.png").write_bytes(b"no image")
+    with pytest.raises(DataError, match=r"train/dog/9.png is not an image \(cannot identify"):
+        load_dataset("folder", tmp_path / "b")
+
+
+def test_truncated_idx_headers_are_named(tmp_path) -> None:
+    """A header cut inside its dimensions gave numpy's "offset must be non-negative"; one with
+    no dimensions gave an array of shape ()."""
+    for name, raw in (("cut.gz", b"\x00\x00\x08\x03\x00\x00"), ("flat.gz", b"\x00\x00\x08\x00")):
+        (tmp_path / name).write_bytes(gzip.compress(raw))
+        with pytest.raises(DataError, match=rf"{name}: its header is truncated or holds no dim"):
+            read_idx(tmp_path / name)
+
+
+def test_a_subset_larger_than_the_data_is_refused() -> None:
+    """train_subset=100000 on digits (1,438 images) ran on all of them under another run id."""
+    from splinelens.paper.config import TrainConfig
+    from splinelens.paper.train import load_data
+
+    with pytest.raises(ValueError, match=r"train_subset=100000 is more than the 1438 train"):
+        load_data(TrainConfig(dataset="digits", arch="mlp", train_subset=100_000))
+    with pytest.raises(ValueError, match=r"test_subset=360 is more than the 359 test"):
+        load_data(TrainConfig(dataset="digits", arch="mlp", test_subset=360))
+    assert (
+        len(load_data(TrainConfig(dataset="digits", arch="mlp", train_subset=1438)).train_y) == 1438
+    )

@@ -19,21 +19,15 @@ Each image is centred to zero mean and scaled to max |x| = 1. Names:
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
-import os
-import tarfile
-import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from splinelens._io import array_sha256, write_npz
+from splinelens.errors import DataError
+from splinelens.paper.images import decode_folder
 
 __all__ = ["DATASETS", "Data", "DataError", "load_dataset", "preprocess", "read_idx"]
 
@@ -43,10 +37,6 @@ _IDX = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
-
-class DataError(ValueError):
-    """A dataset is missing or malformed; the message says what was expected and where."""
 
 
 @dataclass
@@ -170,6 +160,11 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(
+            f"{path}: its header is truncated or holds no dimensions ({len(raw)} bytes, "
+            f"{ndim} dimensions); download it again"
+        )
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -243,7 +238,7 @@ def _folder(name: str) -> Callable[[Path | None, bool], Data]:
                 f"{name}: data_dir must be a folder with train/<class>/* and "
                 f"test/<class>/* images, or a .tar(.xz) of it; got {data_dir}"
             )
-        arrays = _cached_decode(data_dir)
+        arrays = decode_folder(data_dir)
         classes = [str(c) for c in arrays["classes"]]
         return _pack(
             name,
@@ -253,105 +248,6 @@ def _folder(name: str) -> Callable[[Path | None, bool], Data]:
         )
 
     return load
-
-
-def _cached_decode(source: Path) -> dict[str, np.ndarray]:
-    """Decode an image folder or archive once; later loads read the uint8 cache."""
-    files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    stamp = "".join(
-        f"{p.relative_to(source.parent)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
-        for p in files
-        if p.is_file()
-    )  # any added, removed or changed file
-    key = hashlib.sha256(f"{source.resolve()}|{stamp}".encode())
-    cache_dir = Path(os.environ.get("SPLINELENS_CACHE", Path.home() / ".cache" / "splinelens"))
-    cache = cache_dir / f"images-{key.hexdigest()[:16]}.npz"
-    if cache.exists():
-        arrays = _read_cache(cache)
-        if arrays is not None:
-            return arrays
-        warnings.warn(f"{cache}: a damaged image cache (decoding {source} again)", stacklevel=2)
-    arrays = _decode_images(_image_files(source))
-    write_npz(cache, **arrays, sha256=np.array(_digest(arrays)))
-    return arrays
-
-
-def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
-    """The arrays of an image cache whose checksum holds; None if it is damaged (truncated,
-    edited) or from an older version without one."""
-    try:
-        with np.load(cache, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k != "sha256"}
-            stored = str(f["sha256"]) if "sha256" in f.files else ""
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
-    return arrays if stored == _digest(arrays) else None
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of the arrays by name (``array_sha256`` of each)."""
-    each = "".join(f"{k}:{array_sha256(arrays[k])};" for k in sorted(arrays))
-    return hashlib.sha256(each.encode()).hexdigest()
-
-
-def _image_files(source: Path) -> dict[str, list[tuple[str, bytes]]]:
-    """{'train': [(class, bytes), ...], 'test': [...]} from a folder or a tar archive."""
-    out: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
-    if source.is_dir():
-        entries = [
-            (p.relative_to(source).parts, p.read_bytes()) for p in source.rglob("*") if p.is_file()
-        ]
-    else:
-        try:
-            with tarfile.open(source, "r|*") as tar:  # one sequential pass: xz cannot seek
-                entries = [
-                    (Path(m.name).parts, tar.extractfile(m).read()) for m in tar if m.isfile()
-                ]
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(
-                f"{source} is not a readable tar archive ({e}): give an image folder or a whole "
-                f"archive (train/<class>/*, test/<class>/*)"
-            ) from None
-    return _collect(entries, out, source)
-
-
-def _collect(entries: list, out: dict, source: Path) -> dict[str, list[tuple[str, bytes]]]:
-    for parts, data in sorted(entries, key=lambda e: e[0]):
-        parts = [p for p in parts if p not in (".", "")]
-        for i, p in enumerate(parts[:-2]):
-            if p in out and len(parts) - i == 3:
-                out[p].append((parts[i + 1], data))
-    if not out["train"] or not out["test"]:
-        raise DataError(f"{source}: expected images under train/<class>/ and test/<class>/")
-    return out
-
-
-def _decode_images(files: dict[str, list[tuple[str, bytes]]]) -> dict[str, np.ndarray]:
-    from PIL import Image
-
-    classes = sorted({c for split in files.values() for c, _ in split})
-    arrays: dict[str, np.ndarray] = {"classes": np.array(classes)}
-    for split, items in files.items():
-        imgs = [_decoded(Image, b, f"{split}/{c}") for c, b in items]
-        if len({im.shape for im in imgs}) != 1:
-            raise DataError(f"images in {split}/ have different sizes")
-        arrays[f"{split}_x"] = np.stack(imgs).transpose(0, 3, 1, 2)  # (N, 3, H, W) uint8
-        arrays[f"{split}_y"] = np.array([classes.index(c) for c, _ in items])
-    if all(
-        np.all(arrays[f"{s}_x"][:, 0] == arrays[f"{s}_x"][:, c]) for s in files for c in (1, 2)
-    ):  # grey images stored as RGB, in every split
-        for split in files:
-            arrays[f"{split}_x"] = arrays[f"{split}_x"][:, :1]
-    return arrays
-
-
-def _decoded(image: Any, data: bytes, where: str) -> np.ndarray:
-    """One image file's pixels, (H, W, 3) uint8; a file that is no image is refused, naming
-    its class folder ``where``."""
-    try:
-        return np.asarray(image.open(io.BytesIO(data)).convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # (PIL's UnidentifiedImageError is OSError)
-        raise DataError(f"{where}: one of its files is not an image ({e})") from None
 
 
 _FASHION = [

@@ -71,6 +71,15 @@ class RunResult:
 def load_data(cfg: TrainConfig) -> Data:
     """The run's dataset, cut to ``cfg.train_subset`` / ``cfg.test_subset`` examples."""
     data = load_dataset(cfg.dataset, cfg.data_dir or None)
+    for split, n, have in (
+        ("train", cfg.train_subset, len(data.train_y)),
+        ("test", cfg.test_subset, len(data.test_y)),
+    ):
+        if n > have:
+            raise ValueError(
+                f"{split}_subset={n} is more than the {have} {split} examples of "
+                f"{cfg.dataset}; use 0 (all) or at most {have}"
+            )
     return data.subset(cfg.train_subset or None, cfg.test_subset or None)
 
 
