@@ -264,3 +264,23 @@ def test_a_subset_larger_than_the_data_is_refused() -> None:
     assert (
         len(load_data(TrainConfig(dataset="digits", arch="mlp", train_subset=1438)).train_y) == 1438
     )
+
+
+def test_without_torchvision_mnist_names_its_idx_files(monkeypatch, tmp_path) -> None:
+    """The hint for mnist / fashion-mnist named only image folders, not the idx files they
+    read from data_dir."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ImportError("no torchvision here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    monkeypatch.setattr("splinelens.paper.data._FASHION_DIR", tmp_path / "none")
+    with pytest.raises(DataError, match=r"its four idx files \(train-images-idx3-ubyte\.gz"):
+        load_dataset("fashion-mnist", download=False)
+    with pytest.raises(DataError, match=r"cifar10 needs torchvision .* a folder with train/"):
+        load_dataset("cifar10", download=False)

@@ -573,3 +573,10 @@ def test_failed_runs_are_counted_in_the_table(tmp_path, monkeypatch) -> None:
     assert math.isnan(rows[2]["mean"])
     md = (tmp_path / "table.md").read_text()
     assert "| failed |" in md and "| 1 | 1 | 3 |" in md
+
+
+@pytest.mark.parametrize("field", ["dataset", "arch"])
+def test_an_unknown_dataset_or_architecture_is_refused_by_the_config(field: str) -> None:
+    """TrainConfig(dataset="nope") was accepted, and a sweep failed later with a KeyError."""
+    with pytest.raises(ValueError, match=rf"TrainConfig.{field}: expected one of .*got 'nope'"):
+        replace(BASE, **{field: "nope"})

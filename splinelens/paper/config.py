@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from splinelens.paper.data import DATASETS
+from splinelens.paper.models import MODELS
 from splinelens.penalty import PENALTY_KINDS
 
 __all__ = ["INT_MAX", "TrainConfig", "device_name", "field_value", "parse_number", "resolve_device"]
@@ -62,11 +64,16 @@ class TrainConfig:
                 setattr(self, f.name, field_value(f.name, getattr(self, f.name)))
             except ValueError as e:
                 raise ValueError(f"TrainConfig.{f.name}: {e}") from None
-        if self.penalty_kind not in PENALTY_KINDS:
-            raise ValueError(
-                f"TrainConfig.penalty_kind: expected one of {', '.join(PENALTY_KINDS)}, "
-                f"got {self.penalty_kind!r}"
-            )
+        for name, choices in (
+            ("penalty_kind", PENALTY_KINDS),
+            ("dataset", sorted(DATASETS)),
+            ("arch", sorted(MODELS)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"TrainConfig.{name}: expected one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
         try:
             self.device = device_name(self.device)
         except ValueError as e:

@@ -208,9 +208,11 @@ def _torchvision(
     try:
         import torchvision.datasets as tvd
     except ImportError as e:
+        idx = ", ".join(f"{n}.gz" for split in _IDX.values() for n in split)
+        idx = f"its four idx files ({idx}), or " if cls in ("MNIST", "FashionMNIST") else ""
         raise DataError(
-            f"{name} needs torchvision (pip install torchvision), or data_dir with "
-            "train/<class>/* and test/<class>/* images or a .tar of them"
+            f"{name} needs torchvision (pip install torchvision), or data_dir: a folder with "
+            f"{idx}train/<class>/* and test/<class>/* images, or a .tar of such a folder"
         ) from e
     root = str(data_dir or Path.home() / ".cache" / "splinelens" / name)
     splits = []
