@@ -141,3 +141,15 @@ def test_ties_of_max_pooling_after_max_pooling_agree_to_the_tolerance() -> None:
     assert check.ok and check.max_abs_error <= 1e-14, str(check)
     strict = sl.check_masos(net, x, rtol=1e-300)  # ties count only if exact: some are not
     assert not all(layer.codes_agree for layer in strict.layers)
+
+
+def test_check_masos_names_the_layers_it_skipped() -> None:
+    """With no MASO layer (a leaky slope of 2, a hardtanh) check_masos said "OK: 0 MASO layers"
+    and nothing else; the skipped layers and why are listed now."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(2.0), nn.Linear(4, 2), nn.Hardtanh())
+    check = sl.check_masos(net.double().eval(), torch.randn(4, 3, dtype=torch.float64))
+    assert check.layers == () and check.ok
+    assert [s.split(" (")[0] for s in check.skipped] == ["layer '1'", "layer '3'"]
+    assert "skipped, no MASO: layer '1' (leaky_relu) is piecewise affine but not convex" in str(
+        check
+    )

@@ -269,6 +269,7 @@ class MasoCheck:
 
     ``ok``: every layer's code picks a MASO argmax and every error is at most ``tolerance``
     (absolute: rtol times the largest |layer output|, at least 1, as in ``verify``).
+    ``skipped``: the layers that are no MASO (not convex, or pieces on one line), not checked.
 
     >>> import torch, torch.nn as nn, splinelens as sl
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).double().eval()
@@ -283,6 +284,7 @@ class MasoCheck:
 
     layers: tuple[LayerMasoCheck, ...]
     tolerance: float
+    skipped: tuple[str, ...] = ()  # the layers that are no MASO, each with why
 
     @property
     def ok(self) -> bool:
@@ -305,6 +307,7 @@ class MasoCheck:
             f"= {la.max_abs_error:.3g}, argmax {'==' if la.codes_agree else '!='} code"
             for la in self.layers
         ]
+        rows += [f"  skipped, no MASO: {why}" for why in self.skipped]
         return "\n".join([head, *rows])
 
 
@@ -327,19 +330,19 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
     view = view_of(model, x)
     with torch.no_grad(), exact_matmul():
         env, states = view.program.record(x)
-    masos = []
+    masos, skipped = [], []
     for la in view.layers:
         try:
             masos.append((la, layer_maso(model, x, la.index)))
-        except NotAMasoError:
-            continue
+        except NotAMasoError as e:
+            skipped.append(str(e).split(", so ")[0].split(": ")[0])  # the layer and why
     scales = [env[la.node].abs().max().item() for la, _ in masos if env[la.node].numel()]
     tol = (rtol if rtol is not None else default_rtol(x.dtype)) * max([1.0, *scales])
     out = []
     for la, m in masos:
         rows = [_one(view, m, env, states, la, x, i, tol) for i in range(len(x))]
         out.append(LayerMasoCheck(la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
-    return MasoCheck(tuple(out), tol)
+    return MasoCheck(tuple(out), tol, tuple(skipped))
 
 
 def _one(view, m, env, states, la, x, i, tol: float) -> tuple[float, bool]:
