@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the paper's figures on MNIST, with report.html")
     demo.add_argument("--out", type=opt.out_dir, default="splinelens-demo")
     demo.add_argument("--epochs", type=opt.field_option("epochs"), default=2)
-    demo.add_argument("--lam", type=opt.field_option("lam"), default=1.0)
+    demo.add_argument("--lam", type=opt.positive_lam, default=1.0)
     demo.set_defaults(run=_demo)
     _add_analyze(sub)
     _add_sweep(sub)

@@ -125,6 +125,7 @@ def test_sweep_out_must_hold_runs_and_results(tmp_path, capsys, nothing_runs) ->
         (["demo", "--epochs", "0"], "--epochs: expected an integer >= 1"),
         (["demo", "--lam", "-1"], "--lam: expected a finite number >= 0"),
         (["demo", "--lam", "inf"], "--lam: expected a finite number >= 0"),
+        (["demo", "--lam", "0"], "--lam: expected a number > 0: the demo compares lambda = 0"),
         (["check", "--batch", "0"], "--batch: expected an integer >= 1"),
         (["check", "--batch", "1_0"], "--batch: expected an integer >= 1"),
         (["demo", "--epochs", "1_0"], "--epochs: '1_0' is not an integer"),

@@ -39,6 +39,7 @@ __all__ = [
     "field_option",
     "lambdas",
     "out_dir",
+    "positive_lam",
     "sweep_dir",
 ]
 
@@ -116,6 +117,20 @@ def field_option(name: str) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def positive_lam(text: str) -> float:
+    """``demo --lam``: a finite number > 0 (the demo compares lambda = 0 with it).
+
+    >>> positive_lam("0.5")
+    0.5
+    """
+    lam = field_option("lam")(text)
+    if lam == 0:
+        raise argparse.ArgumentTypeError(
+            "expected a number > 0: the demo compares lambda = 0 with this lambda"
+        )
+    return lam
 
 
 def device(text: str) -> str:
