@@ -499,6 +499,36 @@ def test_batchnorm_without_running_stats_is_refused() -> None:
         sl.SplineView(model, torch.randn(3, 4))
 
 
+def _instance_norm_net(track: bool) -> nn.Module:
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=track)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), norm, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    net = nn.Sequential(*net, nn.Linear(12, 4)).double()
+    for _ in range(3):  # running statistics of a few batches, and a learned affine part
+        net(torch.randn(4, 2, 6, 6, dtype=torch.float64))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    return net.eval()
+
+
+def test_instance_norm_on_running_statistics_is_exact() -> None:
+    """InstanceNorm2d(track_running_stats=True) in eval mode is affine (running statistics,
+    as batchnorm); it was refused as dividing by a statistic of the activations. A against
+    jacrev (atol 1e-12), verify and check_masos; the batch of 1 too. Without running
+    statistics, or in training mode, it is still refused."""
+    net = _instance_norm_net(track=True)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    jac = torch.stack([torch.func.jacrev(lambda v: net(v[None])[0])(v) for v in x])
+    torch.testing.assert_close(sl.affine_map(net, x).A, jac, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sl.affine_map(net, x[:1]).A, jac[:1], rtol=0, atol=1e-12)
+    assert sl.verify(net, x).ok and sl.check_masos(net, x).ok
+    with pytest.raises(sl.UnsupportedOperationError, match=r"instance_norm .*own mean.*eval"):
+        sl.affine_map(_instance_norm_net(track=False), x)
+    with pytest.raises(ValueError, match=r"training mode"):
+        sl.affine_map(net.train(), x)
+
+
 def test_functional_dropout_in_training_is_refused() -> None:
     model = Wrap(lambda z: F.dropout(z, 0.5, training=True)).eval()
     with pytest.raises(sl.UnsupportedOperationError, match=r"eval"):

@@ -59,6 +59,19 @@ def training(c: Call) -> Refusal:
     return _TRAINING if c.args.get("train", c.args.get("training")) else None
 
 
+def input_stats(c: Call) -> Refusal:
+    """Instance norm divides by each input's own statistics unless it uses running ones (eval
+    mode with ``track_running_stats=True``): then it is affine, as batchnorm in eval mode."""
+    if c.args.get("use_input_stats", True):
+        return (
+            "divides by a statistic of the activations (each input's own mean and variance), "
+            "which is not piecewise affine",
+            "with track_running_stats=True, call model.eval(): running statistics make it "
+            "affine; else remove the normalisation",
+        )
+    return None
+
+
 def native_dropout(c: Call) -> Refusal:
     """``native_dropout``'s ``train=None`` means training, as in ATen."""
     return _TRAINING if c.args.get("train") in (None, True) else None

@@ -70,6 +70,8 @@ _add(
     rewrite=eval_batch_norm,
 )
 _set("batch_norm", coefficients="bn_weight")
+# on running statistics (eval mode), instance norm is batchnorm's per-channel affine map
+_add("instance_norm", "affine", coefficients="bn_weight", check=arguments.input_stats)
 # cubic kernels weigh some neighbours negatively: they do not keep a convex input convex
 _set("upsample_bicubic2d _upsample_bicubic2d_aa", coefficients="kernel")
 # views replayed on any memory layout (export saw the example's layout)
