@@ -178,3 +178,14 @@ def test_a_failing_figure_is_closed_and_writes_nothing(tmp_path: Path) -> None:
         figures.plot_bimodality(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), "b.csv")
     assert set(plt.get_fignums()) == open_before
     assert not list(tmp_path.iterdir())
+
+
+def test_one_run_has_no_std_in_figure_3a_as_in_the_table(tmp_path: Path) -> None:
+    """A lambda with one run: fig3a.csv gave std 0.0 where table.csv gives NaN (undefined)."""
+    from splinelens.paper.report import table
+
+    groups = {lam: runs[:1] for lam, runs in _groups().items()}
+    figures.plot_sweep_accuracy(groups, tmp_path / "a.png")
+    with open(tmp_path / "a.csv") as f:
+        stds = [float(r["std"]) for r in csv.DictReader(f)]
+    assert all(np.isnan(stds)) and all(np.isnan(r["std"]) for r in table(groups))

@@ -93,8 +93,7 @@ _add(
     fix="use relu / max / clamp instead (torch.where(h > 0, h, 0) is torch.relu(h))",
 )
 _add(
-    "layer_norm native_layer_norm group_norm native_group_norm rms_norm "
-    "_fused_rms_norm",
+    "layer_norm native_layer_norm group_norm native_group_norm rms_norm _fused_rms_norm",
     "refused",
     why="divides by a statistic of the activations, which is not piecewise affine",
 )

@@ -141,6 +141,7 @@ def plot_sweep_accuracy(groups: dict[float, list[dict[str, Any]]], path: str | P
     """
     rows = [_accuracy_row(lam, runs, x) for (lam, runs), x in zip(groups.items(), _xpos(groups))]
     xs, mean, std = (np.array([r[k] for r in rows]) for k in ("x", "mean", "std"))
+    std = np.nan_to_num(std)  # one run: no band
     with _figure(figsize=(5, 3.5)) as (fig, ax):
         ax.fill_between(xs, mean - std, mean + std, alpha=0.25, label="mean ± std")
         ax.plot(xs, mean, "o-", label="mean over seeds")
@@ -292,7 +293,7 @@ def _accuracy_row(lam: float, runs: list[dict[str, Any]], x: float) -> dict[str,
         "x": x,
         "runs": len(acc),
         "mean": float(acc.mean()),
-        "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,  # ddof=1 as in the table
+        "std": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),  # as in the table
         "max_any_epoch": max(h["test_acc"] for r in runs for h in r["history"]),
     }
 
