@@ -172,7 +172,9 @@ def _epoch_row(
     model: nn.Module, opt: torch.optim.Optimizer, data: Data, train: tuple, t0: float
 ) -> dict[str, float]:
     """An epoch's row of the history (without the epoch number): its (loss, error, penalty)
-    on the training set, test accuracy, learning rate, and seconds since ``t0``."""
+    on the training set, as running means over the epoch's batches in training mode (weights
+    changing between batches, batchnorm on batch statistics); the test accuracy after the
+    epoch, in eval mode; the learning rate, and seconds since ``t0``."""
     loss, err, pen = train
     return {
         "train_loss": loss,
