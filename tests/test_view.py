@@ -179,3 +179,43 @@ def test_what_changes_g_s_values_after_it_is_still_refused(tail) -> None:
     net = _CastAfterG(tail).double().eval()
     with pytest.raises(sl.UnsupportedOperationError, match=r"output nonlinearity g"):
         sl.affine_map(net, torch.randn(5, 4, dtype=torch.float64))
+
+
+_SCALE = [1.0]  # a module-level global: not followed after capture (README)
+
+
+class _SmallOutput(nn.Module):
+    def __init__(self, out_scale: float, g: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.out_scale, self.g = nn.Linear(4, 6), nn.Linear(6, 3), out_scale, g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(torch.relu(self.a(x))) * self.out_scale * _SCALE[0]
+        return F.log_softmax(z, 1) if self.g else z
+
+
+@pytest.mark.parametrize("dtype, out_scale", [(torch.float32, 1e-4), (torch.float64, 1e-13)])
+def test_verify_holds_small_outputs_to_their_own_size(dtype, out_scale) -> None:
+    """A map made stale (outputs doubled after capture) was reported OK when the outputs were
+    below 1: the tolerance was at least rtol * 1, a relative error of 0.5 passed. The map of the
+    unchanged model still verifies at these sizes."""
+    torch.manual_seed(0)
+    net, x = _SmallOutput(out_scale).to(dtype).eval(), torch.randn(5, 4, dtype=dtype)
+    try:
+        assert sl.verify(net, x).ok
+        sl.affine_map(net, x)  # captured with the global at 1
+        _SCALE[0] = 2.0
+        check = sl.verify(net, x)
+    finally:
+        _SCALE[0] = 1.0
+    assert not check.ok and check.max_rel_error == pytest.approx(0.5, rel=1e-3)
+    assert check.tolerance < 1e-2 * out_scale
+
+
+def test_verify_says_when_it_compared_through_g() -> None:
+    """With a final log-softmax, verify compares g(f(x)) with g(A x + B), and says so (it printed
+    "|f(x) - (A x + B)|")."""
+    net, x = _SmallOutput(1.0, g=True).double().eval(), torch.randn(5, 4, dtype=torch.float64)
+    check = sl.verify(net, x)
+    assert check.ok and check.through_g and "max |g(f(x)) - g(A x + B)|" in str(check)
+    assert "max |f(x) - (A x + B)|" in str(sl.verify(_SmallOutput(1.0).double().eval(), x))
