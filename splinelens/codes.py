@@ -100,7 +100,7 @@ class LayerCodes:
 
     def check_values(self) -> str:
         """What is out of range in the data ("" if ok): states in [0, pieces), zero padding bits."""
-        if len(self.data) == 0:
+        if self.data.numel() == 0:  # no inputs, or no units
             return ""
         if self.binary:
             pad = 8 * self.data.shape[1] - self.units

@@ -215,7 +215,13 @@ def _encode(
     picked = _select(codes, layer)
     if not picked:
         raise ValueError("no layers selected")
+    for c in picked:  # (hand-built codes: a state out of range would count as a difference)
+        why = c.check_values()
+        if why:
+            raise ValueError(f"LayerCodes {c.name!r}: {why}")
     units = sum(c.units for c in picked)
+    if units == 0:
+        raise ValueError("the selected layers have no units, so their codes have no distance")
     if all(c.binary for c in picked):
         bits = (
             picked[0].data
@@ -243,7 +249,15 @@ def _select(codes: PartitionCodes, layer: LayerSel) -> list[LayerCodes]:
         raise TypeError(
             f"layer must be an index, a name, a list of them or None, got {type(layer).__name__}"
         )
-    return [codes.layer(key) for key in keys]
+    picked = [codes.layer(key) for key in keys]
+    names = [c.name for c in picked]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise ValueError(
+            f"layer={layer!r} names layer {twice!r} more than once (its units would count "
+            "twice in the distance); list each layer once"
+        )
+    return picked
 
 
 def _faiss():  # the faiss module, or None when it is not installed

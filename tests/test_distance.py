@@ -158,3 +158,53 @@ def test_torch_backend_bounds_the_distance_matrix() -> None:
 
     step, qstep = chunk_sizes(None, 100_000, 2, use_faiss=False)  # tiny codes, many queries
     assert qstep <= 4096 and step * qstep * 24 <= 1 << 28
+
+
+def _two_layers(n: int = 6) -> sl.PartitionCodes:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4))
+    net = torch.nn.Sequential(*net, torch.nn.ReLU()).eval()
+    return sl.partition_codes(net, torch.randn(n, 3))
+
+
+def test_a_layer_listed_twice_is_refused() -> None:
+    """layer=[0, 0, 1] counted layer 0's units twice (0.2083 where eq. (15) over {0, 1} gives
+    0.1875); named twice another way too."""
+    codes = _two_layers()
+    for layer in ([0, 0, 1], [0, -2, "3"], ["1", 0]):
+        with pytest.raises(ValueError, match=r"names layer '1' more than once"):
+            sl.partition_distance(codes, codes, layer=layer)
+        with pytest.raises(ValueError, match=r"more than once"):
+            sl.nearest_neighbors(codes, codes, k=1, layer=layer)
+
+
+def test_hand_built_codes_out_of_range_and_layers_without_units_are_refused(tmp_path) -> None:
+    """Padding bits set gave a distance of 1.67; a state of 9 of 4 pieces a raw torch error;
+    layers of 0 units NaN distances (faiss) or ZeroDivisionError (torch); a saved (N, 0)
+    multi-piece layer was written but could not be read back."""
+    from splinelens.codes import LayerCodes, PartitionCodes
+
+    bad_bits = PartitionCodes(
+        (LayerCodes("r", "relu", 3, 2, torch.tensor([[0b00011111]], dtype=torch.uint8)),)
+    )
+    zero = PartitionCodes((LayerCodes("r", "relu", 3, 2, torch.zeros(1, 1, dtype=torch.uint8)),))
+    with pytest.raises(ValueError, match=r"LayerCodes 'r': packed bits beyond the last unit"):
+        sl.partition_distance(bad_bits, zero)
+    nine = PartitionCodes(
+        (LayerCodes("p", "max_pool2d", 2, 4, torch.tensor([[9, 0]], dtype=torch.uint8)),)
+    )
+    ok = PartitionCodes(
+        (LayerCodes("p", "max_pool2d", 2, 4, torch.tensor([[1, 0]], dtype=torch.uint8)),)
+    )
+    with pytest.raises(ValueError, match=r"states must lie in \[0, 4\), found 9"):
+        sl.nearest_neighbors(nine, ok, k=1)
+    empty = PartitionCodes(
+        (LayerCodes.encode("l", "max_pool2d", 5, torch.zeros(3, 0, dtype=torch.long)),)
+    )
+    for backend in ("torch", "faiss"):
+        with pytest.raises(ValueError, match=r"no units"):
+            sl.nearest_neighbors(empty, empty, k=1, backend=backend)
+    with pytest.raises(ValueError, match=r"no units"):
+        sl.partition_distance(empty, empty)
+    empty.save(tmp_path / "e.npz")
+    assert PartitionCodes.load(tmp_path / "e.npz").layers[0].data.shape == (3, 0)
