@@ -38,9 +38,10 @@ import numpy as np
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; if the block succeeds, rename it over ``path``
-    (readable by all, mode 0644). An interrupted write leaves no file behind; one killed
-    outright (SIGKILL) leaves its hidden ``.name.*.tmp``, removed by a later write of the same
-    file once it is an hour old (younger ones may be another process's write in progress)."""
+    (readable by all, mode 0644), its bytes synced to disk first and the rename after. An
+    interrupted write leaves no file behind; one killed outright (SIGKILL) leaves its hidden
+    ``.name.*.tmp``, removed by a later write of the same file once it is an hour old (younger
+    ones may be another process's write in progress)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
@@ -57,9 +58,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o644)
+        _sync(tmp)  # its bytes on disk before the name points at them (a crash, a power loss)
         os.replace(tmp, path)
+        _sync(path.parent)  # and the new name
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory (where the system allows opening one: not on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # (some file systems refuse fsync on a directory)
+        pass
+    finally:
+        os.close(fd)
 
 
 _STALE = 3600.0  # seconds after which a temporary file of a write is taken as abandoned

@@ -186,3 +186,20 @@ def test_analyze_names_a_sweep_checkpoint_by_its_lambda(tmp_path) -> None:
     ckpt.with_suffix(".json").unlink()  # no record: no lambda
     assert main([*args, str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "bimodality.png").exists()
+
+
+def test_an_atomic_write_syncs_its_bytes_before_the_rename(tmp_path, monkeypatch) -> None:
+    """The file was renamed over the old one without fsync: after a power loss the new name could
+    point at an empty file, and the old contents were gone."""
+    import os
+
+    from splinelens import _io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    with _io.atomic_path(tmp_path / "f.txt") as tmp:
+        tmp.write_text("new")
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder
+    assert (tmp_path / "f.txt").read_text() == "new"
