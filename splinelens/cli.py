@@ -41,8 +41,14 @@ __all__ = ["main"]
 
 
 def _example_cnn() -> nn.Module:
-    """A small CNN with batchnorm, ReLU, max-pooling and a residual-free head."""
-    torch.manual_seed(0)
+    """A small CNN with batchnorm, ReLU, max-pooling and a residual-free head (its own seed:
+    the caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _cnn()
+
+
+def _cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.BatchNorm2d(8),
@@ -62,7 +68,8 @@ def _check(args: argparse.Namespace) -> int:
 
     dtype, device = getattr(torch, args.dtype), resolve_device(args.device)
     model = _example_cnn().to(device, dtype)
-    x = torch.randn(args.batch, 3, 32, 32, device=device, dtype=dtype)
+    x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = x.to(device, dtype)
     view = SplineView(model, x)
     print(f"splinelens {__version__}, torch {torch.__version__}, {device}, {args.dtype}")
     for layer in view.layers:

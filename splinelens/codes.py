@@ -190,7 +190,14 @@ class PartitionCodes:
 
     @staticmethod
     def cat(parts: Sequence[PartitionCodes]) -> PartitionCodes:
-        """Concatenate codes of several batches of the same network."""
+        """Concatenate codes of several batches of the same network (a list or tuple of
+        ``PartitionCodes``)."""
+        parts = list(parts) if not isinstance(parts, PartitionCodes) else [parts]
+        odd = next((p for p in parts if not isinstance(p, PartitionCodes)), None)
+        if odd is not None:
+            raise TypeError(
+                f"PartitionCodes.cat takes a list of PartitionCodes, found a {type(odd).__name__}"
+            )
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]

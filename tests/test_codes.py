@@ -240,3 +240,26 @@ def test_channel_max_codes_are_the_argmax() -> None:
     h = F.pad(F.max_pool2d(z.view(6, 4, 2, 6, 6).amax(2), 3, 2, 1), (0, 1, 0, 1))
     ref_maxout = model.fc1(h.flatten(1)).view(6, 4, 3).argmax(2)
     assert torch.equal(codes.layers[2].states(), ref_maxout)
+
+
+def test_cat_takes_any_iterable_of_codes_and_names_what_is_not() -> None:
+    """cat([codes, "x"]) raised AttributeError ('str' object has no attribute 'signature') and
+    cat(iter([...])) TypeError (not subscriptable)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
+    a, b = sl.partition_codes(net, torch.randn(2, 3)), sl.partition_codes(net, torch.randn(3, 3))
+    whole = sl.PartitionCodes.cat(iter([a, b]))
+    assert len(whole) == 5 and torch.equal(whole.layers[0].data[2:], b.layers[0].data)
+    with pytest.raises(TypeError, match=r"takes a list of PartitionCodes, found a str"):
+        sl.PartitionCodes.cat([a, "x"])
+
+
+def test_the_check_command_leaves_the_callers_random_state() -> None:
+    """splinelens check (main(["check"]) from Python) reset the global RNG to seed 0."""
+    from splinelens.cli import main
+
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    assert main(["check", "--batch", "2"]) == 0
+    assert torch.equal(torch.rand(3), want)
