@@ -284,3 +284,14 @@ def test_without_torchvision_mnist_names_its_idx_files(monkeypatch, tmp_path) ->
         load_dataset("fashion-mnist", download=False)
     with pytest.raises(DataError, match=r"cifar10 needs torchvision .* a folder with train/"):
         load_dataset("cifar10", download=False)
+
+
+def test_an_archive_whose_top_folder_is_called_test_still_reads(tmp_path, monkeypatch) -> None:
+    """The split folder is the one directly above <class>/<image>: a wrapping folder named
+    "test" is not taken for the test split."""
+    monkeypatch.setenv("SPLINELENS_CACHE", str(tmp_path / "cache"))
+    _image_tree(tmp_path / "imgs", colour=True)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(tmp_path / "imgs", arcname="test")
+    data = load_dataset("folder", tmp_path / "a.tar")
+    assert data.train_x.shape == (6, 3, 6, 5) and data.classes == ["cat", "dog"]

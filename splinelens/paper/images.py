@@ -97,9 +97,10 @@ def _collect(entries: list, out: dict, source: Path) -> dict[str, list[tuple[str
         parts = [p for p in parts if p not in (".", "")]
         if any(p.startswith(".") for p in parts) or parts[-1] in _SYSTEM_FILES:
             continue  # .DS_Store, ._name (macOS), .git/, Thumbs.db
-        split = next((i for i, p in enumerate(parts[:-1]) if p in out), None)
-        if split is None:
+        under = [i for i, p in enumerate(parts[:-1]) if p in out]  # train/ or test/ folders
+        if not under:
             continue  # not under train/ or test/ (a README beside them)
+        split = next((i for i in under if len(parts) - i == 3), under[0])  # <split>/<class>/f
         if len(parts) - split != 3:
             raise DataError(
                 f"{source}: {'/'.join(parts)} is not in a class folder directly under "
