@@ -45,22 +45,18 @@ def _example_cnn() -> nn.Module:
     the caller's random state is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _cnn()
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 8 * 8, 10),
-    ).eval()
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * 8 * 8, 10),
+        ).eval()
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -371,10 +371,10 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
         f = view.model(x)
         if not isinstance(f, Tensor):
             raise ValueError(f"the model returns a {type(f).__name__}, not one tensor")
-        a, flat = amap.A.reshape(len(x), -1, x[0].numel()).double(), x.reshape(len(x), -1)
-        b = amap.B.reshape(len(x), -1).double()
-        pred = torch.einsum("nrd,nd->nr", a, flat.double()) + b
-        terms = torch.einsum("nrd,nd->nr", a.abs(), flat.double().abs()) + b.abs()  # (N, R)
+        a = amap.A.reshape(len(x), -1, x[0].numel()).double()
+        flat, b = x.reshape(len(x), -1).double(), amap.B.reshape(len(x), -1).double()
+        pred = torch.einsum("nrd,nd->nr", a, flat) + b
+        terms = torch.einsum("nrd,nd->nr", a.abs(), flat.abs()) + b.abs()  # (N, R)
         pred = apply_g(prog.output_g, pred.reshape(amap.B.shape)).reshape(len(x), -1)
         f = prog.per_sample(prog.output_name, f).reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from splinelens._io import write_npz
+from splinelens._io import array_sha256, write_npz
 from splinelens.geometry.convexity import convexity, convexity_gap, make_input_convex
 from splinelens.paper import figures
 from splinelens.paper.data import Data
@@ -105,12 +106,16 @@ def weights_sha256(model: nn.Module) -> str:
     >>> weights_sha256(nn.Linear(2, 1)) == weights_sha256(nn.Linear(2, 1))  # random weights
     False
     """
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    each = "".join(
+        f"{name}:{t.dtype}:{tuple(t.shape)}:{array_sha256(_bytes(t))};"
+        for name, t in model.state_dict().items()
+    )
+    return hashlib.sha256(each.encode()).hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a uint8 array (any dtype, bfloat16 too, which numpy lacks)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _earlier(out: Path, me: dict[str, Any]) -> dict[str, Any]:
