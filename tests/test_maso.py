@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
+import splinelens.geometry.maso as maso_module
 from tests import zoo
 
 
@@ -37,14 +38,43 @@ def test_maso_check_tolerance_is_relative_to_the_layer_values(dtype: torch.dtype
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).to(dtype).eval()
     x = 100 * torch.randn(6, 3, dtype=dtype)
     check = sl.check_masos(net, x)
-    with torch.no_grad():
-        scale = max(1.0, net[:2](x).abs().max().item(), net(x).abs().max().item())
+    with torch.no_grad():  # the outputs, and each ReLU piece's terms |W| |h| + |b| (its z)
+        h1 = net[:2](x)
+        terms = [
+            h.abs() @ lin.weight.abs().T + lin.bias.abs() for h, lin in ((x, net[0]), (h1, net[2]))
+        ]
+        scale = max(t.abs().max().item() for t in (h1, net(x), *terms))
     rtol = min(1e4 * torch.finfo(dtype).eps, 1e-2)
     assert check.tolerance == pytest.approx(rtol * scale, rel=1e-12)
     assert check.ok and check.max_abs_error <= check.tolerance, str(check)
     assert sl.check_masos(net, x, rtol=1e-3).tolerance == pytest.approx(1e-3 * scale, rel=1e-12)
     with pytest.raises(ValueError, match="rtol must be a finite positive number"):
         sl.check_masos(net, x, rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_maso_check_holds_small_layers_to_their_own_size(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers with values near 1e-4 were checked to a tolerance of rtol * 1: a MASO 1 % off
+    passed. A faithful one still passes at that size."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).to(dtype).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1e-2)
+    x = torch.randn(6, 3, dtype=dtype)
+    assert sl.check_masos(net, x).ok
+    built = maso_module.layer_maso
+
+    def off(model: nn.Module, x: torch.Tensor, layer: int | str) -> sl.MASO:
+        m = built(model, x, layer)
+        m.b = m.b + 1e-2 * m.b.abs().max()  # 1 % of the layer's own offsets
+        return m
+
+    monkeypatch.setattr(maso_module, "layer_maso", off)
+    check = sl.check_masos(net, x)
+    assert not check.ok and check.max_abs_error > check.tolerance, str(check)
 
 
 def test_maso_check_verdict_names_the_failing_layer() -> None:

@@ -460,6 +460,35 @@ def test_a_forward_that_computes_otherwise_when_exported_is_refused(how: str) ->
         sl.affine_map(_Exporting(how).eval(), torch.randn(3, 4))
 
 
+class _Small(nn.Module):
+    """Outputs near 1e-4 (float32): while exported twice as large (``how="exporting"``), or
+    larger by 1 % per input in the batch (``how="batch"``), or neither."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc, self.out, self.how = nn.Linear(4, 5), nn.Linear(5, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out(torch.relu(self.fc(x))) * 1e-4
+        if self.how == "exporting" and torch.compiler.is_exporting():
+            return 2 * y
+        return y * (1 + 0.01 * x.shape[0]) if self.how == "batch" else y
+
+
+@pytest.mark.parametrize(
+    "how, match", [("exporting", "another function when exported"), ("batch", "the batch size")]
+)
+def test_small_outputs_are_held_to_their_own_size_when_captured(how: str, match: str) -> None:
+    """Outputs below 1 were compared to a tolerance of rtol * 1 (1.2e-3 in float32): a capture
+    computing twice the model's outputs of 1e-4, or 1 % more per input in the batch, passed.
+    Rounding is now measured against the terms' size, max |f| and |A| |x| + |B|."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    with pytest.raises(sl.UnsupportedOperationError, match=match):
+        sl.affine_map(_Small(how).eval(), x)
+    assert sl.verify(_Small("neither").eval(), x).ok  # the same size, computed alike: captured
+
+
 @pytest.mark.parametrize("op", ["sub_", "clamp_"])
 def test_a_forward_that_changes_its_input_is_refused_and_the_input_kept(op: str) -> None:
     x = torch.randn(3, 4)

@@ -88,7 +88,7 @@ def check_not_cached() -> None:
 def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) -> None:
     """Refuse a program whose output on x is not what the model ``returned`` (one tensor, or
     one inside a tuple, list or dict): another shape, NaN or inf elsewhere, or values further
-    apart than ``verify``'s tolerance (1e4 machine epsilons of max |f(x)|, at most 1e-2)."""
+    apart than ``verify``'s tolerance (``_rounding``)."""
     out = leaves(returned, torch.Tensor)  # (one tensor, maybe in a tuple, list or dict)
     if len(out) != 1 or not out[0].is_floating_point():
         return  # (the compiler refuses other outputs)
@@ -99,7 +99,7 @@ def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) 
     err, scale = _gap(got, want)
     if math.isnan(err):
         raise _differs(model, "with NaN or inf where the model has none, or the reverse")
-    if err > default_rtol(want.dtype) * max(scale, 1.0):
+    if not _rounding(prog, x, err, scale):
         raise _differs(model, f"(max difference {err:.3g} for outputs up to {scale:.3g})")
 
 
@@ -131,7 +131,7 @@ def check_per_sample(model: nn.Module, prog: Program, x: torch.Tensor, returned:
         except ValueError:  # (the model does not take these inputs: nothing to compare)
             continue
         err, scale = _gap(got, want) if got.shape == want.shape else (math.inf, 0.0)
-        if not err <= default_rtol(want.dtype) * max(scale, 1.0):  # (NaN: refused too)
+        if not _rounding(prog, pair, err, scale):  # (NaN: refused too)
             raise UnsupportedOperationError(
                 "the batch size",
                 type(model).__name__,
@@ -141,6 +141,49 @@ def check_per_sample(model: nn.Module, prog: Program, x: torch.Tensor, returned:
                 f"batch (x.shape[0], a slice or arange to it)",
                 "make each input's output depend on that input alone",
             )
+
+
+def _rounding(prog: Program, x: torch.Tensor, err: float, scale: float) -> bool:
+    """Whether outputs up to ``scale`` that differ by ``err`` agree to ``verify``'s tolerance:
+    1e4 machine epsilons (at most 1e-2) of the size of the terms rounded, max |f(x)| and
+    max |A| |x| + |B| (``_terms``: the program's A at x). Where A is not formed (too large, or
+    an output nonlinearity g), outputs are held to a size of at least 1."""
+    rtol = default_rtol(x.dtype)
+    if err <= rtol * scale:
+        return True
+    if not err <= rtol * max(scale, 1.0):  # (NaN: False)
+        return False
+    terms = _terms(prog, x)  # (only outputs below 1 that differ by more than rounding get here)
+    return terms is None or err <= rtol * max(scale, terms)
+
+
+_TERMS = 1 << 22  # the most entries of A (inputs x outputs x input entries) _terms forms
+
+
+def _terms(prog: Program, x: torch.Tensor) -> float | None:
+    """max |A| |x| + |B| of the program at x, in float64: the size of the terms whose rounding
+    the outputs differ by (A by one backward pass per output entry). None with an output
+    nonlinearity g, or past ``_TERMS`` entries of A."""
+    out, n = prog.output_name, len(x)
+    rows = math.prod(prog.shapes[out])
+    if prog.output_g is not None or n * rows * x[0].numel() > _TERMS:
+        return None
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), exact_matmul():
+        y = prog.per_sample(out, prog.record(leaf)[0][out]).reshape(n, -1)  # (N, R)
+        grads = [
+            torch.autograd.grad(y[:, r].sum(), leaf, retain_graph=True, allow_unused=True)[0]
+            if y.requires_grad
+            else None
+            for r in range(rows)
+        ]
+    flat = x.detach().reshape(n, -1).double()  # (N, D)
+    a = torch.stack(
+        [flat.new_zeros(flat.shape) if g is None else g.reshape(n, -1).double() for g in grads], 1
+    )  # (N, R, D)
+    b = y.detach().double() - torch.einsum("nrd,nd->nr", a, flat)
+    terms = torch.einsum("nrd,nd->nr", a.abs(), flat.abs()) + b.abs()
+    return float(terms.max()) if terms.numel() else 0.0
 
 
 def _gap(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

@@ -268,7 +268,7 @@ class MasoCheck:
     """How exactly every MASO layer equals its explicit form (``check_masos``).
 
     ``ok``: every layer's code picks a MASO argmax and every error is at most ``tolerance``
-    (absolute: rtol times the largest |layer output|, at least 1).
+    (absolute: rtol times the size of the terms rounded, ``check_masos``).
     ``skipped``: the layers that are no MASO (not convex, or pieces on one line), not checked.
 
     >>> import torch, torch.nn as nn, splinelens as sl
@@ -317,7 +317,8 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
     Per layer: max |MASO(h(x)) - layer(x)| and whether x's partition code picks a MASO argmax
     (where pieces tie, to the tolerance: "argmax == code" in the report).
     Layers that are no MASO (hardtanh, min-type ops) are skipped. The tolerance is relative to
-    the largest |layer output| (at least 1): by default 1e4 machine epsilons of x's dtype, at
+    the size of the terms rounded, the largest |layer output| and |A_k,r| |h| + |B_k,r| of any
+    piece (not at least 1, as ``verify``'s): by default 1e4 machine epsilons of x's dtype, at
     most 1e-2, as ``verify``'s rtol.
 
     >>> import torch, torch.nn as nn
@@ -336,13 +337,31 @@ def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoC
             masos.append((la, layer_maso(model, x, la.index)))
         except NotAMasoError as e:
             skipped.append(str(e))  # the layer and why
-    scales = [env[la.node].abs().max().item() for la, _ in masos if env[la.node].numel()]
-    tol = (rtol if rtol is not None else default_rtol(x.dtype)) * max([1.0, *scales])
+    sizes = [_size(view, m, env, la) for la, m in masos]
+    tol = (rtol if rtol is not None else default_rtol(x.dtype)) * max([0.0, *sizes])
     out = []
     for la, m in masos:
         rows = [_one(view, m, env, states, la, x, i, tol) for i in range(len(x))]
         out.append(LayerMasoCheck(la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
     return MasoCheck(tuple(out), tol, tuple(skipped))
+
+
+def _size(view: SplineView, m: MASO, env: dict[str, Any], la: Layer) -> float:
+    """The size of the terms layer la's values are rounded from, at every input: its outputs
+    and its pieces' |A_k,r| |h| + |B_k,r| (slots z = W h + b as |W| |h| + |b| where W is dense,
+    else as |z|)."""
+    prog, start = view.program, _start_node(view, la)
+    h = prog.per_sample(start, env[start])  # (N, *input_shape)
+    out = env[la.node]
+    with torch.no_grad():
+        if m.W is not None:
+            slots = h.reshape(len(h), -1).abs() @ m.W.abs().T + m.b.abs()  # (N, S)
+        else:
+            slots = m.slots(h).abs()
+        idx, scale, const, valid = m.table.tensors(slots.device)
+        terms = (slots[..., idx] * scale.abs().to(slots)).sum(-1) + const.abs().to(slots)
+        terms = torch.where(valid, terms, 0.0)  # (N, K, R)
+    return max(float(t.abs().max()) if t.numel() else 0.0 for t in (out, terms))
 
 
 def _one(view, m, env, states, la, x, i, tol: float) -> tuple[float, bool]:
