@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import threading
 import weakref
@@ -13,6 +14,8 @@ import torch.nn as nn
 import splinelens as sl
 from splinelens.geometry.region import unit_distances
 from tests import zoo
+
+F64 = torch.float64
 
 
 def _same_code(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,33 @@ def test_polytope_holds_exactly_the_points_with_x_code(name: str) -> None:
         small = poly.minimal()
         assert len(small.b) <= len(poly.b)
         assert (small.contains(y) == inside).all()
+
+
+def test_minimal_polytope_keeps_one_of_equal_rows_and_ignores_the_weights_scale() -> None:
+    """Of two equal rows both were dropped (each implied by the other), and an absolute slack
+    of 1e-9 dropped every row of a network with weights near 1e-9: the "minimal" polytope
+    was larger than the region. Reference: membership in the full polytope, on samples."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU()).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        net[0].bias.zero_()
+    poly = sl.region_polytope(net, torch.tensor([[0.5, 0.5]], dtype=F64))
+    small = poly.minimal()
+    assert sorted(small.unit.tolist()) in ([0, 2], [1, 2])  # one of the two equal rows
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-9, 1e6):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(2, 24), nn.ReLU()).double().eval()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(scale)
+        x = torch.full((1, 2), 0.1, dtype=F64)
+        poly = sl.region_polytope(net, x)
+        small = poly.minimal()
+        y = x + 3 * torch.randn(4000, 2, generator=g, dtype=F64)
+        assert 0 < len(small.b) < len(poly.b)
+        assert torch.equal(small.contains(y), poly.contains(y)), scale
+        assert len(dataclasses.replace(poly, point=None).minimal().b) == len(small.b)
 
 
 def test_local_complexity_layer_one_is_an_explicit_count() -> None:

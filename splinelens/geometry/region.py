@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -264,6 +264,7 @@ class RegionPolytope:
     unit: Tensor
     piece: Tensor
     input_shape: tuple[int, ...]
+    point: Tensor | None = None  # (D,) x, a point inside (``minimal`` measures from it)
 
     def contains(self, y: Tensor, tol: float = 0.0) -> Tensor:
         """(P,) whether each y (P, *input_shape) satisfies every inequality (up to tol)."""
@@ -271,20 +272,53 @@ class RegionPolytope:
         return (lhs <= self.b + tol).all(1)
 
     def minimal(self) -> RegionPolytope:
-        """The rows that are facets (the others are implied): one linear program per row."""
+        """The rows that are facets (the others are implied): one linear program per row.
+
+        Rows are tested one by one against the rows still kept, so of two equal rows one stays;
+        each is measured from x (``point``) in units of its own distance to x, so the answer does
+        not depend on the scale of the weights or on where the region lies.
+        """
         from scipy.optimize import linprog
 
-        A, b = self.A.cpu().numpy(), self.b.cpu().numpy()
-        keep = []
-        for i in range(len(A)):
-            others = np.delete(np.arange(len(A)), i)
-            res = linprog(-A[i], A_ub=A[others], b_ub=b[others] + 1e-9, bounds=(None, None))
-            if res.status == 3 or (res.status == 0 and -res.fun > b[i] + 1e-9):
-                keep.append(i)  # unbounded or beyond b_i: the row cuts something off
-        k = torch.as_tensor(keep, dtype=torch.long)
-        return RegionPolytope(
-            self.A[k], self.b[k], self.layer[k], self.unit[k], self.piece[k], self.input_shape
+        A, b = self.A.double().cpu().numpy(), self.b.double().cpu().numpy()
+        norms = np.linalg.norm(A, axis=1)
+        live = norms > 0  # (a zero row, 0 <= b, holds for x: implied)
+        a = A / np.where(live, norms, 1.0)[:, None]  # unit normals: c is a distance
+        c = np.maximum(b / np.where(live, norms, 1.0) - a @ self._inside(a, b, norms), 0.0)
+        kept = [i for i in range(len(A)) if live[i]]
+        for i in list(kept):
+            others = [j for j in kept if j != i]
+            if not others:
+                continue
+            s = c[i] if c[i] > 0 else (c.max() or 1.0)  # (x on this facet: the polytope's scale)
+            res = linprog(-a[i], A_ub=a[others], b_ub=c[others] / s, bounds=(None, None))
+            if res.status == 0 and -res.fun <= c[i] / s + 1e-9:
+                kept.remove(i)  # implied by the rows kept: the polytope stays the same
+        k = torch.as_tensor(kept, dtype=torch.long)
+        return replace(
+            self,
+            A=self.A[k],
+            b=self.b[k],
+            layer=self.layer[k],
+            unit=self.unit[k],
+            piece=self.piece[k],
         )
+
+    def _inside(self, a: np.ndarray, b: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """(D,) a point of the polytope: x, or else the centre of its largest ball (radius at
+        most 1, in the unit normals ``a``)."""
+        if self.point is not None:
+            return self.point.double().cpu().numpy().reshape(-1)
+        from scipy.optimize import linprog
+
+        d = a.shape[1]
+        lhs = np.hstack([a, np.ones((len(a), 1))])  # a . y + r <= b / |A_i|
+        rhs = b / np.where(norms > 0, norms, 1.0)
+        bounds = [(None, None)] * d + [(0, 1)]
+        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=lhs, b_ub=rhs, bounds=bounds)
+        if res.status != 0:
+            raise ValueError("the polytope is empty: no point satisfies every row")
+        return res.x[:d]
 
 
 def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> RegionPolytope:
@@ -314,7 +348,10 @@ def region_polytope(model: nn.Module, x: Tensor, max_rows: int = 1_000_000) -> R
         none = torch.zeros(0, dtype=torch.long, device=x.device)
         rows = [(x.new_zeros(0, d), x.new_zeros(0), none, none, none)]
     A, b, layer, unit, piece = (torch.cat([r[i] for r in rows]) for i in range(5))
-    return RegionPolytope(A.to(dtype), b.to(dtype), layer, unit, piece, tuple(x.shape[1:]))
+    shape = tuple(x.shape[1:])
+    return RegionPolytope(
+        A.to(dtype), b.to(dtype), layer, unit, piece, shape, x.reshape(-1).to(dtype)
+    )
 
 
 def _layer_rows(li: int, z: Tensor, dz: Tensor, table: UnitTable, x: Tensor) -> tuple[Tensor, ...]:
