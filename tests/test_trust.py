@@ -922,6 +922,39 @@ def test_a_changed_default_dtype_is_seen() -> None:
         torch.set_default_dtype(before)
 
 
+class _Full(nn.Module):
+    """torch.full without a dtype: the default dtype's, when traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(x) + torch.full((6,), 0.1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_map_keeps_the_dtype_of_its_constants_when_the_default_changes(
+    dtype: torch.dtype,
+) -> None:
+    """The program's torch.full followed the default dtype at every run: a map made before a
+    change and used after it gave A x + B 8e-10 from its own output (float64), or raised
+    torch's dtype-mismatch error (float32). Reference: its output, recorded before the change."""
+    before = torch.get_default_dtype()
+    torch.manual_seed(0)
+    model, x = _Full().to(dtype).eval(), torch.randn(3, 4, dtype=dtype)
+    try:
+        torch.set_default_dtype(torch.float32)
+        amap = sl.affine_map(model, x)
+        out = amap.output
+        torch.set_default_dtype(torch.float64)
+        assert torch.equal(amap(x), out)
+        ax_b = torch.einsum("ncd,nd->nc", amap.A.double(), x.double()) + amap.B.double()
+        assert (ax_b - out.double()).abs().max() <= 1e4 * torch.finfo(dtype).eps
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_non_finite_tensor_attributes_are_named() -> None:
     model, x = BufferNet(mlp(2, 16, 2)).eval(), torch.randn(3, 2, dtype=F64)
     model.scale = model.scale.double()

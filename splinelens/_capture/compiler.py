@@ -41,7 +41,7 @@ from splinelens._capture.batch import BatchSizes
 from splinelens._capture.batch_axis import BatchAxes, is_tensor
 from splinelens._capture.layers import make_maso, maso_layer, unique_names
 from splinelens._capture.mode import check_eval_mode
-from splinelens._capture.nodes import bound_args, op_name, overload
+from splinelens._capture.nodes import bound_args, op_name, overload, pinned_kwargs
 from splinelens._capture.output import split_output
 from splinelens._capture.pieces import MasoOp
 from splinelens._capture.program import Layer, Program, Ref, Step
@@ -320,7 +320,7 @@ class _Compiler:
         if deps and is_tensor(node) and entry.kind != "shape":
             maso = self._activation(node, name, deps)
         tuple_out = maso is not None and isinstance(node.meta["val"], (tuple, list))
-        args, kwargs = _refs(_open_ended(name, tuple(node.args))), _refs(dict(node.kwargs))
+        args, kwargs = _refs(_open_ended(name, tuple(node.args))), _refs(pinned_kwargs(node))
         self.steps.append(Step(node.name, name, node.target, args, kwargs, maso, tuple_out))
 
     def _activation(

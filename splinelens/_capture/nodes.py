@@ -49,3 +49,25 @@ def ints(v: Any, nd: int, default: int | Sequence[int] | None = None) -> tuple[i
         return (v,) * nd
     v = tuple(int(i) for i in v)  # type: ignore[union-attr]
     return v * nd if len(v) == 1 else v
+
+
+def pinned_kwargs(node: torch.fx.Node) -> dict[str, Any]:
+    """The node's keyword arguments with the dtype it was traced with written in, where the op
+    takes a ``dtype`` and was given none (``torch.full``, ``arange``, ``zeros``...): it would
+    otherwise follow ``torch.set_default_dtype`` at every later run.
+
+    >>> g = torch.fx.Graph()
+    >>> n = g.call_function(torch.ops.aten.full.default, ([2], 0.5), {"device": "cpu"})
+    >>> n.meta["val"] = torch.full([2], 0.5, dtype=torch.float64)
+    >>> pinned_kwargs(n)
+    {'device': 'cpu', 'dtype': torch.float64}
+    """
+    kwargs = dict(node.kwargs)
+    schema = getattr(node.target, "_schema", None)
+    val = node.meta.get("val")
+    if schema is None or not isinstance(val, torch.Tensor) or kwargs.get("dtype") is not None:
+        return kwargs
+    names = [a.name for a in schema.arguments]
+    if "dtype" in names and names.index("dtype") >= len(node.args):
+        kwargs["dtype"] = val.dtype
+    return kwargs
