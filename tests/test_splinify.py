@@ -671,3 +671,72 @@ def test_a_certificate_is_dropped_as_soon_as_the_pieces_change() -> None:
     spline.intercepts.data.add_(0.1)
     assert spline.sup_error == math.inf and "not certified" in repr(spline)
     assert (spline(z) - F.gelu(z)).abs().max() > 0.09
+
+
+class _Spelled(nn.Module):
+    """An activation spelled in ways splinify used to miss: ``out=``, ``input=``, an in-place
+    module, a module with a hook that doubles its output, integers into torch.sigmoid."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc, self.how = nn.Linear(3, 3), how
+        self.act = nn.SiLU(inplace=True) if how == "inplace module" else nn.GELU()
+        if how == "hooked module":
+            self.act.register_forward_hook(lambda m, i, o: 2 * o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.how == "out=":
+            y = torch.zeros_like(h)
+            torch.tanh(h, out=y)
+            return y
+        if self.how == "input=":
+            return torch.sigmoid(input=h)
+        if self.how == "integers":
+            return h + torch.sigmoid(torch.arange(3))
+        if self.how == "inplace module":
+            self.act(h)  # (its output is h itself)
+            return h
+        return self.act(h)
+
+
+@pytest.mark.parametrize("how", ["out=", "input=", "integers", "inplace module", "hooked module"])
+def test_every_spelling_of_an_activation_is_splinified(how: str) -> None:
+    """Each of these left the copy 0.4 to 1.0 away from the model, silently (out= written
+    nowhere, integer splines truncated to 0, inplace=True and hooks dropped), or left the smooth
+    op in place (input=). Reference: the model itself, within the certified error."""
+    torch.manual_seed(0)
+    model, x = _Spelled(how).double().eval(), torch.randn(6, 3, dtype=F64)
+    splined = sl.splinify(model, tol=1e-6, example_input=x)
+    assert sl.approximation_error(model, splined, x).max_abs <= 2 * 1e-6 * 2  # (hook: 2x)
+    sl.affine_map(splined, x)  # every smooth op replaced: the capture accepts it
+
+
+def test_approximation_error_refuses_training_mode_and_bad_arguments() -> None:
+    """In training mode it compared two dropout draws and moved the model's batchnorm
+    statistics; bad batch sizes and non-tensors raised raw errors."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    splined, x = sl.splinify(net, tol=1e-4), torch.randn(5, 3, dtype=F64)
+    stats = net[1].running_mean.clone()
+    with pytest.raises(ValueError, match="training mode"):
+        sl.approximation_error(net, splined, x)
+    assert torch.equal(net[1].running_mean, stats)
+    rnn = nn.RNN(3, 4, num_layers=2, dropout=0.5, batch_first=True).double()  # dropout: refused
+    with pytest.raises(ValueError, match="training mode"):
+        sl.approximation_error(rnn, sl.splinify(rnn, pieces=9), torch.randn(2, 5, 3, dtype=F64))
+    net.eval(), splined.eval()
+    for bad in (0, -1, 2.5):
+        with pytest.raises((TypeError, ValueError), match="batch_size"):
+            sl.approximation_error(net, splined, x, batch_size=bad)
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        sl.approximation_error(net, splined, x.tolist())
+    with pytest.raises(ValueError, match=r"x is torch.float32.*call x.to"):
+        sl.approximation_error(net, splined, x.float())
+
+
+@pytest.mark.parametrize("bound", [-1.0, float("nan")])
+def test_a_spline_activation_refuses_a_bound_that_is_no_bound(bound: float) -> None:
+    with pytest.raises(ValueError, match="sup_error must be a bound >= 0"):
+        sl.SplineActivation(
+            torch.zeros(1), torch.tensor([0.0, 1.0]), torch.zeros(2), sup_error=bound
+        )

@@ -60,8 +60,14 @@ def mode_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if _mode_dependent(type(m)) or isinstance(m, torch.jit.ScriptModule)
+        if (_mode_dependent(type(m)) and not _no_dropout_rnn(m))
+        or isinstance(m, torch.jit.ScriptModule)
     ]
+
+
+def _no_dropout_rnn(m: nn.Module) -> bool:
+    """An RNN whose mode changes nothing: dropout (between its layers) is its only use of it."""
+    return isinstance(m, nn.RNNBase) and (m.dropout == 0 or m.num_layers == 1)
 
 
 @functools.cache

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from splinelens._checks import check_finite
+from splinelens._capture import check_eval_mode
+from splinelens._checks import check_dtype, check_finite, check_input, check_positive_int
 
 __all__ = ["ApproximationError", "approximation_error"]
 
@@ -46,7 +47,8 @@ def approximation_error(
     """Compare ``model`` and ``splined`` (``sl.splinify(model)``) on inputs x (N, ...).
 
     Models returning a tuple (an ``nn.RNN``: output, last hidden state) are compared on its first
-    tensor. A NaN or inf output of either is refused, naming the input, rather than averaged.
+    tensor. A NaN or inf output of either is refused, naming the input, rather than averaged;
+    so are models in training mode (random dropout; batchnorm would change its statistics).
 
     >>> import torch, torch.nn as nn, splinelens as sl
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
@@ -54,8 +56,11 @@ def approximation_error(
     >>> err.max_abs < 1e-2
     True
     """
-    if x.dim() == 0 or len(x) == 0:
-        raise ValueError("x must hold a batch of inputs, shape (N, ...) with N >= 1")
+    check_input("x", x)
+    batch_size = check_positive_int("batch_size", batch_size)
+    for m in (model, splined):  # (dropout would make the numbers random, batchnorm's statistics
+        check_eval_mode(m)  # would move)
+        check_dtype(m, x)
     diffs, rels, agree = [], [], []
     with torch.no_grad():
         for i, chunk in enumerate(x.split(batch_size)):

@@ -154,12 +154,22 @@ def _replace_modules(model: nn.Module, budget: dict[str, Any]) -> None:
 
 
 def _replacement(m: nn.Module, budget: dict[str, Any]) -> nn.Module | None:
+    """The spline module standing for m (its hooks carried over; ``inplace=True`` kept), or
+    None if m is not replaced."""
     if type(m) in _MODULES:
         name, params = _MODULES[type(m)](m)
-        return spline_for(name, params, budget)
-    if type(m) is nn.RNN and m.nonlinearity == "tanh":
-        return SplineRNN.of(m, spline_for("tanh", {}, budget))
-    return None
+        new: nn.Module = spline_for(name, params, budget)
+        new.inplace = bool(getattr(m, "inplace", False))
+    elif type(m) is nn.RNN and m.nonlinearity == "tanh":
+        new = SplineRNN.of(m, spline_for("tanh", {}, budget))
+    else:
+        return None
+    for hooks in _HOOKS:  # (a hook that changes the output must keep changing it)
+        getattr(new, hooks).update(getattr(m, hooks))
+    return new
+
+
+_HOOKS = [k for k, v in vars(nn.Module()).items() if k.endswith("hooks") and isinstance(v, dict)]
 
 
 class Redirect:
@@ -193,11 +203,15 @@ class _Functional(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _FUNCTIONS or not args or not isinstance(args[0], Tensor):
+        z = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        if func not in _FUNCTIONS or not isinstance(z, Tensor):
             return func(*args, **kwargs)
-        name, params, inplace = _call(func, args, kwargs)
-        out = self._spline(name, params, args[0])(args[0])
-        return args[0].copy_(out) if inplace else out
+        name, params, inplace = _call(func, args[1:], kwargs)
+        y = self._spline(name, params, z)(z)
+        if inplace:
+            return z.copy_(y)
+        out = kwargs.get("out")  # torch.tanh(h, out=buffer)
+        return out.copy_(y) if isinstance(out, Tensor) else y
 
     def _spline(self, name: str, params: dict[str, Any], z: Tensor) -> SplineActivation:
         key = "_".join([name, *(f"{k}{v}" for k, v in sorted(params.items()))]).replace(".", "p")
@@ -214,10 +228,11 @@ class _Functional(TorchFunctionMode):
         return self.splines[key]
 
 
-def _call(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
-    """(activation name, its parameters, in place) of a functional activation call."""
+def _call(func: Any, rest: tuple, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(activation name, its parameters, in place) of a functional activation call, from the
+    arguments after its input (``rest``) and its keyword arguments."""
     name, arg_names = _FUNCTIONS[func]
-    bound = dict(zip(arg_names, args[1:]))
+    bound = dict(zip(arg_names, rest))
     bound.update({k: v for k, v in kwargs.items() if k in arg_names})
     inplace = func in _IN_PLACE or bool(bound.pop("inplace", False))
     if name == "gelu":

@@ -72,7 +72,16 @@ class SplineActivation(nn.Module):
         """K, the number of affine pieces (the two unbounded tails included)."""
         return len(self.slopes)
 
+    inplace = False  # (the module it replaced wrote its output into its input)
+
     def forward(self, z: Tensor) -> Tensor:
+        if self.inplace:
+            return z.copy_(self._apply_to(z))
+        return self._apply_to(z)
+
+    def _apply_to(self, z: Tensor) -> Tensor:
+        if not z.is_floating_point():  # (as torch.sigmoid: integers in the default dtype)
+            z = z.to(torch.get_default_dtype())
         fn = spline_activation if as_op() else evaluate  # one graph node when captured
         if fn is evaluate and not _tracing():
             self._follow()
@@ -99,7 +108,10 @@ class SplineActivation(nn.Module):
 
     @sup_error.setter
     def sup_error(self, value: float) -> None:
-        self.__dict__["_sup_error"] = float(value)
+        bound = float(value)
+        if not bound >= 0:  # (NaN too)
+            raise ValueError(f"sup_error must be a bound >= 0 (inf: none), got {value!r}")
+        self.__dict__["_sup_error"] = bound
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle; a module saved whole before ``sup_error`` was a property holds it as a
