@@ -70,6 +70,20 @@ class WeightsFingerprint(NamedTuple):
     sums: tuple[float, ...]
     bits: tuple[int, ...] = ()
 
+    def same_values(self, other: WeightsFingerprint) -> bool:
+        """Whether ``other`` saw the same tensors holding the same values, wherever their data
+        lie (``share_memory()`` moves it and keeps the values)."""
+        return (
+            placeless(self.ids) == placeless(other.ids)
+            and self.sums == other.sums
+            and self.bits == other.bits
+        )
+
+
+def placeless(ids: tuple[tuple[str, int, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+    """(name, id, version) of each tensor: the ids without data pointers."""
+    return tuple((name, i, v) for name, i, v, _ in ids)
+
 
 class ModelTensors:
     """A model's floating tensors (``model_state``, as (name, tensor)) and their wide fingerprint

@@ -34,7 +34,7 @@ from splinelens._checks import (
     check_positive_int,
     check_untransformed,
 )
-from splinelens._fingerprint import ModelTensors, WeightsFingerprint
+from splinelens._fingerprint import ModelTensors, WeightsFingerprint, placeless
 from splinelens._precision import exact_matmul
 from splinelens._tensors import model_state, version
 
@@ -115,10 +115,10 @@ class AffineMap(HoldsCapture):
             raise ValueError(_CHANGED)
         if self._weights is None:  # the first use of a map whose weights are not checked yet
             fp = self.tensors.check()
-            if _placeless(fp.ids) != _placeless(self._made):
+            if placeless(fp.ids) != placeless(self._made):
                 raise ValueError(_CHANGED)
             self._weights = fp
-        elif not _same_weights(self.tensors.fingerprint(), self._weights):
+        elif not self.tensors.fingerprint().same_values(self._weights):
             raise ValueError(_CHANGED)
 
     def _params(self) -> tuple:
@@ -357,17 +357,6 @@ def _seeds(y: Tensor, rows: list[int]) -> Tensor:
     seeds = y.new_zeros(len(rows), *y.shape)
     seeds[torch.arange(len(rows)), :, torch.tensor(rows)] = 1
     return seeds
-
-
-def _placeless(ids: tuple[tuple[str, int, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
-    """(name, id, version) of each tensor: without its data pointer, since data moved to other
-    memory with its values kept (``share_memory``) is unchanged (re-bound to other values, the
-    fingerprint's sums see it)."""
-    return tuple((name, i, v) for name, i, v, _ in ids)
-
-
-def _same_weights(a: WeightsFingerprint, b: WeightsFingerprint) -> bool:
-    return _placeless(a.ids) == _placeless(b.ids) and a.sums == b.sums and a.bits == b.bits
 
 
 def _normal(t: Tensor) -> Tensor:

@@ -183,3 +183,19 @@ def test_check_masos_names_the_layers_it_skipped() -> None:
     assert "skipped, no MASO: layer '1' (leaky_relu) is piecewise affine but not convex" in str(
         check
     )
+
+
+def test_a_large_maso_refuses_weights_changed_after_it_was_made() -> None:
+    """A MASO too large for dense slopes reads its pre-activations through the capture, with
+    the weights of the moment, while its pieces (PReLU's slopes) are those it was made with:
+    after a change it matched neither the old model (2.06 off) nor the new one (0.94)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.PReLU(init=0.25)).double().eval()
+    x = torch.randn(2, 1, 65, 65, dtype=torch.float64)
+    m = sl.layer_maso(net, x, 0)
+    assert m.W is None  # (the operator form)
+    with torch.no_grad():
+        assert torch.equal(m(x), net(x))
+        net[1].weight.data.fill_(0.5)  # through .data: no version counter moves
+        with pytest.raises(ValueError, match="changed after layer '1''s MASO was made"):
+            m(x)

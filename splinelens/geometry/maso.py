@@ -218,8 +218,15 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
         _, states = view.program.record(x1, stop=table.step)  # x's pieces, frozen below
 
     held = view.program.hold()  # the modules the capture reads, held by the MASO (through pre)
+    made = view.tensors.fingerprint()  # its pieces are the weights' now: so must its slots be
 
     def pre(h: Tensor, *, owners: tuple = held) -> Tensor:  # the frozen ops from h to the slots
+        if not view.tensors.fingerprint().same_values(made):
+            raise ValueError(
+                f"the model's parameters or buffers changed after layer {la.name!r}'s MASO was "
+                f"made: its pieces are the old weights', its pre-activations would be the new "
+                f"ones'. Make it again with sl.layer_maso(model, x, layer)"
+            )
         return _run_from(view, table, x1, states, start, h)
 
     m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
