@@ -118,6 +118,48 @@ def test_decision_boundary_is_where_the_top_class_changes() -> None:
     assert _crosses(p[changed], q[changed], seg).all()
 
 
+def _relu_logits(kind: str) -> nn.Module:
+    """Logits that end in a ReLU: the top class changes exactly where a unit switches."""
+    torch.manual_seed(4)
+    if kind == "random":
+        net = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 3), nn.ReLU())
+        return net.double().eval()
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.3], [-1.0, -0.3]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.eye(2) if kind == "relu(z), relu(-z)" else torch.ones(2, 2))
+        net[2].bias.zero_()
+        if kind == "|z| and 0":  # (the top class is 0 on both sides of z = 0)
+            net[2].weight[1] = 0.0
+    return net
+
+
+@pytest.mark.parametrize("kind", ["relu(z), relu(-z)", "random", "|z| and 0"])
+def test_a_decision_boundary_on_region_edges_is_found(kind: str) -> None:
+    """Only changes inside regions were found: [relu(z), relu(-z)] changes class on z = 0, a
+    region edge, and had no boundary at all. Reference: the model's classes at both ends of
+    short random steps; a step that changes the class crosses a segment, and only then."""
+    net = _relu_logits(kind)
+    eye, origin = torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    part = sl.slice_partition(net, origin, eye, (-2, 2, -2, 2))
+    seg = part.boundary
+    rng = np.random.default_rng(0)
+    p = rng.uniform(-2, 2, (4000, 2))
+    q = p + rng.normal(0, 0.05, p.shape)
+    with torch.no_grad():
+        changed = (net(part.to_input(p)).argmax(1) != net(part.to_input(q)).argmax(1)).numpy()
+    assert (changed.sum() > 10) == (kind != "|z| and 0")
+    assert _crosses(p[changed], q[changed], seg).all()
+    if kind == "|z| and 0":
+        assert len(seg) == 0
+    if kind == "relu(z), relu(-z)":  # the one line u + w v = 0 (w = 0.3 in float32), across
+        w = float(net[0].weight.detach()[0, 1])
+        np.testing.assert_allclose(seg[:, :, 0] + w * seg[:, :, 1], 0.0, atol=1e-12)
+        length = np.linalg.norm(seg[:, 1] - seg[:, 0], axis=1).sum()
+        assert length == pytest.approx(4 * (1 + w * w) ** 0.5, rel=1e-12)
+
+
 def _crosses(p: np.ndarray, q: np.ndarray, seg: np.ndarray) -> np.ndarray:
     """Whether segment p-q (P, 2) properly intersects any of seg (S, 2, 2): (P,)."""
 

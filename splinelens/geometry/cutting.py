@@ -207,11 +207,52 @@ class _Cells:
 
 
 def decision_boundary(V: Array, n: Array, logits: Array, scale: float) -> Array:
-    """Segments (S, 2, 2) where the top class changes, inside the regions."""
+    """Segments (S, 2, 2) where the top class changes: inside the regions, and along their
+    edges where the change falls exactly on a region's edge (logits that end in a ReLU)."""
     c = logits.shape[1]
     if c < 2:
         return np.zeros((0, 2, 2))
     tol = _tolerance(logits, scale).max(1)
+    inside, split = _inside_boundary(V, n, logits, scale, tol)
+    return np.concatenate([inside, _edge_boundary(V, n, logits, tol, split)])
+
+
+def _edge_boundary(V: Array, n: Array, logits: Array, tol: Array, split: Array) -> Array:
+    """Region edges on which two classes tie (so the top class may change across them: the
+    logits are continuous) and across which it does change, each edge once: from the region
+    whose class is the lower, tested at points 1e-4 of the edge's length to either side.
+    Regions the boundary crosses (``split``) are left to ``_boundary_edges``."""
+    nxt, ok = poly.next_vertex(n, V.shape[1])
+    Vn = np.take_along_axis(V, nxt[..., None], 1)  # (m, W, 2)
+    ends = [np.concatenate([P, np.ones_like(P[..., :1])], -1) for P in (V, Vn)]
+    f0, f1 = (np.einsum("mck,mwk->mwc", logits, e) for e in ends)  # (m, W, C) at both ends
+    near = 1e2 * tol[:, None, None]
+    spread = np.maximum(f0.max(-1, keepdims=True) - f0, f1.max(-1, keepdims=True) - f1)
+    tied = ok & ((spread <= near).sum(-1) >= 2)  # two classes top at both ends
+    tied[split] = False
+    cell, w = np.nonzero(tied)
+    if not len(cell):
+        return np.zeros((0, 2, 2))
+    a, b = V[cell, w], Vn[cell, w]  # (E, 2) counter-clockwise: the region lies to the left
+    step = 1e-4 * np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)  # outward
+    mid = (a + b) / 2
+    mine = _class_at(logits[cell], mid - step)
+    other = poly.locate(V, n, mid + step)
+    across = _class_at(logits[np.maximum(other, 0)], mid + step)
+    change = (other >= 0) & (mine < across)
+    return np.stack([a[change], b[change]], 1)
+
+
+def _class_at(logits: Array, pts: Array) -> Array:
+    """The top class of each of P affine outputs (P, C, 3) at its point (P, 2)."""
+    return np.einsum("pck,pk->pc", logits, np.c_[pts, np.ones(len(pts))]).argmax(1)
+
+
+def _inside_boundary(
+    V: Array, n: Array, logits: Array, scale: float, tol: Array
+) -> tuple[Array, Array]:
+    """Segments (S, 2, 2) where the top class changes inside the regions, and those regions."""
+    c = logits.shape[1]
     sel = np.nonzero(_changes(logits[:, None], V, n, np.ones((1, c), bool), scale)[:, 0])[0]
     splits, pieces = _argmax_pieces(V[sel], n[sel], logits[sel], np.ones(c, bool), scale)
     segs = []
@@ -219,7 +260,7 @@ def decision_boundary(V: Array, n: Array, logits: Array, scale: float) -> Array:
         on = splits & (k >= 3)
         if on.any():
             segs.append(_boundary_edges(P[on], k[on], logits[sel][on], i, tol[sel][on]))
-    return np.concatenate(segs) if segs else np.zeros((0, 2, 2))
+    return (np.concatenate(segs) if segs else np.zeros((0, 2, 2))), sel[splits]
 
 
 def _boundary_edges(P: Array, k: Array, logits: Array, i: int, tol: Array) -> Array:
