@@ -131,7 +131,10 @@ class AffineMap(HoldsCapture):
 
     @property
     def states(self) -> dict[str, Tensor]:
-        """The piece every MASO unit uses for x, by graph node (masks, argmax indices)."""
+        """The piece every MASO unit uses for x, by graph node (masks, argmax indices), in the
+        captured graph's own layout: the batch where that node holds it, not always first (an
+        RNN's (1, N, H)). Per sample and by layer: ``sl.partition_codes(model, x)``, whose
+        ``LayerCodes.states()`` are (N, units)."""
         self._check_unchanged()
         return self._recorded()[0]
 
