@@ -84,8 +84,10 @@ def check_overflow(out: Tensor, offset: int = 0) -> None:
 
 
 def check_finite_numbers(name: str, values: Sequence[float]) -> None:
-    """Refuse NaN or infinite numbers in a short sequence (bounds, radii)."""
+    """Refuse NaN or infinite numbers, and what is no number, in a short sequence (bounds)."""
     for i, v in enumerate(values):
+        if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+            raise TypeError(f"{name} must hold numbers, got {v!r} at index {i}")
         if not math.isfinite(float(v)):
             raise ValueError(
                 f"{name} holds {float(v)} at index {i}; splinelens needs finite values"
@@ -124,6 +126,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         elif isinstance(model, _WRAPPERS):
             model = model.module
+        elif not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}: wrap a function "
+                f"in a module whose forward calls it"
+            )
         else:
             return model
 

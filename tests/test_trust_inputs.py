@@ -112,3 +112,28 @@ def test_a_code_file_whose_pieces_do_not_fit_its_codes_is_refused(tmp_path) -> N
     np.savez(path, **arrays)
     with pytest.raises(sl.CodesFileError, match="pieces do not fit"):
         PartitionCodes.load(path)
+
+
+def _geometry_calls() -> dict[str, tuple]:
+    """Bad arguments to the geometry functions, each with the error it must raise (they raised
+    raw RuntimeError / TypeError / AttributeError, or took [[0.1, 0.2]] and [True] as radii)."""
+    f64 = torch.float64
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).to(f64).eval()
+    x, o, eye = torch.randn(3, 2, dtype=f64), torch.zeros(2, dtype=f64), torch.eye(2, dtype=f64)
+    return {
+        "seed": (lambda: sl.sampled_local_complexity(net, x, [0.1], seed=0.5), "seed must be"),
+        "margin": (lambda: sl.slice_partition(net, points=tuple(x), margin="1"), "margin must"),
+        "bounds": (lambda: sl.slice_partition(net, o, eye, None), r"bounds must be \(u0"),
+        "function": (lambda: sl.slice_partition(lambda z: z, o, eye), "must be a torch.nn.Module"),
+        "radii 2-D": (lambda: sl.local_complexity(net, x, [[0.1, 0.2]]), "radii must be one"),
+        "radii bool": (lambda: sl.local_complexity(net, x, [True]), "radii must be one"),
+        "maso shape": (lambda: sl.layer_maso(net, x, 0)(x[:, :1]), r"takes h of shape \(N, 2\)"),
+        "maso dtype": (lambda: sl.layer_maso(net, x, 0)(x.float()), "h is torch.float32"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_geometry_calls()))
+def test_geometry_arguments_are_refused_by_name(case: str) -> None:
+    call, match = _geometry_calls()[case]
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()

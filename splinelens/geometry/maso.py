@@ -97,6 +97,15 @@ class MASO(nn.Module):
 
     def slots(self, h: Tensor) -> Tensor:
         """The pre-activations z = W h + b, (N, S)."""
+        shape = tuple(self.input_shape)
+        if not isinstance(h, Tensor) or h.dim() == 0 or tuple(h.shape[1:]) != shape:
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(
+                f"layer {self.name!r}'s MASO takes h of shape (N, "
+                f"{', '.join(map(str, shape))}), the previous layer's output; got {got}"
+            )
+        if self.W is not None and h.dtype != self.W.dtype:
+            raise ValueError(f"h is {h.dtype}, the MASO {self.W.dtype}: call h.to(...) to match")
         flat = h.reshape(len(h), -1)
         return flat @ self.W.T + self.b if self.W is not None else self._pre(h)
 

@@ -53,7 +53,7 @@ def make_plane(
     origin, directions = torch.as_tensor(origin).to(**kw), torch.as_tensor(directions).to(**kw)
     check_finite("origin", origin)
     check_finite("directions", directions)
-    if len(bounds) != 4:
+    if not hasattr(bounds, "__len__") or len(bounds) != 4:
         raise ValueError(f"bounds must be (u0, u1, v0, v1), got {bounds}")
     check_finite_numbers("bounds", bounds)
     if directions.shape != (2, *origin.shape):

@@ -220,6 +220,8 @@ def sampled_local_complexity(
     radii = _radii(radii, x)
     directions = check_positive_int("directions", directions)
     d = math.prod(x.shape[1:])
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, min(directions, d), generator=g, dtype=torch.float64))
     q = torch.cat([q.T, -q.T]).to(x64)  # (2P, D)
@@ -236,8 +238,11 @@ def sampled_local_complexity(
 
 
 def _radii(radii: Tensor | list[float], x: Tensor) -> Tensor:
-    """Radii as a 1-D tensor like x: finite and non-negative, or a ValueError."""
-    r = torch.as_tensor(radii, dtype=x.dtype, device=x.device).reshape(-1)
+    """Radii as a 1-D tensor like x: finite and non-negative numbers, or a ValueError."""
+    given = torch.as_tensor(radii)
+    if given.dim() > 1 or given.dtype == torch.bool:
+        raise ValueError(f"radii must be one number or a list of numbers, got {radii}")
+    r = given.to(dtype=x.dtype, device=x.device).reshape(-1)
     check_finite("radii", r)
     if len(r) == 0 or bool((r < 0).any()):
         raise ValueError(f"radii must be one or more non-negative numbers, got {radii}")
