@@ -270,3 +270,11 @@ def test_certify_any_pwl() -> None:
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name, params", [("softplus", {"beta": 1e12}), ("celu", {"alpha": 1e-12})])
+def test_a_fit_that_breaks_down_is_refused(name: str, params: dict) -> None:
+    """Far from the fitter's scale the knots stopped increasing and slopes overflowed, yet the
+    fit was returned with a finite sup_error (splinify then failed on non-finite pieces)."""
+    with pytest.raises(ValueError, match="the fit breaks down at this scale"):
+        fit_activation(name, pieces=200, **params)

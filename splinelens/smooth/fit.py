@@ -107,8 +107,23 @@ def fit_activation(
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
             raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
         fit = _fit_tol(name, key, float(tol))
+    _check_fit(name, params, fit)
     return replace(
         fit, knots=fit.knots.clone(), slopes=fit.slopes.clone(), intercepts=fit.intercepts.clone()
+    )
+
+
+def _check_fit(name: str, params: dict[str, float], fit: SplineFit) -> None:
+    """Refuse a fit that broke down (knots out of order, slopes past float64) rather than
+    return it with a bound that does not describe it: parameters far outside the fitter's
+    scale (softplus with beta 1e12, CELU with alpha 1e-9)."""
+    pieces = torch.cat([fit.knots, fit.slopes, fit.intercepts])
+    if bool((fit.knots.diff() > 0).all()) and bool(torch.isfinite(pieces).all()):
+        return
+    raise ValueError(
+        f"{name} with {params or 'its defaults'}: the fit breaks down at this scale (its knots "
+        f"would not increase, or its slopes overflow); bring the parameters nearer to 1 "
+        f"(softplus(x, beta) = softplus(beta x) / beta: scale the layer before it instead)"
     )
 
 
