@@ -740,3 +740,15 @@ def test_a_spline_activation_refuses_a_bound_that_is_no_bound(bound: float) -> N
         sl.SplineActivation(
             torch.zeros(1), torch.tensor([0.0, 1.0]), torch.zeros(2), sup_error=bound
         )
+
+
+def test_a_first_call_in_inference_mode_leaves_the_copy_capturable() -> None:
+    """Splines for functional calls are made at the copy's first call: made under
+    torch.inference_mode(), their tables were inference tensors, and the capture failed on
+    them ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    model, x = _Spelled("input=").double().eval(), torch.randn(4, 3, dtype=F64)
+    splined = sl.splinify(model, tol=1e-6)
+    with torch.inference_mode():
+        splined(x)
+    assert sl.verify(splined, x).ok

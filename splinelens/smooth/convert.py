@@ -222,9 +222,11 @@ class _Functional(TorchFunctionMode):
                     "being captured or transformed (torch.func: jacrev, vmap...); run it once "
                     "on an input first (or pass example_input to splinify)"
                 )
-            self.splines[key] = spline_for(name, params, self.budget)
+            with torch.inference_mode(False):  # (made in inference mode, its tables could
+                self.splines[key] = spline_for(name, params, self.budget)  # not be captured)
         if self.splines[key].knots.device != z.device:
-            self.splines[key].to(z.device)
+            with torch.inference_mode(False):
+                self.splines[key].to(z.device)
         return self.splines[key]
 
 
