@@ -47,7 +47,9 @@ _add(
 )
 _SPLINIFY = (
     "sl.splinify(model) replaces it by a certified piecewise-affine approximation (its "
-    "error bound is the spline's .sup_error); capture the network it returns"
+    "error bound is the spline's .sup_error); capture the network it returns, whole (in a "
+    "splinified copy, functional calls are replaced when the copy runs, not when one of its "
+    "submodules runs alone; nn.RNNCell and torch.ops.aten spellings are not replaced)"
 )
 _add(
     "sigmoid tanh gelu silu mish elu celu selu softplus log_sigmoid log_sigmoid_forward "
