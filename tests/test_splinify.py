@@ -752,3 +752,18 @@ def test_a_first_call_in_inference_mode_leaves_the_copy_capturable() -> None:
     with torch.inference_mode():
         splined(x)
     assert sl.verify(splined, x).ok
+
+
+def test_spline_rnn_refuses_what_nn_rnn_refuses() -> None:
+    """A 2-D hx with a batched input was broadcast over the batch (nn.RNN refuses it); a packed
+    sequence raised AttributeError ('.dim')."""
+    rnn = nn.RNN(3, 4, batch_first=True).double().eval()
+    unrolled, x = SplineRNN.of(rnn, nn.Tanh()), torch.randn(2, 5, 3, dtype=F64)
+    with pytest.raises(ValueError, match="hx must be 3-D"):
+        unrolled(x, torch.zeros(1, 4, dtype=F64))
+    with pytest.raises(RuntimeError):
+        rnn(x, torch.zeros(1, 4, dtype=F64))  # (the reference refuses it too)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3], batch_first=True)
+    with pytest.raises(TypeError, match="packed sequences are not supported"):
+        unrolled(packed)
+    assert all(torch.allclose(a, b) for a, b in zip(unrolled(x), rnn(x), strict=True))

@@ -50,6 +50,7 @@ class SplineRNN(nn.RNN):
         return new
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        _check_inputs(input, hx)
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(0 if self.batch_first else 1)
         x = x.transpose(0, 1) if self.batch_first else x  # (T, N, H_in)
@@ -83,3 +84,21 @@ class SplineRNN(nn.RNN):
             h = self.act(F.linear(x[t], w_ih, b_ih) + F.linear(h, w_hh, b_hh))  # (N, H)
             outs[t] = h
         return torch.stack(outs), h
+
+
+def _check_inputs(input: object, hx: object) -> None:
+    """Refuse what nn.RNN refuses: a packed sequence (not supported here), an input that is not
+    2-D or 3-D, and an hx of another rank than the input (it would broadcast over the batch)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(
+            f"SplineRNN takes a padded tensor, got {type(input).__name__} (packed sequences are "
+            f"not supported: pad them, torch.nn.utils.rnn.pad_packed_sequence)"
+        )
+    if input.dim() not in (2, 3):
+        raise ValueError(f"SplineRNN: input must be 2-D or 3-D, got {input.dim()}-D")
+    if hx is not None and (not isinstance(hx, Tensor) or hx.dim() != input.dim()):
+        got = f"{hx.dim()}-D" if isinstance(hx, Tensor) else type(hx).__name__
+        raise ValueError(
+            f"SplineRNN: for {input.dim()}-D input, hx must be {input.dim()}-D (as nn.RNN), "
+            f"got {got}"
+        )
