@@ -356,7 +356,8 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
     A x + B is computed in float64 and compared with the model's output (after its output
     nonlinearity g, if it has one: g(A x + B) against the softmax it returns, which cannot see
     a shift shared by every logit). The tolerance is relative (by default 1e4 machine epsilons
-    of x's dtype, at most 1e-2) to the size of the terms rounded: the largest entry of
+    of x's dtype, or of the output's where the model returns less, at most 1e-2) to the size of
+    the terms rounded: the largest entry of
     |f(x)| and of |A| |x| + |B| (not at least 1: small outputs are held to their own size).
 
     >>> import torch, torch.nn as nn
@@ -376,9 +377,11 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
         pred = torch.einsum("nrd,nd->nr", a, flat) + b
         terms = torch.einsum("nrd,nd->nr", a.abs(), flat.abs()) + b.abs()  # (N, R)
         pred = apply_g(prog.output_g, pred.reshape(amap.B.shape)).reshape(len(x), -1)
+        out_dtype = f.dtype  # (a model may return less precision than x's: a final cast)
         f = prog.per_sample(prog.output_name, f).reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-300)
     size = max(scale, terms.max().item() if terms.numel() else 0.0)
-    tol = (rtol if rtol is not None else default_rtol(x.dtype)) * size
+    rtol = rtol if rtol is not None else max(default_rtol(x.dtype), default_rtol(out_dtype))
+    tol = rtol * size
     return Verification(err, err / scale, tol, err <= tol, prog.output_g is not None)

@@ -489,6 +489,35 @@ def test_small_outputs_are_held_to_their_own_size_when_captured(how: str, match:
     assert sl.verify(_Small("neither").eval(), x).ok  # the same size, computed alike: captured
 
 
+class _LowerG(nn.Module):
+    """A float64 network whose softmax returns float32 (``dtype=``, or a cast after it)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc, self.how = nn.Linear(5, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.how == "cast":
+            return F.softmax(h, -1).float()
+        g = F.log_softmax if self.how == "log_softmax" else F.softmax
+        return g(h, -1, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("how", ["cast", "softmax", "log_softmax"])
+def test_a_softmax_that_returns_less_precision_is_compared_in_it(how: str) -> None:
+    """It was refused as "computes another function when exported": the float64 g(A x + B) was
+    held to float64's tolerance against the model's float32 output. Reference: the logits' own
+    A, B (float64 jacrev of the layer) and the model's output, to float32's rounding."""
+    torch.manual_seed(0)
+    model, x = _LowerG(how).double().eval(), torch.randn(3, 5, dtype=torch.float64)
+    amap = sl.affine_map(model, x)
+    assert torch.equal(amap.A, model.fc.weight.expand(3, 3, 5))
+    assert torch.allclose(amap.B, model.fc.bias.expand(3, 3), rtol=0, atol=1e-15)
+    check = sl.verify(model, x)
+    assert check.ok and check.tolerance <= 1e4 * torch.finfo(torch.float32).eps * 3
+
+
 @pytest.mark.parametrize("op", ["sub_", "clamp_"])
 def test_a_forward_that_changes_its_input_is_refused_and_the_input_kept(op: str) -> None:
     x = torch.randn(3, 4)
@@ -666,3 +695,29 @@ def test_sizes_set_by_tensor_values_are_refused_by_name(how: str) -> None:
     tensor) raised a raw GuardOnDataDependentSymNode (found by a fuzzing review)."""
     with pytest.raises(sl.UnsupportedOperationError, match="size depends on the values"):
         sl.affine_map(_Last(SIZED_BY_VALUES[how]).eval(), torch.randn(3, 4))
+
+
+class _Complex(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.fft.fft(x.to(torch.complex128))).flatten(1)
+
+
+class _ScatterSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("i", torch.tensor([[1, 1, 4]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.scatter_reduce(1, self.i.expand(len(x), -1), x[:, 1:4], reduce="sum")
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (_Complex(), "into complex numbers"),  # (it said "into integers or booleans")
+        (_ScatterSum(), r"reduction at given places \('sum'.*scatter_add"),  # (it named no 'sum')
+    ],
+)
+def test_refusals_name_what_the_op_does(model: nn.Module, match: str) -> None:
+    with pytest.raises(sl.UnsupportedOperationError, match=match):
+        sl.affine_map(model.eval(), torch.randn(2, 6, dtype=torch.float64))

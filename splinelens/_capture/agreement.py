@@ -99,7 +99,7 @@ def check_same(model: nn.Module, prog: Program, x: torch.Tensor, returned: Any) 
     err, scale = _gap(got, want)
     if math.isnan(err):
         raise _differs(model, "with NaN or inf where the model has none, or the reverse")
-    if not _rounding(prog, x, err, scale):
+    if not _rounding(prog, x, err, scale, want.dtype):
         raise _differs(model, f"(max difference {err:.3g} for outputs up to {scale:.3g})")
 
 
@@ -131,7 +131,7 @@ def check_per_sample(model: nn.Module, prog: Program, x: torch.Tensor, returned:
         except ValueError:  # (the model does not take these inputs: nothing to compare)
             continue
         err, scale = _gap(got, want) if got.shape == want.shape else (math.inf, 0.0)
-        if not _rounding(prog, pair, err, scale):  # (NaN: refused too)
+        if not _rounding(prog, pair, err, scale, want.dtype):  # (NaN: refused too)
             raise UnsupportedOperationError(
                 "the batch size",
                 type(model).__name__,
@@ -143,12 +143,13 @@ def check_per_sample(model: nn.Module, prog: Program, x: torch.Tensor, returned:
             )
 
 
-def _rounding(prog: Program, x: torch.Tensor, err: float, scale: float) -> bool:
+def _rounding(prog: Program, x: torch.Tensor, err: float, scale: float, out: torch.dtype) -> bool:
     """Whether outputs up to ``scale`` that differ by ``err`` agree to ``verify``'s tolerance:
     1e4 machine epsilons (at most 1e-2) of the size of the terms rounded, max |f(x)| and
     max |A| |x| + |B| (``_terms``: the program's A at x). Where A is not formed (too large, or
-    an output nonlinearity g), outputs are held to a size of at least 1."""
-    rtol = default_rtol(x.dtype)
+    an output nonlinearity g), outputs are held to a size of at least 1. The epsilons are those
+    of x's dtype, or of the output's (``out``) where the model returns less precision."""
+    rtol = max(default_rtol(x.dtype), default_rtol(out))
     if err <= rtol * scale:
         return True
     if not err <= rtol * max(scale, 1.0):  # (NaN: False)

@@ -47,10 +47,14 @@ def check_op(node: Node, name: str, act: set[str], precision: torch.dtype | None
     if entry.kind in ("g", "refused"):
         raise error(node, name, entry.why, entry.fix)
     if not _floating(node):
+        val = node.meta.get("val")
+        complex_ = isinstance(val, torch.Tensor) and val.is_complex()
         raise error(
             node,
             name,
-            "turns activations into integers or booleans (a step function), which is not "
+            "turns activations into complex numbers, which splinelens does not follow"
+            if complex_
+            else "turns activations into integers or booleans (a step function), which is not "
             "piecewise affine",
         )
     a = bound_args(node)

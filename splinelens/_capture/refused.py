@@ -143,8 +143,8 @@ _add(
 _add(
     "index_reduce scatter_reduce",
     "refused",
-    why="combines values by a reduction ('prod', 'mean', 'amax', 'amin') at given places, which "
-    "splinelens does not read",
+    why="combines values by a reduction at given places ('sum', 'prod', 'mean', 'amax' or "
+    "'amin'), which splinelens does not read",
     fix="for sums write index_add / scatter_add (a mean: then divide by the constant counts); "
     "a largest entry is h.amax(dim), or max-pooling",
 )
