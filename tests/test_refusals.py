@@ -708,7 +708,7 @@ class _ScatterSum(nn.Module):
         self.register_buffer("i", torch.tensor([[1, 1, 4]]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.scatter_reduce(1, self.i.expand(len(x), -1), x[:, 1:4], reduce="sum")
+        return x.scatter_reduce(1, self.i.expand(x.shape[0], -1), x[:, 1:4], reduce="sum")
 
 
 @pytest.mark.parametrize(
