@@ -223,17 +223,15 @@ def _edge_boundary(V: Array, n: Array, logits: Array, tol: Array, split: Array) 
     whose class is the lower, tested at points 1e-4 of the edge's length to either side.
     Regions the boundary crosses (``split``) are left to ``_boundary_edges``."""
     nxt, ok = poly.next_vertex(n, V.shape[1])
-    Vn = np.take_along_axis(V, nxt[..., None], 1)  # (m, W, 2)
-    ends = [np.concatenate([P, np.ones_like(P[..., :1])], -1) for P in (V, Vn)]
-    f0, f1 = (np.einsum("mck,mwk->mwc", logits, e) for e in ends)  # (m, W, C) at both ends
-    near = 1e2 * tol[:, None, None]
-    spread = np.maximum(f0.max(-1, keepdims=True) - f0, f1.max(-1, keepdims=True) - f1)
-    tied = ok & ((spread <= near).sum(-1) >= 2)  # two classes top at both ends
+    f = np.matmul(V, logits[..., :2].transpose(0, 2, 1)) + logits[:, None, :, 2]  # (m, W, C)
+    top = f >= f.max(-1, keepdims=True) - 1e2 * tol[:, None, None]  # classes top at a vertex
+    both = top & np.take_along_axis(top, nxt[..., None], 1)  # ... and at the edge's other end
+    tied = ok & (both.sum(-1) >= 2)  # two classes top at both ends
     tied[split] = False
     cell, w = np.nonzero(tied)
     if not len(cell):
         return np.zeros((0, 2, 2))
-    a, b = V[cell, w], Vn[cell, w]  # (E, 2) counter-clockwise: the region lies to the left
+    a, b = V[cell, w], V[cell, nxt[cell, w]]  # (E, 2) counter-clockwise: the region to the left
     step = 1e-4 * np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)  # outward
     mid = (a + b) / 2
     mine = _class_at(logits[cell], mid - step)
