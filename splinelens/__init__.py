@@ -21,14 +21,8 @@ from splinelens.geometry.convexity import (
     convexity_gap,
     make_input_convex,
 )
-from splinelens.geometry.maso import (
-    MASO,
-    LayerMasoCheck,
-    MasoCheck,
-    NotAMasoError,
-    check_masos,
-    layer_maso,
-)
+from splinelens.geometry.maso import MASO, NotAMasoError, layer_maso
+from splinelens.geometry.maso_check import LayerMasoCheck, MasoCheck, check_masos
 from splinelens.geometry.matching import TemplateMatchingGap, template_matching_gap
 from splinelens.geometry.region import (
     LocalComplexity,

@@ -368,7 +368,7 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
     view = view_of(model, x)
     amap, prog = view._affine_map(x, None, None), view.program
-    with torch.no_grad():
+    with torch.no_grad(), exact_matmul():  # (the model's own values, without TF32 rounding)
         f = view.model(x)
         if not isinstance(f, Tensor):
             raise ValueError(f"the model returns a {type(f).__name__}, not one tensor")

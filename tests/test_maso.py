@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
-import splinelens.geometry.maso as maso_module
+import splinelens.geometry.maso_check as maso_check
 from tests import zoo
 
 
@@ -65,16 +65,40 @@ def test_maso_check_holds_small_layers_to_their_own_size(
             p.mul_(1e-2)
     x = torch.randn(6, 3, dtype=dtype)
     assert sl.check_masos(net, x).ok
-    built = maso_module.layer_maso
+    built = maso_check.layer_maso
 
     def off(model: nn.Module, x: torch.Tensor, layer: int | str) -> sl.MASO:
         m = built(model, x, layer)
         m.b = m.b + 1e-2 * m.b.abs().max()  # 1 % of the layer's own offsets
         return m
 
-    monkeypatch.setattr(maso_module, "layer_maso", off)
+    monkeypatch.setattr(maso_check, "layer_maso", off)
     check = sl.check_masos(net, x)
     assert not check.ok and check.max_abs_error > check.tolerance, str(check)
+
+
+def test_maso_check_holds_each_layer_to_its_own_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tolerance for all layers (the largest layer's) let a MASO 1 % off pass in a layer of
+    values near 1e-4 behind a layer of values near 100."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).double().eval()
+    with torch.no_grad():
+        net[0].weight.mul_(100), net[0].bias.mul_(100)
+        net[2].weight.mul_(1e-6), net[2].bias.mul_(1e-4)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    check = sl.check_masos(net, x)
+    assert check.ok and check.layers[1].tolerance < 1e-6 * check.layers[0].tolerance
+    built = maso_check.layer_maso
+
+    def off(model: nn.Module, x: torch.Tensor, layer: int | str) -> sl.MASO:
+        m = built(model, x, layer)
+        if m.name == "3":
+            m.b = m.b + 1e-2 * m.b.abs().max()
+        return m
+
+    monkeypatch.setattr(maso_check, "layer_maso", off)
+    check = sl.check_masos(net, x)
+    assert not check.ok and "'3': FAILED" in str(check) and "'1': OK" in str(check)
 
 
 def test_maso_check_verdict_names_the_failing_layer() -> None:

@@ -46,8 +46,8 @@ def check_runs(model: nn.Module, x: torch.Tensor) -> Any:
     does not fit it (wrong shape), or when forward changes its input in place."""
     copy = x.clone()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad(), exact_matmul(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (TF32 off: compared with the exact program)
             out = model(copy)
     except Exception as e:
         raise ValueError(
@@ -159,15 +159,16 @@ def _rounding(prog: Program, x: torch.Tensor, err: float, scale: float, out: tor
 
 
 _TERMS = 1 << 22  # the most entries of A (inputs x outputs x input entries) _terms forms
+_ROWS = 256  # the most output entries (one backward pass each) _terms differentiates
 
 
 def _terms(prog: Program, x: torch.Tensor) -> float | None:
     """max |A| |x| + |B| of the program at x, in float64: the size of the terms whose rounding
     the outputs differ by (A by one backward pass per output entry). None with an output
-    nonlinearity g, or past ``_TERMS`` entries of A."""
+    nonlinearity g, past ``_ROWS`` output entries or past ``_TERMS`` entries of A."""
     out, n = prog.output_name, len(x)
     rows = math.prod(prog.shapes[out])
-    if prog.output_g is not None or n * rows * x[0].numel() > _TERMS:
+    if prog.output_g is not None or rows > _ROWS or n * rows * x[0].numel() > _TERMS:
         return None
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad(), exact_matmul():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,11 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Layer, Pairwise, Sign, Spline
-from splinelens._checks import default_rtol
 from splinelens._precision import exact_matmul
 from splinelens.geometry.units import UnitTable, slot_tangents, slot_values, unit_table
 from splinelens.view import SplineView, view_of
 
-__all__ = ["MASO", "LayerMasoCheck", "MasoCheck", "NotAMasoError", "check_masos", "layer_maso"]
+__all__ = ["MASO", "NotAMasoError", "layer_maso", "start_node"]
 
 Tensor = torch.Tensor
 _DENSE = 1 << 24  # slot-Jacobian entries up to which W is materialised
@@ -104,10 +103,14 @@ class MASO(nn.Module):
                 f"layer {self.name!r}'s MASO takes h of shape (N, "
                 f"{', '.join(map(str, shape))}), the previous layer's output; got {got}"
             )
-        if self.W is not None and h.dtype != self.W.dtype:
-            raise ValueError(f"h is {h.dtype}, the MASO {self.W.dtype}: call h.to(...) to match")
-        flat = h.reshape(len(h), -1)
-        return flat @ self.W.T + self.b if self.W is not None else self._pre(h)
+        dt = self.W.dtype if self.W is not None else getattr(self, "input_dtype", h.dtype)
+        if h.dtype != dt:
+            raise ValueError(f"h is {h.dtype}, the MASO {dt}: call h.to(...) to match")
+        if self.W is not None:
+            return h.reshape(len(h), math.prod(shape)) @ self.W.T + self.b
+        if len(h) == 0:
+            return h.new_zeros(0, int(self.table.idx.max()) + 1)
+        return self._pre(h)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.pieces(h).amax(-1).view(len(h), *self.output_shape)
@@ -219,7 +222,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     """
     view = view_of(model, x)  # checks x
     la = view.layer(layer)
-    start = _start_node(view, la)
+    start = start_node(view, la)
     table = unit_table(view.program, la)
     in_shape = view.program.shapes[start]
     x1 = x[:1]
@@ -239,6 +242,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
         return _run_from(view, table, x1, states, start, h)
 
     m = MASO(la.name, in_shape, la.shape, *_pieces(view, la, table, x), pre)
+    m.input_dtype = x.dtype
     d, s = math.prod(in_shape), table.idx.max() + 1
     if d * s <= _DENSE:
         basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *in_shape)
@@ -248,7 +252,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     return m
 
 
-def _start_node(view: SplineView, la: Layer) -> str:
+def start_node(view: SplineView, la: Layer) -> str:
     """The node a layer's MASO reads: the previous layer's output, or the input."""
     prog = view.program
     return prog.layers[la.index - 1].node if la.index else prog.input_name
@@ -266,132 +270,3 @@ def _run_from(
             stop=table.step,
         )
     return slot_values(prog, table, env, n)
-
-
-@dataclass(frozen=True)
-class LayerMasoCheck:
-    """One layer against its MASO: the worst |MASO(h) - layer(h)| over the inputs, and whether
-    the layer's partition code picks a MASO argmax at every input and unit (to the check's
-    tolerance where pieces tie)."""
-
-    name: str
-    max_abs_error: float
-    codes_agree: bool
-
-
-@dataclass(frozen=True)
-class MasoCheck:
-    """How exactly every MASO layer equals its explicit form (``check_masos``).
-
-    ``ok``: every layer's code picks a MASO argmax and every error is at most ``tolerance``
-    (absolute: rtol times the size of the terms rounded, ``check_masos``).
-    ``skipped``: the layers that are no MASO (not convex, or pieces on one line), not checked.
-
-    >>> import torch, torch.nn as nn, splinelens as sl
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()).double().eval()
-    >>> check = sl.check_masos(net, torch.randn(5, 3, dtype=torch.float64))
-    >>> check.ok, [layer.name for layer in check.layers]
-    (True, ['1', '3'])
-    >>> print(check)  # doctest: +ELLIPSIS
-    OK: 2 MASO layers, tolerance ...
-      '1': OK, max |MASO(h) - layer(h)| = ..., argmax == code
-      '3': OK, max |MASO(h) - layer(h)| = ..., argmax == code
-    """
-
-    layers: tuple[LayerMasoCheck, ...]
-    tolerance: float
-    skipped: tuple[str, ...] = ()  # the layers that are no MASO, each with why
-
-    @property
-    def ok(self) -> bool:
-        """Every layer's codes agree and every error is within ``tolerance``."""
-        return all(self._holds(la) for la in self.layers)
-
-    @property
-    def max_abs_error(self) -> float:
-        """The worst error over all layers (0 when there is no MASO layer)."""
-        return max((la.max_abs_error for la in self.layers), default=0.0)
-
-    def _holds(self, la: LayerMasoCheck) -> bool:
-        return la.codes_agree and la.max_abs_error <= self.tolerance
-
-    def __str__(self) -> str:
-        verdict = "OK" if self.ok else "FAILED"
-        head = f"{verdict}: {len(self.layers)} MASO layers, tolerance {self.tolerance:.3g}"
-        rows = [
-            f"  {la.name!r}: {'OK' if self._holds(la) else 'FAILED'}, max |MASO(h) - layer(h)| "
-            f"= {la.max_abs_error:.3g}, argmax {'==' if la.codes_agree else '!='} code"
-            for la in self.layers
-        ]
-        rows += [f"  skipped, no MASO: {why}" for why in self.skipped]
-        return "\n".join([head, *rows])
-
-
-def check_masos(model: nn.Module, x: Tensor, rtol: float | None = None) -> MasoCheck:
-    """Each MASO layer of ``model`` at x against the network's own values (Sec. 3).
-
-    Per layer: max |MASO(h(x)) - layer(x)| and whether x's partition code picks a MASO argmax
-    (where pieces tie, to the tolerance: "argmax == code" in the report).
-    Layers that are no MASO (hardtanh, min-type ops) are skipped. The tolerance is relative to
-    the size of the terms rounded, the largest |layer output| and |A_k,r| |h| + |B_k,r| of any
-    piece (not at least 1, as ``verify``'s): by default 1e4 machine epsilons of x's dtype, at
-    most 1e-2, as ``verify``'s rtol.
-
-    >>> import torch, torch.nn as nn
-    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).eval()
-    >>> check_masos(net, torch.randn(3, 1, 6, 6)).ok  # the ReLU layer and the max-pooling one
-    True
-    """
-    if rtol is not None and (isinstance(rtol, bool) or not (math.isfinite(rtol) and rtol > 0)):
-        raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
-    view = view_of(model, x)
-    with torch.no_grad(), exact_matmul():
-        env, states = view.program.record(x)
-    masos, skipped = [], []
-    for la in view.layers:
-        try:
-            masos.append((la, layer_maso(model, x, la.index)))
-        except NotAMasoError as e:
-            skipped.append(str(e))  # the layer and why
-    sizes = [_size(view, m, env, la) for la, m in masos]
-    tol = (rtol if rtol is not None else default_rtol(x.dtype)) * max([0.0, *sizes])
-    out = []
-    for la, m in masos:
-        rows = [_one(view, m, env, states, la, x, i, tol) for i in range(len(x))]
-        out.append(LayerMasoCheck(la.name, max(r[0] for r in rows), all(r[1] for r in rows)))
-    return MasoCheck(tuple(out), tol, tuple(skipped))
-
-
-def _size(view: SplineView, m: MASO, env: dict[str, Any], la: Layer) -> float:
-    """The size of the terms layer la's values are rounded from, at every input: its outputs
-    and its pieces' |A_k,r| |h| + |B_k,r| (slots z = W h + b as |W| |h| + |b| where W is dense,
-    else as |z|)."""
-    prog, start = view.program, _start_node(view, la)
-    h = prog.per_sample(start, env[start])  # (N, *input_shape)
-    out = env[la.node]
-    with torch.no_grad():
-        if m.W is not None:
-            slots = h.reshape(len(h), -1).abs() @ m.W.abs().T + m.b.abs()  # (N, S)
-        else:
-            slots = m.slots(h).abs()
-        idx, scale, const, valid = m.table.tensors(slots.device)
-        terms = (slots[..., idx] * scale.abs().to(slots)).sum(-1) + const.abs().to(slots)
-        terms = torch.where(valid, terms, 0.0)  # (N, K, R)
-    return max(float(t.abs().max()) if t.numel() else 0.0 for t in (out, terms))
-
-
-def _one(view, m, env, states, la, x, i, tol: float) -> tuple[float, bool]:
-    """Layer la at input i: the MASO built at x_i against the network's own values; the code
-    agrees where its piece is the argmax, or ties with it to ``tol`` (equal pieces recomputed
-    in another order, as max-pooling after max-pooling makes, differ by rounding)."""
-    mi = layer_maso(view.model, x[i : i + 1], la.index) if i else m
-    prog, start = view.program, _start_node(view, la)
-    h = prog.per_sample(start, env[start])[i : i + 1]
-    ref = prog.per_sample(la.node, env[la.node])[i : i + 1]
-    code = prog.unit_codes(la, states, len(x))[i].long().to(h.device)
-    with torch.no_grad():
-        err = (mi(h) - ref.reshape(1, *mi.output_shape)).abs().max().item()
-        vals = mi.pieces(h)[0]  # (K, R)
-        at_code = vals.gather(-1, code[:, None]).squeeze(-1)
-        same = (mi.argmax(h)[0] == code) | (vals.amax(-1) - at_code <= tol)
-    return err, bool(same.all())

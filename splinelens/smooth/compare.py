@@ -21,7 +21,13 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import check_eval_mode
-from splinelens._checks import check_dtype, check_finite, check_input, check_positive_int
+from splinelens._checks import (
+    check_dtype,
+    check_finite,
+    check_input,
+    check_positive_int,
+    check_untransformed,
+)
 
 __all__ = ["ApproximationError", "approximation_error"]
 
@@ -56,11 +62,16 @@ def approximation_error(
     >>> err.max_abs < 1e-2
     True
     """
-    check_input("x", x)
+    floating = isinstance(x, Tensor) and x.is_floating_point()  # (else token ids: embeddings)
+    if isinstance(x, Tensor) and not floating and x.dim() and len(x):
+        check_untransformed("x", x)
+    else:
+        check_input("x", x)
     batch_size = check_positive_int("batch_size", batch_size)
     for m in (model, splined):  # (dropout would make the numbers random, batchnorm's statistics
         check_eval_mode(m)  # would move)
-        check_dtype(m, x)
+        if floating:
+            check_dtype(m, x)
     diffs, rels, agree = [], [], []
     with torch.no_grad():
         for i, chunk in enumerate(x.split(batch_size)):

@@ -164,12 +164,15 @@ def _replacement(m: nn.Module, budget: dict[str, Any]) -> nn.Module | None:
         new = SplineRNN.of(m, spline_for("tanh", {}, budget))
     else:
         return None
-    for hooks in _HOOKS:  # (a hook that changes the output must keep changing it)
-        getattr(new, hooks).update(getattr(m, hooks))
+    for k in _HOOKS:  # (a hook that changes the output must keep changing it)
+        if isinstance(getattr(new, k), dict):
+            getattr(new, k).update(getattr(m, k))
+        else:  # (_is_full_backward_hook: how backward hooks are called)
+            setattr(new, k, getattr(m, k))
     return new
 
 
-_HOOKS = [k for k, v in vars(nn.Module()).items() if k.endswith("hooks") and isinstance(v, dict)]
+_HOOKS = [k for k in vars(nn.Module()) if "hook" in k]  # every kind, with its flags and kwargs
 
 
 class Redirect:
@@ -210,8 +213,12 @@ class _Functional(TorchFunctionMode):
         y = self._spline(name, params, z)(z)
         if inplace:
             return z.copy_(y)
-        out = kwargs.get("out")  # torch.tanh(h, out=buffer)
-        return out.copy_(y) if isinstance(out, Tensor) else y
+        out = kwargs.get("out")  # torch.tanh(h, out=buffer), resized as torch does
+        if not isinstance(out, Tensor):
+            return y
+        if out.shape != y.shape:
+            out.resize_(y.shape)
+        return out.copy_(y)
 
     def _spline(self, name: str, params: dict[str, Any], z: Tensor) -> SplineActivation:
         key = "_".join([name, *(f"{k}{v}" for k, v in sorted(params.items()))]).replace(".", "p")
