@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import splinelens as sl
+import splinelens.geometry.maso as maso_module
 import splinelens.geometry.maso_check as maso_check
 from tests import zoo
 
@@ -223,3 +224,21 @@ def test_a_large_maso_refuses_weights_changed_after_it_was_made() -> None:
         net[1].weight.data.fill_(0.5)  # through .data: no version counter moves
         with pytest.raises(ValueError, match="changed after layer '1''s MASO was made"):
             m(x)
+
+
+def test_an_operator_form_maso_checks_dtype_and_takes_no_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without dense slopes a float32 h raised torch's raw dtype error, and 0 rows a reshape
+    error (in both forms)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).double().eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    dense = sl.layer_maso(net, x, 0)
+    monkeypatch.setattr(maso_module, "_DENSE", 0)
+    operator = sl.layer_maso(net, x, 0)
+    assert dense.W is not None and operator.W is None
+    for m in (dense, operator):
+        with pytest.raises(ValueError, match=r"h is torch\.float32, the MASO torch\.float64"):
+            m(x.float())
+        assert m(x[:0]).shape == (0, 4) and m.argmax(x[:0]).shape == (0, 4)
+        assert torch.equal(m(x), dense(x))

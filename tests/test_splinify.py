@@ -767,3 +767,44 @@ def test_spline_rnn_refuses_what_nn_rnn_refuses() -> None:
     with pytest.raises(TypeError, match="packed sequences are not supported"):
         unrolled(packed)
     assert all(torch.allclose(a, b) for a, b in zip(unrolled(x), rnn(x), strict=True))
+
+
+class _Hooked(nn.Module):
+    """A GELU with a forward hook that takes kwargs and doubles the output, and a full backward
+    hook that counts its calls; or ``torch.tanh(h, out=torch.empty(0))``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc, self.act, self.how, self.calls = nn.Linear(3, 3), nn.GELU(), how, []
+        self.act.register_forward_hook(lambda m, a, kw, o: 2 * o, with_kwargs=True)
+        self.act.register_full_backward_hook(lambda m, gi, go: self.calls.append(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "out= empty":
+            y = x.new_empty(0)
+            torch.tanh(self.fc(x), out=y)
+            return y
+        return self.act(self.fc(x))
+
+
+def test_hooks_of_every_kind_and_empty_out_buffers_are_kept() -> None:
+    """Hooks registered with kwargs were called with the wrong signature (TypeError), full
+    backward hooks were never called, and an empty out= buffer raised: torch resizes it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=F64)
+    for how in ("hooks", "out= empty"):
+        model = _Hooked(how).double().eval()
+        splined = sl.splinify(model, tol=1e-6, example_input=x)
+        assert sl.approximation_error(model, splined, x).max_abs <= 4e-6
+    original = _Hooked("hooks").double().eval()  # (its hook's closure holds the original)
+    sl.splinify(original, tol=1e-6)(x.requires_grad_()).sum().backward()
+    assert original.calls == [1]
+
+
+def test_approximation_error_takes_token_ids() -> None:
+    """Integer inputs (token ids into an embedding) were refused as "not a floating tensor"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Tanh(), nn.Flatten(), nn.Linear(15, 2))
+    model = model.double().eval()
+    ids = torch.randint(0, 10, (4, 5))
+    assert sl.approximation_error(model, sl.splinify(model, tol=1e-6), ids).max_abs <= 1e-5
