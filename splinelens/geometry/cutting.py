@@ -214,14 +214,17 @@ def decision_boundary(V: Array, n: Array, logits: Array, scale: float) -> Array:
         return np.zeros((0, 2, 2))
     tol = _tolerance(logits, scale).max(1)
     inside, split = _inside_boundary(V, n, logits, scale, tol)
-    return np.concatenate([inside, _edge_boundary(V, n, logits, tol, split)])
+    return np.concatenate([inside, _edge_boundary(V, n, logits, tol, split, scale)])
 
 
-def _edge_boundary(V: Array, n: Array, logits: Array, tol: Array, split: Array) -> Array:
+def _edge_boundary(
+    V: Array, n: Array, logits: Array, tol: Array, split: Array, scale: float
+) -> Array:
     """Region edges on which two classes tie (so the top class may change across them: the
     logits are continuous) and across which it does change, each edge once: from the region
-    whose class is the lower, tested at points 1e-4 of the edge's length to either side.
-    Regions the boundary crosses (``split``) are left to ``_boundary_edges``."""
+    whose class is the lower, tested 1e-4 of the edge's length to either side (across, at
+    least as far as ``polygons.locate`` tells the sides apart on a window of half-size
+    ``scale``). Regions the boundary crosses (``split``) are left to ``_boundary_edges``."""
     nxt, ok = poly.next_vertex(n, V.shape[1])
     f = np.matmul(V, logits[..., :2].transpose(0, 2, 1)) + logits[:, None, :, 2]  # (m, W, C)
     top = f >= f.max(-1, keepdims=True) - 1e2 * tol[:, None, None]  # classes top at a vertex
@@ -232,12 +235,14 @@ def _edge_boundary(V: Array, n: Array, logits: Array, tol: Array, split: Array) 
     if not len(cell):
         return np.zeros((0, 2, 2))
     a, b = V[cell, w], V[cell, nxt[cell, w]]  # (E, 2) counter-clockwise: the region to the left
-    step = 1e-4 * np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)  # outward
+    outward = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)  # (E, 2), |edge| long
+    length = np.linalg.norm(outward, axis=1, keepdims=True)
+    far = np.maximum(1e-4, 2e-12 * scale * scale / np.maximum(length, 1e-300) ** 2)
     mid = (a + b) / 2
-    mine = _class_at(logits[cell], mid - step)
-    other = poly.locate(V, n, mid + step)
-    across = _class_at(logits[np.maximum(other, 0)], mid + step)
-    change = (other >= 0) & (mine < across)
+    mine = _class_at(logits[cell], mid - 1e-4 * outward)
+    other = poly.locate(V, n, mid + far * outward)
+    across = _class_at(logits[np.maximum(other, 0)], mid + far * outward)
+    change = (other >= 0) & (other != cell) & (mine < across)
     return np.stack([a[change], b[change]], 1)
 
 
