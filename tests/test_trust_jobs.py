@@ -167,6 +167,25 @@ def test_an_analysis_folder_holds_one_model(tmp_path) -> None:
     assert (tmp_path / "b" / "bimodality_lam0.5.png").exists()
 
 
+def test_an_interrupted_analysis_still_holds_its_folder(tmp_path, monkeypatch) -> None:
+    """analysis.json was written last: an analysis interrupted after its first figures left a
+    folder that another model's analysis then filled, mixing the two models' files."""
+    data, out = _tiny_data(), tmp_path / "an"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyze, "partition_figures", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        analyze.analyze(_tiny_net(0), data, out, what=("bimodality", "regions"), n=30)
+    assert (out / "bimodality.png").exists()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"holds the analysis of another model"):
+        analyze.analyze(_tiny_net(1), data, out, what=("regions",), n=30)
+    analyze.analyze(_tiny_net(0), data, out, what=("regions",), n=30)  # the same: goes on
+    assert {"model", "regions"} <= set(json.loads((out / "analysis.json").read_text()))
+
+
 def test_analyze_names_a_sweep_checkpoint_by_its_lambda(tmp_path) -> None:
     """The lambda = 1 run of a sweep was analysed into bimodality_lam0.*; its run record beside
     the checkpoint gives its lambda (when the record vouches for the checkpoint's bytes)."""

@@ -87,6 +87,7 @@ def _analyze(
     me.update(n=len(pick), lam=lam, **source)
     facts = {**_earlier(out, me), "model": me, "test_indices": pick.tolist()}
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "analysis.json", facts)  # the folder is this model's before any figure
     x, y = data.test_x[pick], data.test_y[pick]  # datasets may be stored class by class
     if "templates" in what:
         facts["templates"] = templates_figure(model, x, data, out)
