@@ -25,7 +25,6 @@ True
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
@@ -59,8 +58,10 @@ def orthogonality_penalty(weight: Tensor, kind: str = "eq13") -> Tensor:
             f"weight must be a (C, D, ...) tensor with at least one class and one input, got "
             f"{got}; pass the classifier's weight (rows: classes)"
         )
+    if not weight.is_floating_point():  # (complex: the products are not conjugated)
+        raise TypeError(f"weight must be a real floating tensor, got {weight.dtype}")
     w = weight.reshape(weight.shape[0], -1)  # (C, D)
-    if w.is_floating_point() and w.element_size() < 4:  # 16-bit: sums past 65504 overflow
+    if w.element_size() < 4:  # 16-bit: sums past 65504 overflow
         w = w.float()  # (the result is float32; the gradient reaches the weight in its dtype)
     gram = w @ w.T  # (C, C): <W_c1, W_c2>
     sq = gram.diagonal()  # (C,): ||W_c||^2
@@ -112,9 +113,9 @@ def template_penalty(
 
 
 def _checked_lam(lam: object) -> float | Tensor:
-    """lam if it is a finite real number >= 0 (a 0-d tensor too), else a ValueError."""
-    real = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
-    scalar = isinstance(lam, Tensor) and lam.numel() == 1 and not lam.is_complex()
+    """lam if it is a finite int or float >= 0 (or a 0-d floating tensor), else a ValueError."""
+    real = isinstance(lam, (int, float)) and not isinstance(lam, bool)  # (a Fraction cannot
+    scalar = isinstance(lam, Tensor) and lam.dim() == 0 and lam.is_floating_point()  # scale)
     if not (real or scalar) or not (math.isfinite(float(lam)) and float(lam) >= 0):
         raise ValueError(
             f"lam must be a finite number >= 0, got {lam!r}; it weighs the penalty in the loss "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn as nn
@@ -199,11 +201,26 @@ def test_a_16_bit_weight_is_penalised_in_float32(dtype: torch.dtype, kind: str) 
     assert w.grad.dtype == dtype and bool(torch.isfinite(w.grad).all())
 
 
-@pytest.mark.parametrize("lam", [float("nan"), -1.0, float("inf"), "0.1", True, None])
+@pytest.mark.parametrize(
+    "lam",
+    [
+        *(float("nan"), -1.0, float("inf"), "0.1", True, None),
+        *(torch.tensor([0.1]), torch.tensor(True), Fraction(1, 10)),
+    ],
+)
 def test_template_penalty_refuses_a_lambda_that_is_not_a_number_at_least_0(lam) -> None:
     """lam = nan gave nan, -1 a penalty that rewards aligned templates, '0.1' a TypeError
-    that did not name lam."""
+    that did not name lam; a (1,) tensor gave a (1,) penalty, a boolean tensor was taken as 1,
+    a Fraction raised a raw TypeError."""
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"lam must be a finite number >= 0, got"):
         template_penalty(net, lam)
     assert template_penalty(net, 0) == 0 and template_penalty(net, torch.tensor(0.5)) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_orthogonality_penalty_refuses_weights_that_are_not_real_floats(dtype) -> None:
+    """A complex weight gave a complex "penalty" (its products not conjugated), an integer one
+    an integer."""
+    with pytest.raises(TypeError, match="weight must be a real floating tensor"):
+        sl.orthogonality_penalty(torch.ones(3, 4, dtype=dtype))
