@@ -486,6 +486,9 @@ def test_small_outputs_are_held_to_their_own_size_when_captured(how: str, match:
     x = torch.randn(3, 4)
     with pytest.raises(sl.UnsupportedOperationError, match=match):
         sl.affine_map(_Small(how).eval(), x)
+    model = _Small(how).eval()
+    with torch.inference_mode(), pytest.raises(sl.UnsupportedOperationError, match=match):
+        sl.affine_map(model, x)  # (|A| |x| + |B| is formed there too)
     assert sl.verify(_Small("neither").eval(), x).ok  # the same size, computed alike: captured
 
 

@@ -170,8 +170,8 @@ def _terms(prog: Program, x: torch.Tensor) -> float | None:
     rows = math.prod(prog.shapes[out])
     if prog.output_g is not None or rows > _ROWS or n * rows * x[0].numel() > _TERMS:
         return None
-    leaf = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), exact_matmul():
+    with torch.inference_mode(False), torch.enable_grad(), exact_matmul():  # (also inside them)
+        leaf = x.detach().clone().requires_grad_(True)
         y = prog.per_sample(out, prog.record(leaf)[0][out]).reshape(n, -1)  # (N, R)
         grads = [
             torch.autograd.grad(y[:, r].sum(), leaf, retain_graph=True, allow_unused=True)[0]
