@@ -139,11 +139,12 @@ def chunk_sizes(
     chunk_size: int | None, n_query: int, nbytes: int, use_faiss: bool
 ) -> tuple[int, int]:
     """Database and query chunk sizes. FAISS: 65,536 codes against all queries. Torch: the
-    unpacked bits (4 bytes each) and the (queries, codes) distances stay near 256 MiB."""
+    unpacked bits (4 bytes each) of either chunk and the (queries, codes) distances stay near
+    256 MiB."""
     if use_faiss:
         return chunk_size or 1 << 16, max(1, n_query)
-    qstep = max(1, min(n_query, 4096))
     budget = 1 << 28  # bytes
+    qstep = max(1, min(n_query, 4096, budget // (32 * nbytes)))  # (its bits unpacked too)
     step = chunk_size or max(1, min(budget // (32 * nbytes), budget // (24 * qstep)))
     return step, qstep
 

@@ -158,6 +158,9 @@ def test_torch_backend_bounds_the_distance_matrix() -> None:
 
     step, qstep = chunk_sizes(None, 100_000, 2, use_faiss=False)  # tiny codes, many queries
     assert qstep <= 4096 and step * qstep * 24 <= 1 << 28
+    # 500k units (62,500 bytes): 4,096 queries unpacked took 8 GB; both chunks stay in budget
+    step, qstep = chunk_sizes(None, 100_000, 62_500, use_faiss=False)
+    assert max(step, qstep) * 62_500 * 32 <= 1 << 28 and step * qstep * 24 <= 1 << 28
 
 
 def _two_layers(n: int = 6) -> sl.PartitionCodes:
