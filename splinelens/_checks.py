@@ -117,6 +117,22 @@ def default_rtol(dtype: torch.dtype) -> float:
     return min(1e4 * torch.finfo(dtype).eps, 1e-2)
 
 
+def map_rtol(x: torch.dtype, out: torch.dtype) -> float:
+    """``default_rtol`` for a map from inputs of dtype x to outputs of dtype ``out``: the less
+    precise of the two (a float64 net may return float32 through a final cast)."""
+    return max(default_rtol(x), default_rtol(out))
+
+
+def term_sizes(a: Tensor, x: Tensor, b: Tensor) -> Tensor:
+    """|A| |x| + |B| in float64, (N, R), for A (N, R, D), x (N, D), B (N, R): the size of the
+    terms whose rounding A x + B carries, which the exactness checks' tolerances scale with.
+
+    >>> term_sizes(torch.ones(1, 1, 2), torch.tensor([[1.0, -1.0]]), torch.zeros(1, 1))
+    tensor([[2.]], dtype=torch.float64)
+    """
+    return torch.einsum("nrd,nd->nr", a.double().abs(), x.double().abs()) + b.double().abs()
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile`` wrapper (splinelens captures the eager model), a
     ``DataParallel`` or ``DistributedDataParallel``, or an ``AveragedModel`` (SWA / EMA): each

@@ -29,8 +29,9 @@ from splinelens._checks import (
     check_input,
     check_overflow,
     check_positive_int,
-    default_rtol,
     layer_index,
+    map_rtol,
+    term_sizes,
     unwrap_model,
     user_stacklevel,
 )
@@ -375,13 +376,13 @@ def verify(model: nn.Module, x: Tensor, rtol: float | None = None) -> Verificati
         a = amap.A.reshape(len(x), -1, x[0].numel()).double()
         flat, b = x.reshape(len(x), -1).double(), amap.B.reshape(len(x), -1).double()
         pred = torch.einsum("nrd,nd->nr", a, flat) + b
-        terms = torch.einsum("nrd,nd->nr", a.abs(), flat.abs()) + b.abs()  # (N, R)
+        terms = term_sizes(a, flat, b)  # (N, R)
         pred = apply_g(prog.output_g, pred.reshape(amap.B.shape)).reshape(len(x), -1)
         out_dtype = f.dtype  # (a model may return less precision than x's: a final cast)
         f = prog.per_sample(prog.output_name, f).reshape(len(x), -1).double()
     err = (f - pred).abs().max().item() if f.numel() else 0.0
     scale = max(f.abs().max().item() if f.numel() else 0.0, 1e-300)
     size = max(scale, terms.max().item() if terms.numel() else 0.0)
-    rtol = rtol if rtol is not None else max(default_rtol(x.dtype), default_rtol(out_dtype))
+    rtol = rtol if rtol is not None else map_rtol(x.dtype, out_dtype)
     tol = rtol * size
     return Verification(err, err / scale, tol, err <= tol, prog.output_g is not None)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture.program import Program, apply_g, leaves
-from splinelens._checks import default_rtol
+from splinelens._checks import map_rtol, term_sizes
 from splinelens._precision import exact_matmul
 from splinelens.errors import UnsupportedOperationError
 
@@ -149,7 +149,7 @@ def _rounding(prog: Program, x: torch.Tensor, err: float, scale: float, out: tor
     max |A| |x| + |B| (``_terms``: the program's A at x). Where A is not formed (too large, or
     an output nonlinearity g), outputs are held to a size of at least 1. The epsilons are those
     of x's dtype, or of the output's (``out``) where the model returns less precision."""
-    rtol = max(default_rtol(x.dtype), default_rtol(out))
+    rtol = map_rtol(x.dtype, out)
     if err <= rtol * scale:
         return True
     if not err <= rtol * max(scale, 1.0):  # (NaN: False)
@@ -184,7 +184,7 @@ def _terms(prog: Program, x: torch.Tensor) -> float | None:
         [flat.new_zeros(flat.shape) if g is None else g.reshape(n, -1).double() for g in grads], 1
     )  # (N, R, D)
     b = y.detach().double() - torch.einsum("nrd,nd->nr", a, flat)
-    terms = torch.einsum("nrd,nd->nr", a.abs(), flat.abs()) + b.abs()
+    terms = term_sizes(a, flat, b)
     return float(terms.max()) if terms.numel() else 0.0
 
 

@@ -288,8 +288,9 @@ class RegionPolytope:
         A, b = self.A.double().cpu().numpy(), self.b.double().cpu().numpy()
         norms = np.linalg.norm(A, axis=1)
         live = norms > 0  # (a zero row, 0 <= b, holds for x: implied)
-        a = A / np.where(live, norms, 1.0)[:, None]  # unit normals: c is a distance
-        c = np.maximum(b / np.where(live, norms, 1.0) - a @ self._inside(a, b, norms), 0.0)
+        safe = np.where(live, norms, 1.0)
+        a, dist = A / safe[:, None], b / safe  # unit normals: a . y <= dist
+        c = np.maximum(dist - a @ self._inside(a, dist), 0.0)  # each row's distance to x
         kept = [i for i in range(len(A)) if live[i]]
         for i in list(kept):
             others = [j for j in kept if j != i]
@@ -309,18 +310,17 @@ class RegionPolytope:
             piece=self.piece[k],
         )
 
-    def _inside(self, a: np.ndarray, b: np.ndarray, norms: np.ndarray) -> np.ndarray:
-        """(D,) a point of the polytope: x, or else the centre of its largest ball (radius at
-        most 1, in the unit normals ``a``)."""
+    def _inside(self, a: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """(D,) a point of {y : a y <= dist} (unit normals): x, or else the centre of its
+        largest ball (radius at most 1)."""
         if self.point is not None:
             return self.point.double().cpu().numpy().reshape(-1)
         from scipy.optimize import linprog
 
         d = a.shape[1]
-        lhs = np.hstack([a, np.ones((len(a), 1))])  # a . y + r <= b / |A_i|
-        rhs = b / np.where(norms > 0, norms, 1.0)
+        lhs = np.hstack([a, np.ones((len(a), 1))])  # a . y + r <= dist
         bounds = [(None, None)] * d + [(0, 1)]
-        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=lhs, b_ub=rhs, bounds=bounds)
+        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=lhs, b_ub=dist, bounds=bounds)
         if res.status != 0:
             raise ValueError("the polytope is empty: no point satisfies every row")
         return res.x[:d]
