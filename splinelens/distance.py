@@ -45,11 +45,13 @@ class _Encoding:
 
 
 def partition_distance(
-    a: PartitionCodes, b: PartitionCodes, layer: LayerSel = None, chunk_size: int = 4096
+    a: PartitionCodes, b: PartitionCodes, layer: LayerSel = None, chunk_size: int | None = None
 ) -> Tensor:
     """The (Na, Nb) matrix of partition distances, eq. (15), in float64.
 
     ``layer``: an index or name, a list of them (their units pooled), or None for every layer.
+    Rows of a and of b are taken in chunks (``chunk_size`` codes of b; default, as those of a:
+    about 256 MiB of unpacked bits, ``chunk_sizes``): the result does not depend on them.
 
     >>> import torch, torch.nn as nn
     >>> _ = torch.manual_seed(0)
@@ -61,11 +63,15 @@ def partition_distance(
     >>> d.shape, bool(d.diag().eq(0).all())
     (torch.Size([5, 5]), True)
     """
-    chunk_size = check_positive_int("chunk_size", chunk_size)
+    if chunk_size is not None:
+        chunk_size = check_positive_int("chunk_size", chunk_size)
     ea, eb = _encode(a, layer), _encode(b, layer, like=a)
     out = torch.empty(len(a), len(b), dtype=torch.float64, device=ea.bits.device)
-    for i in range(0, len(b), chunk_size):
-        out[:, i : i + chunk_size] = _hamming_matmul(ea.bits, eb.bits[i : i + chunk_size])
+    step, astep = chunk_sizes(chunk_size, len(a), ea.bits.shape[1], use_faiss=False)
+    for i in range(0, len(b), step):
+        for j in range(0, len(a), astep):
+            block = _hamming_matmul(ea.bits[j : j + astep], eb.bits[i : i + step])
+            out[j : j + astep, i : i + step] = block
     return out / (ea.per_unit * ea.units)
 
 
@@ -143,7 +149,7 @@ def chunk_sizes(
     256 MiB."""
     if use_faiss:
         return chunk_size or 1 << 16, max(1, n_query)
-    budget = 1 << 28  # bytes
+    budget = _BUDGET
     qstep = max(1, min(n_query, 4096, budget // (32 * nbytes)))  # (its bits unpacked too)
     step = chunk_size or max(1, min(budget // (32 * nbytes), budget // (24 * qstep)))
     return step, qstep
@@ -186,6 +192,7 @@ def _search_torch(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return key // n, key % n
 
 
+_BUDGET = 1 << 28  # bytes of unpacked bits (and distances) per chunk, about 256 MiB
 _BLOCK = 1 << 20  # packed bytes: 2^23 bits, whose counts and sums float32 holds exactly
 
 

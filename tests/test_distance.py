@@ -211,3 +211,26 @@ def test_hand_built_codes_out_of_range_and_layers_without_units_are_refused(tmp_
         sl.partition_distance(empty, empty)
     empty.save(tmp_path / "e.npz")
     assert PartitionCodes.load(tmp_path / "e.npz").layers[0].data.shape == (3, 0)
+
+
+def test_partition_distance_chunks_both_sides_within_the_budget(monkeypatch) -> None:
+    """Rows of a were unpacked all at once (3,000 codes of 64k units: 768 MB of bits): both
+    sides are now chunked to the budget, with the same distances (reference: explicit sums)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 40), torch.nn.ReLU()).eval()
+    a, b = (sl.partition_codes(net, torch.randn(n, 3)) for n in (37, 23))
+    seen: list[tuple[int, int]] = []
+    matmul = distance._hamming_matmul
+
+    def spy(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        seen.append((len(qa), len(qb)))
+        return matmul(qa, qb)
+
+    monkeypatch.setattr(distance, "_BUDGET", 32 * 5 * 10)  # 10 codes of 5 bytes per chunk
+    monkeypatch.setattr(distance, "_hamming_matmul", spy)
+    d = sl.partition_distance(a, b)
+    torch.testing.assert_close(d, brute_distance(a, b, [0]), atol=1e-12, rtol=0)
+    assert max(r for r, _ in seen) <= 10 and max(c for _, c in seen) <= 10
+    seen.clear()
+    assert torch.equal(sl.partition_distance(a, b, chunk_size=4), d)  # b in chunks of 4
+    assert max(c for _, c in seen) == 4 and max(r for r, _ in seen) <= 10
