@@ -36,6 +36,7 @@ from splinelens._checks import (
     user_stacklevel,
 )
 from splinelens._fingerprint import ModelTensors, check_model_finite
+from splinelens._guard import structure_guard
 from splinelens._precision import exact_matmul
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, structure
@@ -95,6 +96,7 @@ class SplineView(HoldsCapture):
         self._owners: tuple[nn.Module, ...] = self.program.hold()  # (a cached view: none)
         # after the capture's forward (lazy modules get their weights), while the structure holds
         self.structure = structure(model)
+        self.guard = structure_guard(model, self.structure)  # (None: the walk at every call)
         self.tensors = ModelTensors(_program_state(model, self.program))
         self.input_shape = tuple(example_input.shape[1:])
         self.dtype = model_dtype(model)  # (the structure records dtypes)
@@ -218,8 +220,9 @@ class SplineView(HoldsCapture):
                 f"captured for {self.input_shape}; pass a batch (N, "
                 f"{', '.join(map(str, self.input_shape))})"
             )
-        now = structure(self.model)
-        same = now == self.structure
+        same = self.guard is not None and self.guard(self.model)  # (else it cannot tell)
+        now = None if same else structure(self.model)
+        same = same or now == self.structure
         check_dtype(self.model, x, name, self.dtype if same else None)
         self._check_model(len(x), None if same else now, weights and values)
 
@@ -296,9 +299,10 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     model = unwrap_model(model)
     check_input("x", x, values)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
-    now = structure(model)
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
-    views[:] = [v for v in views if v.structure == now]
+    if not (len(views) == 1 and views[0].guard is not None and views[0].guard(model)):
+        now = structure(model)  # (the guard of the one view cached tells without the walk)
+        views[:] = [v for v in views if v.structure == now]
     check_dtype(model, x, known=views[0].dtype if views else None)
     view = next((v for v in views if v.program.batch.accepts(len(x))), None)
     if view is None:
