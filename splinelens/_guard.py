@@ -86,7 +86,7 @@ def _on_path(m: nn.Module) -> bool:
     """Whether a module's image is made by the common path only: a torch class, nn.Module's own
     attributes as it set them, other attributes plain values or tuples or lists of them,
     parameters and buffers (or None) of types with a shape and without attributes set, in
-    dicts."""
+    dicts; every name a ``str``."""
     d = vars(m)
     added = added_attributes(d)
     return (
@@ -95,6 +95,7 @@ def _on_path(m: nn.Module) -> bool:
         and not _by_value(type(m))
         and all(_plain_or_sequence(v) for _, v in added)
         and all(type(d[k]) is dict for k in ("_modules", "_parameters", "_buffers"))
+        and all(type(k) is str for k in itertools.chain(d, *map(d.get, _DICTS.values())))
         and all(
             t is None or (type(t) in _EAGER and not vars(t))
             for t in itertools.chain(d["_parameters"].values(), d["_buffers"].values())
@@ -155,37 +156,50 @@ def _module_checks(code: _Code, names: dict[int, str], m: nn.Module, row: tuple)
         _children(code, [names.get(id(c), "None") for c in d["_modules"].values()], d)
     for key, i in (("p", 4), ("b", 5)):
         if d[_DICTS[key]]:
-            code.line(f"if len({key}) != {len(d[_DICTS[key]])}: return False")
-            for k, image in row[i]:
-                _tensor_checks(code, f"{key}.get({k!r}, MISSING)", image, code.stored)
+            images = dict(row[i])
+            bound = _same_keys(code, key, d[_DICTS[key]])
+            for t, k in zip(bound, d[_DICTS[key]], strict=True):
+                _tensor_checks(code, t, images[k], code.stored)
 
 
 _DICTS = {"c": "_modules", "p": "_parameters", "b": "_buffers"}
 
 
 def _children(code: _Code, children: list[str], d: dict[str, Any]) -> None:
-    """Lines that check a module's children (``c``): their names in order, and the modules
-    (variables) or None."""
-    code.line(f"if [*c] != {code.const(list(d['_modules']))}: return False")
-    bound = [f"x{j}" for j in range(len(children))]
-    code.line(f"{', '.join(bound)}, = c.values()")
+    """Lines that check a module's children (``c``): their names, and the modules (variables)
+    or None."""
+    bound = _same_keys(code, "c", d["_modules"])
     checks = " or ".join(f"{x} is not {c}" for x, c in zip(bound, children, strict=True))
     code.line(f"if {checks}: return False")
 
 
-def _tensor_checks(code: _Code, get: str, image: tuple | None, stored: Structure) -> None:
-    """Lines that check a parameter or buffer (read by ``get``) against its stored image: the
+def _same_keys(code: _Code, var: str, d: dict[str, Any]) -> list[str]:
+    """Lines that check the dict ``var`` has the keys of d, the same objects in the same order
+    (by identity: the names of submodules are formatted and those of tensors sorted, which a
+    ``str`` subclass could do otherwise than it compares), and bind its values to variables,
+    which it returns."""
+    bound = [f"{var}{j}" for j in range(len(d))]
+    keys = [f"{v}k" for v in bound]
+    code.line(f"if len({var}) != {len(d)}: return False")
+    code.line(f"{', '.join(f'({k}, {v})' for k, v in zip(keys, bound))}, = {var}.items()")
+    same = " or ".join(f"{k} is not {code.const(key)}" for k, key in zip(keys, d))
+    code.line(f"if {same}: return False")
+    return bound
+
+
+def _tensor_checks(code: _Code, t: str, image: tuple | None, stored: Structure) -> None:
+    """Lines that check a parameter or buffer (the variable ``t``) against its stored image: the
     same object, of the same type, without attributes, with the same shape, strides, dtype and
     device; or None."""
-    code.line(f"t = {get}")
     if image is None:
-        code.line("if t is not None: return False")
+        code.line(f"if {t} is not None: return False")
         return
     ref = stored.objects[image[0]]
     kind = code.const(type(ref()))
     code.line(
-        f"if t is not {code.const(ref)}() or type(t) is not {kind} or t.__dict__ or "
-        f"(t.shape, t.stride(), t.dtype, t.device) != {code.const(image[1:5])}: return False"
+        f"if {t} is not {code.const(ref)}() or type({t}) is not {kind} or {t}.__dict__ or "
+        f"({t}.shape, {t}.stride(), {t}.dtype, {t}.device) != {code.const(image[1:5])}: "
+        f"return False"
     )
 
 
@@ -204,7 +218,6 @@ class _Code:
             "user_classes": user_classes,
             "same_value": same_value,
             "dicts": operator.itemgetter("_modules", "_parameters", "_buffers"),
-            "MISSING": object(),
         }
         self.names: dict[int, str] = {}
 
