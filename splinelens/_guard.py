@@ -35,15 +35,15 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 from splinelens._structure import (
-    _BASE_IMAGE,
-    _BASE_VALUES,
-    _EAGER,
-    _GLOBAL_HOOKS,
-    _PLAIN_TYPES,
+    BASE_IMAGE,
+    BASE_VALUES,
+    EAGER,
+    GLOBAL_HOOKS,
+    PLAIN_TYPES,
     Structure,
-    _base_values,
-    _by_value,
     added_attributes,
+    base_values,
+    by_value,
     module_list,
     structure,
     user_classes,
@@ -73,7 +73,7 @@ def structure_guard(model: nn.Module, stored: Structure) -> Guard | None:
         _module_checks(code, names, m, rows[id(m)])
     hooks = " or ".join(
         f"tuple(getattr(HOOKS, {h!r}, ())) != {code.const(keys)}"
-        for h, keys in zip(_GLOBAL_HOOKS, stored.tree[1], strict=True)
+        for h, keys in zip(GLOBAL_HOOKS, stored.tree[1], strict=True)
     )
     code.line(f"if {hooks} or torch.get_default_dtype() is not {code.const(stored.tree[2])}:")
     code.line("    return False")
@@ -92,12 +92,12 @@ def _on_path(m: nn.Module) -> bool:
     return (
         added is not None
         and not user_classes(type(m).__mro__)
-        and not _by_value(type(m))
+        and not by_value(type(m))
         and all(_plain_or_sequence(v) for _, v in added)
         and all(type(d[k]) is dict for k in ("_modules", "_parameters", "_buffers"))
         and all(type(k) is str for k in itertools.chain(d, *map(d.get, _DICTS.values())))
         and all(
-            t is None or (type(t) in _EAGER and not vars(t))
+            t is None or (type(t) in EAGER and not vars(t))
             for t in itertools.chain(d["_parameters"].values(), d["_buffers"].values())
         )
     )
@@ -106,8 +106,8 @@ def _on_path(m: nn.Module) -> bool:
 def _plain_or_sequence(v: Any) -> bool:
     """Whether v is a plain value, or a tuple or list of them (kernel sizes, paddings)."""
     kind = type(v)
-    return kind in _PLAIN_TYPES or (
-        (kind is tuple or kind is list) and _PLAIN_TYPES.issuperset(map(type, v))
+    return kind in PLAIN_TYPES or (
+        (kind is tuple or kind is list) and PLAIN_TYPES.issuperset(map(type, v))
     )
 
 
@@ -119,7 +119,7 @@ def same_value(v: Any, image: Any) -> bool:
     >>> same_value(1.0, 1), same_value((1, 2), ("tuple", (1, 2))), same_value([1], ("tuple", (1,)))
     (True, True, False)
     """
-    if type(v) in _PLAIN_TYPES:
+    if type(v) in PLAIN_TYPES:
         return v == image
     return _plain_or_sequence(v) and (type(v).__name__, tuple(v)) == image
 
@@ -139,7 +139,7 @@ def _module_checks(code: _Code, names: dict[int, str], m: nn.Module, row: tuple)
     code.line(f"if [*d] != {code.const(list(d))} or base(d) != BASE: return False")
     code.line("c, p, b = dicts(d)")
     code.line("if type(c) is not dict or type(p) is not dict or type(b) is not dict: return False")
-    for k, image in row[3][0][len(_BASE_IMAGE) :]:  # the added attributes' images
+    for k, image in row[3][0][len(BASE_IMAGE) :]:  # the added attributes' images
         code.line(f"v = d[{k!r}]")
         if type(image) is tuple and image[0] == "list":  # (changed in place: by contents)
             code.line(f"if not same_value(v, {code.const(image)}): return False")
@@ -212,9 +212,9 @@ class _Code:
         self.globals: dict[str, Any] = {
             "torch": torch,
             "HOOKS": _module,
-            "BASE": _BASE_VALUES,
-            "base": _base_values,
-            "by_value": _by_value,
+            "BASE": BASE_VALUES,
+            "base": base_values,
+            "by_value": by_value,
             "user_classes": user_classes,
             "same_value": same_value,
             "dicts": operator.itemgetter("_modules", "_parameters", "_buffers"),

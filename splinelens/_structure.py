@@ -44,13 +44,13 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 _OWN = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device)
-_PLAIN_TYPES = frozenset(_PLAIN)
+PLAIN_TYPES = frozenset(_PLAIN)
 _DEPTH = 6  # how deep attribute values are looked into
 _BUDGET = 4096  # objects recorded in one walk, past which values are taken by identity
 _OPAQUE = (logging.Logger, logging.Manager, type(threading.Lock()))
 _DICTS = frozenset({dict, collections.OrderedDict})
-_EAGER = frozenset({torch.Tensor, nn.Parameter})  # not lazy: has a shape
-_GLOBAL_HOOKS = (
+EAGER = frozenset({torch.Tensor, nn.Parameter})  # not lazy: has a shape
+GLOBAL_HOOKS = (
     "_global_forward_hooks",
     "_global_forward_pre_hooks",
     "_global_forward_hooks_always_called",
@@ -61,11 +61,11 @@ _GLOBAL_HOOKS = (
 _BASE = {k: v for k, v in vars(nn.Module()).items() if k not in _OWN}
 _BASE_KEYS = list(vars(nn.Module()))
 _BASE_FAST = all(  # (else the fast path is never taken)
-    type(v) in _PLAIN_TYPES or (type(v) in _DICTS and not v) for v in _BASE.values()
+    type(v) in PLAIN_TYPES or (type(v) in _DICTS and not v) for v in _BASE.values()
 )
-_base_values = operator.itemgetter(*_BASE)
-_BASE_VALUES = _base_values(_BASE)
-_BASE_IMAGE = tuple((k, () if type(v) in _DICTS else v) for k, v in _BASE.items())
+base_values = operator.itemgetter(*_BASE)
+BASE_VALUES = base_values(_BASE)
+BASE_IMAGE = tuple((k, () if type(v) in _DICTS else v) for k, v in _BASE.items())
 
 
 class Structure:
@@ -111,7 +111,7 @@ def structure(model: nn.Module) -> Structure:
     modules = module_list(model, remove_duplicate=False)
     classes: dict[tuple[type, ...], tuple] = {}  # class attributes, read once per call
     rows = tuple([_row(name, m, objects, classes=classes) for name, m in modules])
-    hooks = tuple([tuple(getattr(_module, h, ())) for h in _GLOBAL_HOOKS])
+    hooks = tuple([tuple(getattr(_module, h, ())) for h in GLOBAL_HOOKS])
     # (the dtype of constants a forward makes with torch.tensor / torch.full)
     return Structure((rows, hooks, torch.get_default_dtype()), objects)
 
@@ -131,14 +131,14 @@ def _row(
         _tensors(params, objects, depth) if params else (),
         _tensors(buffers, objects, depth) if buffers else (),
     )
-    by_value = _by_value(type(m))
-    if not by_value:
+    values = by_value(type(m))
+    if not values:
         return row
-    return row + tuple((k, tuple(getattr(m, k).tolist())) for k in by_value)
+    return row + tuple((k, tuple(getattr(m, k).tolist())) for k in values)
 
 
 @functools.lru_cache(maxsize=1024)
-def _by_value(cls: type) -> tuple[str, ...]:
+def by_value(cls: type) -> tuple[str, ...]:
     """The tensors a module class asks to be recorded by value (``__splinelens_values__``)."""
     return tuple(getattr(cls, "__splinelens_values__", ()))
 
@@ -192,7 +192,7 @@ def _attrs(m: nn.Module, objects: dict, depth: int = 0, classes: dict | None = N
     d = vars(m)
     added = added_attributes(d)
     if added is not None:  # most modules: the image of nn.Module's attributes is a constant
-        own = _BASE_IMAGE + _pairs(added, objects, depth)
+        own = BASE_IMAGE + _pairs(added, objects, depth)
     else:
         redone = _recomputed(m)
         items = [
@@ -236,7 +236,7 @@ def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
     """
     n = len(_BASE_KEYS)
     keys = list(d)
-    if _BASE_FAST and keys[:n] == _BASE_KEYS and _base_values(d) == _BASE_VALUES:
+    if _BASE_FAST and keys[:n] == _BASE_KEYS and base_values(d) == BASE_VALUES:
         return [(k, d[k]) for k in keys[n:]]
     return None
 
@@ -246,9 +246,9 @@ def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:
     out = []
     for k, v in items:
         kind = type(v)
-        if kind in _PLAIN_TYPES:
+        if kind in PLAIN_TYPES:
             out.append((k, v))
-        elif kind is tuple and depth < _DEPTH and _PLAIN_TYPES.issuperset(map(type, v)):
+        elif kind is tuple and depth < _DEPTH and PLAIN_TYPES.issuperset(map(type, v)):
             out.append((k, ("tuple", v)))  # kernel sizes, strides, paddings
         else:
             out.append((k, _value(v, objects, depth)))
@@ -292,7 +292,7 @@ def _tensors(d: dict[str, Any], objects: dict, depth: int = 0) -> tuple:
     nothing that the graph reads)."""
     out = []
     for k, t in d.items():
-        if type(t) in _EAGER and not vars(t):
+        if type(t) in EAGER and not vars(t):
             objects[id(t)] = weakref.ref(t)
             out.append((k, (id(t), t.shape, t.stride(), t.dtype, t.device, ())))
         else:
@@ -317,14 +317,14 @@ def _value(v: Any, objects: dict, depth: int = 0) -> Any:
     """A comparable image of an attribute's value: plain values themselves, containers and
     plain objects (config objects, partials, closures) by their contents, down to _DEPTH."""
     kind = type(v)
-    if kind in _PLAIN_TYPES:
+    if kind in PLAIN_TYPES:
         return v
     if kind in _DICTS and not v:  # most of a module's attributes: its empty hook dicts
         return ()
     if depth < _DEPTH:  # containers of plain values (kernel sizes...), as _image makes them
-        if kind in _DICTS and _PLAIN_TYPES.issuperset(map(type, v.values())):
+        if kind in _DICTS and PLAIN_TYPES.issuperset(map(type, v.values())):
             return ("dict", tuple(v.items()))
-        if (kind is tuple or kind is list) and _PLAIN_TYPES.issuperset(map(type, v)):
+        if (kind is tuple or kind is list) and PLAIN_TYPES.issuperset(map(type, v)):
             return (kind.__name__, tuple(v))
     return _image(v, objects, depth)
 
