@@ -1,6 +1,7 @@
 """What each per-call check costs at a batch of 1, against one forward pass in the same run.
 
-For the MLP 784-256-256-10 and the paper's smallCNN (float32, 1 thread): a map's first-use
+For the MLP 784-256-256-10 and the paper's smallCNN (float32, 1 thread): the view's check of x
+and of the model's structure (its guard, ``_guard``), a map's first-use
 check (finite + fingerprint), the fingerprint every later use compares, the view's finiteness
 check, and B and the partition codes through a held view. Each time is the median of 9 x 200
 calls; printed in microseconds and as a ratio to one forward pass. Run:
@@ -37,6 +38,7 @@ def main() -> None:
         with torch.no_grad():
             forward = us(lambda m=model, x=x: m(x))
         cases = {
+            "view's input and structure": lambda v=view, x=x: v.check(x, values=False),
             "map's first-use check": view.tensors.check,
             "fingerprint (later uses)": view.tensors.fingerprint,
             "view's finiteness check": view.tensors.check_finite,
