@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import splinelens as sl
-from splinelens.paper.neighbors import neighbor_stats, others, region_stats
+from splinelens.paper.neighbors import neighbor_stats, others, region_ids, region_stats
 from splinelens.paper.templates import bimodality, template_responses, template_stats
 from tests import zoo
 
@@ -61,6 +62,14 @@ def test_region_stats_brute_force() -> None:
             assert row["alone" + suffix] == sum(counts[k] == 1 for k in ks) / 300
             assert row["largest" + suffix] == max(counts.values()) / 300
     assert rows[1]["regions_cumulative"] >= rows[1]["regions"]
+
+
+def test_region_stats_of_no_inputs_are_refused_by_name() -> None:
+    """0 inputs raised torch's reshape error; their region ids are empty."""
+    codes = sl.partition_codes(zoo.build("mlp"), torch.randn(3, 6, dtype=torch.float64))[:0]
+    with pytest.raises(ValueError, match="the codes hold no inputs"):
+        region_stats(codes)
+    assert region_ids(codes, 0).shape == (0,)
 
 
 def test_neighbor_stats_brute_force() -> None:

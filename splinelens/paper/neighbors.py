@@ -24,8 +24,8 @@ Tensor = torch.Tensor
 
 def region_ids(codes: PartitionCodes, layer: int | str) -> Tensor:
     """(N,) id of each input's region in one layer's partition (equal codes, equal ids)."""
-    data = codes.layer(layer).data
-    return torch.unique(data.reshape(len(data), -1), dim=0, return_inverse=True)[1]
+    data = codes.layer(layer).data  # (N, width)
+    return torch.unique(data, dim=0, return_inverse=True)[1]
 
 
 def _describe(ids: Tensor) -> tuple[int, float, float]:
@@ -41,6 +41,8 @@ def region_stats(codes: PartitionCodes) -> list[dict[str, float | int | str]]:
     and the largest region's share of the inputs."""
     if not codes.layers:  # an affine network: one region, no layers
         return []
+    if len(codes) == 0:
+        raise ValueError("the codes hold no inputs: region statistics need at least one")
     rows = []
     cumulative = torch.zeros(len(codes), dtype=torch.long, device=codes.layers[0].data.device)
     for i, layer in enumerate(codes.layers):
