@@ -7,11 +7,14 @@ module tree (``_modules``: names, order, identities, None entries), each module'
 attribute names in order, nn.Module's own attributes as ``nn.Module.__init__`` set them, its
 added attributes (plain values, tuples and lists of them, compared as the image compares them,
 against the stored image), its parameters and buffers (identity, type, no attributes set, shape,
-stride, dtype, device), the global module hooks and the default dtype. Objects are compared by
-identity through weak references: a guard keeps nothing alive, and is False once one of them
-died. True means ``structure(model) == stored``; False only that it cannot tell (compare them).
-A model off that path (a class of your own, a hook, another kind of attribute or tensor) gets
-no guard.
+stride, dtype, device), the global module hooks and the default dtype; and, for each class of
+your own (``user_classes`` of its MRO, compared class by class), its class attributes: their
+names in order and their values (plain values, tuples of them, functions, properties,
+staticmethods and classmethods) by identity, at every call (a class attribute can change at any
+time: a patched ``forward``). Objects are compared by identity through weak references: a guard
+keeps nothing alive but the classes, and is False once one of them died. True means
+``structure(model) == stored``; False only that it cannot tell (compare them). A model off that
+path (a hook, another kind of attribute, class attribute or tensor) gets no guard.
 
 >>> import torch.nn as nn
 >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -67,8 +71,11 @@ def structure_guard(model: nn.Module, stored: Structure) -> Guard | None:
     for m in modules:
         code.line(f"{names[id(m)]} = {code.const(stored.objects[id(m)])}()")
     code.line(f"if {names[id(model)]} is not model: return False")
-    for cls in dict.fromkeys(map(type, modules)):
+    classes = dict.fromkeys(map(type, modules))
+    for cls in classes:
         _class_checks(code, cls)
+    for cls in dict.fromkeys(c for k in classes for c in user_classes(k.__mro__)):
+        _class_attribute_checks(code, cls)
     for m in modules:
         _module_checks(code, names, m, rows[id(m)])
     hooks = " or ".join(
@@ -83,15 +90,15 @@ def structure_guard(model: nn.Module, stored: Structure) -> Guard | None:
 
 
 def _on_path(m: nn.Module) -> bool:
-    """Whether a module's image is made by the common path only: a torch class, nn.Module's own
-    attributes as it set them, other attributes plain values or tuples or lists of them,
-    parameters and buffers (or None) of types with a shape and without attributes set, in
-    dicts; every name a ``str``."""
+    """Whether a module's image is made by the common path only: a torch class or classes of
+    your own with simple class attributes (``_simple_class``), nn.Module's own attributes as it
+    set them, other attributes plain values or tuples or lists of them, parameters and buffers
+    (or None) of types with a shape and without attributes set, in dicts; every name a ``str``."""
     d = vars(m)
     added = added_attributes(d)
     return (
         added is not None
-        and not user_classes(type(m).__mro__)
+        and all(map(_simple_class, user_classes(type(m).__mro__)))
         and not by_value(type(m))
         and all(_plain_or_sequence(v) for _, v in added)
         and all(type(d[k]) is dict for k in ("_modules", "_parameters", "_buffers"))
@@ -111,6 +118,34 @@ def _plain_or_sequence(v: Any) -> bool:
     )
 
 
+def _simple_class(c: type) -> bool:
+    """Whether a class's attributes are all cheap to re-check at every call (by identity, with
+    the same image): every name a ``str``, and each value (but dunders, which the image leaves
+    out) a plain value, a tuple of them, a function, a property of functions, a staticmethod or
+    classmethod of a function. Not a list or dict (changed in place), nor another object."""
+    d = vars(c)
+    return all(type(k) is str for k in d) and all(
+        _simple_attribute(v) for k, v in d.items() if not k.startswith("__")
+    )
+
+
+def _simple_attribute(v: Any) -> bool:
+    """Whether a class attribute is one ``_simple_class`` accepts."""
+    kind = type(v)
+    if kind is types.FunctionType or kind in PLAIN_TYPES:
+        return True
+    if kind is tuple:
+        return PLAIN_TYPES.issuperset(map(type, v))
+    if kind is property:
+        return all(f is None or type(f) is types.FunctionType for f in (v.fget, v.fset))
+    return (kind is staticmethod or kind is classmethod) and type(v.__func__) is types.FunctionType
+
+
+def dunder_free(d: Any) -> tuple[str, ...]:
+    """The names in a class's ``vars`` that its image reads (all but dunders), in order."""
+    return tuple([k for k in d if not k.startswith("__")])
+
+
 def same_value(v: Any, image: Any) -> bool:
     """Whether an attribute's value v has the stored image ``image``, for a value on the common
     path (a plain value is its own image; a tuple or list of them ``("tuple", (...))``,
@@ -125,10 +160,60 @@ def same_value(v: Any, image: Any) -> bool:
 
 
 def _class_checks(code: _Code, cls: type) -> None:
-    """Lines that check a class is still a torch class without ``__splinelens_values__``, as
-    ``_row`` and ``_attrs`` read it (through the same caches)."""
-    c = code.const(cls)
-    code.line(f"if by_value({c}) or user_classes({c}.__mro__): return False")
+    """Lines that check a class is still without ``__splinelens_values__`` and has the same
+    classes of your own in its MRO (``__bases__`` can be reassigned), as ``_row`` and ``_attrs``
+    read them (through the same caches), each the same class."""
+    c, mine = code.const(cls), user_classes(cls.__mro__)
+    if not mine:
+        code.line(f"if by_value({c}) or user_classes({c}.__mro__): return False")
+        return
+    same = (f"u[{i}] is not {code.const(k)}" for i, k in enumerate(mine))
+    code.line(f"u = user_classes({c}.__mro__)")
+    code.line(f"if by_value({c}) or len(u) != {len(mine)} or {' or '.join(same)}: return False")
+
+
+def _class_attribute_checks(code: _Code, cls: type) -> None:
+    """Lines that check a class of your own has the same attributes (names in order, values by
+    identity) as it had when its image was made: the same image (``_class_attrs``). A property's
+    fget and fset and a staticmethod's or classmethod's ``__func__`` are read-only attributes,
+    but ``__init__`` called again rebinds them: they are read at every call too."""
+    d = vars(cls)
+    keys = dunder_free(d)
+    c, k = code.const(cls), code.const(keys)
+    code.line(f"d = {c}.__dict__")  # (all names first: cheaper than leaving dunders out)
+    code.line(f"if tuple(d) != {code.const(tuple(d))} and dunder_free(d) != {k}: return False")
+    if not keys:
+        return
+    bound = [f"v{i}" for i in range(len(keys))]
+    if len(keys) == 1:
+        code.line(f"v0 = d[{keys[0]!r}]")
+    else:
+        code.line(f"{', '.join(bound)} = {code.const(operator.itemgetter(*keys))}(d)")
+    differs = " or ".join(_differs(code, v, d[key]) for v, key in zip(bound, keys, strict=True))
+    code.line(f"if {differs}: return False")
+
+
+def _differs(code: _Code, var: str, value: Any) -> str:
+    """An expression that is True unless the value of ``var`` is ``value`` (an attribute that
+    ``_simple_attribute`` accepts), or one with the same image: functions held weakly."""
+    kind = type(value)
+    if kind is property:
+        fget, fset = (_other(code, f"{var}.{f}", getattr(value, f)) for f in ("fget", "fset"))
+        return f"type({var}) is not {code.const(property)} or {fget} or {fset}"
+    if kind is staticmethod or kind is classmethod:
+        func = _other(code, f"{var}.__func__", value.__func__)
+        return f"type({var}) is not {code.const(kind)} or {func}"
+    if kind is types.FunctionType:
+        return _other(code, var, value)
+    return f"{var} is not {code.const(value)}"  # (plain values and tuples of them: immutable)
+
+
+def _other(code: _Code, expr: str, f: types.FunctionType | None) -> str:
+    """An expression that is True unless ``expr`` is the function f (through the weak
+    reference in the stored image: None once f died) or None where f is."""
+    if f is None:
+        return f"{expr} is not None"
+    return f"{expr} is not {code.const(code.stored.objects[id(f)])}() or {expr} is None"
 
 
 def _module_checks(code: _Code, names: dict[int, str], m: nn.Module, row: tuple) -> None:
@@ -217,6 +302,7 @@ class _Code:
             "by_value": by_value,
             "user_classes": user_classes,
             "same_value": same_value,
+            "dunder_free": dunder_free,
             "dicts": operator.itemgetter("_modules", "_parameters", "_buffers"),
         }
         self.names: dict[int, str] = {}
