@@ -146,6 +146,26 @@ def dunder_free(d: Any) -> tuple[str, ...]:
     return tuple([k for k in d if not k.startswith("__")])
 
 
+def _attribute_differs(code: _Code, image: Any, now: Any) -> str:
+    """An expression that is False only if ``v``, an added attribute's value, has the stored
+    image ``image`` (``now``: the value at build time): the same object (not for a list,
+    changed in place), or of the same type with entries of the same types and equal (inline: an
+    attribute that ``torch.export`` replaced with an equal copy, a conv's padding), or else equal
+    as the images compare (``same_value``: 1 == 1.0 there)."""
+    slow = f"not same_value(v, {code.const(image)})"
+    if type(image) is tuple:  # ("tuple" | "list", entries)
+        kind, entries = type(now), image[1]
+        same = (
+            f"type(v) is {code.const(kind)} and tuple(map(type, v)) == "
+            f"{code.const(tuple(map(type, entries)))} and tuple(v) == {code.const(entries)}"
+        )
+        if kind is list:
+            return f"not ({same}) and {slow}"
+        return f"v is not {code.const(entries)} and not ({same}) and {slow}"
+    k, kind = code.const(image), code.const(type(image))
+    return f"v is not {k} and not (type(v) is {kind} and v == {k}) and {slow}"
+
+
 def same_value(v: Any, image: Any) -> bool:
     """Whether an attribute's value v has the stored image ``image``, for a value on the common
     path (a plain value is its own image; a tuple or list of them ``("tuple", (...))``,
@@ -226,14 +246,7 @@ def _module_checks(code: _Code, names: dict[int, str], m: nn.Module, row: tuple)
     code.line("if type(c) is not dict or type(p) is not dict or type(b) is not dict: return False")
     for k, image in row[3][0][len(BASE_IMAGE) :]:  # the added attributes' images
         code.line(f"v = d[{k!r}]")
-        if type(image) is tuple and image[0] == "list":  # (changed in place: by contents)
-            code.line(f"if not same_value(v, {code.const(image)}): return False")
-            continue
-        value = image[1] if type(image) is tuple else image  # (the object in the stored image)
-        code.line(
-            f"if v is not {code.const(value)} and not same_value(v, {code.const(image)}): "
-            f"return False"
-        )
+        code.line(f"if {_attribute_differs(code, image, d[k])}: return False")
     empty = [k for k in ("c", "p", "b") if not d[_DICTS[k]]]
     if empty:
         code.line(f"if {' or '.join(empty)}: return False")
@@ -301,8 +314,8 @@ class _Code:
             "base": base_values,
             "by_value": by_value,
             "user_classes": user_classes,
-            "same_value": same_value,
             "dunder_free": dunder_free,
+            "same_value": same_value,
             "dicts": operator.itemgetter("_modules", "_parameters", "_buffers"),
         }
         self.names: dict[int, str] = {}

@@ -502,3 +502,21 @@ def test_guard_of_classes_of_your_own_is_sound_after_sequences_of_changes(picks)
         except Exception:  # (a mutation that no longer applies: a deleted attribute, ...)
             continue
         assert not guard(model) or structure(model) == stored
+
+
+def test_attributes_export_copied_keep_the_inline_comparison(monkeypatch):
+    """The static export of a first batch of 1 replaces a conv's kernel size, stride and
+    padding with equal tuples: the guard still tells inline (no call of ``same_value``)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()).eval()
+    view = sl.SplineView(model, torch.randn(2, 2, 5, 5))
+    padding = model[0].padding
+    view.partition_codes(torch.randn(1, 2, 5, 5))  # (the check of a batch of 1)
+    assert model[0].padding == padding and model[0].padding is not padding
+    calls = []
+    same = view.guard.__globals__["same_value"]
+    monkeypatch.setitem(
+        view.guard.__globals__, "same_value", lambda *a: calls.append(a) or same(*a)
+    )
+    assert view.guard(model) and calls == []
+    model[0].padding = [1, 1]  # (equal entries, another kind: as the images compare, unequal)
+    assert not view.guard(model) and calls
