@@ -54,6 +54,8 @@ from splinelens._structure import (
 )
 
 Guard = Callable[[nn.Module], bool]
+_DICT_NAMES = {"c": "_modules", "p": "_parameters", "b": "_buffers"}  # (variables of the code)
+_MISSING = object()  # an attribute looked up in the guard and not found
 
 
 def structure_guard(model: nn.Module, stored: Structure) -> Guard | None:
@@ -102,7 +104,7 @@ def _on_path(m: nn.Module) -> bool:
         and not by_value(type(m))
         and all(_plain_or_sequence(v) for _, v in added)
         and all(type(d[k]) is dict for k in ("_modules", "_parameters", "_buffers"))
-        and all(type(k) is str for k in itertools.chain(d, *map(d.get, _DICTS.values())))
+        and all(type(k) is str for k in itertools.chain(d, *map(d.get, _DICT_NAMES.values())))
         and all(
             t is None or (type(t) in EAGER and not vars(t))
             for t in itertools.chain(d["_parameters"].values(), d["_buffers"].values())
@@ -147,11 +149,11 @@ def dunder_free(d: Any) -> tuple[str, ...]:
 
 
 def _attribute_differs(code: _Code, image: Any, now: Any) -> str:
-    """An expression that is False only if ``v``, an added attribute's value, has the stored
-    image ``image`` (``now``: the value at build time): the same object (not for a list,
-    changed in place), or of the same type with entries of the same types and equal (inline: an
-    attribute that ``torch.export`` replaced with an equal copy, a conv's padding), or else equal
-    as the images compare (``same_value``: 1 == 1.0 there)."""
+    """An expression that is False only if ``v`` (the generated code's variable: an added
+    attribute's value) has the stored image ``image`` (``now``: the value at build time): the
+    same object (not for a list, changed in place), or of the same type with entries of the
+    same types and equal (inline: an attribute that ``torch.export`` replaced with an equal
+    copy, a conv's padding), or else equal as the images compare (``same_value``: 1 == 1.0)."""
     slow = f"not same_value(v, {code.const(image)})"
     if type(image) is tuple:  # ("tuple" | "list", entries)
         kind, entries = type(now), image[1]
@@ -245,22 +247,19 @@ def _module_checks(code: _Code, names: dict[int, str], m: nn.Module, row: tuple)
     code.line("c, p, b = dicts(d)")
     code.line("if type(c) is not dict or type(p) is not dict or type(b) is not dict: return False")
     for k, image in row[3][0][len(BASE_IMAGE) :]:  # the added attributes' images
-        code.line(f"v = d[{k!r}]")
+        code.line(f"v = d.get({k!r}, MISSING)")  # (a key equal to k of another hash)
         code.line(f"if {_attribute_differs(code, image, d[k])}: return False")
-    empty = [k for k in ("c", "p", "b") if not d[_DICTS[k]]]
+    empty = [k for k in ("c", "p", "b") if not d[_DICT_NAMES[k]]]
     if empty:
         code.line(f"if {' or '.join(empty)}: return False")
     if d["_modules"]:
         _children(code, [names.get(id(c), "None") for c in d["_modules"].values()], d)
     for key, i in (("p", 4), ("b", 5)):
-        if d[_DICTS[key]]:
+        if d[_DICT_NAMES[key]]:
             images = dict(row[i])
-            bound = _same_keys(code, key, d[_DICTS[key]])
-            for t, k in zip(bound, d[_DICTS[key]], strict=True):
+            bound = _same_keys(code, key, d[_DICT_NAMES[key]])
+            for t, k in zip(bound, d[_DICT_NAMES[key]], strict=True):
                 _tensor_checks(code, t, images[k], code.stored)
-
-
-_DICTS = {"c": "_modules", "p": "_parameters", "b": "_buffers"}
 
 
 def _children(code: _Code, children: list[str], d: dict[str, Any]) -> None:
@@ -315,12 +314,14 @@ class _Code:
             "by_value": by_value,
             "user_classes": user_classes,
             "dunder_free": dunder_free,
+            "MISSING": _MISSING,
             "same_value": same_value,
             "dicts": operator.itemgetter("_modules", "_parameters", "_buffers"),
         }
         self.names: dict[int, str] = {}
 
     def line(self, text: str) -> None:
+        """Append one line of the guard's body."""
         self.lines.append(f"    {text}")
 
     def const(self, value: Any) -> str:
@@ -331,6 +332,7 @@ class _Code:
         return self.names[id(value)]
 
     def compile(self) -> Guard:
+        """The guard: ``guard(model) -> bool``, compiled from the lines."""
         source = "\n".join(["def guard(model):", *self.lines])
         exec(compile(source, "<splinelens structure guard>", "exec"), self.globals)
         return self.globals["guard"]

@@ -122,7 +122,8 @@ def _row(
     """(name, id, class, attributes, parameters, buffers) of one module (``classes``: the
     class attributes already read in this walk)."""
     objects[id(m)] = weakref.ref(m)
-    params, buffers = m._parameters, m._buffers
+    d = vars(m)  # (not m._parameters: a class's property or __getattribute__ could answer)
+    params, buffers = d["_parameters"], d["_buffers"]
     row = (
         name,
         id(m),
@@ -155,7 +156,7 @@ def module_list(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[s
                 return
             seen.add(id(m))
         out.append((prefix, m))
-        for name, sub in m._modules.items():
+        for name, sub in vars(m)["_modules"].items():  # (as _row reads them)
             if sub is not None:
                 visit(f"{prefix}.{name}" if prefix else name, sub)
 
@@ -234,11 +235,19 @@ def added_attributes(d: dict[str, Any]) -> list[tuple[str, Any]] | None:
     >>> added_attributes(vars(nn.Linear(2, 3)))
     [('in_features', 2), ('out_features', 3)]
     """
+    n, keys = len(_BASE_KEYS), list(d)
+    # (nn.Module's own usually first; after those set before nn.Module.__init__: PReLU's)
+    start = 0 if keys[:n] == _BASE_KEYS else _base_start(keys)
+    if not _BASE_FAST or start is None or base_values(d) != BASE_VALUES:
+        return None
+    return [(k, d[k]) for k in keys[:start] + keys[start + n :]]
+
+
+def _base_start(keys: list[str]) -> int | None:
+    """Where nn.Module.__init__'s attributes start in ``keys``, if they are there in order."""
     n = len(_BASE_KEYS)
-    keys = list(d)
-    if _BASE_FAST and keys[:n] == _BASE_KEYS and base_values(d) == BASE_VALUES:
-        return [(k, d[k]) for k in keys[n:]]
-    return None
+    start = keys.index(_BASE_KEYS[0]) if _BASE_KEYS[0] in keys else None
+    return start if start is not None and keys[start : start + n] == _BASE_KEYS else None
 
 
 def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:

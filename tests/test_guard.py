@@ -233,7 +233,6 @@ def test_guard_holds_nothing_alive():
 # the zoo models off the guard's path: a PReLU (an attribute set before nn.Module.__init__), an
 # RNN (its flat weights), spline activations (tensors by value) and a splinified forward
 UNGUARDED = {
-    "mixed_activations",
     "rnn",
     "splined_gelu_mlp",
     "splined_tanh_cnn",
@@ -260,7 +259,7 @@ def test_guard_on_the_zoo(name):
         (mlp, True),
         (cnn, True),
         (lambda: nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Hardtanh()), True),
-        (nn.PReLU, False),  # (sets an attribute before nn.Module.__init__: off the common path)
+        (nn.PReLU, True),  # (sets an attribute before nn.Module.__init__)
         (Mine, True),  # a class of your own: its class attributes at every call
         (lambda: nn.Sequential(Mine()), True),
         (lambda: _user_net()[0], True),
@@ -520,3 +519,69 @@ def test_attributes_export_copied_keep_the_inline_comparison(monkeypatch):
     assert view.guard(model) and calls == []
     model[0].padding = [1, 1]  # (equal entries, another kind: as the images compare, unequal)
     assert not view.guard(model) and calls
+
+
+def test_guard_of_a_module_with_attributes_set_before_module_init():
+    model = nn.Sequential(nn.Linear(2, 2), nn.PReLU(2))
+    stored = structure(model)
+    guard = structure_guard(model, stored)
+    assert guard is not None and guard(model)
+    model[1].init = 0.5
+    assert not guard(model) and structure(model) != stored
+    model[1].init = 0.25
+    d = vars(model[1])
+    d["num_parameters"] = d.pop("num_parameters")  # (now after nn.Module's own)
+    assert not guard(model)
+
+
+_SHADOW = {"on": False}
+
+
+class _Shadowed(nn.Module):
+    """A class-level property that answers for the instance's ``_modules``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    @property
+    def _modules(self) -> dict:
+        d = self.__dict__["_modules"]
+        return {**d, "extra": nn.Tanh()} if _SHADOW["on"] else d
+
+    @_modules.setter
+    def _modules(self, value: dict) -> None:
+        self.__dict__["_modules"] = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_guard_and_structure_read_the_same_dicts():
+    model = _Shadowed()
+    stored = structure(model)
+    guard = structure_guard(model, stored)
+    try:
+        _SHADOW["on"] = True
+        assert not guard(model) or structure(model) == stored
+    finally:
+        _SHADOW["on"] = False
+
+
+def test_an_attribute_name_of_another_hash_is_not_a_crash():
+    """A key equal to an attribute's name but of another hash (a str subclass) made the guard
+    raise KeyError; it cannot tell (False), and the walk decides."""
+
+    class Key(str):
+        def __hash__(self) -> int:
+            return str.__hash__(self) + 1
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    stored = structure(model)
+    guard = structure_guard(model, stored)
+    assert guard is not None and guard(model)
+    d = vars(model[0])
+    items = [(Key(k) if k == "out_features" else k, v) for k, v in d.items()]
+    d.clear()
+    d.update(items)
+    assert guard(model) is False
