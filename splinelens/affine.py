@@ -163,7 +163,7 @@ class AffineMap(HoldsCapture):
         """Offsets, (N, *end_shape): the frozen network with z_start = 0."""
         self._check_unchanged()
         z0 = self._recorded()[1]
-        return self._apply(z0.new_zeros(len(self.x), *self.start_shape))
+        return self._apply(z0.new_zeros(len(self.x), *self.start_shape), zero=True)
 
     @functools.cached_property
     def A(self) -> Tensor:
@@ -185,10 +185,13 @@ class AffineMap(HoldsCapture):
         self._check_unchanged()
         return self._apply(z)
 
-    def _apply(self, z: Tensor) -> Tensor:
+    def _apply(self, z: Tensor, zero: bool = False) -> Tensor:
+        """The frozen map at z (``zero``: z is 0 at the input: its affine prefix computed once)."""
         prog, states = self.program, self._recorded()[0]
         with torch.no_grad(), exact_matmul():
-            values = prog.frozen(self._x, states, at={self.start: self._node(z)}, stop=self.end)
+            given = prog.zero_prefix(len(z), z) if zero and self.start == prog.input_name else {}
+            at = {self.start: self._node(z), **given}
+            values = prog.frozen(self._x, states, at=at, stop=self.end)
         return prog.per_sample(self.end, values[self.end])
 
     def templates(self, rows: Sequence[int] | None = None, chunk_size: int | None = None) -> Tensor:

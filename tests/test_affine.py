@@ -207,3 +207,45 @@ def test_tiled_rows_in_chunks_and_between_layers(tiled_rows: None) -> None:
         ]
     for a, b in zip(tiled, rows, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_offsets_computed_once_for_the_affine_prefix_are_the_frozen_pass_at_zero(name: str) -> None:
+    """B takes the first layers' values at the zero input once (for 2 inputs, copied N times)
+    instead of N times: the same offsets, bit for bit in float64, as the frozen network run on N
+    zero inputs (reference: the program's frozen pass, the prefix not given)."""
+    model, x = zoo.build(name), zoo.inputs(name, n=5)
+    view = sl.SplineView(model, x)
+    amap = view.affine_map(x)
+    prog, states = view.program, amap.states
+    zero = prog.from_sample(prog.input_name, torch.zeros_like(x))
+    with torch.no_grad():
+        ref = prog.frozen(x, states, at={prog.input_name: zero})[prog.output_name]
+    assert torch.equal(amap.B, prog.per_sample(prog.output_name, ref))
+    given = prog.zero_prefix(5, x)
+    if name in ("mlp", "small_cnn", "resnet", "conv3d", "maxout"):  # (a layer before any MASO)
+        assert given  # (the path is taken)
+    assert all(v.shape[prog.bdims[k]] == 5 for k, v in given.items())
+
+
+def test_offsets_without_the_prefix_where_a_batch_of_two_is_refused() -> None:
+    """A forward that branches on the batch size (odd sizes only): no batch of 2 to compute the
+    prefix with, B as before (reference: f(x) - A x through jacrev)."""
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(torch.relu(self.a(x)))
+            return h if x.shape[0] % 2 == 1 else -h
+
+    torch.manual_seed(0)
+    model, x = Odd().double().eval(), torch.randn(5, 3, dtype=torch.float64)
+    view = sl.SplineView(model, x)
+    assert not view.program.batch.accepts(2) and view.program.zero_prefix(5, x) == {}
+    jac = torch.stack([torch.func.jacrev(model)(xi[None].repeat(3, 1))[0, :, 0] for xi in x])
+    with torch.no_grad():
+        b = model(x) - torch.einsum("ncd,nd->nc", jac, x)
+    torch.testing.assert_close(view.affine_map(x).B, b, atol=1e-12, rtol=0)

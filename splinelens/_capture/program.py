@@ -190,6 +190,21 @@ class Program:
             used.add(self.output_name)
         return prefix, frozenset(n for n in used if n in self.bdims)
 
+    def zero_prefix(self, n: int, like: Tensor) -> dict[str, Tensor]:
+        """What the rest of the network reads from its affine prefix (``affine_prefix``) for n
+        zero inputs: the same for every input, computed for 2 and copied n times, for ``frozen``'s
+        ``at`` (B skips the first layers' n-fold work). {} where that gains nothing (n <= 2, no
+        prefix) or a batch of 2 lies outside the capture's range. ``like``: x (dtype, device)."""
+        prefix, needed = self.affine_prefix()
+        frontier = sorted(needed & prefix, key=self.position.__getitem__)
+        if n <= 2 or not frontier or not self.batch.accepts(2):
+            return {}
+        zero = self.from_sample(self.input_name, like.new_zeros(2, *self.shapes[self.input_name]))
+        values, _ = self.record(zero, stop=frontier[-1])
+        if not all(isinstance(values[k], Tensor) for k in frontier):  # (a tuple: not given)
+            return {}
+        return {k: _repeat(values[k], self.bdims[k], n) for k in frontier}
+
     def per_sample(self, node: str, value: Tensor) -> Tensor:
         """Move the batch dimension of a node's value to the front: (N, *shape)."""
         return value.movedim(self.bdims[node], 0)
@@ -241,6 +256,13 @@ class Program:
     @functools.cached_property
     def _state_bdims(self) -> dict[str, int]:
         return {layer.step: layer.state_bdim for layer in self.layers}
+
+
+def _repeat(value: Tensor, dim: int, n: int) -> Tensor:
+    """The first entry along ``dim`` repeated n times there, in new memory (a value given to an
+    executor may be viewed or written by what reads it)."""
+    sizes = [n if i == dim else s for i, s in enumerate(value.shape)]
+    return value.narrow(dim, 0, 1).expand(sizes).contiguous()
 
 
 def refs_in(a: Any) -> list[Ref]:
