@@ -10,8 +10,9 @@ a baseline run back to back in the same repeat (median over repeats):
 
 Each splinelens call goes through a held ``SplineView`` (its per-call checks included); two
 rows per case show codes and B from ``Program.record`` / ``Program.frozen`` alone, without the
-checks (what the executors cost), and one row the checks alone: the structure walk and the
-finiteness of x and of every weight, which each call pays (the floor under the codes' ratio).
+checks (what the executors cost), and one row the checks alone: the structure check (its
+guard) and the finiteness of x and of every weight, which each call pays (the floor under the
+codes' ratio).
 Run:
 
     python bench/bench_small.py [--repeats 30] [--batches 1 8]
@@ -71,7 +72,7 @@ def unchecked(view: sl.SplineView, x: torch.Tensor) -> dict[str, Callable[[], ob
             zero = torch.zeros_like(values[prog.input_name])
             return prog.frozen(x, states, at={prog.input_name: zero})[prog.output_name]
 
-    def checks() -> None:  # what every codes call adds: the structure walk, x and weights finite
+    def checks() -> None:  # what every codes call adds: structure (guard), x and weights finite
         view.check(x, values=False)
         bool(torch.stack([x.sum(), *view.tensors.sums()]).isfinite().all())
 
