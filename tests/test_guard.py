@@ -183,11 +183,14 @@ def test_guard_is_never_true_where_the_structure_changed(name, mutate, changes):
         assert guard(model)  # what the capture does not depend on keeps the fast path
 
 
-@settings(
+SEQUENCES = settings(  # random sequences of mutations
     max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+
+
+@SEQUENCES
 @given(st.lists(st.integers(0, len(MUTATIONS) - 1), min_size=1, max_size=4))
 def test_guard_is_sound_after_sequences_of_changes(picks):
     model = cnn()
@@ -303,31 +306,26 @@ def test_guard_none_where_the_stored_structure_is_stale():
     assert structure_guard(model, stored) is None
 
 
-def test_the_check_of_a_view_takes_the_guard_and_refuses_changes(monkeypatch):
-    model = mlp().eval()
-    x = torch.randn(3, 4)
-    view = sl.SplineView(model, x)
-    sl.partition_codes(model, x)  # (cached)
-    walks = []
-
-    def counted(m: nn.Module) -> object:
-        walks.append(m)
-        return structure(m)
-
-    monkeypatch.setattr(view_module, "structure", counted)
-    view.check(x)
-    view.partition_codes(x)
-    view.affine_map(x)
-    sl.partition_codes(model, x)
-    assert walks == []  # (the guard told)
+def _replace_relu(model: nn.Module) -> None:
     model[1] = nn.ReLU()
-    with pytest.raises(sl.StaleCaptureError, match="module '1' was replaced"):
-        view.partition_codes(x)
 
 
-def test_the_check_of_a_view_of_classes_of_your_own_takes_the_guard(monkeypatch):
-    model = zoo.ResNet().eval()
-    x = torch.randn(2, 3, 8, 8)
+def _patch_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo.ResBlock, "forward", lambda self, x: x)
+
+
+@pytest.mark.parametrize(
+    "make, shape, change, match",
+    [
+        (mlp, (3, 4), lambda m, mp: _replace_relu(m), "module '1' was replaced"),  # torch layers
+        (zoo.ResNet, (2, 3, 8, 8), lambda m, mp: _patch_block(mp), "changed"),  # classes of yours
+    ],
+)
+def test_the_check_of_a_view_takes_the_guard_and_refuses_changes(
+    monkeypatch, make, shape, change, match
+):
+    model = make().eval()
+    x = torch.randn(*shape)
     view = sl.SplineView(model, x)
     sl.partition_codes(model, x)  # (cached)
     walks = []
@@ -340,10 +338,11 @@ def test_the_check_of_a_view_of_classes_of_your_own_takes_the_guard(monkeypatch)
     assert view.guard is not None
     view.check(x)
     view.partition_codes(x)
+    view.affine_map(x)
     sl.partition_codes(model, x)
     assert walks == []  # (the guard told)
-    monkeypatch.setattr(zoo.ResBlock, "forward", lambda self, x: x)
-    with pytest.raises(sl.StaleCaptureError):
+    change(model, monkeypatch)
+    with pytest.raises(sl.StaleCaptureError, match=match):
         view.partition_codes(x)
 
 
@@ -485,11 +484,7 @@ def test_guard_of_classes_of_your_own_is_never_true_where_the_structure_changed(
         assert guard(model)  # (what the image leaves out keeps the fast path)
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@SEQUENCES
 @given(st.lists(st.integers(0, len(USER_MUTATIONS) - 1), min_size=1, max_size=4))
 def test_guard_of_classes_of_your_own_is_sound_after_sequences_of_changes(picks):
     model, classes = _user_net()
