@@ -51,6 +51,7 @@ from splinelens._structure import (
     module_list,
     structure,
     user_classes,
+    value_image,
 )
 
 Guard = Callable[[nn.Module], bool]
@@ -169,16 +170,12 @@ def _attribute_differs(code: _Code, image: Any, now: Any) -> str:
 
 
 def same_value(v: Any, image: Any) -> bool:
-    """Whether an attribute's value v has the stored image ``image``, for a value on the common
-    path (a plain value is its own image; a tuple or list of them ``("tuple", (...))``,
-    ``("list", (...))``): equal as the images compare, never for any other kind of value.
+    """Whether an attribute's value v has the stored image ``image``, as the images compare.
 
     >>> same_value(1.0, 1), same_value((1, 2), ("tuple", (1, 2))), same_value([1], ("tuple", (1,)))
     (True, True, False)
     """
-    if type(v) in PLAIN_TYPES:
-        return v == image
-    return _plain_or_sequence(v) and (type(v).__name__, tuple(v)) == image
+    return value_image(v) == image
 
 
 def _class_checks(code: _Code, cls: type) -> None:

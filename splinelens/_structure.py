@@ -250,6 +250,15 @@ def _base_start(keys: list[str]) -> int | None:
     return start if start is not None and keys[start : start + n] == _BASE_KEYS else None
 
 
+def value_image(v: Any) -> Any:
+    """The image of one attribute's value, as a module's row holds it (``_pairs``).
+
+    >>> value_image(3), value_image((1, 2)), value_image([1])
+    (3, ('tuple', (1, 2)), ('list', (1,)))
+    """
+    return _pairs([("", v)], {}, 0)[0][1]
+
+
 def _pairs(items: list[tuple[str, Any]], objects: dict, depth: int) -> tuple:
     """(name, _value(value)) of each (name, value), with its commonest cases inline."""
     out = []

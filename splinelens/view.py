@@ -220,11 +220,17 @@ class SplineView(HoldsCapture):
                 f"captured for {self.input_shape}; pass a batch (N, "
                 f"{', '.join(map(str, self.input_shape))})"
             )
-        same = self.guard is not None and self.guard(self.model)  # (else it cannot tell)
-        now = None if same else structure(self.model)
-        same = same or now == self.structure
-        check_dtype(self.model, x, name, self.dtype if same else None)
-        self._check_model(len(x), None if same else now, weights and values)
+        changed = self._changed(self.model)
+        check_dtype(self.model, x, name, self.dtype if changed is None else None)
+        self._check_model(len(x), changed, weights and values)
+
+    def _changed(self, model: nn.Module) -> Structure | None:
+        """The structure of ``model`` now where it is not the captured one, else None (its
+        guard tells, or else a walk of the module tree)."""
+        if self.guard is not None and self.guard(model):
+            return None
+        now = structure(model)
+        return None if now == self.structure else now
 
     def _check_model(self, n: int, changed: Structure | None = None, weights: bool = True) -> None:
         """The model as captured (``changed``: its structure now, where it differs), in eval
@@ -300,8 +306,10 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     check_input("x", x, values)
     key = (tuple(x.shape[1:]), x.dtype, x.device.type)
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
-    if not (len(views) == 1 and views[0].guard is not None and views[0].guard(model)):
-        now = structure(model)  # (the guard of the one view cached tells without the walk)
+    if len(views) == 1:  # (its guard tells without the walk)
+        views[:] = [v for v in views if v._changed(model) is None]
+    elif views:
+        now = structure(model)  # (one walk for all)
         views[:] = [v for v in views if v.structure == now]
     check_dtype(model, x, known=views[0].dtype if views else None)
     view = next((v for v in views if v.program.batch.accepts(len(x))), None)

@@ -171,6 +171,7 @@ class Program:
             fn = self._code[key] = generate(self, mode, key[1], stop)
         return fn
 
+    @functools.cached_property
     def affine_prefix(self) -> tuple[frozenset[str], frozenset[str]]:
         """The batched steps before any MASO (affine in the input), and the nodes read later on.
 
@@ -195,9 +196,11 @@ class Program:
         zero inputs: the same for every input, computed for 2 and copied n times, for ``frozen``'s
         ``at`` (B skips the first layers' n-fold work). {} where that gains nothing (n <= 2, no
         prefix) or a batch of 2 lies outside the capture's range. ``like``: x (dtype, device)."""
-        prefix, needed = self.affine_prefix()
+        if n <= 2:
+            return {}
+        prefix, needed = self.affine_prefix
         frontier = sorted(needed & prefix, key=self.position.__getitem__)
-        if n <= 2 or not frontier or not self.batch.accepts(2):
+        if not frontier or not self.batch.accepts(2):
             return {}
         zero = self.from_sample(self.input_name, like.new_zeros(2, *self.shapes[self.input_name]))
         values, _ = self.record(zero, stop=frontier[-1])

@@ -102,7 +102,7 @@ class Plane:
     def __init__(self, view: SplineView, origin: Tensor, dirs: Tensor) -> None:
         self.view, self.origin, self.dirs = view, origin, dirs
         prog = view.program
-        _, needed = prog.affine_prefix()
+        _, needed = prog.affine_prefix
         base = torch.stack([origin, origin + dirs[0], origin + dirs[1]])
         with torch.no_grad(), exact_matmul():
             env, _ = prog.record(base)
