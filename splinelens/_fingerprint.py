@@ -18,6 +18,7 @@ ValueError: model parameter or buffer 'weight' holds nan at index (0, 1); ...
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -102,9 +103,18 @@ class ModelTensors:
     """
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
-        self.named = named
+        # held weakly, with a detached alias of each (its data, version counter, no hooks): a
+        # cached view holds these, and a tensor's hook may be a method of the model
+        self._refs = [(name, weakref.ref(t), t.detach()) for name, t in named]
+        self._ids = [id(t) for _, t in named]
         # (layout key, pieces, groups of the bit sums), replaced as one (threads share a view)
         self._planned: tuple[list[tuple], list[_Piece], list[Groups]] = ([], [], [])
+
+    @property
+    def named(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor): each tensor while it exists, else its alias (its data as it was: a
+        recomputed attribute, such as a pruned ``weight``, bound anew)."""
+        return [(name, a if (t := r()) is None else t) for name, r, a in self._refs]
 
     def fingerprint(self) -> WeightsFingerprint:
         """The wide fingerprint of the tensors now (non-finite entries allowed)."""
@@ -125,8 +135,10 @@ class ModelTensors:
         return sum_parts(self._pieces()[2])
 
     def ids(self) -> tuple[tuple[str, int, int, int], ...]:
-        """(name, id, version counter, data pointer) of each tensor, as in a fingerprint."""
-        return _ids(self.named)
+        """(name, id, version counter, data pointer) of each tensor, as in a fingerprint (the
+        id of the tensor given, also once it is freed)."""
+        now = _ids(self.named)
+        return tuple([(n, i, v, p) for (n, _, v, p), i in zip(now, self._ids, strict=True)])
 
     def _fingerprint(self, check: bool) -> WeightsFingerprint:
         plan, groups, joined = self._pieces()

@@ -14,6 +14,7 @@ import itertools
 import logging
 import types
 import typing
+import warnings
 import weakref
 
 import numpy as np
@@ -1125,6 +1126,9 @@ class _RootOwned(nn.Module):
     def _seen(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out
 
+    def grad_hook(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.l1(torch.relu(self.l0(x * self.scale + self.shift)))
 
@@ -1183,6 +1187,53 @@ def test_a_config_object_holding_the_model_does_not_keep_it_alive(entry, dtype) 
     gc.collect()
     assert ref() is None
     assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_parameter_hook_that_is_a_method_of_the_model_does_not_keep_it_alive(
+    entry, dtype, when
+) -> None:
+    """A parameter whose gradient hook is a method of the model, registered before or after
+    the first call: the view held its tensors (for their checks), so the view cache kept the
+    model forever. Reference: a weak reference, the objects the collector tracks, and the same
+    answer at a second call, with no warning (the capture is cached)."""
+    torch.manual_seed(0)
+    net, x = _RootOwned().to(dtype).eval(), torch.randn(4, 3, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot cache its capture")
+        if when == "before":
+            net.l0.weight.register_hook(net.grad_hook)
+        first = _ENTRY_POINTS[entry](net, x)
+        if when == "after":
+            net.l0.weight.register_hook(net.grad_hook)
+        again = _ENTRY_POINTS[entry](net, x)
+    if isinstance(first, torch.Tensor):
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    gc.collect()
+    assert ref() is None
+    assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
+
+
+@pytest.mark.parametrize("entry", ["affine_map", "partition_codes", "verify"])
+def test_a_cached_capture_keeps_neither_the_batch_nor_the_export(entry) -> None:
+    """The lazy check of a batch of 1 held the whole example batch and the export (with the
+    model's tensors) until a batch of 1 came: a cached capture of 1037 inputs kept them all.
+    Reference: the tensors and exported programs the collector tracks."""
+    torch.manual_seed(0)
+    net, x = _RootOwned().double().eval(), torch.randn(1037, 3, dtype=torch.float64)
+    _ENTRY_POINTS[entry](net, x)
+    del x
+    gc.collect()
+    tracked = gc.get_objects()
+    # (plain tensors: torch keeps the export's fake ones, which hold no data, in its caches)
+    assert not [o for o in tracked if type(o) is torch.Tensor and o.shape[:1] == (1037,)]
+    assert not [o for o in tracked if isinstance(o, torch.export.ExportedProgram)]
+    assert sl.SplineView(net, torch.randn(2, 3, dtype=torch.float64)).program.batch.accepts(1)
 
 
 @pytest.mark.parametrize("dense", [True, False])

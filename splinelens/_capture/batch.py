@@ -77,10 +77,11 @@ class BatchSizes:
         if lo == 2:
             ref = weakref.ref(model)  # the cache must not keep the model alive
             ex1 = ex[:2].detach().clone()
+            ops = _ops_of(ep)  # (not ep: it holds the model's tensors, and a hook the model)
 
             def single() -> str:
                 with within():
-                    return _single_input_problem(ep, static_export, ref(), ex1, run)
+                    return _single_input_problem(ops, static_export, ref(), ex1, run)
 
             sizes._single = single
         return sizes
@@ -164,20 +165,21 @@ def _range(ep: torch.export.ExportedProgram, sym: str) -> tuple[int, int | None]
 
 
 def _single_input_problem(
-    ep: torch.export.ExportedProgram,
+    ops: list[tuple],
     static_export: Callable[[nn.Module], torch.export.ExportedProgram],
     model: nn.Module | None,
     ex: torch.Tensor,
     run: Callable[[torch.Tensor], torch.Tensor],
 ) -> str:
-    """Why a batch of 1 is not the captured graph ("" if it is)."""
+    """Why a batch of 1 is not the captured graph, whose ``_ops_of`` are ``ops`` ("" if it
+    is)."""
     if model is None:
         return "the model no longer exists"
     try:
         static = static_export(model)
     except Exception as e:
         return f"torch.export fails on one input ({type(e).__name__})"
-    ops, single = _ops_of(ep), _ops_of(static)
+    single = _ops_of(static)
     if not _same_graph(ops, single):
         return (
             f"for one input the forward builds another graph ({_first_difference(ops, single)}): "

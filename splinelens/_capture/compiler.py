@@ -136,9 +136,10 @@ def _capture(
     if ep.graph_signature.user_inputs_to_mutate:  # (a change that left this x as it was)
         raise changes_input(model)
     prog = _Compiler(model, ep).compile()
+    one = ex[:1].clone()  # (not a view of ex: the cached capture keeps this one input)
     batch = BatchSizes.of(
         ep,
-        lambda m: _export(m, ex[:1], dynamic=False),
+        lambda m: _export(m, one, dynamic=False),
         model,
         ex,
         functools.partial(program_output, prog),
