@@ -169,9 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--batch", type=opt.count, default=8)
     check.set_defaults(run=_check)
     demo = sub.add_parser("demo", help="the paper's figures on MNIST, with report.html")
-    demo.add_argument("--out", type=opt.out_dir, default="splinelens-demo")
-    demo.add_argument("--epochs", type=opt.field_option("epochs"), default=2)
-    demo.add_argument("--lam", type=opt.positive_lam, default=1.0)
+    demo.add_argument("--out", type=opt.out_dir, default="splinelens-demo", help="output folder")
+    demo.add_argument(
+        "--epochs", type=opt.field_option("epochs"), default=2, help="epochs of each model"
+    )
+    demo.add_argument(
+        "--lam", type=opt.positive_lam, default=1.0, help="penalty weight of the second model"
+    )
     demo.set_defaults(run=_demo)
     _add_analyze(sub)
     _add_sweep(sub)

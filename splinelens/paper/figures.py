@@ -204,7 +204,8 @@ def plot_slice(
 
     ``color``: "random" (one colour per region), "class" (top class at the region's interior
     point; regions the decision boundary crosses take their interior point's class) or "slope"
-    (||d f / d(u, v)||). The decision boundary (black) and the anchor points are drawn on top.
+    (||d f / d(u, v)||); "class" and "slope" describe the final regions (``layer=-1`` only). The
+    decision boundary (black) and the anchor points are drawn on top.
     """
     ax = ax or _plt().subplots(figsize=(5, 5))[1]
     _draw_slice(part, ax, color, layer)
