@@ -62,6 +62,24 @@ def test_gap_is_positive_on_a_hand_made_counter_example() -> None:
     assert not greedy_is_optimal(gap)
 
 
+def test_a_gap_far_below_one_is_seen_with_its_scale() -> None:
+    """The hand-made counter-example scaled by 1e-14: its gaps (1e-14, 2e-14) are below the
+    default tolerance (1e4 epsilons of at least 1), and seen with f_scale of the outputs; an
+    explicit f_scale was floored at 1 too. Reference: the gaps of the unscaled net, scaled."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[-1e-14, 0.0], [0.0, 0.0]], dtype=F64))
+        net[2].bias.copy_(torch.tensor([0.0, -0.5e-14], dtype=F64))
+    x = torch.tensor([[1.0], [-2.0]], dtype=F64)
+    gap = sl.template_matching_gap(net, x, torch.tensor([[-1.0], [3.0]], dtype=F64))
+    expected = torch.tensor([[1e-14, 0.0], [2e-14, 0.0]], dtype=F64)
+    torch.testing.assert_close(gap.gap, expected, rtol=1e-12, atol=0)
+    assert greedy_is_optimal(gap)  # (the default: to rounding of values of order 1)
+    assert not greedy_is_optimal(gap, f_scale=2e-14)
+
+
 def test_bad_candidates_are_refused() -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
     x = torch.randn(2, 3, dtype=F64)

@@ -102,6 +102,8 @@ def _values_at(view: SplineView, x: Tensor, cands: Tensor) -> Tensor:
 
 
 def greedy_is_optimal(gap: TemplateMatchingGap, f_scale: float | None = None) -> bool:
-    """Whether every gap is zero to rounding (1e4 machine epsilons of the largest |value|)."""
-    scale = f_scale if f_scale is not None else float(gap.best.abs().max()) or 1.0
-    return bool((gap.gap <= 1e4 * torch.finfo(gap.gap.dtype).eps * max(scale, 1.0)).all())
+    """Whether every gap is zero to rounding: at most 1e4 machine epsilons of ``f_scale``
+    (default: the largest |value|, at least 1: a gap is the difference of two passes, whose
+    intermediate terms can exceed the values; pass ``f_scale`` for outputs far below 1)."""
+    scale = f_scale if f_scale is not None else max(float(gap.best.abs().max()), 1.0)
+    return bool((gap.gap <= 1e4 * torch.finfo(gap.gap.dtype).eps * scale).all())
