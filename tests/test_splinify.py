@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import splinelens as sl
 from splinelens._capture import cell_tables, piece_index
+from splinelens._capture.spline_op import splines_as_ops
 from splinelens.geometry.convexity import convexity_gap
 from splinelens.smooth import SplineRNN
 from splinelens.smooth.convert import functional_splines
@@ -87,6 +88,37 @@ def test_forward_is_the_explicit_piece(dyadic: bool) -> None:
     torch.testing.assert_close(act(z.float()), expected.float(), rtol=1e-6, atol=1e-6)
 
 
+_TORCH_ACTS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", sorted(_TORCH_ACTS))
+def test_a_flat_tail_gives_its_value_at_infinity(name: str, dtype: torch.dtype) -> None:
+    """0 * inf is NaN: a flat tail gave NaN at -inf or inf, where the activation is finite
+    (sigmoid(-inf) = 0). Reference: the explicit piece at -1e30 / 1e30 (the same tails), the
+    activation itself within the certificate; NaN stays NaN, a tail of slope 1 gives inf; in the
+    module, as the captured op, and the gradient (the tail's slope)."""
+    act = sl.SplineActivation.from_fit(sl.fit_activation(name, tol=1e-3))
+    z = torch.tensor([-math.inf, math.inf, math.nan, -1e30, 1e30], dtype=dtype)
+    big = z[3:].double()
+    k = torch.bucketize(big, act.knots)
+    far = (act.slopes[k] * big + act.intercepts[k]).to(dtype)  # (2,) the tails' values
+    out = act(z)
+    with splines_as_ops():
+        torch.testing.assert_close(act(z), out, equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(out[2])
+    for i in (0, 1):
+        if act.slopes[-i].item() == 0:
+            assert torch.equal(out[i], far[i])
+            limit = _TORCH_ACTS[name](big[i : i + 1])  # (torch's gelu(-inf) is NaN)
+            assert abs(out[i].item() - limit.item()) <= act.sup_error + 1e-6
+        else:
+            assert out[i].item() == z[i].item()  # a tail of slope 1: inf
+    zg = z[:2].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(act(zg).sum(), zg)
+    torch.testing.assert_close(grad, act.slopes[[0, -1]].to(dtype), rtol=0, atol=0)
+
+
 def test_spline_stays_float64_and_survives_saving() -> None:
     act = _random_spline(12, seed=3)
     net = nn.Sequential(nn.Linear(2, 3), act).float()
@@ -105,6 +137,7 @@ def test_a_whole_module_pickled_before_sup_error_was_a_property_loads() -> None:
     act = sl.splinify(nn.GELU(), tol=1e-3)
     old = act.__dict__.copy()
     old["sup_error"] = old.pop("_sup_error")  # the earlier layout
+    del old["tails"]  # (kept since the flat tails' fix)
     restored = sl.SplineActivation.__new__(sl.SplineActivation)
     restored.__setstate__(old)
     assert restored.sup_error == act.sup_error <= 1e-3

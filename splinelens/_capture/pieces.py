@@ -292,7 +292,8 @@ class Spline:
     """A spline activation (``sl.splinify``): K affine pieces split by K-1 knots, one unit each.
 
     Arguments as ``spline_activation``'s: (z, knots, slopes, intercepts, cells, cell_slopes,
-    cell_intercepts, inv_step, first); the state is the piece, k = bucketize(z, knots).
+    cell_intercepts, inv_step, first, flat_left, flat_right); the state is the piece,
+    k = bucketize(z, knots).
     """
 
     kind: str

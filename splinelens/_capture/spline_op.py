@@ -121,12 +121,38 @@ def evaluate(
     cell_intercepts: Tensor,
     inv_step: float,
     first: int,
+    flat_left: bool,
+    flat_right: bool,
 ) -> Tensor:
-    """slopes[k] * z + intercepts[k] with k the piece of z (differentiable in z)."""
+    """slopes[k] * z + intercepts[k] with k the piece of z (differentiable in z). ``flat_left``,
+    ``flat_right``: ``flat_tails``, so that a flat tail gives its intercept at z = -inf or inf
+    too (0 * inf is NaN)."""
     if len(cells) == 0 or z.dtype not in _EXACT:
         k = piece_index(z, knots, cells, inv_step, first)
-        return affine_piece(z, slopes, intercepts, k)
-    return affine_piece(z, cell_slopes, cell_intercepts, _cell(z, cells, inv_step, first))
+        return affine_piece(_finite_on_flat(z, flat_left, flat_right), slopes, intercepts, k)
+    k = _cell(z, cells, inv_step, first)
+    zf = _finite_on_flat(z, flat_left, flat_right)
+    return affine_piece(zf, cell_slopes, cell_intercepts, k)
+
+
+def flat_tails(knots: Tensor, slopes: Tensor) -> tuple[bool, bool]:
+    """Whether the left and the right tail have slope 0 (a bounded activation's tails).
+
+    >>> flat_tails(torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 1.0, 2.0]))
+    (True, False)
+    """
+    return bool(len(knots) and slopes[0] == 0), bool(len(knots) and slopes[-1] == 0)
+
+
+def _finite_on_flat(z: Tensor, left: bool, right: bool) -> Tensor:
+    """z, with 0 for -inf (``left``) and inf (``right``): the value of a flat tail is its
+    intercept there too, its piece is found from z itself, and ``where`` keeps only the mask
+    for backward (an in-place activation overwrites z)."""
+    if not (left or right):
+        return z
+    d = z.detach()
+    at = d.isinf() if left and right else d == (-math.inf if left else math.inf)
+    return torch.where(at, 0.0, z)
 
 
 def affine_piece(z: Tensor, slopes: Tensor, intercepts: Tensor, k: Tensor) -> Tensor:
@@ -148,13 +174,13 @@ def _(z: Tensor, *args: object) -> Tensor:
 
 def _setup(ctx: object, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[4])  # type: ignore[attr-defined]
-    ctx.grid = inputs[7:]  # type: ignore[attr-defined]
+    ctx.grid = inputs[7:9]  # type: ignore[attr-defined]
 
 
 def _backward(ctx: object, grad: Tensor) -> tuple:
     z, knots, slopes, cells = ctx.saved_tensors  # type: ignore[attr-defined]
     k = piece_index(z, knots, cells, *ctx.grid)  # type: ignore[attr-defined]
-    return (grad * lookup(slopes.to(grad.dtype), k), *([None] * 8))
+    return (grad * lookup(slopes.to(grad.dtype), k), *([None] * 10))
 
 
 spline_activation.register_autograd(_backward, setup_context=_setup)

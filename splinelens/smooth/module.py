@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from splinelens._capture import as_op, cell_tables, evaluate, is_continuous, spline_activation
+from splinelens._capture import (
+    as_op,
+    cell_tables,
+    evaluate,
+    flat_tails,
+    is_continuous,
+    spline_activation,
+)
 
 __all__ = ["SplineActivation"]
 
@@ -95,6 +102,7 @@ class SplineActivation(nn.Module):
             self.cell_intercepts,
             self.inv_step,
             self.first,
+            *self.tails,
         )
 
     @property
@@ -120,6 +128,8 @@ class SplineActivation(nn.Module):
         if "sup_error" in state:
             state["_sup_error"] = float(state.pop("sup_error"))
         super().__setstate__(state)
+        if "tails" not in state:  # (saved before tails were kept)
+            self.tails = flat_tails(self.knots, self.slopes)
 
     def extra_repr(self) -> str:
         note = " (pieces changed or loaded: not certified)" if math.isinf(self.sup_error) else ""
@@ -130,6 +140,7 @@ class SplineActivation(nn.Module):
         for name in _TABLES:
             self.register_buffer(name, getattr(tables, name), persistent=False)
         self.inv_step, self.first = tables.inv_step, tables.first
+        self.tails = flat_tails(self.knots, self.slopes)  # (their value at -inf / inf)
         self._built = tuple(t.clone() for t in self._pieces())  # what the tables were built from
 
     def _pieces(self) -> tuple[Tensor, Tensor, Tensor]:
