@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 import socket
-import tempfile
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -37,12 +37,15 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; if the block succeeds, rename it over ``path``
-    (readable by all, mode 0644), its bytes synced to disk first and the rename after. An
-    interrupted write leaves no file behind; one killed outright (SIGKILL) leaves its hidden
-    ``.name.*.tmp``, removed by a later write of the same file once it is an hour old (younger
-    ones may be another process's write in progress)."""
+    """Yield a temporary path beside ``path``; if the block succeeds, rename it over ``path``,
+    its bytes synced to disk first and the rename after. The file gets the mode that writing it
+    in place would give: an existing file's own, else 0666 less the umask; a symbolic link is
+    followed (its target is written, the link kept). An interrupted write leaves no file behind;
+    one killed outright (SIGKILL) leaves its hidden ``.name.*.tmp``, removed by a later write of
+    the same file once it is an hour old (younger ones may be another process's write)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # (a link to a missing file: write that file)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
     for parent in path.parents:  # the nearest existing ancestor must be a directory
@@ -52,17 +55,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             break
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temporary(path)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # (an existing file's mode)
         _sync(tmp)  # its bytes on disk before the name points at them (a crash, a power loss)
         os.replace(tmp, path)
         _sync(path.parent)  # and the new name
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_temporary(path: Path) -> Path:
+    """A new empty hidden file beside ``path``, of mode 0666 less the umask (as ``open``)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # (another write's name: draw again)
+            continue
 
 
 def _sync(path: Path) -> None:

@@ -222,3 +222,47 @@ def test_an_atomic_write_syncs_its_bytes_before_the_rename(tmp_path, monkeypatch
         tmp.write_text("new")
     assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder
     assert (tmp_path / "f.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_an_atomic_write_gives_the_mode_a_write_in_place_gives(tmp_path, mask: int) -> None:
+    """Every file was written 0644 whatever the umask (077: readable by all; 002: a shared
+    folder's files not group-writable), and an existing file lost its own mode. Reference: the
+    mode open() gives a new file under the same umask, and the existing file's mode."""
+    import os
+
+    from splinelens import _io
+
+    old = os.umask(mask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        with _io.atomic_path(tmp_path / "new.txt") as tmp:
+            tmp.write_text("new")
+        (tmp_path / "kept.txt").write_text("old")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        with _io.atomic_path(tmp_path / "kept.txt") as tmp:
+            tmp.write_text("new")
+    finally:
+        os.umask(old)
+    mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert mode == {"plain.txt": 0o666 & ~mask, "new.txt": 0o666 & ~mask, "kept.txt": 0o640}
+    assert (tmp_path / "kept.txt").read_text() == "new"
+
+
+def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path) -> None:
+    """A link (results kept elsewhere, linked into a run folder) was replaced by a plain file,
+    and its target kept the old contents. Reference: what writing through the link in place
+    does (open() follows it), for an existing and for a missing target."""
+    from splinelens import _io
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "a.txt").write_text("old")
+    (tmp_path / "a.txt").symlink_to(tmp_path / "store" / "a.txt")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "store" / "b.txt")  # (dangling)
+    for name in ("a.txt", "b.txt"):
+        with _io.atomic_path(tmp_path / name) as tmp:
+            tmp.write_text(f"new {name}")
+        assert (tmp_path / name).is_symlink()
+        assert (tmp_path / "store" / name).read_text() == f"new {name}"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a.txt", "b.txt"]
