@@ -17,8 +17,10 @@ ValueError: model parameter or buffer 'weight' holds nan at index (0, 1); ...
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -103,18 +105,18 @@ class ModelTensors:
     """
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
-        # held weakly, with a detached alias of each (its data, version counter, no hooks): a
-        # cached view holds these, and a tensor's hook may be a method of the model
-        self._refs = [(name, weakref.ref(t), t.detach()) for name, t in named]
-        self._ids = [id(t) for _, t in named]
+        # parameters held weakly (a cached view holds these, and a parameter's gradient hook
+        # may be a method of the model; one replaced and freed is a change, as its ids say),
+        # other tensors as they are (a recomputed attribute, a pruned ``weight``, is bound anew
+        # at each forward: the one captured stays the one checked)
+        self._refs = [(name, _ref(t), id(t)) for name, t in named]
         # (layout key, pieces, groups of the bit sums), replaced as one (threads share a view)
         self._planned: tuple[list[tuple], list[_Piece], list[Groups]] = ([], [], [])
 
     @property
     def named(self) -> list[tuple[str, Tensor]]:
-        """(name, tensor): each tensor while it exists, else its alias (its data as it was: a
-        recomputed attribute, such as a pruned ``weight``, bound anew)."""
-        return [(name, a if (t := r()) is None else t) for name, r, a in self._refs]
+        """(name, tensor) of each tensor that still exists (a parameter may not)."""
+        return [(name, t) for name, r, _ in self._refs if (t := r()) is not None]
 
     def fingerprint(self) -> WeightsFingerprint:
         """The wide fingerprint of the tensors now (non-finite entries allowed)."""
@@ -126,22 +128,25 @@ class ModelTensors:
 
     def check_finite(self) -> None:
         """Refuse NaN or inf as ``check_model`` does (the float sums alone: half the pass)."""
-        if not all_finite(self.sums()):  # which tensor, or only a sum that overflows?
-            _checked_sums(self.named, check=True, fixed=False)
+        named = self.named
+        if not all_finite(sum_parts(self._pieces(named)[2])):  # which one, or an overflow?
+            _checked_sums(named, check=True, fixed=False)
 
     def sums(self) -> list[Tensor]:
         """Each piece's sum in its own dtype, 0-d, not synchronised: all finite means every
         entry is (``all_finite``); else ``check_finite`` says which, or that a sum overflowed."""
-        return sum_parts(self._pieces()[2])
+        return sum_parts(self._pieces(self.named)[2])
 
     def ids(self) -> tuple[tuple[str, int, int, int], ...]:
-        """(name, id, version counter, data pointer) of each tensor, as in a fingerprint (the
-        id of the tensor given, also once it is freed)."""
-        now = _ids(self.named)
-        return tuple([(n, i, v, p) for (n, _, v, p), i in zip(now, self._ids, strict=True)])
+        """(name, id, version counter, data pointer) of each tensor, as in a fingerprint; (name,
+        id, -1, 0) for one that no longer exists."""
+        now = [(name, i, r()) for name, r, i in self._refs]
+        live = iter(_ids([(name, t) for name, _, t in now if t is not None]))
+        return tuple([(n, i, -1, 0) if t is None else next(live) for n, i, t in now])
 
     def _fingerprint(self, check: bool) -> WeightsFingerprint:
-        plan, groups, joined = self._pieces()
+        named = self.named
+        plan, groups, joined = self._pieces(named)
         if not joined:
             return WeightsFingerprint(self.ids(), (), ())
         sums = stacked([p.float_sum(t) for p, t in zip(plan, joined, strict=True)])
@@ -149,22 +154,34 @@ class ModelTensors:
             if not math.isfinite(s):  # NaN or inf entries, or only a sum that overflows?
                 if check:
                     for j in plan[i].idx:
-                        name, t = self.named[j]
+                        name, t = named[j]
                         check_finite(f"model parameter or buffer '{name}'", t.detach(), _DIVERGED)
                 sums[i] = wide_sum(joined[i])
         rows = [p.bit_rows(t) for p, t in zip(plan, joined, strict=True)]
         bits = [(torch.cat([rows[i] for i in ix]) * w).sum(dtype=dt) for dt, ix, w in groups]
         return WeightsFingerprint(self.ids(), tuple(sums), tuple(stacked(bits)) if bits else ())
 
-    def _pieces(self) -> tuple[list[_Piece], list[Groups], list[Tensor]]:
-        """The plan, its groups, and what is summed: each large tensor, and the small ones of a
-        dtype and device joined (planned again when a tensor's layout or storage changed)."""
-        key = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for _, t in self.named]
+    def _pieces(
+        self, named: list[tuple[str, Tensor]]
+    ) -> tuple[list[_Piece], list[Groups], list[Tensor]]:
+        """The plan of ``named`` (``self.named``), its groups, and what is summed: each large
+        tensor, and the small ones of a dtype and device joined (planned again when a tensor's
+        layout or storage changed, or one no longer exists)."""
+        key = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for _, t in named]
         planned = self._planned
         if key != planned[0]:
-            plan = _plan(self.named)
+            plan = _plan(named)
             planned = self._planned = (key, plan, _piece_groups(plan))
         return planned[1], planned[2], [p.tensor() for p in planned[1]]
+
+
+def _ref(t: Tensor) -> Callable[[], Tensor | None]:
+    """A weak reference to a parameter, a holder of any other tensor."""
+    return weakref.ref(t) if isinstance(t, nn.Parameter) else functools.partial(_same, t)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 _SMALL = 8192  # entries: a tensor this small is summed with the others of its dtype and device

@@ -63,6 +63,7 @@ def float64_twin(model: nn.Module) -> nn.Module:
     """The model itself if it is float64, else its float64 twin (see the module); a ValueError
     naming why if it cannot be copied (deep-copied, then converted)."""
     if all(t.dtype == torch.float64 for _, t in model_state(model)):
+        _TWINS.pop(model, None)  # (a twin made before model.double() is no longer used)
         return model
     now = structure(model)
     held = _TWINS.get(model)

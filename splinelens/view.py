@@ -144,14 +144,7 @@ class SplineView(HoldsCapture):
         s, e = self._node(start, is_start=True), self._node(end, is_start=False)
         if self._position(end, len(self.layers)) < self._position(start, -1):
             raise ValueError(f"end={end!r} comes before start={start!r}; the map runs forward")
-        return AffineMap(
-            self.program,
-            self.model,
-            x,
-            s,
-            e,
-            tensors=self.tensors,
-        )
+        return AffineMap(self.program, self.model, x, s, e, tensors=self.tensors)
 
     def partition_codes(self, x: Tensor, batch_size: int = 1024) -> PartitionCodes:
         """Per-layer partition codes of the inputs x, computed in batches (Sec. 7, eq. (14)).
@@ -326,6 +319,8 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
             )
         else:
             view._model, view._owners = None, ()  # the cache must not keep the model alive
+            for others in _VIEWS[model].values():  # (of other inputs, a structure now gone:
+                others[:] = [v for v in others if v.structure == view.structure]  # let go)
             views.append(view)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view

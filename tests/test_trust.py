@@ -1236,6 +1236,79 @@ def test_a_cached_capture_keeps_neither_the_batch_nor_the_export(entry) -> None:
     assert sl.SplineView(net, torch.randn(2, 3, dtype=torch.float64)).program.batch.accepts(1)
 
 
+def _tracked(kind: type, shape: tuple, dtype: torch.dtype | None = None) -> int:
+    """How many tensors of exactly this type and shape (and dtype) the collector tracks."""
+    gc.collect()
+    objs = gc.get_objects()
+    return sum(type(o) is kind and o.shape == shape and dtype in (None, o.dtype) for o in objs)
+
+
+@pytest.mark.parametrize("entry", ["partition_codes", "region_radius"])
+def test_a_model_converted_after_a_call_leaves_no_copy_of_its_old_weights(entry) -> None:
+    """model.double() after a call: the cached view of float32 inputs (and the float64 twin the
+    region functions make of a float32 model) stayed in the caches for the model's life, each
+    with a copy of the weights. Reference: the tensors of the weight's shape the collector
+    tracks (the model's own parameter is the one left)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(37, 53), nn.ReLU(), nn.Linear(53, 2)).eval()
+    x = torch.randn(4, 37)
+    _ENTRY_POINTS[entry](net, x)
+    net.double()
+    _ENTRY_POINTS[entry](net, x.double())
+    assert _tracked(torch.Tensor, (53, 37), torch.float32) == 0  # (views of the old weights)
+    assert _tracked(nn.Parameter, (53, 37)) == 1  # net's own: no float64 twin left
+
+
+def test_a_layer_maso_and_a_slice_keep_no_view_of_the_batch() -> None:
+    """layer_maso kept x[:1], a view of the whole batch; slice_partition kept origin and
+    directions as given, views of their batch. Reference: the tensors of the batch's shape the
+    collector tracks, and the results as they were."""
+    torch.manual_seed(0)
+    net = _RootOwned().double().eval()
+    xs = torch.randn(1037, 3, dtype=torch.float64)
+    maso = sl.layer_maso(net, xs, 0)
+    part = sl.slice_partition(net, xs[0], xs[1:3], bounds=(-1.0, 1.0, -1.0, 1.0))
+    h, first = torch.randn(5, 3, dtype=torch.float64), xs[0].clone()
+    before = maso(h)
+    del xs
+    assert _tracked(torch.Tensor, (1037, 3)) == 0
+    assert maso.W is not None and torch.equal(maso(h), before)  # (dense: W and b)
+    assert len(part.codes) >= 1 and torch.equal(part.origin, first)
+
+
+def test_the_mode_table_keeps_no_module_class_alive() -> None:
+    """Whether a class reads its training mode was memoised per class forever: a class made in
+    a function, with what it closes over, outlived its models (the MRO memo of the structure is
+    bounded, 1024 classes: cleared here). Reference: weak references."""
+    from splinelens._capture import mode_modules
+    from splinelens._structure import user_classes
+
+    def make() -> type:
+        big = torch.zeros(1000)
+
+        class Scaled(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x * big[0]
+
+        return Scaled
+
+    cls = make()
+    assert mode_modules(nn.Sequential(cls())) == []
+    ref = weakref.ref(cls)
+    del cls
+    user_classes.cache_clear()
+    gc.collect()
+    assert ref() is None
+
+
+def test_the_batch_sizes_seen_are_a_bounded_memo() -> None:
+    """Every batch size asked about was remembered (chunks, tiles, planes: thousands)."""
+    torch.manual_seed(0)
+    view = sl.SplineView(mlp(3, 4, 2), torch.randn(2, 3, dtype=F64))
+    assert all(view.program.batch.accepts(n) for n in range(2, 3000))
+    assert len(view.program.batch._accepted) <= 1024
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_a_layer_maso_outlives_the_models_other_references(monkeypatch, dense) -> None:
     """A MASO whose slots run the capture holds its model: it keeps working once the caller

@@ -97,6 +97,8 @@ class BatchSizes:
                 self.lo = lo if self.note else 1
                 self._accepted.clear()
         if n not in self._accepted:
+            if len(self._accepted) >= 1024:  # (batch sizes seen: a bounded memo)
+                self._accepted.clear()
             ok = self.lo <= n and (self.hi is None or n <= self.hi)
             self._accepted[n] = ok and all(guard(n) for guard in self.guards)
         return self._accepted[n]

@@ -14,9 +14,9 @@ seen.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import textwrap
+import weakref
 from typing import Any
 
 import torch
@@ -70,9 +70,20 @@ def _no_dropout_rnn(m: nn.Module) -> bool:
     return isinstance(m, nn.RNNBase) and (m.dropout == 0 or m.num_layers == 1)
 
 
-@functools.cache
+_KNOWN: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
 def _mode_dependent(cls: type) -> bool:
-    """Whether a module class computes differently in training mode (the module's doc)."""
+    """Whether a module class computes differently in training mode (the module's doc); known
+    once per class, which it does not keep alive (a class made in a function, closing over
+    tensors)."""
+    known = _KNOWN.get(cls)
+    if known is None:
+        known = _KNOWN[cls] = _reads_mode_of(cls)
+    return known
+
+
+def _reads_mode_of(cls: type) -> bool:
     if issubclass(cls, _MODE_DEPENDENT):
         return True
     if cls.__module__.startswith("torch."):

@@ -225,7 +225,7 @@ def layer_maso(model: nn.Module, x: Tensor, layer: int | str) -> MASO:
     start = start_node(view, la)
     table = unit_table(view.program, la)
     in_shape = view.program.shapes[start]
-    x1 = x[:1]
+    x1 = x[:1].detach().clone()  # (kept by the slots: not a view of the whole batch)
     with torch.no_grad(), exact_matmul():
         _, states = view.program.record(x1, stop=table.step)  # x's pieces, frozen below
 
