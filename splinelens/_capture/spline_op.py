@@ -150,8 +150,7 @@ def _finite_on_flat(z: Tensor, left: bool, right: bool) -> Tensor:
     for backward (an in-place activation overwrites z)."""
     if not (left or right):
         return z
-    d = z.detach()
-    at = d.isinf() if left and right else d == (-math.inf if left else math.inf)
+    at = z.isinf() if left and right else z == (-math.inf if left else math.inf)
     return torch.where(at, 0.0, z)
 
 
