@@ -19,13 +19,13 @@ a random nonce) and is kept fresh by a heartbeat; a stale one (dead owner, or no
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import secrets
 import socket
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -43,9 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     followed (its target is written, the link kept). An interrupted write leaves no file behind;
     one killed outright (SIGKILL) leaves its hidden ``.name.*.tmp``, removed by a later write of
     the same file once it is an hour old (younger ones may be another process's write)."""
-    path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()  # (a link to a missing file: write that file)
+    path = _target(Path(path))
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
     for parent in path.parents:  # the nearest existing ancestor must be a directory
@@ -58,13 +56,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _new_temporary(path)
     try:
         yield tmp
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # (an existing file's mode)
+        with contextlib.suppress(FileNotFoundError):  # an existing file's mode (as a write in
+            os.chmod(tmp, path.stat().st_mode & 0o777)  # place: no setuid, setgid, sticky)
         _sync(tmp)  # its bytes on disk before the name points at them (a crash, a power loss)
         os.replace(tmp, path)
         _sync(path.parent)  # and the new name
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (not to hide the error that got here)
+            tmp.unlink(missing_ok=True)
+
+
+def _target(path: Path) -> Path:
+    """The file a write of ``path`` writes: a symbolic link's target (as ``open`` follows it;
+    its folder must exist, as for ``open``), else ``path``."""
+    if not path.is_symlink():
+        return path
+    try:
+        target = path.resolve(strict=False)
+    except RuntimeError as e:  # (Python < 3.13 says so for a loop)
+        raise OSError(errno.ELOOP, f"{path} is a loop of symbolic links") from e
+    if target.is_symlink():  # (Python >= 3.13 stops at the loop)
+        raise OSError(errno.ELOOP, f"{path} is a loop of symbolic links")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"{path} links to {target}, in no folder")
+    return target
 
 
 def _new_temporary(path: Path) -> Path:

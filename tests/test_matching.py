@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -78,6 +80,9 @@ def test_a_gap_far_below_one_is_seen_with_its_scale() -> None:
     torch.testing.assert_close(gap.gap, expected, rtol=1e-12, atol=0)
     assert greedy_is_optimal(gap)  # (the default: to rounding of values of order 1)
     assert not greedy_is_optimal(gap, f_scale=2e-14)
+    for bad in (-1.0, math.nan, math.inf):  # (a negative scale called a zero gap a gap)
+        with pytest.raises(ValueError, match="f_scale must be a finite number >= 0"):
+            greedy_is_optimal(gap, f_scale=bad)
 
 
 def test_bad_candidates_are_refused() -> None:

@@ -119,6 +119,37 @@ def test_a_flat_tail_gives_its_value_at_infinity(name: str, dtype: torch.dtype) 
     torch.testing.assert_close(grad, act.slopes[[0, -1]].to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("name", "far"), [("sigmoid", [10.0, -10.0]), ("gelu", [-10.0])])
+def test_a_pre_activation_that_overflows_onto_a_flat_tail_is_captured_as_the_model_runs(
+    name: str, far: list[float]
+) -> None:
+    """A linear layer whose output overflows to inf or -inf before a sigmoid spline: the model
+    gives the tail's value, the capture's frozen pieces multiplied 0 by inf (NaN). Reference:
+    the model's output, jacrev for A, bucketize for the codes; a one-piece spline is both its
+    tails; the op without the tails' arguments (a graph saved before them) runs as it did."""
+    act = sl.SplineActivation.from_fit(sl.fit_activation(name, tol=1e-3))
+    net = nn.Sequential(nn.Linear(1, 2), act, nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1e308], [1.0]], dtype=F64))
+        net[0].bias.zero_()
+    x = torch.tensor([[0.5], [-0.25], *([v] for v in far)], dtype=F64)  # unit 0: +-inf below
+    out = net(x).detach()
+    assert torch.isfinite(out).all()
+    amap = sl.affine_map(net, x)
+    jac = torch.stack([torch.func.jacrev(net)(xi[None])[0, :, 0] for xi in x])
+    torch.testing.assert_close(amap.A, jac, rtol=0, atol=1e-12)
+    torch.testing.assert_close(amap.B + amap.A[:, :, 0] * x, out, rtol=1e-12, atol=1e-12)
+    z = torch.stack([x[:, 0] * 1e308, x[:, 0]], 1)
+    states = sl.partition_codes(net, x).layers[0].states()
+    assert torch.equal(states, torch.bucketize(z, act.knots))
+    one = sl.SplineActivation(torch.zeros(0), torch.zeros(1), torch.full((1,), 0.5))
+    assert one(torch.tensor([-math.inf, math.inf])).tolist() == [0.5, 0.5]
+    op = torch.ops.splinelens.spline_activation
+    old = op(z[:, 0], act.knots, act.slopes, act.intercepts, act.cells, act.cell_slopes,
+             act.cell_intercepts, act.inv_step, act.first)  # fmt: skip
+    assert torch.isnan(old[2:]).all() and torch.equal(old[:2], act(z[:2, 0]))  # (flat tails)
+
+
 def test_spline_stays_float64_and_survives_saving() -> None:
     act = _random_spline(12, seed=3)
     net = nn.Sequential(nn.Linear(2, 3), act).float()

@@ -1276,6 +1276,9 @@ def test_a_layer_maso_and_a_slice_keep_no_view_of_the_batch() -> None:
     xs = torch.randn(1037, 3, dtype=torch.float64)
     maso = sl.layer_maso(net, xs, 0)
     part = sl.slice_partition(net, xs[0], xs[1:3], bounds=(-1.0, 1.0, -1.0, 1.0))
+    graph = torch.randn(1037, 3, dtype=torch.float64, requires_grad=True) * 1  # (with a graph)
+    sl.slice_partition(net, graph[0], graph[1:3], bounds=(-1.0, 1.0, -1.0, 1.0))
+    del graph
     h, first = torch.randn(5, 3, dtype=torch.float64), xs[0].clone()
     before = maso(h)
     del xs

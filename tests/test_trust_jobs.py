@@ -266,3 +266,30 @@ def test_an_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path) -> 
         assert (tmp_path / name).is_symlink()
         assert (tmp_path / "store" / name).read_text() == f"new {name}"
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_an_atomic_write_refuses_what_a_write_in_place_refuses(tmp_path) -> None:
+    """A loop of links raised RuntimeError (not an OSError); a link into a missing folder made
+    that folder; a setuid file's bit was kept on the new file (a write in place clears it).
+    Reference: what open() does with the same paths."""
+    import errno
+    import os
+
+    from splinelens import _io
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "far").symlink_to(tmp_path / "nowhere" / "deep" / "f.txt")
+    for name, code in (("a", errno.ELOOP), ("far", errno.ENOENT)):
+        with pytest.raises(OSError) as plain:
+            open(tmp_path / name, "w").close()
+        with pytest.raises(OSError) as ours, _io.atomic_path(tmp_path / name) as tmp:
+            tmp.write_text("x")
+        assert plain.value.errno == ours.value.errno == code
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "tool").write_text("old")
+    os.chmod(tmp_path / "tool", 0o4755)
+    with _io.atomic_path(tmp_path / "tool") as tmp:
+        tmp.write_text("new")
+    assert (tmp_path / "tool").stat().st_mode & 0o7777 == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "far", "tool"]

@@ -96,12 +96,13 @@ class BatchSizes:
             finally:
                 self.lo = lo if self.note else 1
                 self._accepted.clear()
-        if n not in self._accepted:
+        known = self._accepted.get(n)
+        if known is None:
             if len(self._accepted) >= 1024:  # (batch sizes seen: a bounded memo)
                 self._accepted.clear()
             ok = self.lo <= n and (self.hi is None or n <= self.hi)
-            self._accepted[n] = ok and all(guard(n) for guard in self.guards)
-        return self._accepted[n]
+            known = self._accepted[n] = ok and all(guard(n) for guard in self.guards)
+        return known
 
     def check(self, n: int) -> None:
         """Refuse a batch size outside the range the capture holds for."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from splinelens._capture.spline_op import affine_piece, piece_index
+from splinelens._capture.spline_op import affine_piece, finite_on_flat, piece_index
 
 Tensor = torch.Tensor
 
@@ -305,7 +305,10 @@ class Spline:
         return self.frozen(args, state), state
 
     def frozen(self, args: Sequence[Any], state: Tensor) -> Tensor:
-        return affine_piece(args[0], args[2], args[3], state)
+        # (flat_left, flat_right: export leaves out one that is its default, False, and a
+        # graph saved before them has neither)
+        left, right = (bool(args[i]) if len(args) > i else False for i in (9, 10))
+        return affine_piece(finite_on_flat(args[0], left, right), args[2], args[3], state)
 
     def code(self, state: Tensor) -> Tensor:
         return state

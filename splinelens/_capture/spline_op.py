@@ -121,30 +121,31 @@ def evaluate(
     cell_intercepts: Tensor,
     inv_step: float,
     first: int,
-    flat_left: bool,
-    flat_right: bool,
+    flat_left: bool = False,
+    flat_right: bool = False,
 ) -> Tensor:
     """slopes[k] * z + intercepts[k] with k the piece of z (differentiable in z). ``flat_left``,
     ``flat_right``: ``flat_tails``, so that a flat tail gives its intercept at z = -inf or inf
-    too (0 * inf is NaN)."""
+    too (0 * inf is NaN); False by default, as graphs saved before they were read."""
     if len(cells) == 0 or z.dtype not in _EXACT:
         k = piece_index(z, knots, cells, inv_step, first)
-        return affine_piece(_finite_on_flat(z, flat_left, flat_right), slopes, intercepts, k)
+        return affine_piece(finite_on_flat(z, flat_left, flat_right), slopes, intercepts, k)
     k = _cell(z, cells, inv_step, first)
-    zf = _finite_on_flat(z, flat_left, flat_right)
+    zf = finite_on_flat(z, flat_left, flat_right)
     return affine_piece(zf, cell_slopes, cell_intercepts, k)
 
 
 def flat_tails(knots: Tensor, slopes: Tensor) -> tuple[bool, bool]:
-    """Whether the left and the right tail have slope 0 (a bounded activation's tails).
+    """Whether the left and the right tail have slope 0 (a bounded activation's tails; one
+    piece is both).
 
     >>> flat_tails(torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 1.0, 2.0]))
     (True, False)
     """
-    return bool(len(knots) and slopes[0] == 0), bool(len(knots) and slopes[-1] == 0)
+    return bool(slopes[0] == 0), bool(slopes[-1] == 0)
 
 
-def _finite_on_flat(z: Tensor, left: bool, right: bool) -> Tensor:
+def finite_on_flat(z: Tensor, left: bool, right: bool) -> Tensor:
     """z, with 0 for -inf (``left``) and inf (``right``): the value of a flat tail is its
     intercept there too, its piece is found from z itself, and ``where`` keeps only the mask
     for backward (an in-place activation overwrites z)."""

@@ -21,6 +21,7 @@ tensor of slopes is ever formed: inputs and candidates go through in chunks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -105,5 +106,7 @@ def greedy_is_optimal(gap: TemplateMatchingGap, f_scale: float | None = None) ->
     """Whether every gap is zero to rounding: at most 1e4 machine epsilons of ``f_scale``
     (default: the largest |value|, at least 1: a gap is the difference of two passes, whose
     intermediate terms can exceed the values; pass ``f_scale`` for outputs far below 1)."""
+    if f_scale is not None and not (math.isfinite(f_scale) and f_scale >= 0):
+        raise ValueError(f"f_scale must be a finite number >= 0, got {f_scale!r}")
     scale = f_scale if f_scale is not None else max(float(gap.best.abs().max()), 1.0)
     return bool((gap.gap <= 1e4 * torch.finfo(gap.gap.dtype).eps * scale).all())

@@ -50,8 +50,10 @@ def make_plane(
         return plane_through(xs, margin)
     if origin is None or directions is None:
         raise ValueError("slice_partition needs origin and directions, or points=(x0, x1, x2)")
-    # (copies: the partition keeps them, not the batch they may be views of)
-    origin, directions = (torch.as_tensor(t).to(**kw).clone() for t in (origin, directions))
+    # (copies: the partition keeps them, not the batch, or its graph, they may be views of)
+    origin, directions = (
+        torch.as_tensor(t).to(**kw).detach().clone() for t in (origin, directions)
+    )
     check_finite("origin", origin)
     check_finite("directions", directions)
     if not hasattr(bounds, "__len__") or len(bounds) != 4:
