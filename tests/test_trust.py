@@ -1165,6 +1165,17 @@ def test_the_caches_do_not_keep_a_model_that_owns_parameters_alive(entry, dtype)
     assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
 
 
+def _assert_same_and_freed(first: object, again: object, ref: weakref.ref) -> None:
+    """The same answer at both calls, and the model (dropped by the caller) freed, with the
+    copies splinelens made of it."""
+    if isinstance(first, torch.Tensor):
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+    gc.collect()
+    gc.collect()
+    assert ref() is None
+    assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("entry", ["affine_map", "partition_codes", "region_radius"])
 def test_a_config_object_holding_the_model_does_not_keep_it_alive(entry, dtype) -> None:
@@ -1179,14 +1190,9 @@ def test_a_config_object_holding_the_model_does_not_keep_it_alive(entry, dtype) 
         first = _ENTRY_POINTS[entry](net, x)
     with pytest.warns(UserWarning, match="cannot cache its capture"):
         again = _ENTRY_POINTS[entry](net, x)
-    if isinstance(first, torch.Tensor):
-        torch.testing.assert_close(again, first, rtol=0, atol=0)
     ref = weakref.ref(net)
     del net
-    gc.collect()
-    gc.collect()
-    assert ref() is None
-    assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
+    _assert_same_and_freed(first, again, ref)
 
 
 @pytest.mark.parametrize(
@@ -1217,14 +1223,9 @@ def test_a_parameter_hook_that_is_a_method_of_the_model_does_not_keep_it_alive(
         if when == "after":
             net.l0.weight.register_hook(net.grad_hook)
         again = _ENTRY_POINTS[entry](net, x)
-    if isinstance(first, torch.Tensor):
-        torch.testing.assert_close(again, first, rtol=0, atol=0)
     ref = weakref.ref(net)
     del net
-    gc.collect()
-    gc.collect()
-    assert ref() is None
-    assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
+    _assert_same_and_freed(first, again, ref)
 
 
 @pytest.mark.parametrize("entry", ["affine_map", "partition_codes", "verify"])
