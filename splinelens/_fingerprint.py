@@ -17,7 +17,6 @@ ValueError: model parameter or buffer 'weight' holds nan at index (0, 1); ...
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -176,12 +175,8 @@ class ModelTensors:
 
 
 def _ref(t: Tensor) -> Callable[[], Tensor | None]:
-    """A weak reference to a parameter, a holder of any other tensor."""
-    return weakref.ref(t) if isinstance(t, nn.Parameter) else functools.partial(_same, t)
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
+    """A weak reference to a parameter, a holder of any other tensor (called alike)."""
+    return weakref.ref(t) if isinstance(t, nn.Parameter) else lambda: t
 
 
 _SMALL = 8192  # entries: a tensor this small is summed with the others of its dtype and device

@@ -56,8 +56,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _new_temporary(path)
     try:
         yield tmp
-        with contextlib.suppress(FileNotFoundError):  # an existing file's mode (as a write in
-            os.chmod(tmp, path.stat().st_mode & 0o777)  # place: no setuid, setgid, sticky)
+        with contextlib.suppress(FileNotFoundError):  # (no file yet: the umask's mode stays)
+            os.chmod(tmp, path.stat().st_mode & 0o777)  # an existing file's, as in place
         _sync(tmp)  # its bytes on disk before the name points at them (a crash, a power loss)
         os.replace(tmp, path)
         _sync(path.parent)  # and the new name

@@ -50,7 +50,7 @@ def make_plane(
         return plane_through(xs, margin)
     if origin is None or directions is None:
         raise ValueError("slice_partition needs origin and directions, or points=(x0, x1, x2)")
-    # (copies: the partition keeps them, not the batch, or its graph, they may be views of)
+    # (detached copies: the partition keeps them, not a batch they view, nor its graph)
     origin, directions = (
         torch.as_tensor(t).to(**kw).detach().clone() for t in (origin, directions)
     )
