@@ -127,12 +127,10 @@ def evaluate(
     """slopes[k] * z + intercepts[k] with k the piece of z (differentiable in z). ``flat_left``,
     ``flat_right``: ``flat_tails``, so that a flat tail gives its intercept at z = -inf or inf
     too (0 * inf is NaN); False by default, as graphs saved before they were read."""
+    zf = finite_on_flat(z, flat_left, flat_right)  # (the piece is z's own)
     if len(cells) == 0 or z.dtype not in _EXACT:
-        k = piece_index(z, knots, cells, inv_step, first)
-        return affine_piece(finite_on_flat(z, flat_left, flat_right), slopes, intercepts, k)
-    k = _cell(z, cells, inv_step, first)
-    zf = finite_on_flat(z, flat_left, flat_right)
-    return affine_piece(zf, cell_slopes, cell_intercepts, k)
+        return affine_piece(zf, slopes, intercepts, piece_index(z, knots, cells, inv_step, first))
+    return affine_piece(zf, cell_slopes, cell_intercepts, _cell(z, cells, inv_step, first))
 
 
 def flat_tails(knots: Tensor, slopes: Tensor) -> tuple[bool, bool]:
