@@ -211,6 +211,7 @@ def test_guard_is_sound_after_sequences_of_changes(picks):
         _restore_globals(dtype, hooks)
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_guard_refuses_another_model_and_dead_objects():
     model = mlp()
     guard = structure_guard(model, structure(model))
@@ -224,6 +225,7 @@ def test_guard_refuses_another_model_and_dead_objects():
     assert structure(again) != stored and not guard(again)
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_guard_holds_nothing_alive():
     model = cnn()
     guard = structure_guard(model, structure(model))

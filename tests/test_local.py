@@ -262,6 +262,7 @@ def test_float32_region_geometry_is_the_float64_models_and_ignores_the_batch() -
     assert torch.equal(poly.b, poly64.b.float())
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_the_float64_twin_follows_the_model() -> None:
     """The float64 copy is kept per model: writes through .data and in place reach it, a
     replaced module makes a new copy, and the model's refusals still name its own tensors and
@@ -369,6 +370,7 @@ def test_a_module_held_outside_the_tree_is_measured_in_its_own_dtype_with_a_warn
     torch.testing.assert_close(r, _radius64(model, x).float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("closure", [False, True])
 @pytest.mark.parametrize("in_list", [False, True])
 def test_the_float64_twin_follows_integer_indices_and_frees_its_model(in_list, closure) -> None:

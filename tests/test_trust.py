@@ -538,6 +538,7 @@ def test_scripted_models_are_refused_with_the_fix() -> None:
         sl.affine_map(scripted, torch.randn(3, 4, dtype=F64))
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_the_capture_cache_does_not_keep_a_model_with_hooks_alive() -> None:
     import gc
     import weakref
@@ -1042,6 +1043,7 @@ def test_templates_are_exact_inside_inference_mode_and_no_grad() -> None:
         sl.affine_map(frozen, x)
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_a_map_of_a_temporary_model_keeps_it() -> None:
     x = torch.randn(5, 4, dtype=F64)
     amap = sl.affine_map(mlp(4, 8, 3), x)
@@ -1092,6 +1094,7 @@ def test_data_rebound_to_another_layout_at_the_same_address_is_seen() -> None:
         _ = amap.A
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_a_cached_view_does_not_keep_a_mode_dependent_model_alive() -> None:
     """The view remembers the modules whose forward depends on the mode weakly (found in
     review: a root module reading self.training kept itself alive in the cache)."""
@@ -1146,6 +1149,7 @@ _ENTRY_POINTS = {
 }
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("entry", sorted(_ENTRY_POINTS))
 def test_the_caches_do_not_keep_a_model_that_owns_parameters_alive(entry, dtype) -> None:
@@ -1176,6 +1180,7 @@ def _assert_same_and_freed(first: object, again: object, ref: weakref.ref) -> No
     assert not [o for o in gc.get_objects() if type(o) is _RootOwned]
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("entry", ["affine_map", "partition_codes", "region_radius"])
 def test_a_config_object_holding_the_model_does_not_keep_it_alive(entry, dtype) -> None:
@@ -1205,6 +1210,7 @@ def test_a_config_object_holding_the_model_does_not_keep_it_alive(entry, dtype) 
         ("layer_maso", torch.float64),
     ],
 )
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_parameter_hook_that_is_a_method_of_the_model_does_not_keep_it_alive(
     entry, dtype, when
@@ -1228,6 +1234,7 @@ def test_a_parameter_hook_that_is_a_method_of_the_model_does_not_keep_it_alive(
     _assert_same_and_freed(first, again, ref)
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("entry", ["affine_map", "partition_codes", "verify"])
 def test_a_cached_capture_keeps_neither_the_batch_nor_the_export(entry) -> None:
     """The lazy check of a batch of 1 held the whole example batch and the export (with the
@@ -1252,6 +1259,7 @@ def _tracked(kind: type, shape: tuple, dtype: torch.dtype | None = None) -> int:
     return sum(type(o) is kind and o.shape == shape and dtype in (None, o.dtype) for o in objs)
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("entry", ["partition_codes", "region_radius"])
 def test_a_model_converted_after_a_call_leaves_no_copy_of_its_old_weights(entry) -> None:
     """model.double() after a call: the cached view of float32 inputs (and the float64 twin the
@@ -1268,6 +1276,7 @@ def test_a_model_converted_after_a_call_leaves_no_copy_of_its_old_weights(entry)
     assert _tracked(nn.Parameter, (53, 37)) == 1  # net's own: no float64 twin left
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_a_layer_maso_and_a_slice_keep_no_view_of_the_batch() -> None:
     """layer_maso kept x[:1], a view of the whole batch; slice_partition kept origin and
     directions as given, views of their batch. Reference: the tensors of the batch's shape the
@@ -1288,6 +1297,7 @@ def test_a_layer_maso_and_a_slice_keep_no_view_of_the_batch() -> None:
     assert len(part.codes) >= 1 and torch.equal(part.origin, first)
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_the_mode_table_keeps_no_module_class_alive() -> None:
     """Whether a class reads its training mode was memoised per class forever: a class made in
     a function, with what it closes over, outlived its models (the MRO memo of the structure is
@@ -1321,6 +1331,7 @@ def test_the_batch_sizes_seen_are_a_bounded_memo() -> None:
     assert len(view.program.batch._accepted) <= 1024
 
 
+@pytest.mark.usefixtures("young_heap")
 @pytest.mark.parametrize("dense", [True, False])
 def test_a_layer_maso_outlives_the_models_other_references(monkeypatch, dense) -> None:
     """A MASO whose slots run the capture holds its model: it keeps working once the caller
@@ -1364,6 +1375,7 @@ def test_a_dense_layer_maso_pickles_and_a_large_one_is_refused(monkeypatch, tmp_
         pickle.dumps(sl.layer_maso(net, x, 0))
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_a_map_still_answers_for_its_model_after_a_submodule_was_replaced() -> None:
     """A map answers for the model as it was when made (its owners held strongly): replacing a
     submodule, or dropping the model, leaves it exact for the old one (reference: the values

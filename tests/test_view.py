@@ -59,6 +59,7 @@ def test_model_and_gradients_untouched() -> None:
     assert not model.training
 
 
+@pytest.mark.usefixtures("young_heap")
 def test_views_are_released_with_the_model() -> None:
     import gc
     import weakref
