@@ -206,8 +206,10 @@ class _Functional(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _FUNCTIONS:  # (first: every op of the forward comes here)
+            return func(*args, **kwargs)
         z = args[0] if args else kwargs.get("input", kwargs.get("self"))
-        if func not in _FUNCTIONS or not isinstance(z, Tensor):
+        if not isinstance(z, Tensor):
             return func(*args, **kwargs)
         name, params, inplace = _call(func, args[1:], kwargs)
         y = self._spline(name, params, z)(z)

@@ -89,17 +89,18 @@ class SplineActivation(nn.Module):
     def _apply_to(self, z: Tensor) -> Tensor:
         if not z.is_floating_point():  # (as torch.sigmoid: integers in the default dtype)
             z = z.to(torch.get_default_dtype())
-        fn = spline_activation if as_op() else evaluate  # one graph node when captured
-        if fn is evaluate and not _tracing():
-            self._follow()
-        return fn(
-            z,
+        if as_op():  # one graph node when captured
+            return spline_activation(z, *self._op_args())
+        return _eager(self, z)
+
+    def _op_args(self) -> tuple:
+        """The arguments of ``spline_activation`` (and ``evaluate``) after z."""
+        tables = (self.cells, self.cell_slopes, self.cell_intercepts)
+        return (
             self.knots,
             self.slopes,
             self.intercepts,
-            self.cells,
-            self.cell_slopes,
-            self.cell_intercepts,
+            *tables,
             self.inv_step,
             self.first,
             *self.tails,
@@ -185,6 +186,17 @@ class SplineActivation(nn.Module):
         if not self._unchanged():
             self.sup_error = math.inf  # the certificate was for the old pieces
         self._build_tables()  # the lookup tables follow the loaded knots
+
+
+@torch.overrides.wrap_torch_function(lambda act, z: (z,))
+def _eager(act: SplineActivation, z: Tensor) -> Tensor:
+    """``act``'s spline of z outside an export, its tables first made to follow its pieces
+    (``_follow``). One call for a torch function mode: ``splinify``'s redirect of functional
+    activations, active through the whole forward, sees it once, not each of its ~20 ops and
+    attribute reads (they doubled a splinified forward at a batch of 1)."""
+    if not _tracing():
+        act._follow()
+    return evaluate(z, *act._op_args())
 
 
 def _tracing() -> bool:
