@@ -95,16 +95,9 @@ class SplineActivation(nn.Module):
 
     def _op_args(self) -> tuple:
         """The arguments of ``spline_activation`` (and ``evaluate``) after z."""
+        pieces = (self.knots, self.slopes, self.intercepts)
         tables = (self.cells, self.cell_slopes, self.cell_intercepts)
-        return (
-            self.knots,
-            self.slopes,
-            self.intercepts,
-            *tables,
-            self.inv_step,
-            self.first,
-            *self.tails,
-        )
+        return (*pieces, *tables, self.inv_step, self.first, *self.tails)
 
     @property
     def sup_error(self) -> float:
