@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from splinelens._capture import as_op
 from splinelens.smooth.fit import fit_activation
-from splinelens.smooth.module import SplineActivation
+from splinelens.smooth.module import ActivationRedirect, SplineActivation
 from splinelens.smooth.rnn import SplineRNN
 
 __all__ = ["functional_splines", "spline_for", "splinify"]
@@ -197,7 +197,7 @@ class Redirect:
         return {"budget": self.budget, "splines": self.splines, "modes": []}
 
 
-class _Functional(TorchFunctionMode):
+class _Functional(ActivationRedirect):
     """Replaces calls to smooth activation functions by the matching spline module."""
 
     def __init__(self, splines: nn.ModuleDict, budget: dict[str, Any]) -> None:

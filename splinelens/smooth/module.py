@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode, _get_current_function_mode, _pop_mode, _push_mode
 
 from splinelens._capture import (
     as_op,
@@ -32,7 +33,7 @@ from splinelens._capture import (
     spline_activation,
 )
 
-__all__ = ["SplineActivation"]
+__all__ = ["ActivationRedirect", "SplineActivation"]
 
 Tensor = torch.Tensor
 _TABLES = ("cells", "cell_slopes", "cell_intercepts")
@@ -181,15 +182,29 @@ class SplineActivation(nn.Module):
         self._build_tables()  # the lookup tables follow the loaded knots
 
 
-@torch.overrides.wrap_torch_function(lambda act, z: (z,))
+class ActivationRedirect(TorchFunctionMode):
+    """A torch function mode that redirects activation functions only (``splinify``'s redirect
+    of functional calls): a spline activation steps out of it while it evaluates, since none of
+    its ops is one it redirects. It is active through a splinified copy's whole forward, and
+    seeing each of the ~20 ops of every activation doubled that forward at a batch of 1."""
+
+
 def _eager(act: SplineActivation, z: Tensor) -> Tensor:
     """``act``'s spline of z outside an export, its tables first made to follow its pieces
-    (``_follow``). One call for a torch function mode: ``splinify``'s redirect of functional
-    activations, active through the whole forward, sees it once, not each of its ~20 ops and
-    attribute reads (they doubled a splinified forward at a batch of 1)."""
-    if not _tracing():
-        act._follow()
-    return evaluate(z, *act._op_args())
+    (``_follow``), out of an ``ActivationRedirect`` that is the innermost mode (other modes
+    see every op, as for any module)."""
+    tracing = _tracing()
+    redirect = None if tracing else _get_current_function_mode()
+    step_out = isinstance(redirect, ActivationRedirect)
+    if step_out:
+        _pop_mode()
+    try:
+        if not tracing:
+            act._follow()
+        return evaluate(z, *act._op_args())
+    finally:
+        if step_out:
+            _push_mode(redirect)
 
 
 def _tracing() -> bool:
