@@ -857,6 +857,41 @@ def test_other_modes_and_subclasses_see_a_spline_activations_torch_ops() -> None
     assert isinstance(net[2](z), _TorchOnlyTensor)
 
 
+class _IntoIntegers(nn.Module):
+    """Activations written into an integer tensor: in place, and through out=."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.act = how, nn.ELU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "module":
+            return self.act(x)
+        if self.how == "in place":
+            return torch.tanh_(x)
+        out = torch.zeros(len(x), dtype=x.dtype)
+        torch.tanh(x.float(), out=out)
+        return out
+
+
+@pytest.mark.parametrize("how", ["module", "in place", "out="])
+def test_an_activation_into_an_integer_tensor_is_refused_as_torch_refuses_it(how: str) -> None:
+    """The spline's float values were copied into the integer tensor, truncated (ELU of
+    [1, -2, 3] gave [0, 0, 2]); complex inputs lost their imaginary part with a warning only
+    (found in review). Reference: torch refuses both for the smooth model."""
+    model, x = _IntoIntegers(how), torch.tensor([1, -2, 3])
+    splined = sl.splinify(model, tol=1e-3, example_input=torch.randn(3))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        model(x.clone())
+    with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
+        splined(x.clone())
+    z = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(NotImplementedError):
+        nn.GELU()(z)
+    with pytest.raises(TypeError, match=r"takes real inputs, got torch\.complex64"):
+        sl.splinify(nn.GELU(), tol=1e-3)(z)
+
+
 def test_approximation_error_refuses_training_mode_and_bad_arguments() -> None:
     """In training mode it compared two dropout draws and moved the model's batchnorm
     statistics; bad batch sizes and non-tensors raised raw errors."""

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from splinelens._capture import as_op
 from splinelens.smooth.fit import fit_activation
-from splinelens.smooth.module import ActivationRedirect, SplineActivation
+from splinelens.smooth.module import ActivationRedirect, SplineActivation, write_back
 from splinelens.smooth.rnn import SplineRNN
 
 __all__ = ["functional_splines", "spline_for", "splinify"]
@@ -214,13 +214,13 @@ class _Functional(ActivationRedirect):
         name, params, inplace = _call(func, args[1:], kwargs)
         y = self._spline(name, params, z)(z)
         if inplace:
-            return z.copy_(y)
+            return write_back(z, y)
         out = kwargs.get("out")  # torch.tanh(h, out=buffer), resized as torch does
         if not isinstance(out, Tensor):
             return y
-        if out.shape != y.shape:
+        if out.shape != y.shape and torch.can_cast(y.dtype, out.dtype):
             out.resize_(y.shape)
-        return out.copy_(y)
+        return write_back(out, y)
 
     def _spline(self, name: str, params: dict[str, Any], z: Tensor) -> SplineActivation:
         key = "_".join([name, *(f"{k}{v}" for k, v in sorted(params.items()))]).replace(".", "p")

@@ -33,7 +33,7 @@ from splinelens._capture import (
     spline_activation,
 )
 
-__all__ = ["ActivationRedirect", "SplineActivation"]
+__all__ = ["ActivationRedirect", "SplineActivation", "write_back"]
 
 Tensor = torch.Tensor
 _TABLES = ("cells", "cell_slopes", "cell_intercepts")
@@ -84,10 +84,15 @@ class SplineActivation(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         if self.inplace:
-            return z.copy_(self._apply_to(z))
+            return write_back(z, self._apply_to(z))
         return self._apply_to(z)
 
     def _apply_to(self, z: Tensor) -> Tensor:
+        if z.is_complex():  # (z.to below would drop the imaginary part, with a warning only)
+            raise TypeError(
+                f"a spline activation takes real inputs, got {z.dtype}: its pieces are affine "
+                "functions of a real number"
+            )
         if not z.is_floating_point():  # (as torch.sigmoid: integers in the default dtype)
             z = z.to(torch.get_default_dtype())
         if as_op():  # one graph node when captured
@@ -180,6 +185,21 @@ class SplineActivation(nn.Module):
         if not self._unchanged():
             self.sup_error = math.inf  # the certificate was for the old pieces
         self._build_tables()  # the lookup tables follow the loaded knots
+
+
+def write_back(target: Tensor, y: Tensor) -> Tensor:
+    """``target.copy_(y)`` for an in-place or ``out=`` activation, refused as torch refuses it
+    where y's dtype does not cast to target's (an integer target would truncate).
+
+    >>> write_back(torch.zeros(2), torch.ones(2))
+    tensor([1., 1.])
+    """
+    if not torch.can_cast(y.dtype, target.dtype):
+        raise RuntimeError(
+            f"result type {y.dtype} can't be cast to the desired output type {target.dtype} "
+            "(an activation written in place, or into out=, of an integer tensor)"
+        )
+    return target.copy_(y)
 
 
 class ActivationRedirect(TorchFunctionMode):
