@@ -892,6 +892,25 @@ def test_an_activation_into_an_integer_tensor_is_refused_as_torch_refuses_it(how
         sl.splinify(nn.GELU(), tol=1e-3)(z)
 
 
+def test_pieces_that_require_a_gradient_are_refused() -> None:
+    """functional_call with pieces that require a gradient: the spline reads lookup tables built
+    from its pieces, so torch.func.grad gave zeros and autograd no gradient, silently (found in
+    review). Reference: the input's gradient still that of the explicit piece (slopes[k])."""
+    act = sl.SplineActivation.from_fit(sl.fit_activation("tanh", tol=1e-2))
+    z = torch.randn(10, dtype=F64)
+    trained = act.intercepts.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="fixed buffers: gradients reach its input"):
+        torch.func.functional_call(act, {"intercepts": trained}, (z,))
+    with pytest.raises(RuntimeError, match="fixed buffers"):
+        torch.func.grad(lambda i: torch.func.functional_call(act, {"intercepts": i}, (z,)).sum())(
+            act.intercepts.clone()
+        )
+    with torch.no_grad():  # (no gradient asked: answered)
+        torch.func.functional_call(act, {"intercepts": trained}, (z,))
+    k = torch.bucketize(z, act.knots)
+    torch.testing.assert_close(torch.func.grad(lambda v: act(v).sum())(z), act.slopes[k])
+
+
 def test_approximation_error_refuses_training_mode_and_bad_arguments() -> None:
     """In training mode it compared two dropout draws and moved the model's batchnorm
     statistics; bad batch sizes and non-tensors raised raw errors."""

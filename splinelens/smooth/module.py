@@ -220,11 +220,24 @@ def _eager(act: SplineActivation, z: Tensor) -> Tensor:
         _pop_mode()
     try:
         if not tracing:
+            _refuse_trained_pieces(act)
             act._follow()
         return evaluate(z, *act._op_args())
     finally:
         if step_out:
             _push_mode(redirect)
+
+
+def _refuse_trained_pieces(act: SplineActivation) -> None:
+    """Refuse pieces that require a gradient (``torch.func.functional_call`` with them, under
+    ``torch.func.grad`` too): the spline reads lookup tables built from them, so their gradient
+    was zero or missing, silently."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in act._pieces()):
+        raise RuntimeError(
+            "a spline activation's knots, slopes and intercepts are fixed buffers: gradients "
+            "reach its input, not them (it reads lookup tables built from them). To change the "
+            "spline, fit another one (sl.fit_activation) or build a SplineActivation"
+        )
 
 
 def _tracing() -> bool:
