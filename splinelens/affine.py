@@ -319,21 +319,23 @@ class AffineMap(HoldsCapture):
         if self._states is None:
             prog = self.program
             with torch.no_grad(), exact_matmul():
-                values, self._states = prog.record(self._x, stop=self.end)
+                values, states = prog.record(self._x, stop=self.end)
             self._z_start = prog.per_sample(self.start, values[self.start])
             self._output = prog.per_sample(self.end, values[self.end])
             check_overflow(self._output)
+            self._states = states  # (last: another thread reads them as "recorded")
         assert self._z_start is not None and self._output is not None
         return self._states, self._z_start, self._output
 
     def _keep_records(self, recorded: list[tuple]) -> None:
         if len(recorded) == 1:  # one chunk: nothing to join
-            self._states, self._z_start, self._output = recorded[0]
+            states, self._z_start, self._output = recorded[0]
         else:
-            self._states = self.program.cat_states([r[0] for r in recorded])
+            states = self.program.cat_states([r[0] for r in recorded])
             self._z_start = torch.cat([r[1] for r in recorded])
             self._output = torch.cat([r[2] for r in recorded])
         check_overflow(self._output)
+        self._states = states  # (last, as in ``_recorded``)
 
     def _node(self, z: Tensor) -> Tensor:
         return self.program.from_sample(self.start, z)

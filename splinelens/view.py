@@ -37,6 +37,7 @@ from splinelens._checks import (
 )
 from splinelens._fingerprint import ModelTensors, check_model_finite
 from splinelens._guard import structure_guard
+from splinelens._lock import splinelens_lock
 from splinelens._precision import exact_matmul
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, structure
@@ -283,9 +284,8 @@ class Verification:
         )
 
 
-_VIEWS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[SplineView]]] = (
-    weakref.WeakKeyDictionary()
-)
+_Views = dict[tuple, list["SplineView"]]  # (x's per-sample shape, dtype, device type) -> views
+_VIEWS: weakref.WeakKeyDictionary[nn.Module, _Views] = weakref.WeakKeyDictionary()
 
 
 def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
@@ -297,33 +297,38 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     """
     model = unwrap_model(model)
     check_input("x", x, values)
-    key = (tuple(x.shape[1:]), x.dtype, x.device.type)
-    views = _VIEWS.setdefault(model, {}).setdefault(key, [])
-    if len(views) == 1:  # (its guard tells without the walk)
-        views[:] = [v for v in views if v._changed(model) is None]
-    elif views:
-        now = structure(model)  # (one walk for all)
-        views[:] = [v for v in views if v.structure == now]
-    check_dtype(model, x, known=views[0].dtype if views else None)
-    view = next((v for v in views if v.program.batch.accepts(len(x))), None)
-    if view is None:
-        check_finite("x", x)  # (the capture runs on x)
-        view = SplineView(model, x)
-        held = view.structure.held()  # (objects without weak references: rare)
-        if held and refers_to(held, model):  # kept, it would keep the model alive
-            warnings.warn(
-                f"{type(model).__name__} holds an object without weak references that leads back "
-                f"to it (or too many objects to tell), so splinelens cannot cache its capture and "
-                f"captures it at every call; hold that object in a module or a plain class",
-                stacklevel=user_stacklevel(),
-            )
-        else:
-            view._model, view._owners = None, ()  # the cache must not keep the model alive
-            for others in _VIEWS[model].values():  # (of other inputs, a structure now gone:
-                others[:] = [v for v in others if v.structure == view.structure]  # let go)
-            views.append(view)
+    with splinelens_lock:  # (one capture per key: threads wait for the first)
+        key = (tuple(x.shape[1:]), x.dtype, x.device.type)
+        views = _VIEWS.setdefault(model, {}).setdefault(key, [])
+        if len(views) == 1:  # (its guard tells without the walk)
+            views[:] = [v for v in views if v._changed(model) is None]
+        elif views:
+            now = structure(model)  # (one walk for all)
+            views[:] = [v for v in views if v.structure == now]
+        check_dtype(model, x, known=views[0].dtype if views else None)
+        view = next((v for v in views if v.program.batch.accepts(len(x))), None)
+        if view is None:
+            check_finite("x", x)  # (the capture runs on x)
+            view = SplineView(model, x)
+            held = view.structure.held()  # (objects without weak references: rare)
+            if held and refers_to(held, model):  # kept, it would keep the model alive
+                _warn_uncached(model)
+            else:
+                view._model, view._owners = None, ()  # the cache must not keep the model alive
+                for others in _VIEWS[model].values():  # (of other inputs, a structure now gone:
+                    others[:] = [v for v in others if v.structure == view.structure]  # let go)
+                views.append(view)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view
+
+
+def _warn_uncached(model: nn.Module) -> None:
+    warnings.warn(
+        f"{type(model).__name__} holds an object without weak references that leads back "
+        f"to it (or too many objects to tell), so splinelens cannot cache its capture and "
+        f"captures it at every call; hold that object in a module or a plain class",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def affine_map(

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from splinelens._capture.nodes import op_name
 from splinelens._capture.registry import info
+from splinelens._lock import splinelens_lock
 from splinelens._precision import exact_matmul
 from splinelens.errors import BatchSizeError
 
@@ -87,7 +88,14 @@ class BatchSizes:
         return sizes
 
     def accepts(self, n: int) -> bool:
-        """Whether the captured graph is the model's graph for a batch of n inputs."""
+        """Whether the captured graph is the model's graph for a batch of n inputs (a batch of
+        1 waits for a check of it that another thread runs)."""
+        if n != 1:
+            return self._accepts(n)
+        with splinelens_lock:
+            return self._accepts(n)
+
+    def _accepts(self, n: int) -> bool:
         if n == 1 and self._single is not None:
             check, self._single, lo = self._single, None, self.lo
             self.lo = 1  # the check runs the program on single inputs

@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -182,19 +183,31 @@ class Redirect:
     def __init__(self, budget: dict[str, Any]) -> None:
         self.budget = budget
         self.splines = nn.ModuleDict()  # not a submodule: nn.Sequential would call it
-        self.modes: list[TorchFunctionMode] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
         mode = _Functional(self.splines, self.budget)
         mode.__enter__()
-        self.modes.append(mode)
+        self._modes().append(mode)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.modes:
-            self.modes.pop().__exit__(None, None, None)
+        modes = _OPEN.__dict__.get(id(self))
+        if modes:
+            modes.pop().__exit__(None, None, None)
+            if not modes:
+                del _OPEN.__dict__[id(self)]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"budget": self.budget, "splines": self.splines, "modes": []}
+    def _modes(self) -> list[TorchFunctionMode]:
+        """This thread's open modes of this redirect (kept apart from the copy: a forward
+        running in one thread is not a change of the model seen from another; an entry lives
+        while a forward is open)."""
+        return _OPEN.__dict__.setdefault(id(self), [])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("modes", None)  # (saved before the modes were kept per thread)
+        self.__dict__.update(state)
+
+
+_OPEN = threading.local()  # id(Redirect) -> its open modes, per thread
 
 
 class _Functional(ActivationRedirect):

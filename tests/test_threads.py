@@ -1,0 +1,130 @@
+"""Threads sharing a model: what each thread gets is what it gets alone, bit for bit, and the
+process's settings are left as they were (torch.export and torch.func's forward mode cannot run
+in two threads at once; splinelens serialises them)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+import splinelens as sl
+import splinelens.view as view_module
+from splinelens._precision import exact_matmul
+from tests import zoo
+
+F64 = torch.float64
+
+
+def _in_threads(fn: Callable[[int], object], n: int) -> list[object]:
+    """fn(i) in n threads started together; each result, or the exception raised."""
+    results: list[object] = [None] * n
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # (the test reports it)
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_first_calls_racing_on_one_model_each_get_their_answer_and_leave_the_settings() -> None:
+    """Two threads' first calls on one model ran torch.export at once: in 24 of 25 runs one or
+    both failed with an error blaming the model, and the log, stderr and warnings settings that
+    the capture silences were left silenced (found in review). Reference: each call alone,
+    afterwards; the settings before."""
+    for trial in range(3):
+        torch.manual_seed(trial)
+        net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        xs = [torch.randn(n, 6) for n in (7, 64, 3)]
+        stderr, disabled, filters = sys.stderr, logging.root.manager.disable, warnings.filters[:]
+        got = _in_threads(lambda i, net=net, xs=xs: sl.partition_codes(net, xs[i]), len(xs))
+        assert not [g for g in got if isinstance(g, Exception)], got
+        assert sys.stderr is stderr and logging.root.manager.disable == disabled
+        assert warnings.filters == filters
+        for x, codes in zip(xs, got, strict=True):
+            alone = sl.partition_codes(net, x)
+            assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, codes.layers))
+        assert sum(map(len, view_module._VIEWS[net].values())) == 1  # (one capture for all)
+
+
+def test_region_geometry_in_threads_is_what_it_is_alone() -> None:
+    """The forward-mode pass of the region geometry (jvp under vmap) ran in several threads at
+    once, and torch.func's dual level is one per process: layer_maso's W was wrong in 40 of 100
+    calls and region_radius in 45 (inf where the radius is 0.03), silently (found in review).
+    Reference: the same calls alone."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)]
+    net = nn.Sequential(*layers).double().eval()
+    x = torch.randn(32, 6, dtype=F64)
+    w, r = sl.layer_maso(net, x, 1).W, sl.region_radius(net, x)
+
+    def both(_: int) -> bool:
+        return all(
+            torch.equal(sl.layer_maso(net, x, 1).W, w) and torch.equal(sl.region_radius(net, x), r)
+            for _ in range(6)
+        )
+
+    assert _in_threads(both, 4) == [True] * 4
+
+
+def test_a_splinified_forward_in_one_thread_is_not_a_change_seen_by_another() -> None:
+    """splinify's redirect kept its open modes on the copy, part of the model's structure: while
+    one thread ran the copy's forward, another saw a changed model and captured it again (140
+    captures in 200 calls, and modes left open; found in review). Reference: the cached views
+    while a thread is inside the forward, and the codes alone."""
+    net = zoo.build("splined_gelu_mlp", F64)
+    x = zoo.inputs("splined_gelu_mlp", 5, F64, seed=0)
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    first.register_forward_hook(_call_from_another_thread)  # (captured with the model)
+    alone = sl.partition_codes(net, x)
+    cached = [v for vs in view_module._VIEWS[net].values() for v in vs]
+    _INSIDE[:] = [lambda: sl.partition_codes(net, x)]  # (armed: the hook reads a global)
+    net(x)
+    codes = _INSIDE.pop()
+    assert not isinstance(codes, Exception), codes
+    assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, codes.layers))
+    now = [v for vs in view_module._VIEWS[net].values() for v in vs]
+    assert now == cached  # (no new capture)
+
+
+_INSIDE: list = []  # the call to make from another thread within a forward, then its result
+
+
+def _call_from_another_thread(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    if len(_INSIDE) == 1 and callable(_INSIDE[0]):  # (once)
+        call = _INSIDE.pop()
+        _INSIDE.extend(_in_threads(lambda _: call(), 1))
+
+
+def test_tf32_stays_off_until_the_last_thread_leaves_exact_matmul(monkeypatch) -> None:
+    """exact_matmul saved and restored the process's TF32 settings per block: a thread that
+    left its block turned TF32 back on under another thread still computing (found in review;
+    it matters on a GPU, faked here). Reference: the settings at each step."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+        first, second = exact_matmul(), exact_matmul()
+        first.__enter__()
+        second.__enter__()  # (another thread's block, opened inside the first)
+        first.__exit__(None, None, None)
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        second.__exit__(None, None, None)
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
