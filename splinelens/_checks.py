@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -266,3 +267,13 @@ def check_dtype(
             f"{name} is {x.dtype} on {x.device} but the model's parameters are "
             f"{dt[0]} on {dt[1]}; call {name}.to(...) to match"
         )
+
+
+def warn_uncached(model: nn.Module) -> None:
+    """Warn that ``model``'s capture cannot be cached (``view_of``)."""
+    warnings.warn(
+        f"{type(model).__name__} holds an object without weak references that leads back "
+        f"to it (or too many objects to tell), so splinelens cannot cache its capture and "
+        f"captures it at every call; hold that object in a module or a plain class",
+        stacklevel=user_stacklevel(),
+    )

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from splinelens._lock import splinelens_lock
+from splinelens._lock import held
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, module_list, structure
 from splinelens._tensors import float64_copy, model_dtype, model_state, plain_attributes
@@ -64,7 +64,7 @@ def float64_twin(model: nn.Module) -> nn.Module:
     """The model itself if it is float64, else its float64 twin (see the module); a ValueError
     naming why if it cannot be copied (deep-copied, then converted). One twin per model for all
     threads."""
-    with splinelens_lock:
+    with held():
         return _twin_of(model)
 
 

@@ -13,7 +13,6 @@ torch.Size([5, 8, 8])
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,11 +32,11 @@ from splinelens._checks import (
     map_rtol,
     term_sizes,
     unwrap_model,
-    user_stacklevel,
+    warn_uncached,
 )
 from splinelens._fingerprint import ModelTensors, check_model_finite
 from splinelens._guard import structure_guard
-from splinelens._lock import splinelens_lock
+from splinelens._lock import held
 from splinelens._precision import exact_matmul
 from splinelens._reach import refers_to
 from splinelens._structure import Structure, structure
@@ -297,38 +296,39 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     """
     model = unwrap_model(model)
     check_input("x", x, values)
-    with splinelens_lock:  # (one capture per key: threads wait for the first)
-        key = (tuple(x.shape[1:]), x.dtype, x.device.type)
-        views = _VIEWS.setdefault(model, {}).setdefault(key, [])
-        if len(views) == 1:  # (its guard tells without the walk)
-            views[:] = [v for v in views if v._changed(model) is None]
-        elif views:
-            now = structure(model)  # (one walk for all)
-            views[:] = [v for v in views if v.structure == now]
-        check_dtype(model, x, known=views[0].dtype if views else None)
-        view = next((v for v in views if v.program.batch.accepts(len(x))), None)
-        if view is None:
-            check_finite("x", x)  # (the capture runs on x)
-            view = SplineView(model, x)
-            held = view.structure.held()  # (objects without weak references: rare)
-            if held and refers_to(held, model):  # kept, it would keep the model alive
-                _warn_uncached(model)
-            else:
-                view._model, view._owners = None, ()  # the cache must not keep the model alive
-                for others in _VIEWS[model].values():  # (of other inputs, a structure now gone:
-                    others[:] = [v for v in others if v.structure == view.structure]  # let go)
-                views.append(view)
+    view = _cached(model, x, key := (tuple(x.shape[1:]), x.dtype, x.device.type))
+    if view is None:
+        with held():  # (one capture per key: threads wait for the first)
+            view = _cached(model, x, key) or _captured(model, x, key)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view
 
 
-def _warn_uncached(model: nn.Module) -> None:
-    warnings.warn(
-        f"{type(model).__name__} holds an object without weak references that leads back "
-        f"to it (or too many objects to tell), so splinelens cannot cache its capture and "
-        f"captures it at every call; hold that object in a module or a plain class",
-        stacklevel=user_stacklevel(),
-    )
+def _cached(model: nn.Module, x: Tensor, key: tuple) -> SplineView | None:
+    """The cached view of ``model`` that holds for x (the others of x's key pruned if changed)."""
+    views = _VIEWS.setdefault(model, {}).setdefault(key, [])
+    if len(views) == 1:  # (its guard tells without the walk)
+        views[:] = [v for v in views if v._changed(model) is None]
+    elif views:
+        now = structure(model)  # (one walk for all)
+        views[:] = [v for v in views if v.structure == now]
+    check_dtype(model, x, known=views[0].dtype if views else None)
+    return next((v for v in views if v.program.batch.accepts(len(x))), None)
+
+
+def _captured(model: nn.Module, x: Tensor, key: tuple) -> SplineView:
+    """A new view of ``model`` for x, cached unless it would keep the model alive."""
+    check_finite("x", x)  # (the capture runs on x)
+    view = SplineView(model, x)
+    held_objects = view.structure.held()  # (objects without weak references: rare)
+    if held_objects and refers_to(held_objects, model):  # kept, it would keep the model alive
+        warn_uncached(model)
+        return view
+    view._model, view._owners = None, ()  # the cache must not keep the model alive
+    for others in _VIEWS[model].values():  # (of other inputs, a structure now gone: let go)
+        others[:] = [v for v in others if v.structure == view.structure]
+    _VIEWS[model][key].append(view)
+    return view
 
 
 def affine_map(

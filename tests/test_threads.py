@@ -10,10 +10,12 @@ import threading
 import warnings
 from collections.abc import Callable
 
+import pytest
 import torch
 import torch.nn as nn
 
 import splinelens as sl
+import splinelens._lock
 import splinelens.view as view_module
 from splinelens._precision import exact_matmul
 from tests import zoo
@@ -128,3 +130,34 @@ def test_tf32_stays_off_until_the_last_thread_leaves_exact_matmul(monkeypatch) -
         assert matmul.allow_tf32 and cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+class _WaitsForAnotherThread(nn.Module):
+    """A forward that waits for a thread calling splinelens on another model (once)."""
+
+    def __init__(self, other: nn.Module) -> None:
+        super().__init__()
+        self.layer, self.other, self.seen = nn.Linear(3, 4), [other], []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.seen:
+            self.seen.extend(_in_threads(lambda _: sl.partition_codes(self.other[0], x), 1))
+        return torch.relu(self.layer(x))
+
+
+@pytest.mark.filterwarnings("ignore:.*cannot cache its capture")  # (the error held leads back)
+def test_a_forward_waiting_for_splinelens_in_another_thread_gets_an_error_not_a_hang(
+    monkeypatch,
+) -> None:
+    """The capture runs the model's forward holding splinelens' lock: a forward that waits for a
+    thread calling splinelens waited forever (found in review). Reference: the other thread's
+    error, after the wait, and the capture's own answer, that of a model without the wait."""
+    monkeypatch.setattr(splinelens._lock, "WAIT", 1.0)
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    net, x = _WaitsForAnotherThread(other).eval(), torch.randn(5, 3)
+    codes = sl.partition_codes(net, x)
+    (error,) = net.seen
+    assert isinstance(error, RuntimeError) and "waited for another thread" in str(error)
+    plain = nn.Sequential(net.layer, nn.ReLU())
+    assert torch.equal(codes.layers[0].data, sl.partition_codes(plain, x).layers[0].data)

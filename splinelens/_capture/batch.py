@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from splinelens._capture.nodes import op_name
 from splinelens._capture.registry import info
-from splinelens._lock import splinelens_lock
+from splinelens._lock import held
 from splinelens._precision import exact_matmul
 from splinelens.errors import BatchSizeError
 
@@ -92,7 +92,7 @@ class BatchSizes:
         1 waits for a check of it that another thread runs)."""
         if n != 1:
             return self._accepts(n)
-        with splinelens_lock:
+        with held():
             return self._accepts(n)
 
     def _accepts(self, n: int) -> bool:

@@ -49,7 +49,7 @@ from splinelens._capture.refusals import check_batch_kept, check_op, error
 from splinelens._capture.registry import decompositions, info
 from splinelens._capture.spline_op import splines_as_ops
 from splinelens._capture.unmerge import batch_first, merged_input, restore
-from splinelens._lock import splinelens_lock
+from splinelens._lock import held
 from splinelens.errors import UnsupportedOperationError
 
 
@@ -183,7 +183,7 @@ def _export(
 ) -> torch.export.ExportedProgram:
     dyn = ({0: torch.export.Dim.AUTO},) if dynamic else None
     try:
-        with splinelens_lock, warnings.catch_warnings(), _quiet_logs():
+        with held(), warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")
             with splines_as_ops():
                 ep = torch.export.export(model, (ex,), dynamic_shapes=dyn, strict=False)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign, Spline
-from splinelens._lock import splinelens_lock
+from splinelens._lock import held
 from splinelens._precision import exact_matmul
 
 __all__ = [
@@ -222,7 +222,7 @@ def slot_tangents(
             return torch.func.jvp(slots, (h0,), (d.expand_as(h0),))[1]
 
         try:
-            with splinelens_lock:  # (one dual level for the whole process: threads clash)
+            with held():  # (one dual level for the whole process: threads clash)
                 dz = torch.func.vmap(along)(dirs) if tables else ()  # per table (T, M, S)
         except (RuntimeError, NotImplementedError):
             moved = (h0.unsqueeze(0) + dirs.unsqueeze(1)).reshape(-1, *h0.shape[1:])  # (T*M, ..)
