@@ -911,6 +911,50 @@ def test_pieces_that_require_a_gradient_are_refused() -> None:
     torch.testing.assert_close(torch.func.grad(lambda v: act(v).sum())(z), act.slopes[k])
 
 
+class _Interrupted(nn.Module):
+    """A forward with a functional GELU, stopped by a KeyboardInterrupt once asked to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.stop = nn.Linear(3, 4), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.a(x))
+        if self.stop:
+            raise KeyboardInterrupt
+        return h
+
+
+def test_a_forward_stopped_by_a_keyboard_interrupt_leaves_no_redirect_behind() -> None:
+    """splinify's forward hooks close the redirect on an Exception only: after a
+    KeyboardInterrupt (Ctrl-C in a notebook), F.gelu anywhere in the thread was computed as the
+    spline, silently (found in review). Reference: F.gelu itself, bit for bit, and the copy
+    still redirecting its own forward."""
+    torch.manual_seed(0)
+    model, z = _Interrupted().double().eval(), torch.randn(7, dtype=F64)
+    x, gelu = torch.randn(2, 3, dtype=F64), F.gelu(z)  # (no redirect open yet)
+    splined = sl.splinify(model, tol=1e-2, example_input=x)
+    expected = splined(x)
+    splined.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        splined(x)
+    assert torch.equal(F.gelu(z), gelu)
+    splined.stop = False
+    assert torch.equal(splined(x), expected)
+    assert not torch.equal(model(x), expected)  # (the copy's GELU is the spline)
+    assert torch.overrides._get_current_function_mode() is None  # (the stale one closed)
+
+
+def test_a_splinified_copy_runs_under_torch_compile() -> None:
+    """Keeping the redirect's open modes per thread in a threading.local's own __dict__ made
+    torch.compile fail (dynamo: "Expected str key"; found while fixing the interrupt above).
+    Reference: the copy run eagerly, bit for bit (dynamo's eager backend)."""
+    torch.manual_seed(0)
+    model, x = _Interrupted().double().eval(), torch.randn(4, 3, dtype=F64)
+    splined = sl.splinify(model, tol=1e-2, example_input=x)
+    assert torch.equal(torch.compile(splined, backend="eager")(x), splined(x))
+
+
 def test_approximation_error_refuses_training_mode_and_bad_arguments() -> None:
     """In training mode it compared two dropout draws and moved the model's batchnorm
     statistics; bad batch sizes and non-tensors raised raw errors."""

@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from splinelens._capture import as_op
 from splinelens.smooth.fit import fit_activation
@@ -185,44 +186,68 @@ class Redirect:
         self.splines = nn.ModuleDict()  # not a submodule: nn.Sequential would call it
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        mode = _Functional(self.splines, self.budget)
+        modes = self._modes()
+        while modes and not modes[-1].live():  # (a forward stopped by a KeyboardInterrupt)
+            stale = modes.pop()
+            if _get_current_function_mode() is stale:
+                stale.__exit__(None, None, None)
+        caller = None if torch.compiler.is_compiling() else sys._getframe(1)  # (dynamo: no frames)
+        mode = _Functional(self.splines, self.budget, caller)
         mode.__enter__()
-        self._modes().append(mode)
+        modes.append(mode)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        modes = _OPEN.__dict__.get(id(self))
+        modes = _open().get(id(self))
         if modes:
             modes.pop().__exit__(None, None, None)
             if not modes:
-                del _OPEN.__dict__[id(self)]
+                del _open()[id(self)]
 
     def _modes(self) -> list[TorchFunctionMode]:
         """This thread's open modes of this redirect (kept apart from the copy: a forward
         running in one thread is not a change of the model seen from another; an entry lives
         while a forward is open)."""
-        return _OPEN.__dict__.setdefault(id(self), [])
+        return _open().setdefault(id(self), [])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.pop("modes", None)  # (saved before the modes were kept per thread)
         self.__dict__.update(state)
 
 
-_OPEN = threading.local()  # id(Redirect) -> its open modes, per thread
+_THREAD = threading.local()
+
+
+def _open() -> dict[int, list[_Functional]]:
+    """This thread's open modes, by id of their ``Redirect``."""
+    if not hasattr(_THREAD, "open"):
+        _THREAD.open = {}
+    return _THREAD.open
 
 
 class _Functional(ActivationRedirect):
     """Replaces calls to smooth activation functions by the matching spline module."""
 
-    def __init__(self, splines: nn.ModuleDict, budget: dict[str, Any]) -> None:
+    def __init__(self, splines: nn.ModuleDict, budget: dict[str, Any], caller: Any) -> None:
         super().__init__()
-        self.splines, self.budget = splines, budget
+        self.splines, self.budget, self.caller = splines, budget, caller  # (caller: a frame)
+
+    def live(self) -> bool:
+        """Whether the forward that opened the mode still runs (its hook's caller is on this
+        thread's stack): a KeyboardInterrupt skips the exit hook, which runs on an Exception
+        only, and left the mode redirecting activations of any code in the thread."""
+        if self.caller is None:  # (opened while torch.compile traced: taken as running)
+            return True
+        frame = sys._getframe(1)
+        while frame is not None and frame is not self.caller:
+            frame = frame.f_back
+        return frame is not None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _FUNCTIONS:  # (first: every op of the forward comes here)
             return func(*args, **kwargs)
         z = args[0] if args else kwargs.get("input", kwargs.get("self"))
-        if not isinstance(z, Tensor):
+        if not isinstance(z, Tensor) or not self.live():
             return func(*args, **kwargs)
         name, params, inplace = _call(func, args[1:], kwargs)
         y = self._spline(name, params, z)(z)
