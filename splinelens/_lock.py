@@ -26,9 +26,9 @@ _LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def held(wait: float | None = None) -> Iterator[None]:
-    """The lock for the block; a RuntimeError after ``wait`` seconds (default ``WAIT``)."""
-    if not _LOCK.acquire(timeout=WAIT if wait is None else wait):
+def held() -> Iterator[None]:
+    """The lock for the block; a RuntimeError after waiting ``WAIT`` seconds for it."""
+    if not _LOCK.acquire(timeout=WAIT):
         raise RuntimeError(
             "splinelens waited for another thread's capture (or forward-mode pass) for too long. "
             "If a model's forward waits for a thread that calls splinelens (or for a lock held "

@@ -197,11 +197,12 @@ class Redirect:
         modes.append(mode)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        modes = _open().get(id(self))
+        opened = _open()
+        modes = opened.get(id(self))
         if modes:
             modes.pop().__exit__(None, None, None)
             if not modes:
-                del _open()[id(self)]
+                del opened[id(self)]
 
     def _modes(self) -> list[TorchFunctionMode]:
         """This thread's open modes of this redirect (kept apart from the copy: a forward
