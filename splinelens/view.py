@@ -90,8 +90,7 @@ class SplineView(HoldsCapture):
             )
         self._model: nn.Module | None = model
         self._model_ref = weakref.ref(model)
-        check_model_finite(model)  # before exporting it
-        # (a float64 twin: the constants its forward makes are float64)
+        check_model_finite(model)  # before exporting it; the float64 twin makes float64 constants
         self.program = capture(model, example_input, within=made_in_float64(model))
         self._owners: tuple[nn.Module, ...] = self.program.hold()  # (a cached view: none)
         # after the capture's forward (lazy modules get their weights), while the structure holds
@@ -296,28 +295,29 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     """
     model = unwrap_model(model)
     check_input("x", x, values)
-    view = _cached(model, x, key := (tuple(x.shape[1:]), x.dtype, x.device.type))
-    if view is None:
+    view = _cached(model, len(x), key := (tuple(x.shape[1:]), x.dtype, x.device.type))
+    if view is None:  # (lock-free, the model may be in another thread's capture: read no weight)
         with held():  # (one capture per key: threads wait for the first)
-            view = _cached(model, x, key) or _captured(model, x, key)
+            view = _cached(model, len(x), key) or _captured(model, x, key)
+    check_dtype(model, x, known=view.dtype)
     view._check_model(len(x), weights=values)  # a cached view matched ``now``
     return view
 
 
-def _cached(model: nn.Module, x: Tensor, key: tuple) -> SplineView | None:
-    """The cached view of ``model`` that holds for x (the others of x's key pruned if changed)."""
+def _cached(model: nn.Module, n: int, key: tuple) -> SplineView | None:
+    """The cached view of ``model`` for n inputs of ``key`` (the others pruned if changed)."""
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
     if len(views) == 1:  # (its guard tells without the walk)
         views[:] = [v for v in views if v._changed(model) is None]
     elif views:
         now = structure(model)  # (one walk for all)
         views[:] = [v for v in views if v.structure == now]
-    check_dtype(model, x, known=views[0].dtype if views else None)
-    return next((v for v in views if v.program.batch.accepts(len(x))), None)
+    return next((v for v in views if v.program.batch.accepts(n)), None)
 
 
 def _captured(model: nn.Module, x: Tensor, key: tuple) -> SplineView:
     """A new view of ``model`` for x, cached unless it would keep the model alive."""
+    check_dtype(model, x)
     check_finite("x", x)  # (the capture runs on x)
     view = SplineView(model, x)
     held_objects = view.structure.held()  # (objects without weak references: rare)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -30,10 +31,7 @@ def _in_threads(fn: Callable[[int], object], n: int) -> list[object]:
 
     def run(i: int) -> None:
         start.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as e:  # (the test reports it)
-            results[i] = e
+        results[i] = _result(fn, i)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
@@ -61,6 +59,36 @@ def test_first_calls_racing_on_one_model_each_get_their_answer_and_leave_the_set
             alone = sl.partition_codes(net, x)
             assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, codes.layers))
         assert sum(map(len, view_module._VIEWS[net].values())) == 1  # (one capture for all)
+
+
+def test_a_call_while_another_thread_captures_the_model_waits_for_that_capture() -> None:
+    """A call on a model that another thread was capturing read the model's weights before
+    taking the lock. torch.export had put fake tensors in their place, which read as on "meta"
+    to other threads while a kernel runs: the call failed with "the model's parameters are
+    torch.float32 on meta" (the test above, 1 run in 6; CI at stop 31). Here the capture in
+    progress is staged: the lock held, a weight on meta. Reference: the call alone, after."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, real = torch.randn(3, 6), net[0].weight
+    with splinelens._lock.held():  # (another thread's capture)
+        net[0].weight = nn.Parameter(real.to("meta"))  # (what other threads may read meanwhile)
+        got: list[object] = []
+        thread = threading.Thread(target=lambda: got.append(_result(sl.partition_codes, net, x)))
+        thread.start()
+        time.sleep(0.5)  # (the call starts while the weight is fake)
+        net[0].weight = real
+    thread.join(120)
+    assert not isinstance(got[0], Exception), got
+    alone = sl.partition_codes(net, x)
+    assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, got[0].layers))
+
+
+def _result(fn: Callable, *args: object) -> object:
+    """fn(*args), or the exception it raised."""
+    try:
+        return fn(*args)
+    except Exception as e:  # (the test reports it)
+        return e
 
 
 def test_region_geometry_in_threads_is_what_it_is_alone() -> None:
