@@ -38,7 +38,10 @@ class LayerNotFoundError(KeyError, IndexError):
 
 
 def check_finite(name: str, t: Tensor, fix: str = "") -> None:
-    """Refuse NaN or infinite entries of ``t``, naming the argument and the first bad index."""
+    """Refuse NaN or infinite entries of ``t``, naming the argument and the first bad index
+    (and a tensor without values: on the meta device)."""
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values")
     if not (t.is_floating_point() or t.is_complex()):
         return
     if t.numel() and math.isfinite(abs(t.detach().sum().item())):  # fast: no temporary tensor
@@ -232,6 +235,8 @@ def check_input(name: str, x: object, values: bool = True) -> None:
         raise ValueError(f"{name} holds no inputs (batch size 0)")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}; call {name}.float()")
+    if x.is_meta:
+        check_finite(name, x)  # (refused: no values)
     check_untransformed(name, x)
     dt = _autocast_rounding(x)
     if dt is not None:
@@ -253,6 +258,21 @@ def _autocast_rounding(x: Tensor) -> torch.dtype | None:
     return dt if torch.finfo(dt).eps > torch.finfo(x.dtype).eps else None
 
 
+_META_MODEL = (
+    "the model's parameters are on the meta device, which holds shapes but no values: give it "
+    "weights first (model.to_empty(device=...), then load_state_dict). Or another thread is "
+    "capturing this model (a first call for an input shape, a dtype or a batch of 1), and "
+    "torch.export has put fake tensors in its place: make those first calls before sharing "
+    "the model between threads"
+)
+
+
+def check_model_device(dt: tuple[torch.dtype, torch.device] | None) -> None:
+    """Refuse a model on the meta device (``dt``: its ``model_dtype``)."""
+    if dt is not None and dt[1].type == "meta":
+        raise ValueError(_META_MODEL)
+
+
 def check_dtype(
     model: nn.Module,
     x: Tensor,
@@ -262,6 +282,7 @@ def check_dtype(
     """x must have the dtype and device of the model's parameters and buffers (``known``: the
     model's, if already known)."""
     dt = known or model_dtype(model)
+    check_model_device(dt)
     if dt is not None and (dt[0] != x.dtype or dt[1] != x.device):
         raise ValueError(
             f"{name} is {x.dtype} on {x.device} but the model's parameters are "

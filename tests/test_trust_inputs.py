@@ -4,6 +4,7 @@ answered exactly (found by a fuzzing review; each test fails before its fix)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch.nn as nn
 
 import splinelens as sl
 from splinelens.codes import LayerCodes, PartitionCodes
+
+Tensor = torch.Tensor
 
 
 def _binary_codes(bits: np.ndarray) -> PartitionCodes:
@@ -137,3 +140,39 @@ def test_geometry_arguments_are_refused_by_name(case: str) -> None:
     call, match = _geometry_calls()[case]
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def _meta_calls() -> dict[str, Callable[[nn.Module, Tensor], object]]:
+    """Entry points that take a model and inputs."""
+    f64 = torch.float64
+    return {
+        "partition_codes": sl.partition_codes,
+        "affine_map": lambda net, x: sl.affine_map(net, x).B,
+        "verify": sl.verify,
+        "SplineView": sl.SplineView,
+        "region_radius": sl.region_radius,
+        "layer_maso": lambda net, x: sl.layer_maso(net, x, 0),
+        "local_complexity": lambda net, x: sl.local_complexity(net, x, [0.1]),
+        "slice points": lambda net, x: sl.slice_partition(net, points=tuple(x)),
+        "slice plane": lambda net, x: sl.slice_partition(
+            net, x[0], torch.eye(2, dtype=f64, device=x.device)
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_meta_calls()))
+def test_a_model_or_inputs_on_the_meta_device_are_refused_by_name(case: str) -> None:
+    """A model on the meta device (built for its shapes) was met with "call x.to(...) to
+    match", which cannot help, and meta inputs with torch's own errors (autocast's "unknown
+    device type", "Cannot copy out of meta tensor"). Both hold no values: refused, naming
+    which. The advice for the model also covers a capture in another thread (test_threads)."""
+    call = _meta_calls()[case]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"(x|example_input|points\[0\]|origin) is on the meta device"
+    ):
+        call(net, x.to("meta"))
+    with pytest.raises(ValueError, match=r"parameters are on the meta device.*to_empty"):
+        call(net.to("meta"), x)

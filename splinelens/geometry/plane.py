@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from splinelens._capture import Program
-from splinelens._checks import check_finite, check_finite_numbers
+from splinelens._checks import check_finite, check_finite_numbers, check_model_device
 from splinelens._precision import exact_matmul
 from splinelens._tensors import model_dtype
 from splinelens.geometry.units import UnitTable, last_step, slot_differences
@@ -37,6 +37,7 @@ def make_plane(
     margin: float,
 ) -> tuple[Tensor, Tensor, tuple[float, float, float, float], Array | None]:
     dt = model_dtype(model)
+    check_model_device(dt)
     kw = {"dtype": torch.float64, "device": dt[1] if dt is not None else "cpu"}
     if points is not None:
         if origin is not None or directions is not None:
@@ -44,18 +45,12 @@ def make_plane(
         check_finite_numbers("margin", [margin])
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        xs = tuple(torch.as_tensor(x).to(**kw) for x in points)
-        for i, x in enumerate(xs):
-            check_finite(f"points[{i}]", x)
-        return plane_through(xs, margin)
+        return plane_through(
+            tuple(_finite(f"points[{i}]", x, kw) for i, x in enumerate(points)), margin
+        )
     if origin is None or directions is None:
         raise ValueError("slice_partition needs origin and directions, or points=(x0, x1, x2)")
-    # (detached copies: the partition keeps them, not a batch they view, nor its graph)
-    origin, directions = (
-        torch.as_tensor(t).to(**kw).detach().clone() for t in (origin, directions)
-    )
-    check_finite("origin", origin)
-    check_finite("directions", directions)
+    origin, directions = _finite("origin", origin, kw), _finite("directions", directions, kw)
     if not hasattr(bounds, "__len__") or len(bounds) != 4:
         raise ValueError(f"bounds must be (u0, u1, v0, v1), got {bounds}")
     check_finite_numbers("bounds", bounds)
@@ -162,3 +157,14 @@ def cell_chunks(m: int, table: UnitTable, width: int = 16) -> list[tuple[int, in
     """Cell ranges per network run: the candidate values of a chunk stay near 64 MiB."""
     step = min(_MAX_CELLS, max(1, _WORK // max(1, table.idx.size * width)))
     return [(s, min(s + step, m)) for s in range(0, m, step)]
+
+
+def _finite(name: str, t: object, kw: dict) -> Tensor:
+    """t as a detached float64 copy (``kw``: its dtype and device), its entries finite (the
+    partition keeps it, not a batch it views, nor its graph)."""
+    t = torch.as_tensor(t)
+    if t.is_meta:
+        check_finite(name, t)  # (refused: no values to copy)
+    t = t.to(**kw).detach().clone()
+    check_finite(name, t)
+    return t

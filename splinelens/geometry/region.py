@@ -239,6 +239,7 @@ def sampled_local_complexity(
 
 def _radii(radii: Tensor | list[float], x: Tensor) -> Tensor:
     """Radii as a 1-D tensor like x: finite and non-negative numbers, or a ValueError."""
+    check_input("x", x, values=False)  # (first: a radius takes x's dtype and device)
     given = torch.as_tensor(radii)
     if given.dim() > 1 or given.dtype == torch.bool:
         raise ValueError(f"radii must be one number or a list of numbers, got {radii}")
