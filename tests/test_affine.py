@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import splinelens as sl
 from splinelens import affine
@@ -163,6 +164,43 @@ def test_tensor_bound_clamps_are_exact() -> None:
     kinds = [layer.kind for layer in sl.SplineView(model, x).layers]
     # (a clamp with two tensor bounds is max with min, then min with max, as torch defines it)
     assert kinds == ["maximum", "minimum", "maximum", "minimum", "maximum"]
+
+
+class ConstantClip(nn.Module):
+    """A hardtanh and a clamp whose bounds are equal (torch allows it): constants. ``constant``:
+    the same network with the constants written as such (the reference)."""
+
+    def __init__(self, constant: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.constant = nn.Linear(2, 4), nn.Linear(8, 3), constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.constant:
+            return self.fc2(torch.cat([h * 0 + 0.5, h * 0 - 0.25], 1))
+        return self.fc2(torch.cat([F.hardtanh(h, 0.5, 0.5), torch.clamp(h, -0.25, -0.25)], 1))
+
+
+def test_a_clip_with_equal_bounds_is_a_constant_also_at_its_bound() -> None:
+    """At z == lo == hi the state was 1, the identity piece, whose region is empty: hardtanh's
+    B then came from that piece and its A from torch's gradient (0), and A x + B missed f(x) by
+    0.29 with no error; a clamp's A was 1 for a constant function (found in review). Reference:
+    the network with the constants written as constants (jacrev), inputs whose units sit
+    exactly on the bounds."""
+    torch.manual_seed(0)
+    model = ConstantClip().double().eval()
+    reference = ConstantClip(constant=True).double().eval()
+    with torch.no_grad():  # (unit 0 of each input exactly at 0.5, unit 1 at -0.25)
+        model.fc1.weight[:2] = torch.eye(2, dtype=torch.float64)
+        model.fc1.bias[:2] = 0
+    reference.load_state_dict(model.state_dict())
+    x = torch.tensor([[0.5, -0.25], [0.5, 1.0], [2.0, -0.25]], dtype=torch.float64)
+    amap = sl.affine_map(model, x)
+    torch.testing.assert_close(amap.A, zoo.jacobian(reference, x), atol=TOL, rtol=0)
+    torch.testing.assert_close(amap.B, reference(x), atol=TOL, rtol=0)
+    assert sl.verify(model, x).max_abs_error < 1e-12
+    clip, clamp = (la.states() for la in sl.partition_codes(model, x).layers)
+    assert clip[[0, 1], 0].tolist() == clamp[[0, 2], 1].tolist() == [2, 2]  # (a constant piece)
 
 
 def test_empty_batch_is_refused() -> None:

@@ -104,7 +104,8 @@ class Clip:
     def forward(self, args: Sequence[Any]) -> tuple[Tensor, Tensor]:
         z = args[0]
         lo, hi = self._bounds(args)
-        state = (z > lo).to(torch.uint8) + (z >= hi).to(torch.uint8)
+        # (at or above hi: 2 also where lo == hi, a constant: z > lo would say 1, an empty piece)
+        state = torch.where(z >= hi, 2, (z > lo).to(torch.uint8))
         if self.kind in ("hardtanh", "relu6"):  # its gradient is 1 exactly on lo < z < hi
             return F.hardtanh(z, self.lo, self.hi), state
         return self.frozen(args, state), state
