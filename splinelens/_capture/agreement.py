@@ -51,9 +51,10 @@ def check_runs(model: nn.Module, x: torch.Tensor) -> Any:
             out = model(copy)
     except Exception as e:
         raise ValueError(
-            f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])}: "
-            f"{type(e).__name__}: {first_line(e)}. Pass inputs the model accepts (shape, dtype); "
-            f"x's first dimension is the batch (x of shape {tuple(x.shape)} is {len(x)} inputs "
+            f"the model does not run on inputs of per-sample shape {tuple(x.shape[1:])} "
+            f"({x.dtype}): its forward raised {type(e).__name__}: {first_line(e)}. If the input "
+            f"is at fault, pass inputs the model accepts (shape, dtype); x's first dimension is "
+            f"the batch (x of shape {tuple(x.shape)} is {len(x)} inputs "
             f"of shape {tuple(x.shape[1:])}: one input is x.unsqueeze(0))"
         ) from e
     if not torch.equal(copy, x):

@@ -34,7 +34,12 @@ def error(node: Node, name: str, why: str, fix: str = "") -> UnsupportedOperatio
     fn = str((node.meta.get("torch_fn") or ("", name))[1]).rsplit(".", 1)[-1]
     if source == f"aten.{name}" and fn != name and known(fn) and info(fn).kind == "refused":
         source, why, fix = f"torch's {fn}", info(fn).why, info(fn).fix  # ('module.softshrink')
-    what = f"aten.{name}" if source == f"aten.{name}" else f"aten.{name} (from {source})"
+    if source == f"aten.{name}":
+        what = source
+    elif source.startswith("torch's"):  # (an op refused by itself, written out before capture)
+        what = f"{source} (written out as aten.{name})"
+    else:
+        what = f"aten.{name} (from {source})"
     return UnsupportedOperationError(what, location(node), why, fix)
 
 

@@ -43,7 +43,8 @@ _add(
     "_native_batch_norm_legit _native_batch_norm_legit_functional",
     "refused",
     why="uses batch statistics (training mode, or track_running_stats=False)",
-    fix="call model.eval(); batchnorm needs running statistics to be affine",
+    fix="call model.eval(), and build batchnorm with track_running_stats=True (the default): "
+    "it is affine only with running statistics",
 )
 _SPLINIFY = (
     "sl.splinify(model) replaces it by a certified piecewise-affine approximation (its "
