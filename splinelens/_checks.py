@@ -78,13 +78,17 @@ def check_overflow(out: Tensor, offset: int = 0) -> None:
         return
     if not bool(torch.isfinite(out).all()):
         i = offset + int(torch.nonzero(~torch.isfinite(out.reshape(len(out), -1)))[0, 0])
-        wider = ", use float64" if out.dtype != torch.float64 else ""
-        raise ValueError(
-            f"the network's values overflow to inf / nan for input {i}, though its entries and "
-            f"the weights are finite: a value too large for {out.dtype}, or a division by a "
-            f"constant that holds a zero; rescale the input{wider}, or divide by nonzero "
-            f"constants"
-        )
+        raise overflow_error(i, out.dtype)
+
+
+def overflow_error(i: int, dtype: torch.dtype) -> ValueError:
+    """The refusal of values that overflow to inf / nan for input i of finite entries."""
+    wider = ", use float64" if dtype != torch.float64 else ""
+    return ValueError(
+        f"the network's values overflow to inf / nan for input {i}, though its entries and "
+        f"the weights are finite: a value too large for {dtype}, or a division by a "
+        f"constant that holds a zero; rescale the input{wider}, or divide by nonzero constants"
+    )
 
 
 def check_finite_numbers(name: str, values: Sequence[float]) -> None:

@@ -127,6 +127,22 @@ def test_minimal_polytope_keeps_one_of_equal_rows_and_ignores_the_weights_scale(
         assert len(dataclasses.replace(poly, point=None).minimal().b) == len(small.b)
 
 
+@pytest.mark.parametrize("scale", [1e160, 1e300])
+def test_minimal_polytope_keeps_its_facets_for_rows_whose_norms_overflow(scale: float) -> None:
+    """The norm of a row of 1e160 overflowed to inf: the row became 0, "implied", and minimal()
+    kept only the one redundant row of {u <= 1, v <= 1, u + v <= 3} (found in review).
+    Reference: the same polytope at scale 1, and membership in the full one."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU()).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(scale * torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64))
+        net[0].bias.copy_(-scale * torch.tensor([1.0, 1.0, 3.0], dtype=F64))
+    poly = sl.region_polytope(net, torch.zeros(1, 2, dtype=F64))
+    small = poly.minimal()
+    assert small.unit.tolist() == [0, 1]
+    y = 4 * torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=F64) - 2
+    assert torch.equal(small.contains(y), poly.contains(y))
+
+
 def test_local_complexity_layer_one_is_an_explicit_count() -> None:
     model, x = zoo.build("mlp"), zoo.inputs("mlp", n=6)
     radii = [0.05, 0.2, 1.0, 5.0]
@@ -425,3 +441,37 @@ def test_radius_holds_at_extreme_weight_scales(scale: float) -> None:
         model[0].bias.mul_(scale)
     torch.testing.assert_close(sl.region_radius(model, x), ref, rtol=1e-12, atol=0)
     assert torch.equal(sl.local_complexity(model, x, [0.3]).counts, counts)
+
+
+_OVERFLOWING = {
+    "region_radius": lambda net, x: sl.region_radius(net, x),
+    "local_complexity": lambda net, x: sl.local_complexity(net, x, [1.0]),
+    "sampled_local_complexity": lambda net, x: sl.sampled_local_complexity(net, x, [0.1]),
+    "region_polytope": lambda net, x: sl.region_polytope(net, x[2:3]),
+    "layer_maso": lambda net, x: sl.layer_maso(net, x[2:], 2),  # (x's first input is used)
+}
+
+
+@pytest.mark.parametrize("entry", list(_OVERFLOWING))
+def test_region_geometry_refuses_values_that_overflow(entry: str) -> None:
+    """Finite weights whose products overflow made a layer's pre-activations nan: its margins
+    became inf, so region_radius answered from the other layers (0.038 and the like) and
+    the local complexities counted 0 there, plausibly; a single input was refused as "branches
+    on N" (found in review). Reference: partition_codes, which refuses the same input."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()
+    )
+    net = nn.Sequential(*net, nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            net[i].weight.mul_(1e100)
+            net[i].bias.mul_(1e100)
+    x = torch.randn(4, 3, dtype=F64)
+    x[2] *= 1e10  # (only input 2 overflows, in layer 3)
+    assert torch.isfinite(net(x[[0, 1, 3]])).all()
+    with pytest.raises(ValueError, match="overflow to inf / nan for input 2"):
+        sl.partition_codes(net, x)
+    at = "input 0" if entry in ("region_polytope", "layer_maso") else "input 2"
+    with pytest.raises(ValueError, match=f"overflow to inf / nan for {at}"):
+        _OVERFLOWING[entry](net, x)

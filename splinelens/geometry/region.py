@@ -32,6 +32,7 @@ from splinelens._checks import (
     check_dtype,
     check_finite,
     check_input,
+    check_overflow,
     check_positive_int,
     unwrap_model,
     user_stacklevel,
@@ -71,8 +72,9 @@ class _Constraints:
         return torch.where(self.scale > 0, d, torch.full_like(d, math.inf)).amin(-1)
 
 
-def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
-    """Margins and squared gradient norms of every layer's constraints at x (one input batch)."""
+def _constraints(view: SplineView, x: Tensor, chunk: int, offset: int) -> list[_Constraints]:
+    """Margins and squared gradient norms of every layer's constraints at x (one input batch,
+    inputs ``offset`` on)."""
     tables = [unit_table(view.program, la) for la in view.layers]
     d = math.prod(x.shape[1:])
     basis = torch.eye(d, dtype=x.dtype, device=x.device).view(d, *x.shape[1:])
@@ -81,7 +83,7 @@ def _constraints(view: SplineView, x: Tensor, chunk: int) -> list[_Constraints]:
     sums: list[Tensor] = []
     scales: list[Tensor] = []
     for s in range(0, d, chunk):
-        res = slot_tangents(view.program, tables, x, basis[s : s + chunk])
+        res = slot_tangents(view.program, tables, x, basis[s : s + chunk], offset=offset)
         if s == 0:
             for (z, _), table in zip(res, tables):
                 cand = table.values(z)  # (N, K, R), -inf for positions outside a window
@@ -140,7 +142,7 @@ def _exact_view(model: nn.Module, x: Tensor) -> tuple[SplineView, Tensor, nn.Mod
 
 def _unit_distances(view: SplineView, x: Tensor) -> list[Tensor]:
     n_chunk, t = _batches(view, x)
-    parts = [_constraints(view, x[i : i + n_chunk], t) for i in range(0, len(x), n_chunk)]
+    parts = [_constraints(view, x[i : i + n_chunk], t, i) for i in range(0, len(x), n_chunk)]
     return [torch.cat([p[layer].distances() for p in parts]) for layer in range(len(view.layers))]
 
 
@@ -230,7 +232,7 @@ def sampled_local_complexity(
     for r in radii.double():
         pts = x.reshape(len(x), 1, d) + r * q  # (N, 2P, D)
         pts = torch.cat([x.reshape(len(x), 1, d), pts], 1).reshape(-1, *x.shape[1:])
-        codes = [c.view(len(x), -1, c.shape[1]) for c in _unit_codes(view, pts)]  # (N, 2P+1, K)
+        codes = [c.view(len(x), -1, c.shape[1]) for c in _unit_codes(view, pts, len(x))]
         per_layer = [(c != c[:, :1]).any(1).sum(1) for c in codes]  # units whose piece changes
         counts.append(torch.stack(per_layer, 1) if codes else x.new_zeros(len(x), 0).long())
     layers = tuple(la.name for la in view.layers)
@@ -250,10 +252,14 @@ def _radii(radii: Tensor | list[float], x: Tensor) -> Tensor:
     return r
 
 
-def _unit_codes(view: SplineView, x: Tensor) -> list[Tensor]:
-    """Per layer, (N, K): every unit's piece for x."""
+def _unit_codes(view: SplineView, x: Tensor, inputs: int) -> list[Tensor]:
+    """Per layer, (N, K): every unit's piece for x, the points of ``inputs`` inputs in turn (the
+    output checked for an overflow, which would give plausible pieces)."""
+    prog = view.program
     with torch.no_grad(), exact_matmul():
-        _, states = view.program.record(x)
+        values, states = prog.record(x)
+    out = prog.per_sample(prog.output_name, values[prog.output_name])  # (N, *out)
+    check_overflow(out.reshape(inputs, -1))
     return [view.program.unit_codes(la, states, len(x)) for la in view.layers]
 
 
@@ -287,10 +293,11 @@ class RegionPolytope:
         from scipy.optimize import linprog
 
         A, b = self.A.double().cpu().numpy(), self.b.double().cpu().numpy()
-        norms = np.linalg.norm(A, axis=1)
-        live = norms > 0  # (a zero row, 0 <= b, holds for x: implied)
-        safe = np.where(live, norms, 1.0)
-        a, dist = A / safe[:, None], b / safe  # unit normals: a . y <= dist
+        big = np.abs(A).max(axis=1, initial=0.0)  # (each row over its largest entry first:
+        live = big > 0  # the norm of a row of 1e160 overflowed; a zero row, 0 <= b, holds)
+        big = np.where(live, big, 1.0)
+        norms = np.where(live, np.linalg.norm(A / big[:, None], axis=1), 1.0)
+        a, dist = A / big[:, None] / norms[:, None], b / big / norms  # unit normals: a y <= dist
         c = np.maximum(dist - a @ self._inside(a, dist), 0.0)  # each row's distance to x
         kept = [i for i in range(len(A)) if live[i]]
         for i in list(kept):

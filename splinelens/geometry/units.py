@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from splinelens._capture import Clip, Layer, Pairwise, Pool, Program, Reduce, Ref, Sign, Spline
+from splinelens._checks import overflow_error
 from splinelens._lock import held
 from splinelens._precision import exact_matmul
 
@@ -197,6 +198,7 @@ def slot_tangents(
     x: Tensor,
     dirs: Tensor,
     start: str | None = None,
+    offset: int = 0,
 ) -> list[tuple[Tensor, Tensor]]:
     """Slots at x (M, *in) and along dirs, states frozen at x's: [(z, dz)] per table.
 
@@ -206,7 +208,21 @@ def slot_tangents(
     all directions in one vmapped pass): products of the slopes only, where the difference
     slots(x + d) - slots(x) lost the digits that large pre-activations or inputs cancel. (That
     difference is the fallback for an op that has no forward-mode rule under vmap.)
+    A nan slot or a non-finite derivative (values that overflow) is refused, naming the input
+    (``offset``: x's first input's index in the caller's batch).
     """
+    out = _tangents(prog, tables, x, dirs, start)
+    for z, dz in out:  # (a slot may be -inf: a max-pool's padding; nan is an overflow)
+        bad = z.isnan().flatten(1).any(1) | ~dz.isfinite().flatten(1).all(1)  # (M,)
+        if bool(bad.any()):
+            raise overflow_error(offset + int(bad.nonzero()[0, 0]), z.dtype)
+    return out
+
+
+def _tangents(
+    prog: Program, tables: list[UnitTable], x: Tensor, dirs: Tensor, start: str | None
+) -> list[tuple[Tensor, Tensor]]:
+    """``slot_tangents``, unchecked."""
     m = len(x)
     stop = last_step(prog, tables)
     start = start or prog.input_name
