@@ -237,7 +237,7 @@ def _edge_boundary(
     a, b = V[cell, w], V[cell, nxt[cell, w]]  # (E, 2) counter-clockwise: the region to the left
     outward = np.stack([b[:, 1] - a[:, 1], a[:, 0] - b[:, 0]], 1)  # (E, 2), |edge| long
     length = np.linalg.norm(outward, axis=1, keepdims=True)
-    far = np.maximum(1e-4, 2e-12 * scale * scale / np.maximum(length, 1e-300) ** 2)
+    far = np.maximum(1e-4, 2e-12 * scale / np.maximum(length, 1e-300))  # (x |edge|: 2e-12 scale)
     mid = (a + b) / 2
     mine = _class_at(logits[cell], mid - 1e-4 * outward)
     other = poly.locate(V, n, mid + far * outward)

@@ -128,12 +128,14 @@ def clean(V: Array, n: Array) -> Array:
 
 
 def contains(V: Array, n: Array, pts: Array, tol: float = 0.0) -> Array:
-    """Whether pts[i] (M, 2) lies in polygon i (boundary included, up to ``tol``): (M,)."""
+    """Whether pts[i] (M, 2) lies in polygon i (boundary included, up to a distance ``tol``
+    outside an edge): (M,)."""
     nxt, valid = next_vertex(n, V.shape[1])
     Vn = np.take_along_axis(V, nxt[..., None], 1)
     e, d = Vn - V, pts[:, None, :] - V  # edge vectors, vertex -> point
-    cross = e[..., 0] * d[..., 1] - e[..., 1] * d[..., 0]  # >= 0: left of the edge (inside)
-    return (np.where(valid, cross, np.inf) >= -tol).all(1)
+    cross = e[..., 0] * d[..., 1] - e[..., 1] * d[..., 0]  # |e| x the distance left of the edge
+    # (a distance, not the cross product: that tolerance grew as 1 / |e| for short edges)
+    return (np.where(valid, cross, np.inf) >= -tol * np.hypot(e[..., 0], e[..., 1])).all(1)
 
 
 def locate(V: Array, n: Array, pts: Array, chunk: int = 1 << 16) -> Array:
@@ -189,7 +191,7 @@ def _locate_chunk(
     pt = np.repeat(np.arange(len(p)), cnt)
     k = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
     poly = order[starts[b][pt] + k]
-    inside = contains(V[poly], n[poly], p[pt], tol=1e-12 * scale * scale)
+    inside = contains(V[poly], n[poly], p[pt], tol=1e-12 * scale)
     out = np.full(len(p), -1, dtype=np.int64)
     hit_pt, hit_poly = pt[inside][::-1], poly[inside][::-1]
     out[hit_pt] = hit_poly  # the last write wins: reversed, so the first hit (lowest rank)

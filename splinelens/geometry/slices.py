@@ -173,6 +173,7 @@ def slice_partition(
         V = poly.clean(V, n)  # (the padding held stale points)
         layers.append(LayerSlice(layer.name, V, n, parent))
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
+    _check_resolved(codes)
     boundary = decision_boundary(V, n, logits, scale)
     layers = [LayerSlice(la.name, la.vertices + c, la.counts, la.parent) for la in layers]
     with np.errstate(over="ignore", invalid="ignore"):  # refused below
@@ -193,6 +194,19 @@ def _outputs(plane: Plane, V: Array, n: Array) -> tuple[Array, PartitionCodes]:
         logits.append(coef)
         codes.append(layer_codes(prog, states, e - s))
     return np.concatenate(logits), PartitionCodes.cat(codes)
+
+
+def _check_resolved(codes: PartitionCodes) -> None:
+    """Refuse a partition two of whose regions share a code: one region's (convex) pieces that
+    a cut passing within the resolution of a vertex (``cutting``'s 1e-10 of the window) left
+    apart, where a narrower region was dropped."""
+    rows = np.concatenate([la.data.cpu().numpy() for la in codes.layers], 1)  # (R, bytes)
+    if len(np.unique(rows, axis=0)) < len(rows):
+        raise ValueError(
+            "this slice has regions narrower than its resolution (about 1e-10 of the window: "
+            "boundaries that pass that close to each other's crossings), so its partition "
+            "cannot be computed exactly; narrow the bounds around the small regions"
+        )
 
 
 def _plane_points(uv: object) -> Array:
