@@ -200,6 +200,8 @@ def _check_resolved(codes: PartitionCodes) -> None:
     """Refuse a partition two of whose regions share a code: one region's (convex) pieces that
     a cut passing within the resolution of a vertex (``cutting``'s 1e-10 of the window) left
     apart, where a narrower region was dropped."""
+    if not codes.layers:  # (an affine network: one region)
+        return
     rows = np.concatenate([la.data.cpu().numpy() for la in codes.layers], 1)  # (R, bytes)
     if len(np.unique(rows, axis=0)) < len(rows):
         raise ValueError(
