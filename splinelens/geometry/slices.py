@@ -203,7 +203,8 @@ def _check_resolved(codes: PartitionCodes) -> None:
     if not codes.layers:  # (an affine network: one region)
         return
     rows = np.concatenate([la.data.cpu().numpy() for la in codes.layers], 1)  # (R, bytes)
-    if len(np.unique(rows, axis=0)) < len(rows):
+    rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.strides[0])))  # (R, 1)
+    if len(np.unique(rows)) < len(rows):  # (as bytes: 10x faster than rows of numbers)
         raise ValueError(
             "this slice has regions narrower than its resolution (about 1e-10 of the window: "
             "boundaries that pass that close to each other's crossings), so its partition "
