@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -309,6 +311,23 @@ def test_a_slice_whose_values_overflow_is_refused(classes: int) -> None:
     m = _scaled_mlp(1e306, classes)
     with pytest.raises(ValueError, match=r"overflow float64 .* narrow the bounds"):
         sl.slice_partition(m, o, d, bounds=(-1e10, 1e10, -1e10, 1e10))
+
+
+def test_a_slice_whose_hidden_values_overflow_is_refused_without_numpy_warnings() -> None:
+    """Weights of 1e150 in three layers: the refusal came after a dozen numpy overflow
+    warnings from the cutting (found in review)."""
+    torch.manual_seed(1)
+    layers = [nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()]
+    m = nn.Sequential(*layers, nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            m[i].weight.mul_(1e150)
+            m[i].bias.mul_(1e150)
+    o, d = torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"overflow float64"):
+            sl.slice_partition(m, o, d)
 
 
 def test_large_but_finite_values_give_the_partition_of_the_unscaled_model() -> None:

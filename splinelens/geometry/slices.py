@@ -169,7 +169,8 @@ def slice_partition(
     scale = max(abs(b) for b in local)
     layers = []
     for layer in view.layers:
-        V, n, parent = cut(plane, unit_table(view.program, layer), V, n, scale)
+        with np.errstate(over="ignore", invalid="ignore"):  # (an overflow is refused in cut)
+            V, n, parent = cut(plane, unit_table(view.program, layer), V, n, scale)
         V = poly.clean(V, n)  # (the padding held stale points)
         layers.append(LayerSlice(layer.name, V, n, parent))
     logits, codes = _outputs(plane, V, n)  # (R, C, 3), the regions' codes
