@@ -203,9 +203,9 @@ def _check_resolved(codes: PartitionCodes) -> None:
     apart, where a narrower region was dropped."""
     if not codes.layers:  # (an affine network: one region)
         return
-    rows = np.concatenate([la.data.cpu().numpy() for la in codes.layers], 1)  # (R, bytes)
-    rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.strides[0])))  # (R, 1)
-    if len(np.unique(rows)) < len(rows):  # (as bytes: 10x faster than rows of numbers)
+    rows = np.ascontiguousarray(np.concatenate([la.data.cpu().numpy() for la in codes.layers], 1))
+    keys = rows.view(np.dtype((np.void, rows.strides[0])))  # (R, 1): each row as bytes
+    if len(np.unique(keys)) < len(keys):  # (10x faster than np.unique of rows of numbers)
         raise ValueError(
             "this slice has regions narrower than its resolution (about 1e-10 of the window: "
             "boundaries that pass that close to each other's crossings), so its partition "
