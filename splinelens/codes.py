@@ -166,9 +166,11 @@ class PartitionCodes:
 
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
-        if (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
+        if isinstance(idx, Tensor) and idx.dim() == 0 and idx.dtype == torch.bool:
+            idx = bool(idx)  # (refused below: int() made True row 1)
+        elif (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
             idx = int(idx)
-        if isinstance(idx, bool):
+        if isinstance(idx, (bool, np.bool_)):
             raise TypeError("index codes with an int, a slice, or an index tensor or list")
         if isinstance(idx, int):
             if not -len(self) <= idx < len(self):
@@ -224,7 +226,10 @@ class PartitionCodes:
     @staticmethod
     def load(path: str | Path) -> PartitionCodes:
         """Read codes written by ``save``, validated: any corruption raises ``CodesFileError``
-        naming the file and the field (dtypes, widths, states, row counts, checksums)."""
+        naming the file and the field (dtypes, widths, states, row counts, checksums). Files of
+        earlier splinelens versions (formats /1 and /2) have no checksum of their metadata (/1
+        none of their arrays): an edit there is seen only where it breaks the file's
+        consistency; ``save`` them again to add the checksums."""
         try:
             with np.load(path, allow_pickle=False) as f:
                 return _read(f, path)

@@ -19,7 +19,8 @@ products on a GPU (or without FAISS), streamed over the database in chunks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from splinelens._checks import check_positive_int
+from splinelens._precision import exact_matmul
 from splinelens.codes import LayerCodes, PartitionCodes, pack_bits, unpack_bits
 
 __all__ = ["chunk_sizes", "nearest_neighbors", "partition_distance"]
@@ -205,9 +207,22 @@ def _hamming_matmul(a: Tensor, b: Tensor) -> Tensor:
         block_a, block_b = a[:, s : s + _BLOCK], b[:, s : s + _BLOCK]
         bits_a = unpack_bits(block_a, block_a.shape[1] * 8).float()  # (Na, bits)
         bits_b = unpack_bits(block_b, block_b.shape[1] * 8).float()  # (Nb, bits)
-        dot = (bits_a @ bits_b.T).double()
+        with _float32_exactly(a.device.type):
+            dot = (bits_a @ bits_b.T).double()
         out += bits_a.sum(1, keepdim=True).double() + bits_b.sum(1).double() - 2 * dot
     return out
+
+
+@contextlib.contextmanager
+def _float32_exactly(device_type: str) -> Iterator[None]:
+    """Float32 products in float32: autocast (bfloat16 rounds counts above 256) and TF32 (2048)
+    off inside the block."""
+    off = torch.is_autocast_enabled(device_type)
+    with (
+        exact_matmul(),
+        torch.autocast(device_type, enabled=False) if off else contextlib.nullcontext(),
+    ):
+        yield
 
 
 def _encode(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -211,6 +212,19 @@ def test_save_load_roundtrip_and_indexing(tmp_path) -> None:
     assert torch.equal(sub.layers[1].states(), codes.layers[1].states()[[4, 1]])
     assert len(codes[2]) == 1 and len(codes[2:5]) == 3
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_boolean_index_of_no_dimension_is_refused() -> None:
+    """codes[torch.tensor(True)] was row 1 and codes[torch.tensor(False)] row 0 (int() of the
+    flag), where torch reads a mask: all rows, none (found in review). Refused as a Python bool
+    is; an integer of no dimension still picks its row (reference: the states indexed)."""
+    model, x = HOOK_MODELS["pools"]()
+    codes = sl.partition_codes(model, x)
+    for flag in (torch.tensor(True), torch.tensor(False), np.bool_(True), True):
+        with pytest.raises(TypeError, match="index codes with an int"):
+            codes[flag]
+    for i in (torch.tensor(2), np.int64(-1)):
+        assert torch.equal(codes[i].layers[1].states(), codes.layers[1].states()[[int(i)]])
 
 
 def test_load_rejects_foreign_file(tmp_path) -> None:

@@ -234,3 +234,19 @@ def test_partition_distance_chunks_both_sides_within_the_budget(monkeypatch) -> 
     seen.clear()
     assert torch.equal(sl.partition_distance(a, b, chunk_size=4), d)  # b in chunks of 4
     assert max(c for _, c in seen) == 4 and max(r for r, _ in seen) <= 10
+
+
+def test_distances_are_exact_inside_autocast() -> None:
+    """The Hamming counts' float32 product ran in bfloat16 inside torch.autocast("cpu"), which
+    rounds counts above 256: self-distances of -0.002, neighbours out of order, silently
+    (found in review). Reference: the differing states counted one by one."""
+    g = torch.Generator().manual_seed(0)
+    states = torch.rand(6, 3000, generator=g) < 0.5
+    codes = sl.PartitionCodes((sl.LayerCodes.encode("h", "relu", 2, states),))
+    counts = (states[:, None, :] != states[None, :, :]).sum(-1).double()  # (6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = sl.partition_distance(codes, codes)
+        dist, idx = sl.nearest_neighbors(codes, codes, k=6, backend="torch")
+    assert torch.equal(d, counts / 3000)  # (the counts exact: divided as the library does)
+    assert torch.equal(dist, d.sort(dim=1, stable=True).values)
+    assert torch.equal(idx, counts.sort(dim=1, stable=True).indices)
