@@ -170,8 +170,10 @@ class PartitionCodes:
             idx = bool(idx)  # (refused below: int() made True row 1)
         elif (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
             idx = int(idx)
-        if isinstance(idx, (bool, np.bool_)):
-            raise TypeError("index codes with an int, a slice, or an index tensor or list")
+        if isinstance(idx, (bool, np.bool_, tuple)) or getattr(idx, "ndim", 1) > 1:
+            raise TypeError(  # (a tuple or a 2-D index would index the units, or fail inside)
+                "index codes with an int, a slice, or a 1-D index tensor or list (of inputs)"
+            )
         if isinstance(idx, int):
             if not -len(self) <= idx < len(self):
                 raise IndexError(f"index {idx} out of range for {len(self)} codes")
@@ -231,7 +233,10 @@ class PartitionCodes:
         none of their arrays): an edit there is seen only where it breaks the file's
         consistency; ``save`` them again to add the checksums."""
         try:
-            with np.load(path, allow_pickle=False) as f:
+            f = np.load(path, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):  # (a .npy file: one array)
+                raise CodesFileError(path, "file", "not an .npz archive, as save writes")
+            with f:
                 return _read(f, path)
         except (CodesFileError, FileNotFoundError, IsADirectoryError, PermissionError):
             raise

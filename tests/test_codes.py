@@ -217,23 +217,28 @@ def test_save_load_roundtrip_and_indexing(tmp_path) -> None:
 def test_a_boolean_index_of_no_dimension_is_refused() -> None:
     """codes[torch.tensor(True)] was row 1 and codes[torch.tensor(False)] row 0 (int() of the
     flag), where torch reads a mask: all rows, none (found in review). Refused as a Python bool
-    is; an integer of no dimension still picks its row (reference: the states indexed)."""
+    is, and so are indices of two dimensions (they failed with "data must be a 2-D tensor");
+    an integer of no dimension still picks its row (reference: the states indexed)."""
     model, x = HOOK_MODELS["pools"]()
     codes = sl.partition_codes(model, x)
     for flag in (torch.tensor(True), torch.tensor(False), np.bool_(True), True):
         with pytest.raises(TypeError, match="index codes with an int"):
             codes[flag]
+    for units in ((0, 1), torch.tensor([[0, 1]]), np.array([[1]])):  # (they failed inside)
+        with pytest.raises(TypeError, match="1-D index tensor or list"):
+            codes[units]
     for i in (torch.tensor(2), np.int64(-1)):
         assert torch.equal(codes[i].layers[1].states(), codes.layers[1].states()[[int(i)]])
 
 
 def test_load_rejects_foreign_file(tmp_path) -> None:
-    import numpy as np
-
     path = tmp_path / "other.npz"
     np.savez(path, meta=np.array('{"format": "something else"}'))
     with pytest.raises(ValueError, match="not a splinelens partition-code file"):
         sl.PartitionCodes.load(path)
+    np.save(tmp_path / "array.npy", np.zeros(3))  # (said: "does not support the context manager")
+    with pytest.raises(sl.CodesFileError, match="not an .npz archive"):
+        sl.PartitionCodes.load(tmp_path / "array.npy")
 
 
 def test_cat_refuses_codes_of_different_networks() -> None:
