@@ -237,7 +237,7 @@ def test_load_rejects_foreign_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a splinelens partition-code file"):
         sl.PartitionCodes.load(path)
     np.save(tmp_path / "array.npy", np.zeros(3))  # (said: "does not support the context manager")
-    with pytest.raises(sl.CodesFileError, match="not an .npz archive"):
+    with pytest.raises(sl.CodesFileError, match=r"not an \.npz archive"):
         sl.PartitionCodes.load(tmp_path / "array.npy")
 
 
