@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -278,3 +279,17 @@ def test_a_fit_that_breaks_down_is_refused(name: str, params: dict) -> None:
     fit was returned with a finite sup_error (splinify then failed on non-finite pieces)."""
     with pytest.raises(ValueError, match="the fit breaks down at this scale"):
         fit_activation(name, pieces=200, **params)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "softsign", "logsigmoid", "softplus", "elu"])
+def test_a_fit_at_infinity_is_its_tail(name: str) -> None:
+    """SplineFit(x) was nan at +-inf on a flat tail (0 * inf), where the module gives the tail's
+    value (found in review). Reference: the tail's own piece, slope * x + intercept evaluated
+    by hand (its intercept where the slope is 0), and nan for nan."""
+    fit = fit_activation(name, pieces=8)
+    z = torch.tensor([-math.inf, math.inf, math.nan], dtype=torch.float64)
+    got = fit(z)
+    for value, x, k in zip(got[:2].tolist(), (-math.inf, math.inf), (0, -1)):
+        slope, intercept = float(fit.slopes[k]), float(fit.intercepts[k])
+        assert value == (intercept if slope == 0 else slope * x + intercept)
+    assert math.isnan(got[2])

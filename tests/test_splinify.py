@@ -1051,3 +1051,19 @@ def test_approximation_error_takes_token_ids() -> None:
     model = model.double().eval()
     ids = torch.randint(0, 10, (4, 5))
     assert sl.approximation_error(model, sl.splinify(model, tol=1e-6), ids).max_abs <= 1e-5
+
+
+class _BadGelu(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="Tanh")
+
+
+@pytest.mark.parametrize("model", [_BadGelu(), nn.Sequential(nn.GELU(approximate="Tanh"))])
+def test_a_gelu_torch_refuses_is_refused(model: nn.Module) -> None:
+    """approximate="Tanh" (torch refuses all but "none" and "tanh") was splinified as the exact
+    GELU: the copy ran where the model cannot (found in review)."""
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="approximate"):
+        model(x)
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'Tanh'"):
+        sl.splinify(model, tol=1e-3, example_input=x)

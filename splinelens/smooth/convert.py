@@ -45,7 +45,7 @@ Tensor = torch.Tensor
 _MODULES: dict[type, Callable[[nn.Module], tuple[str, dict[str, float]]]] = {
     nn.Sigmoid: lambda m: ("sigmoid", {}),
     nn.Tanh: lambda m: ("tanh", {}),
-    nn.GELU: lambda m: ("gelu_tanh" if m.approximate == "tanh" else "gelu", {}),
+    nn.GELU: lambda m: (_gelu(m.approximate), {}),
     nn.SiLU: lambda m: ("silu", {}),
     nn.Mish: lambda m: ("mish", {}),
     nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
@@ -286,5 +286,15 @@ def _call(func: Any, rest: tuple, kwargs: dict[str, Any]) -> tuple[str, dict[str
     bound.update({k: v for k, v in kwargs.items() if k in arg_names})
     inplace = func in _IN_PLACE or bool(bound.pop("inplace", False))
     if name == "gelu":
-        name = "gelu_tanh" if bound.pop("approximate", "none") == "tanh" else "gelu"
+        name = _gelu(bound.pop("approximate", "none"))
     return name, {k: float(v) for k, v in bound.items()}, inplace
+
+
+def _gelu(approximate: object) -> str:
+    """The GELU of ``approximate``, as torch reads it (another value: torch's own error)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(
+            f"GELU's approximate must be 'none' or 'tanh', got {approximate!r} (torch refuses it "
+            f"too: the smooth network does not run)"
+        )
+    return "gelu_tanh" if approximate == "tanh" else "gelu"

@@ -73,7 +73,9 @@ class SplineFit:
         """p(x) elementwise, computed in float64 and returned in x's floating dtype."""
         x64 = x.to(F64)
         k = torch.bucketize(x64, self.knots.to(x.device))
-        y = self.slopes.to(x.device)[k] * x64 + self.intercepts.to(x.device)[k]
+        slope = self.slopes.to(x.device)[k]
+        x64 = torch.where((slope == 0) & x64.isinf(), 0.0, x64)  # (a flat tail at +-inf: 0 * inf)
+        y = slope * x64 + self.intercepts.to(x.device)[k]
         return y.to(x.dtype) if x.is_floating_point() else y
 
 
