@@ -166,11 +166,13 @@ class PartitionCodes:
 
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
+        if isinstance(idx, np.ndarray) and idx.ndim == 0:
+            idx = idx.item()  # (an int or a bool, as np.int64 and np.bool_)
         if isinstance(idx, Tensor) and idx.dim() == 0 and idx.dtype == torch.bool:
             idx = bool(idx)  # (refused below: int() made True row 1)
         elif (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
             idx = int(idx)
-        if isinstance(idx, (bool, np.bool_, tuple)) or getattr(idx, "ndim", 1) > 1:
+        if isinstance(idx, (bool, np.bool_, tuple)) or _dims(idx) > 1:
             raise TypeError(  # (a tuple or a 2-D index would index the units, or fail inside)
                 "index codes with an int, a slice, or a 1-D index tensor or list (of inputs)"
             )
@@ -302,6 +304,16 @@ def _describe(sig: tuple[str, str, int, int]) -> str:
 def _states_held(dtype: torch.dtype) -> int:
     """How many states [0, n) an integer dtype holds."""
     return int(torch.iinfo(dtype).max) + 1
+
+
+def _dims(idx: object) -> int:
+    """The dimensions of an index (2 for a ragged list: refused as well)."""
+    if isinstance(idx, (list, np.ndarray, Tensor)):
+        try:
+            return np.ndim(idx) if not isinstance(idx, Tensor) else idx.dim()
+        except ValueError:  # (a ragged list)
+            return 2
+    return 1
 
 
 def code_dtype(pieces: int) -> torch.dtype:

@@ -217,8 +217,7 @@ class SplineView(HoldsCapture):
         self._check_model(len(x), changed, weights and values)
 
     def _changed(self, model: nn.Module) -> Structure | None:
-        """The structure of ``model`` now where it is not the captured one, else None (its
-        guard tells, or else a walk of the module tree)."""
+        """``model``'s structure now if not the captured one, else None (its guard, or a walk)."""
         if self.guard is not None and self.guard(model):
             return None
         now = structure(model)
@@ -295,8 +294,8 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     """
     model = unwrap_model(model)
     check_input("x", x, values)
-    view = _cached(model, len(x), key := (tuple(x.shape[1:]), x.dtype, x.device.type))
-    if view is None:  # (lock-free, the model may be in another thread's capture: read no weight)
+    view = _cached(model, len(x), key := (tuple(x.shape[1:]), x.dtype, x.device.type), False)
+    if view is None:  # (lock-free: the model may be in another thread's capture)
         with held():  # (one capture per key: threads wait for the first)
             view = _cached(model, len(x), key) or _captured(model, x, key)
     check_dtype(model, x, known=view.dtype)
@@ -304,14 +303,15 @@ def view_of(model: nn.Module, x: Tensor, values: bool = True) -> SplineView:
     return view
 
 
-def _cached(model: nn.Module, n: int, key: tuple) -> SplineView | None:
-    """The cached view of ``model`` for n inputs of ``key`` (the others pruned if changed)."""
+def _cached(model: nn.Module, n: int, key: tuple, prune: bool = True) -> SplineView | None:
+    """The cached view of ``model`` for n inputs of ``key``, changed ones pruned (``prune`` False,
+    no lock, a capture in another thread may be changing the model: None if any changed)."""
     views = _VIEWS.setdefault(model, {}).setdefault(key, [])
-    if len(views) == 1:  # (its guard tells without the walk)
-        views[:] = [v for v in views if v._changed(model) is None]
-    elif views:
-        now = structure(model)  # (one walk for all)
-        views[:] = [v for v in views if v.structure == now]
+    now = structure(model) if len(views) > 1 else None  # (one walk for all; one view: its guard)
+    live = [v for v in views if (now is None and v._changed(model) is None) or v.structure == now]
+    if len(live) < len(views) and not prune:
+        return None
+    views[:] = live
     return next((v for v in views if v.program.batch.accepts(n)), None)
 
 

@@ -224,10 +224,12 @@ def test_a_boolean_index_of_no_dimension_is_refused() -> None:
     for flag in (torch.tensor(True), torch.tensor(False), np.bool_(True), True):
         with pytest.raises(TypeError, match="index codes with an int"):
             codes[flag]
-    for units in ((0, 1), torch.tensor([[0, 1]]), np.array([[1]])):  # (they failed inside)
+    for units in ((0, 1), torch.tensor([[0, 1]]), np.array([[1]]), [[0, 1]], [[0], [1, 2]]):
         with pytest.raises(TypeError, match="1-D index tensor or list"):
             codes[units]
-    for i in (torch.tensor(2), np.int64(-1)):
+    with pytest.raises(TypeError, match="index codes with an int"):
+        codes[np.array(True)]
+    for i in (torch.tensor(2), np.int64(-1), np.array(2)):
         assert torch.equal(codes[i].layers[1].states(), codes.layers[1].states()[[int(i)]])
 
 

@@ -453,6 +453,25 @@ _OVERFLOWING = {
 
 
 @pytest.mark.parametrize("entry", list(_OVERFLOWING))
+def test_region_geometry_refuses_a_slot_that_overflows_to_inf(entry: str) -> None:
+    """A pre-activation of inf (1e200 * 1e200) with a finite slope passed the first overflow
+    check (nan only): region_polytope gave no rows (all of space), local_complexity 0 where
+    the boundary is 1e200 away (found in review of that check). Reference: partition_codes,
+    which refuses the input."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1e200], [1.0]], dtype=F64))
+        net[0].bias.copy_(torch.tensor([0.0, -5e200], dtype=F64))
+    x = torch.tensor([[1.0], [2.0], [1e200]], dtype=F64)  # (input 2 overflows)
+    with pytest.raises(ValueError, match="overflow to inf / nan for input 2"):
+        sl.partition_codes(net, x)
+    at = "input 0" if entry in ("region_polytope", "layer_maso") else "input 2"  # (x[2:])
+    call = _OVERFLOWING[entry] if entry != "layer_maso" else lambda n, x: sl.layer_maso(n, x[2:], 0)
+    with pytest.raises(ValueError, match=f"overflow to inf / nan for {at}"):
+        call(net, x)
+
+
+@pytest.mark.parametrize("entry", list(_OVERFLOWING))
 def test_region_geometry_refuses_values_that_overflow(entry: str) -> None:
     """Finite weights whose products overflow made a layer's pre-activations nan: its margins
     became inf, so region_radius answered from the other layers (0.038 and the like) and

@@ -83,6 +83,26 @@ def test_a_call_while_another_thread_captures_the_model_waits_for_that_capture()
     assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, got[0].layers))
 
 
+def test_a_cached_view_is_kept_while_another_thread_captures_the_model() -> None:
+    """The lock-free lookup asked a cached view's guard whether the model changed, while another
+    thread's torch.export had put fake tensors in its place: "changed", and the valid view was
+    dropped and captured again (found in review). Staged as in the test above; reference: the
+    view cached before."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, real = torch.randn(3, 6), net[0].weight
+    view = view_module.view_of(net, x)
+    with splinelens._lock.held():  # (another thread's capture)
+        net[0].weight = nn.Parameter(real.to("meta"))
+        got: list[object] = []
+        thread = threading.Thread(target=lambda: got.append(_result(view_module.view_of, net, x)))
+        thread.start()
+        time.sleep(0.5)  # (the lookup runs while the weight is fake)
+        net[0].weight = real
+    thread.join(120)
+    assert got[0] is view, got
+
+
 def _result(fn: Callable, *args: object) -> object:
     """fn(*args), or the exception it raised."""
     try:

@@ -208,12 +208,12 @@ def slot_tangents(
     all directions in one vmapped pass): products of the slopes only, where the difference
     slots(x + d) - slots(x) lost the digits that large pre-activations or inputs cancel. (That
     difference is the fallback for an op that has no forward-mode rule under vmap.)
-    A nan slot or a non-finite derivative (values that overflow) is refused, naming the input
+    A non-finite slot or derivative (values that overflow) is refused, naming the input
     (``offset``: x's first input's index in the caller's batch).
     """
     out = _tangents(prog, tables, x, dirs, start)
-    for z, dz in out:  # (a slot may be -inf: a max-pool's padding; nan is an overflow)
-        bad = z.isnan().flatten(1).any(1) | ~dz.isfinite().flatten(1).all(1)  # (M,)
+    for z, dz in out:  # (a max-pool's padding is no slot: the table marks it invalid)
+        bad = ~(z.isfinite().flatten(1).all(1) & dz.isfinite().flatten(1).all(1))  # (M,)
         if bool(bad.any()):
             raise overflow_error(offset + int(bad.nonzero()[0, 0]), z.dtype)
     return out
