@@ -54,10 +54,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     tmp = _new_temporary(path)
+    mode = tmp.stat().st_mode & 0o777  # 0666 less the umask (a writer may replace tmp: 0600)
     try:
         yield tmp
-        with contextlib.suppress(FileNotFoundError):  # (no file yet: the umask's mode stays)
-            os.chmod(tmp, path.stat().st_mode & 0o777)  # an existing file's, as in place
+        with contextlib.suppress(FileNotFoundError):  # (no file yet: the umask's mode)
+            mode = path.stat().st_mode & 0o777  # an existing file's, as in place
+        os.chmod(tmp, mode)
         _sync(tmp)  # its bytes on disk before the name points at them (a crash, a power loss)
         os.replace(tmp, path)
         _sync(path.parent)  # and the new name

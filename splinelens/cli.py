@@ -146,7 +146,8 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     data = load_data(cfg)
     model = load_checkpoint(make_model(cfg, data), args.checkpoint).eval()
-    source, lam = checkpoint_source(args.checkpoint)
+    expect = {k: getattr(cfg, k) for k in ("dataset", "arch", "batchnorm", "bias")}
+    source, lam = checkpoint_source(args.checkpoint, expect)  # (the data it was trained on)
     facts = analyze(model, data, args.out, args.what, args.n, lam=lam, source=source)
     print(f"wrote {', '.join(facts)} into {args.out} (figures as PNG, data as CSV / JSON)")
     return 0

@@ -54,6 +54,8 @@ def test_class_balanced_batches() -> None:
     assert len(batches) == 100 // 8
     for b in batches:
         assert torch.bincount(y[b], minlength=4).tolist() == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="batch_size 3 is smaller than the 4 classes"):
+        _batches(y, replace(cfg, batch_size=3), torch.Generator())  # (was 4: found in review)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -580,3 +582,21 @@ def test_an_unknown_dataset_or_architecture_is_refused_by_the_config(field: str)
     """TrainConfig(dataset="nope") was accepted, and a sweep failed later with a KeyError."""
     with pytest.raises(ValueError, match=rf"TrainConfig.{field}: expected one of .*got 'nope'"):
         replace(BASE, **{field: "nope"})
+
+
+def test_a_gpu_run_records_that_determinism_only_warns(monkeypatch) -> None:
+    """A GPU run's record said "deterministic": True, but torch only warns for the CUDA ops
+    without a deterministic kernel (max-pool's backward): two runs may differ (found in
+    review). Reference: the record of a run on a device other than the CPU, faked."""
+    import splinelens.paper.train as train_mod
+
+    monkeypatch.setattr(train_mod, "resolve_device", lambda device: torch.device("cuda"))
+    assert train_mod.runtime(BASE)["deterministic"] == "warn_only"
+
+
+def test_an_optimizer_state_that_overflows_is_a_divergence() -> None:
+    """With lam = 1e36 the penalty's gradient squared overflowed Adam's float32 state to inf:
+    every step was 0, and the run "finished" with its classifier as initialised, its numbers
+    plausible (found in review). Reference: the loss stays finite, so only the state tells."""
+    with pytest.raises(DivergedError, match="optimizer's state overflowed"):
+        train(replace(BASE, lam=1e36, epochs=1))

@@ -162,6 +162,10 @@ def test_an_analysis_folder_holds_one_model(tmp_path) -> None:
     for other, n in ((_tiny_net(1), 30), (_tiny_net(0), 20)):
         with pytest.raises(ValueError, match=r"holds the analysis of another model.* --out"):
             analyze.analyze(other, data, out, what=("regions",), n=n)
+    elsewhere = _tiny_data()  # (one name, other data: a --data-dir elsewhere; found in review)
+    elsewhere.test_x = elsewhere.test_x + 1
+    with pytest.raises(ValueError, match=r"another model, dataset, data or n"):
+        analyze.analyze(_tiny_net(0), elsewhere, out, what=("regions",), n=30)
     assert json.loads((out / "analysis.json").read_text()) == facts
     analyze.analyze(_tiny_net(0), data, tmp_path / "b", what=("bimodality",), n=30, lam=0.5)
     assert (tmp_path / "b" / "bimodality_lam0.5.png").exists()
@@ -202,6 +206,11 @@ def test_analyze_names_a_sweep_checkpoint_by_its_lambda(tmp_path) -> None:
     facts = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert facts["model"]["checkpoint_sha256"] == file_sha256(ckpt)
     assert facts["model"]["lam"] == 1.0
+    from splinelens.paper.records import checkpoint_source  # (what the CLI checks with)
+
+    assert checkpoint_source(ckpt, {"dataset": "digits", "arch": "mlp"})[1] == 1.0
+    with pytest.raises(ValueError, match=r"trained with dataset='digits', not 'mnist-5k'"):
+        checkpoint_source(ckpt, {"dataset": "mnist-5k", "arch": "mlp"})  # (found in review)
     ckpt.with_suffix(".json").unlink()  # no record: no lambda
     assert main([*args, str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "bimodality.png").exists()
@@ -239,6 +248,9 @@ def test_an_atomic_write_gives_the_mode_a_write_in_place_gives(tmp_path, mask: i
             f.write("x")
         with _io.atomic_path(tmp_path / "new.txt") as tmp:
             tmp.write_text("new")
+        with _io.atomic_path(tmp_path / "replaced.txt") as tmp:  # (as safetensors' save_file
+            tmp.unlink()  # writes: its own 0600 file renamed over ours; found in review)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
         (tmp_path / "kept.txt").write_text("old")
         os.chmod(tmp_path / "kept.txt", 0o640)
         with _io.atomic_path(tmp_path / "kept.txt") as tmp:
@@ -246,7 +258,8 @@ def test_an_atomic_write_gives_the_mode_a_write_in_place_gives(tmp_path, mask: i
     finally:
         os.umask(old)
     mode = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert mode == {"plain.txt": 0o666 & ~mask, "new.txt": 0o666 & ~mask, "kept.txt": 0o640}
+    new = 0o666 & ~mask
+    assert mode == {"plain.txt": new, "new.txt": new, "replaced.txt": new, "kept.txt": 0o640}
     assert (tmp_path / "kept.txt").read_text() == "new"
 
 

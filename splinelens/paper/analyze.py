@@ -84,7 +84,7 @@ def _analyze(
     if len(pick) < 2 and several:  # (before anything is written)
         raise ValueError(f"{', '.join(several)} need at least 2 inputs (--n 2 or more)")
     me = {"weights_sha256": weights_sha256(model), "dataset": getattr(data, "name", None)}
-    me.update(n=len(pick), lam=lam, **source)
+    me.update(n=len(pick), data_sha256=_data_sha256(data, pick), lam=lam, **source)
     facts = {**_earlier(out, me), "model": me, "test_indices": pick.tolist()}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "analysis.json", facts)  # the folder is this model's before any figure
@@ -124,17 +124,25 @@ def _earlier(out: Path, me: dict[str, Any]) -> dict[str, Any]:
     path = out / "analysis.json"
     if not path.exists():
         return {}
+    keys = ("weights_sha256", "dataset", "n", "data_sha256")  # (the data's: since 2026-11-29)
     try:
         facts = json.loads(path.read_text())
-        held = {k: facts["model"].get(k) for k in ("weights_sha256", "dataset", "n")}
+        held = {k: facts["model"].get(k, me[k]) for k in keys}
     except (ValueError, KeyError, TypeError, AttributeError):
         held = None
-    if held != {k: me[k] for k in ("weights_sha256", "dataset", "n")}:
+    if held != {k: me[k] for k in keys}:
         raise ValueError(
-            f"{out} holds the analysis of another model, dataset or n ({path} says "
+            f"{out} holds the analysis of another model, dataset, data or n ({path} says "
             f"{held or 'nothing readable'}); use another --out, or remove the folder"
         )
     return facts
+
+
+def _data_sha256(data: Data, pick: torch.Tensor) -> str:
+    """The sha256 of the analysed test inputs and labels (one dataset name, other data: a
+    --data-dir elsewhere)."""
+    x, y = data.test_x[pick], data.test_y[pick]
+    return hashlib.sha256((array_sha256(_bytes(x)) + array_sha256(_bytes(y))).encode()).hexdigest()
 
 
 def templates_figure(

@@ -217,9 +217,13 @@ def _is_number(x: Any) -> bool:
         return False
 
 
-def checkpoint_source(path: str | Path) -> tuple[dict[str, Any], float | None]:
+def checkpoint_source(
+    path: str | Path, expect: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], float | None]:
     """Where a checkpoint comes from: its path and sha256, and (when a valid run record beside
     it, ``<id>.json``, vouches for those bytes) its run id; and that run's lambda, else None.
+    ``expect``: the data and model it is used with (``TrainConfig`` fields); a record that
+    says otherwise is refused, naming the field.
 
     >>> # checkpoint_source("runs/fmnist/runs/1922830b58b8.safetensors")
     >>> # ({'checkpoint': ..., 'checkpoint_sha256': ..., 'run_id': '1922830b58b8'}, 0.0)
@@ -230,4 +234,11 @@ def checkpoint_source(path: str | Path) -> tuple[dict[str, Any], float | None]:
     rec = read_record(record, "not used for the checkpoint's lambda") if record.exists() else None
     if rec is None or rec.get("checkpoint_sha256") != source["checkpoint_sha256"]:
         return source, None
+    for key, value in (expect or {}).items():
+        if rec["config"].get(key, value) != value:
+            raise ValueError(
+                f"{record} says the checkpoint was trained with {key}={rec['config'][key]!r}, "
+                f"not {value!r}: pass --{key.replace('_', '-')} {rec['config'][key]} (or move "
+                f"the checkpoint away from its record)"
+            )
     return {**source, "run_id": rec["run_id"]}, float(rec["config"]["lam"])

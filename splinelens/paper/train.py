@@ -14,7 +14,6 @@ the shell with ``splinelens sweep`` (one lambda, one seed) or in Python:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import pickle
 import time
@@ -39,7 +38,6 @@ __all__ = [
     "batch_indices",
     "checkpoint_problem",
     "evaluate",
-    "is_finite",
     "load_checkpoint",
     "load_data",
     "make_model",
@@ -55,7 +53,7 @@ Tensor = torch.Tensor
 
 
 class DivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or the optimizer's state did."""
 
 
 @dataclass
@@ -98,7 +96,7 @@ def runtime(cfg: TrainConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     return {
         "threads": cfg.threads,
-        "deterministic": True,
+        "deterministic": True if device.type == "cpu" else "warn_only",  # (see the README)
         "torch": torch.__version__,
         "device": str(device),
     }
@@ -160,12 +158,21 @@ def _train(cfg: TrainConfig, data: Data | None, device: torch.device) -> RunResu
     for epoch in bar:
         t0 = time.perf_counter()
         loss, err, pen = train_epoch(model, opt, data, cfg, gen, device)
+        _check_optimizer(opt, cfg)
         row = {"epoch": epoch, **_epoch_row(model, opt, data, (loss, err, pen), t0)}
         history.append(row)
         sched.step()
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
     return RunResult(cfg, history, model, runtime(cfg))
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Refuse an optimizer state that overflowed (a finite gradient of 1e20 squares to inf in
+    float32: Adam's steps become 0, the weights frozen while the loss stays finite)."""
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    if not all(bool(v.isfinite().all()) for v in states if v.is_floating_point()):
+        raise DivergedError(f"the optimizer's state overflowed (lam={cfg.lam}): use a smaller lam")
 
 
 def _epoch_row(
@@ -236,7 +243,13 @@ def batch_indices(y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[Ten
         perm = torch.randperm(n, generator=gen).to(y.device)
         return list(perm.split(cfg.batch_size))
     classes = [torch.nonzero(y == c).flatten().cpu() for c in range(int(y.max()) + 1)]
-    per = max(1, cfg.batch_size // len(classes))
+    if cfg.batch_size < len(classes):  # (it silently became one of each class)
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is smaller than the {len(classes)} classes, and "
+            f"balanced batches hold batch_size // {len(classes)} of each: --batch-size "
+            f"{len(classes)} or more"
+        )
+    per = cfg.batch_size // len(classes)
     steps = max(1, n // (per * len(classes)))
     out = []
     for _ in range(steps):
@@ -382,8 +395,3 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
         "penalty": history[-1]["penalty"],
         "seconds": sum(h["seconds"] for h in history),
     }
-
-
-def is_finite(x: float) -> bool:
-    """Neither NaN nor infinite."""
-    return not (math.isnan(x) or math.isinf(x))
