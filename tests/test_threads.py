@@ -66,21 +66,12 @@ def test_a_call_while_another_thread_captures_the_model_waits_for_that_capture()
     taking the lock. torch.export had put fake tensors in their place, which read as on "meta"
     to other threads while a kernel runs: the call failed with "the model's parameters are
     torch.float32 on meta" (the test above, 1 run in 6; CI at stop 31). Here the capture in
-    progress is staged: the lock held, a weight on meta. Reference: the call alone, after."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    x, real = torch.randn(3, 6), net[0].weight
-    with splinelens._lock.held():  # (another thread's capture)
-        net[0].weight = nn.Parameter(real.to("meta"))  # (what other threads may read meanwhile)
-        got: list[object] = []
-        thread = threading.Thread(target=lambda: got.append(_result(sl.partition_codes, net, x)))
-        thread.start()
-        time.sleep(0.5)  # (the call starts while the weight is fake)
-        net[0].weight = real
-    thread.join(120)
-    assert not isinstance(got[0], Exception), got
+    progress is staged (``_during_a_capture``). Reference: the call alone, after."""
+    net, x = _net_and_inputs()
+    got = _during_a_capture(net, lambda: sl.partition_codes(net, x))
+    assert not isinstance(got, Exception), got
     alone = sl.partition_codes(net, x)
-    assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, got[0].layers))
+    assert all(torch.equal(a.data, b.data) for a, b in zip(alone.layers, got.layers))
 
 
 def test_a_cached_view_is_kept_while_another_thread_captures_the_model() -> None:
@@ -88,19 +79,29 @@ def test_a_cached_view_is_kept_while_another_thread_captures_the_model() -> None
     thread's torch.export had put fake tensors in its place: "changed", and the valid view was
     dropped and captured again (found in review). Staged as in the test above; reference: the
     view cached before."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    x, real = torch.randn(3, 6), net[0].weight
+    net, x = _net_and_inputs()
     view = view_module.view_of(net, x)
+    assert _during_a_capture(net, lambda: view_module.view_of(net, x)) is view
+
+
+def _net_and_inputs() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(3, 6)
+
+
+def _during_a_capture(net: nn.Module, call: Callable[[], object]) -> object:
+    """call() from another thread, started while a capture of ``net`` is staged: the lock held
+    and a weight on meta, as other threads may read it while torch.export traces; its result
+    (or the exception it raised) once the capture is over."""
+    real, got = net[0].weight, []
     with splinelens._lock.held():  # (another thread's capture)
         net[0].weight = nn.Parameter(real.to("meta"))
-        got: list[object] = []
-        thread = threading.Thread(target=lambda: got.append(_result(view_module.view_of, net, x)))
+        thread = threading.Thread(target=lambda: got.append(_result(call)))
         thread.start()
-        time.sleep(0.5)  # (the lookup runs while the weight is fake)
+        time.sleep(0.5)  # (the call starts while the weight is fake)
         net[0].weight = real
     thread.join(120)
-    assert got[0] is view, got
+    return got[0]
 
 
 def _result(fn: Callable, *args: object) -> object:
