@@ -238,7 +238,7 @@ def checkpoint_source(
         if rec["config"].get(key, value) != value:
             raise ValueError(
                 f"{record} says the checkpoint was trained with {key}={rec['config'][key]!r}, "
-                f"not {value!r}: pass --{key.replace('_', '-')} {rec['config'][key]} (or move "
-                f"the checkpoint away from its record)"
+                f"not {value!r}: give the {key} it was trained with (or move the checkpoint "
+                f"away from its record)"
             )
     return {**source, "run_id": rec["run_id"]}, float(rec["config"]["lam"])
