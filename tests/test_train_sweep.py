@@ -406,6 +406,8 @@ def _set(record: dict, where: str, value) -> dict:
         ("train_err", 0.5, "train_err is 0.5, but its history gives"),
         ("penalty", 1e6, "penalty is 1000000.0, but its history gives"),
         ("history.1", ..., "1 epochs of history, but config.epochs is 2"),
+        # (found in review: a finished run marked failed was counted diverged, its numbers kept)
+        ("status", "failed", "a failed run without its error, or with a history"),
     ],
 )
 def test_records_that_are_json_but_not_records_are_invalid(one_run, tmp_path, where, value, why):

@@ -113,7 +113,7 @@ def _problem(rec: Any, stem: str) -> str:
         return f"run_id {rec['run_id']!r} is not the file's name"
     why = _config_problem(rec["config"]) or _identity_problem(rec["config"], stem)
     if why or rec["status"] == "failed":
-        return why
+        return why or _failed_problem(rec)
     if rec["status"] != "finished":
         return f"unknown status {rec['status']!r}"
     return _finished_problem(rec) or _summary_problem(rec)
@@ -147,6 +147,15 @@ def _identity_problem(config: dict[str, Any], stem: str) -> str:
     if run_id(cfg) != stem:
         return f"its config is that of run {run_id(cfg)}, not of {stem}: edited after the run?"
     return ""
+
+
+def _failed_problem(rec: dict[str, Any]) -> str:
+    """What is wrong with a failed run's record (its error, no history, no results); "" if
+    nothing. (A finished record marked failed kept its numbers, which reached results.csv.)"""
+    if not isinstance(rec.get("error"), str) or rec.get("history"):
+        return "a failed run without its error, or with a history"
+    kept = [k for k in ("test_acc", "best_test_acc", "train_err", "checkpoint_sha256") if k in rec]
+    return f"a failed run with results ({', '.join(kept)})" if kept else ""
 
 
 def _finished_problem(rec: dict[str, Any]) -> str:
