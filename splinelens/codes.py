@@ -166,13 +166,10 @@ class PartitionCodes:
 
     def __getitem__(self, idx: int | slice | Tensor | Sequence[int]) -> PartitionCodes:
         """Codes of a subset of the inputs (a slice, an index tensor or list)."""
-        if isinstance(idx, np.ndarray) and idx.ndim == 0:
-            idx = idx.item()  # (an int or a bool, as np.int64 and np.bool_)
-        if isinstance(idx, Tensor) and idx.dim() == 0 and idx.dtype == torch.bool:
-            idx = bool(idx)  # (refused below: int() made True row 1)
-        elif (isinstance(idx, Tensor) and idx.dim() == 0) or isinstance(idx, np.integer):
-            idx = int(idx)
-        if isinstance(idx, (bool, np.bool_, tuple)) or _dims(idx) > 1:
+        if isinstance(idx, (Tensor, np.ndarray, np.integer, np.bool_)) and idx.ndim == 0:
+            value = idx.item()  # (a bool, also as a tensor or array, is refused below: not row 1)
+            idx = value if isinstance(value, bool) else int(value)
+        if isinstance(idx, (bool, tuple)) or _dims(idx) > 1:
             raise TypeError(  # (a tuple or a 2-D index would index the units, or fail inside)
                 "index codes with an int, a slice, or a 1-D index tensor or list (of inputs)"
             )

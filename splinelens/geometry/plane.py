@@ -163,8 +163,5 @@ def _finite(name: str, t: object, kw: dict) -> Tensor:
     """t as a detached float64 copy (``kw``: its dtype and device), its entries finite (the
     partition keeps it, not a batch it views, nor its graph)."""
     t = torch.as_tensor(t)
-    if t.is_meta:
-        check_finite(name, t)  # (refused: no values to copy)
-    t = t.to(**kw).detach().clone()
-    check_finite(name, t)
-    return t
+    check_finite(name, t)  # (before the copy: a tensor on meta has no values to copy)
+    return t.to(**kw).detach().clone()
